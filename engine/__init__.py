@@ -1,0 +1,3 @@
+"""backfill: calibrated scenarios of implied-volatility surfaces."""
+
+__version__ = "0.1.0"

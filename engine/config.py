@@ -1,0 +1,242 @@
+"""The configuration: one pydantic model per component, read from one TOML file.
+
+Every field has a default that runs on a laptop; unknown keys are refused. The
+full config travels into every checkpoint and every store (``to_dict``), so any
+output can be traced back to what made it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Section):
+    """The built-in synthetic market (hidden stochastic volatility + regime switching)."""
+
+    n_days: int = Field(3000, ge=200, le=200_000, description="Business days to simulate.")
+    seed: int = Field(7, description="Seed of the simulated history.")
+    start_date: str = Field("2000-01-03", description="Date of the first simulated day.")
+
+
+class DataConfig(_Section):
+    """Where the surfaces come from and how they are windowed and split."""
+
+    source: str = Field(
+        "synthetic", description="'synthetic' or a path to a CSV / Parquet / NPZ file."
+    )
+    context: int = Field(60, ge=2, le=2000, description="Context length C in days.")
+    horizon: int = Field(90, ge=1, le=2000, description="Forecast horizon H in days.")
+    split_fractions: tuple[float, float, float] = Field(
+        (0.6, 0.2, 0.2), description="train / calibration / test shares of the days."
+    )
+    calibration_start: str | None = Field(
+        None, description="First date of the calibration split (overrides fractions)."
+    )
+    test_start: str | None = Field(
+        None, description="First date of the test split (overrides fractions)."
+    )
+    embargo: int | None = Field(
+        None, ge=0, description="Days left out between splits; default one horizon."
+    )
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> DataConfig:
+        f = self.split_fractions
+        if any(x <= 0 for x in f) or abs(sum(f) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be three positive shares summing to 1, got {f}")
+        return self
+
+    @property
+    def embargo_days(self) -> int:
+        return self.horizon if self.embargo is None else self.embargo
+
+
+class ModelConfig(_Section):
+    """The conditional VAE."""
+
+    hidden: int = Field(64, ge=4, le=4096, description="Width of the context GRU and MLPs.")
+    embed_dim: int = Field(32, ge=2, le=1024, description="Context embedding size (kNN space).")
+    latent_dim: int = Field(8, ge=1, le=256, description="Size of z.")
+    quantiles: list[float] = Field(
+        [0.05, 0.5, 0.95], description="Quantile outputs; must include 0.5."
+    )
+    beta: float = Field(0.05, ge=0, description="Weight of KL(q || p) in the loss.")
+    prior_mix: float = Field(
+        0.3, ge=0, le=1, description="Share of steps where the decoder gets z from the prior."
+    )
+    dropout: float = Field(0.3, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check_quantiles(self) -> ModelConfig:
+        q = self.quantiles
+        if 0.5 not in q or sorted(q) != q or len(set(q)) != len(q) or q[0] <= 0 or q[-1] >= 1:
+            raise ValueError(f"quantiles must be strictly increasing in (0, 1) and hold 0.5, got {q}")
+        return self
+
+
+class TrainConfig(_Section):
+    """Training of the CVAE."""
+
+    epochs: int = Field(25, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    val_fraction: float = Field(
+        0.15, ge=0, lt=0.5,
+        description="Tail of the training windows held out (after an embargo) for early "
+        "stopping and the reported validation loss; 0 = none.")
+    window_stride: int = Field(1, ge=1, description="Use every k-th training window.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default.")
+
+
+class SamplerConfig(_Section):
+    """The calibrated conditional sampler (kNN residual bootstrap + conformal)."""
+
+    method: str = Field("knn-conformal", description="Sampler used by run / mc / demo.")
+    k: int = Field(0, ge=0, description="Neighbours per query; 0 = sqrt of the bank size.")
+    kernel: Literal["gaussian", "uniform"] = "gaussian"
+    embedding: Literal["cvae", "features"] = Field(
+        "cvae", description="kNN space: the CVAE embedding or hand-made features."
+    )
+    point: Literal["cvae", "pca-ar"] = Field(
+        "cvae", description="The point forecast that the residual paths wrap."
+    )
+    n_folds: int = Field(5, ge=2, le=50, description="Time blocks of the cross-fitted bank.")
+    coverage: float = Field(0.9, gt=0, lt=1, description="Nominal band the conformal step targets.")
+    ewma_lambda: float = Field(0.94, gt=0, lt=1, description="EWMA decay of fhs.")
+    n_factors: int = Field(3, ge=1, le=20, description="PCA factors of pca-ar.")
+
+
+class TreeConfig(_Section):
+    """The 5^N backfill tree."""
+
+    depth: int = Field(4, ge=1, le=64)
+    branching: int = Field(5, ge=2, le=64, description="K representative paths per node.")
+    n_samples: int = Field(512, ge=8, description="M sampled paths per node.")
+    selection: Literal["quantize", "quantiles"] = "quantize"
+    weights: Literal["equal", "stratum", "moment"] = Field(
+        "moment", description="Weights for selection='quantiles'."
+    )
+    stride: int = Field(0, ge=0, description="Days a child keeps; 0 = the whole horizon.")
+    weight_floor: float = Field(0.02, ge=0, lt=0.2, description="Floor of a child's share.")
+    max_frontier: int = Field(0, ge=0, description="Resample frontiers above this; 0 = never.")
+    min_weight: float = Field(0.0, ge=0, description="Drop nodes below this probability.")
+
+
+class EngineConfig(_Section):
+    """Where and how the tree is computed."""
+
+    backend: Literal["ray", "inline"] = "ray"
+    address: str | None = Field(None, description="None starts a local Ray; 'auto' joins one.")
+    n_decoders: int = Field(1, ge=1)
+    n_knn: int = Field(1, ge=1)
+    batch_size: int = Field(256, ge=1, description="Frontier nodes per task.")
+    max_in_flight: int = Field(4, ge=1, description="Tasks in flight per actor.")
+    num_cpus: int = Field(2, ge=1, description="CPUs of a local Ray started by the engine.")
+
+
+class StoreConfig(_Section):
+    """The Zarr v3 scenario store."""
+
+    chunk_nodes: int = Field(256, ge=1, description="Nodes per chunk of a level's arrays.")
+    marginal_bins: int = Field(2048, ge=64, description="Histogram bins per (day, grid point).")
+
+
+class EvalConfig(_Section):
+    """`backfill evaluate`."""
+
+    methods: list[str] = Field(
+        ["cvae-prior", "cvae-scaled", "knn", "knn-conformal", "knn-pca",
+         "hist-bootstrap", "fhs", "pca-ar", "oracle"],
+        description="Methods scored; 'oracle' only on the synthetic market.",
+    )
+    horizons: list[int] = [1, 5, 10, 20, 30, 60, 90]
+    n_samples: int = Field(1000, ge=10)
+    window_stride: int = Field(1, ge=1, description="Score every k-th test window.")
+
+
+class Config(_Section):
+    """The whole configuration."""
+
+    seed: int = Field(0, description="Run seed: every random stream derives from it.")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    tree: TreeConfig = TreeConfig()
+    engine: EngineConfig = EngineConfig()
+    store: StoreConfig = StoreConfig()
+    evaluate: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        return parse_config(d)
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+    if first["type"] == "extra_forbidden":
+        return (f"{origin}: unknown key '{loc}'; remove it or fix its spelling "
+                "(`backfill config show` lists every key)")
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{origin}: invalid value for '{loc}': {msg} (got {first.get('input')!r})"
+
+
+def parse_config(d: dict, origin: str = "config") -> Config:
+    """Validate a plain dict into a Config; any problem becomes one ConfigError line."""
+    try:
+        return Config.model_validate(d)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Read a TOML file (or the defaults), then apply dotted-key overrides."""
+    raw: dict = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found; pass an existing TOML file to --config")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{p}: not valid TOML ({err}); fix the syntax") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(raw, origin)
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective config as TOML (None fields are omitted: TOML has no null)."""
+    import tomli_w
+
+    def strip_none(d):
+        if isinstance(d, dict):
+            return {k: strip_none(v) for k, v in d.items() if v is not None}
+        return d
+
+    return tomli_w.dumps(strip_none(cfg.to_dict()))

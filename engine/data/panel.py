@@ -1,0 +1,161 @@
+"""The parsed panel of daily surfaces and its chronological splits.
+
+A ``Panel`` holds ``surface`` (T, n_m, n_tau) in iv units on a fixed grid. Windows
+are views: window ``i`` has context days ``[i, i + C)`` and target days
+``[i + C, i + C + H)``; its *anchor* is the last context day ``t = i + C - 1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from engine.errors import DataError
+
+SPLITS = ("train", "calibration", "test")
+
+
+@dataclass(frozen=True, eq=False)
+class Panel:
+    surface: np.ndarray  # (T, n_m, n_tau) iv, float64, > 0
+    dates: np.ndarray  # (T,) datetime64[D], strictly increasing
+    moneyness: np.ndarray  # (n_m,)
+    maturity_days: np.ndarray  # (n_tau,)
+    source: str = "array"
+    # The synthetic market keeps its hidden state here so the oracle can use it.
+    market: Any = field(default=None, repr=False)
+
+    @property
+    def n_days(self) -> int:
+        return self.surface.shape[0]
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return self.surface.shape[1], self.surface.shape[2]
+
+    @cached_property
+    def log_surface(self) -> np.ndarray:  # (T, n_m, n_tau)
+        return np.log(self.surface)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of the parsed panel: values, dates and grid."""
+        h = hashlib.sha256()
+        for a in (self.surface.astype(np.float64), self.dates.astype("datetime64[D]").astype(np.int64),
+                  self.moneyness.astype(np.float64), self.maturity_days.astype(np.float64)):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    def grid_dict(self) -> dict:
+        return {"moneyness": [float(m) for m in self.moneyness],
+                "maturity_days": [float(t) for t in self.maturity_days]}
+
+    def windows(self, context: int, horizon: int, log: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """All (context, target) windows as read-only views, (N, C, n_m, n_tau) and (N, H, n_m, n_tau)."""
+        x = self.log_surface if log else self.surface
+        if self.n_days < context + horizon:
+            raise DataError(
+                f"{self.source} has {self.n_days} days but one window needs context + horizon = "
+                f"{context} + {horizon} = {context + horizon}; give more history or shorten "
+                "data.context / data.horizon")
+        view = np.moveaxis(sliding_window_view(x, context + horizon, axis=0), -1, 1)
+        return view[:, :context], view[:, context:]
+
+    def contexts_at(self, anchors: np.ndarray, context: int, log: bool = True) -> np.ndarray:
+        """Contexts ending at the given anchor days, (B, C, n_m, n_tau) (a copy)."""
+        x = self.log_surface if log else self.surface
+        idx = np.asarray(anchors)[:, None] + np.arange(-context + 1, 1)[None, :]
+        return x[idx]
+
+    def targets_at(self, anchors: np.ndarray, horizon: int, log: bool = True) -> np.ndarray:
+        """Realised paths after the given anchor days, (B, H, n_m, n_tau) (a copy)."""
+        x = self.log_surface if log else self.surface
+        idx = np.asarray(anchors)[:, None] + np.arange(1, horizon + 1)[None, :]
+        return x[idx]
+
+    def slice_days(self, start: int, stop: int) -> Panel:
+        """The panel restricted to days [start, stop) (views; a synthetic market stays attached)."""
+        return Panel(self.surface[start:stop], self.dates[start:stop], self.moneyness,
+                     self.maturity_days, source=self.source, market=self.market)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Chronological day ranges [start, stop) with an embargo between them.
+
+    A window belongs to a split when all its *target* days lie inside the split's
+    range; its context may reach back into earlier days (information known at
+    forecast time). The embargo keeps one split's targets from touching the next's.
+    """
+
+    context: int
+    horizon: int
+    embargo: int
+    ranges: dict[str, tuple[int, int]]
+
+    def anchors(self, split: str, stride: int = 1) -> np.ndarray:
+        """Anchor days (last context day) of the split's complete windows."""
+        start, stop = self.ranges[split]
+        first = max(start - 1, self.context - 1)
+        last = stop - 1 - self.horizon
+        return np.arange(first, last + 1, stride, dtype=np.int64)
+
+    def pre_test_stop(self) -> int:
+        """First day that test information may touch: nothing at or after it is used to fit."""
+        return self.ranges["test"][0] - self.embargo
+
+    def to_dict(self) -> dict:
+        return {"context": self.context, "horizon": self.horizon, "embargo": self.embargo,
+                **{k: list(v) for k, v in self.ranges.items()}}
+
+
+def make_splits(panel: Panel, data_cfg) -> Splits:
+    """Train / calibration / test day ranges by dates or fractions, each holding a window."""
+    C, H, E = data_cfg.context, data_cfg.horizon, data_cfg.embargo_days
+    T = panel.n_days
+    if T < C + H:
+        panel.windows(C, H)  # raises the "fewer days than context + horizon" error
+    if data_cfg.calibration_start or data_cfg.test_start:
+        if not (data_cfg.calibration_start and data_cfg.test_start):
+            raise DataError("set both data.calibration_start and data.test_start, or neither "
+                            "(then data.split_fractions is used)")
+        cal = _first_on_or_after(panel, data_cfg.calibration_start, "data.calibration_start")
+        tst = _first_on_or_after(panel, data_cfg.test_start, "data.test_start")
+        if not cal < tst:
+            raise DataError(f"data.calibration_start ({data_cfg.calibration_start}) must come "
+                            f"before data.test_start ({data_cfg.test_start})")
+    else:
+        f_train, f_cal, _ = data_cfg.split_fractions
+        cal = int(round(f_train * T))
+        tst = int(round((f_train + f_cal) * T))
+    ranges = {"train": (0, cal), "calibration": (cal + E, tst), "test": (tst + E, T)}
+    splits = Splits(C, H, E, ranges)
+    for name in SPLITS:
+        start, stop = ranges[name]
+        if len(splits.anchors(name)) == 0:
+            n_days = max(stop - start, 0)
+            need = H if name != "train" else C + H
+            span = (f" ({panel.dates[start]} .. {panel.dates[stop - 1]})" if n_days > 0 else "")
+            after = f" after a {E}-day embargo" if name != "train" and E else ""
+            raise DataError(
+                f"{name} split has no complete window: it holds {n_days} days{span}{after} and "
+                f"needs at least {need} (context {C}, horizon {H}); shorten data.horizon, "
+                "change data.split_fractions / the split dates, or give more history")
+    return splits
+
+
+def _first_on_or_after(panel: Panel, date: str, key: str) -> int:
+    try:
+        d = np.datetime64(date, "D")
+    except ValueError:
+        raise DataError(f"{key} = {date!r} is not a date; use YYYY-MM-DD") from None
+    i = int(np.searchsorted(panel.dates, d))
+    if i >= panel.n_days:
+        raise DataError(f"{key} = {date} is after the last date of the data "
+                        f"({panel.dates[-1]}); pick a date inside the data")
+    return i

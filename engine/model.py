@@ -1,0 +1,216 @@
+"""The conditional VAE, top to bottom in one module.
+
+Shapes: B batch, C context days, H horizon days, G = n_m * n_tau grid points,
+E embedding size, L latent size, Q quantiles. Everything is in log-IV; inputs are
+standardised per grid point with the training panel's mean and std (buffers, so a
+checkpoint carries them), and outputs are changes from the last context day.
+
+    context (B, C, G) --GRU--> embedding e (B, E)                      [ContextEncoder]
+    p(z | e)        = N(mu_p, sigma_p)                                  [Prior]
+    q(z | e, target)= N(mu_q, sigma_q)                                  [Posterior]
+    decoder(e, z)   -> (B, H, G, Q) quantile paths, non-crossing        [Decoder]
+
+Loss: pinball over the Q quantiles + beta * KL(q || p). With probability
+``prior_mix`` a training step decodes z from the prior instead of the posterior,
+so the decoder learns to read prior samples.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import Config, ModelConfig
+from engine.errors import CheckpointError
+
+CHECKPOINT_VERSION = 1
+
+
+def mlp(n_in: int, n_hidden: int, n_out: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(n_hidden, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_out))
+
+
+class ContextEncoder(nn.Module):
+    def __init__(self, n_grid: int, cfg: ModelConfig):
+        super().__init__()
+        self.gru = nn.GRU(n_grid, cfg.hidden, batch_first=True)
+        self.head = mlp(cfg.hidden + 2 * n_grid, cfg.hidden, cfg.embed_dim, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, C, G) standardised
+        _, h = self.gru(x)  # h (1, B, hidden)
+        summary = torch.cat([h[-1], x[:, -1], x.mean(dim=1)], dim=-1)
+        return self.head(summary)  # (B, E)
+
+
+class Gaussian(nn.Module):
+    """An MLP that emits the mean and log-variance of a diagonal Gaussian."""
+
+    def __init__(self, n_in: int, cfg: ModelConfig):
+        super().__init__()
+        self.net = mlp(n_in, cfg.hidden, 2 * cfg.latent_dim, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.net(x).chunk(2, dim=-1)  # (B, L) each
+        return mu, logvar.clamp(-12.0, 6.0)
+
+
+class Decoder(nn.Module):
+    def __init__(self, n_grid: int, horizon: int, cfg: ModelConfig):
+        super().__init__()
+        self.horizon, self.n_grid, self.n_q = horizon, n_grid, len(cfg.quantiles)
+        self.median = cfg.quantiles.index(0.5)
+        self.net = mlp(cfg.embed_dim + cfg.latent_dim, cfg.hidden, horizon * n_grid * self.n_q,
+                       cfg.dropout)
+
+    def forward(self, e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        raw = self.net(torch.cat([e, z], dim=-1)).view(-1, self.horizon, self.n_grid, self.n_q)
+        mid = raw[..., self.median : self.median + 1]  # (B, H, G, 1)
+        # Non-crossing by construction: quantiles step away from the median by softplus gaps.
+        up = mid + torch.cumsum(F.softplus(raw[..., self.median + 1 :]), dim=-1)
+        down = mid - torch.cumsum(F.softplus(raw[..., : self.median]).flip(-1), dim=-1).flip(-1)
+        return torch.cat([down, mid, up], dim=-1)  # (B, H, G, Q)
+
+
+class CVAE(nn.Module):
+    def __init__(self, cfg: ModelConfig, grid_shape: tuple[int, int], context: int, horizon: int):
+        super().__init__()
+        self.cfg, self.grid_shape, self.context, self.horizon = cfg, tuple(grid_shape), context, horizon
+        n_grid = grid_shape[0] * grid_shape[1]
+        self.encoder = ContextEncoder(n_grid, cfg)
+        self.prior = Gaussian(cfg.embed_dim, cfg)
+        self.posterior = Gaussian(cfg.embed_dim + horizon * n_grid, cfg)
+        self.decoder = Decoder(n_grid, horizon, cfg)
+        self.register_buffer("loc", torch.zeros(n_grid))
+        self.register_buffer("scale", torch.ones(n_grid))
+        self.register_buffer("quantile_levels", torch.tensor(cfg.quantiles))
+
+    # --- tensors in, tensors out -------------------------------------------------------------
+    def _standardise(self, log_ctx: torch.Tensor) -> torch.Tensor:
+        return (log_ctx.flatten(2) - self.loc) / self.scale  # (B, C, G)
+
+    def encode(self, log_ctx: torch.Tensor) -> torch.Tensor:  # (B, C, n_m, n_tau) -> (B, E)
+        return self.encoder(self._standardise(log_ctx))
+
+    def decode(self, log_ctx: torch.Tensor, e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Quantile paths in log-IV, (B, Q, H, n_m, n_tau)."""
+        delta = self.decoder(e, z) * self.scale[:, None]  # (B, H, G, Q)
+        last = log_ctx[:, -1].flatten(1)[:, None, :, None]  # (B, 1, G, 1)
+        out = (last + delta).permute(0, 3, 1, 2)  # (B, Q, H, G)
+        return out.reshape(out.shape[0], out.shape[1], self.horizon, *self.grid_shape)
+
+    def loss(self, log_ctx: torch.Tensor, log_tgt: torch.Tensor, use_prior: bool) -> dict:
+        e = self.encode(log_ctx)
+        mu_p, lv_p = self.prior(e)
+        delta = (log_tgt.flatten(2) - log_ctx[:, -1].flatten(1)[:, None]) / self.scale  # (B, H, G)
+        mu_q, lv_q = self.posterior(torch.cat([e, delta.flatten(1)], dim=-1))
+        mu, lv = (mu_p, lv_p) if use_prior else (mu_q, lv_q)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * lv)
+        pred = self.decoder(e, z)  # (B, H, G, Q) standardised changes
+        pinball = pinball_loss(pred, delta, self.quantile_levels)
+        kl = 0.5 * (lv_p - lv_q + (torch.exp(lv_q) + (mu_q - mu_p) ** 2) / torch.exp(lv_p) - 1)
+        kl = kl.sum(-1).mean()
+        return {"loss": pinball + self.cfg.beta * kl, "pinball": pinball, "kl": kl}
+
+    # --- numpy in, numpy out (batched, no grad) ---------------------------------------------
+    @torch.no_grad()
+    def _batched(self, fn, log_ctx: np.ndarray, batch: int = 4096) -> np.ndarray:
+        self.eval()
+        device = self.loc.device
+        outs = []
+        for i in range(0, len(log_ctx), batch):
+            x = torch.as_tensor(np.ascontiguousarray(log_ctx[i : i + batch]), dtype=torch.float32,
+                                device=device)
+            outs.append(fn(x).cpu().numpy().astype(np.float64))
+        return np.concatenate(outs) if outs else np.zeros((0,))
+
+    def embed(self, log_ctx: np.ndarray) -> np.ndarray:
+        """Context embeddings (B, E): the kNN index's space."""
+        return self._batched(self.encode, log_ctx)
+
+    def forecast(self, log_ctx: np.ndarray) -> np.ndarray:
+        """Quantile paths (B, Q, H, n_m, n_tau) in log-IV, decoded at the prior's mean z."""
+
+        def fn(x):
+            e = self.encode(x)
+            mu_p, _ = self.prior(e)
+            return self.decode(x, e, mu_p)
+
+        return self._batched(fn, log_ctx)
+
+    def median(self, log_ctx: np.ndarray) -> np.ndarray:
+        """The p50 path (B, H, n_m, n_tau) in log-IV."""
+        return self.forecast(log_ctx)[:, self.cfg.quantiles.index(0.5)]
+
+    @torch.no_grad()
+    def decode_prior(self, log_ctx: np.ndarray, eps: np.ndarray, noise_scale: float = 1.0,
+                     batch: int = 256) -> np.ndarray:
+        """p50 paths (B, S, H, n_m, n_tau) in log-IV for z = mu_p + noise_scale * sigma_p * eps.
+
+        eps (B, S, L) is standard normal noise drawn by the caller (so randomness stays
+        with the caller's per-row generators).
+        """
+        self.eval()
+        device = self.loc.device
+        med = self.cfg.quantiles.index(0.5)
+        B, S, L = eps.shape
+        out = np.empty((B, S, self.horizon, *self.grid_shape))
+        for i in range(0, B, batch):
+            x = torch.as_tensor(np.ascontiguousarray(log_ctx[i : i + batch]), dtype=torch.float32,
+                                device=device)
+            b = x.shape[0]
+            e = self.encode(x)  # (b, E)
+            mu_p, lv_p = self.prior(e)
+            noise = torch.as_tensor(eps[i : i + batch], dtype=torch.float32, device=device)
+            z = mu_p[:, None] + noise_scale * torch.exp(0.5 * lv_p)[:, None] * noise  # (b, S, L)
+            e_rep = e[:, None].expand(b, S, e.shape[-1]).reshape(b * S, -1)
+            x_rep = x[:, None].expand(b, S, *x.shape[1:]).reshape(b * S, *x.shape[1:])
+            paths = self.decode(x_rep, e_rep, z.reshape(b * S, L))[:, med]  # (b*S, H, n_m, n_tau)
+            out[i : i + b] = paths.reshape(b, S, *paths.shape[1:]).cpu().numpy()
+        return out
+
+
+def pinball_loss(pred: torch.Tensor, target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Mean pinball loss; pred (..., Q), target (...)."""
+    diff = target[..., None] - pred
+    return torch.maximum(levels * diff, (levels - 1) * diff).mean()
+
+
+# --- checkpoints: weights + config + fingerprint + grid, loaded with weights_only=True ---------
+def save_checkpoint(model: CVAE, path: str | Path, config: Config, fingerprint: str,
+                    grid: dict, history: list[dict] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    meta = {"version": CHECKPOINT_VERSION, "config": config.to_dict(), "fingerprint": fingerprint,
+            "grid": grid, "grid_shape": list(model.grid_shape), "context": model.context,
+            "horizon": model.horizon, "history": history or []}
+    torch.save({"state_dict": state, "meta": json.dumps(meta)}, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
+    """Rebuild a model from the file alone; never unpickles arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} not found; train one with `backfill train "
+                              "--out model.pt` or leave --model out")
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+        meta = json.loads(blob["meta"])
+        state = blob["state_dict"]
+    except Exception as err:  # noqa: BLE001 - any failure means "not our checkpoint"
+        raise CheckpointError(f"{path} is not a backfill checkpoint ({type(err).__name__}); "
+                              "train one with `backfill train --out model.pt`") from None
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {meta.get('version')}, this "
+                              f"backfill reads version {CHECKPOINT_VERSION}; retrain the model")
+    config = Config.from_dict(meta["config"])
+    model = CVAE(config.model, tuple(meta["grid_shape"]), meta["context"], meta["horizon"])
+    model.load_state_dict(state)
+    return model.to(device), meta

@@ -1,0 +1,33 @@
+"""One entry point for randomness: every stream derives from (seed, level, node).
+
+The same seed gives the same bytes whatever the batching, actor count or backend,
+because a node's stream never depends on which batch or process draws it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+SeedLike = int | np.random.Generator | None
+
+
+def node_rng(seed: int, level: int, node: int) -> np.random.Generator:
+    """The stream of one tree node (or one evaluation window: level = -1)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(level) + 1, int(node)]))
+
+
+def as_generator(seed: SeedLike) -> np.random.Generator:
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)
+
+
+def row_rngs(rng: SeedLike | Sequence[np.random.Generator], n_rows: int) -> list[np.random.Generator]:
+    """One generator per batch row: a given sequence as is, else spawned from one generator."""
+    if isinstance(rng, Sequence) and not isinstance(rng, (str, bytes)):
+        if len(rng) != n_rows:
+            raise ValueError(f"got {len(rng)} generators for {n_rows} contexts; pass one per row")
+        return list(rng)
+    return list(as_generator(rng).spawn(n_rows))

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny config and a small toy panel that any sampler can fit quickly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.config import Config
+from engine.data.panel import Panel
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"real data {name} not found at {SHARED_DATA} (only in the project workspace)")
+    return path
+
+
+def tiny_config(**overrides) -> Config:
+    """Context 12, horizon 6, a small model that trains in seconds."""
+    d = {
+        "data": {"context": 12, "horizon": 6},
+        "model": {"hidden": 16, "embed_dim": 4, "latent_dim": 2},
+        "train": {"epochs": 2, "batch_size": 64, "threads": 1},
+        "sampler": {"n_folds": 3},
+        "evaluate": {"n_samples": 50, "horizons": [1, 3, 6]},
+    }
+    for key, value in overrides.items():
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return Config.model_validate(d)
+
+
+def toy_panel(n_days: int = 400, shape=(2, 3), seed: int = 0) -> Panel:
+    """Mean-reverting log-IV with a common level factor plus noise (no hidden-state oracle)."""
+    rng = np.random.default_rng(seed)
+    n_m, n_tau = shape
+    level = np.empty(n_days)
+    level[0] = np.log(0.2)
+    for t in range(1, n_days):
+        level[t] = level[t - 1] + 0.05 * (np.log(0.2) - level[t - 1]) + 0.04 * rng.standard_normal()
+    skew = np.linspace(0.1, -0.1, n_m)[:, None] + np.linspace(0, 0.05, n_tau)[None, :]
+    log_iv = level[:, None, None] + skew[None] + 0.01 * rng.standard_normal((n_days, n_m, n_tau))
+    dates = np.datetime64("2010-01-04") + np.arange(n_days)
+    return Panel(np.exp(log_iv), dates, np.linspace(0.9, 1.1, n_m),
+                 np.array([30.0, 91.0, 182.0][:n_tau] + [365.0] * max(0, n_tau - 3)),
+                 source="toy")
+
+
+@pytest.fixture
+def config() -> Config:
+    return tiny_config()
+
+
+@pytest.fixture
+def panel() -> Panel:
+    return toy_panel()
