@@ -24,7 +24,7 @@ class SyntheticConfig(_Section):
     """The built-in synthetic market (hidden stochastic volatility + regime switching)."""
 
     n_days: int = Field(3000, ge=200, le=200_000, description="Business days to simulate.")
-    seed: int = Field(7, description="Seed of the simulated history.")
+    seed: int = Field(7, ge=0, description="Seed of the simulated history.")
     start_date: str = Field("2000-01-03", description="Date of the first simulated day.")
 
 
@@ -170,7 +170,7 @@ class EvalConfig(_Section):
 class Config(_Section):
     """The whole configuration."""
 
-    seed: int = Field(0, description="Run seed: every random stream derives from it.")
+    seed: int = Field(0, ge=0, description="Run seed: every random stream derives from it.")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

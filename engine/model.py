@@ -89,6 +89,7 @@ class CVAE(nn.Module):
         self.register_buffer("loc", torch.zeros(n_grid))
         self.register_buffer("scale", torch.ones(n_grid))
         self.register_buffer("quantile_levels", torch.tensor(cfg.quantiles))
+        self.train_end: str | None = None  # last date of any training target (set by training)
 
     # --- tensors in, tensors out -------------------------------------------------------------
     def _standardise(self, log_ctx: torch.Tensor) -> torch.Tensor:
@@ -189,7 +190,7 @@ def save_checkpoint(model: CVAE, path: str | Path, config: Config, fingerprint: 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     meta = {"version": CHECKPOINT_VERSION, "config": config.to_dict(), "fingerprint": fingerprint,
             "grid": grid, "grid_shape": list(model.grid_shape), "context": model.context,
-            "horizon": model.horizon, "history": history or []}
+            "horizon": model.horizon, "history": history or [], "train_end": model.train_end}
     torch.save({"state_dict": state, "meta": json.dumps(meta)}, path)
     return path
 
@@ -207,10 +208,17 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
     except Exception as err:  # noqa: BLE001 - any failure means "not our checkpoint"
         raise CheckpointError(f"{path} is not a backfill checkpoint ({type(err).__name__}); "
                               "train one with `backfill train --out model.pt`") from None
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {meta.get('version')}, this "
+    if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path} has checkpoint version {version}, this "
                               f"backfill reads version {CHECKPOINT_VERSION}; retrain the model")
-    config = Config.from_dict(meta["config"])
-    model = CVAE(config.model, tuple(meta["grid_shape"]), meta["context"], meta["horizon"])
-    model.load_state_dict(state)
+    try:
+        config = Config.from_dict(meta["config"])
+        model = CVAE(config.model, tuple(meta["grid_shape"]), meta["context"], meta["horizon"])
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a field or weight is off
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is a damaged backfill checkpoint ({first}); "
+                              "retrain the model") from None
+    model.train_end = meta.get("train_end")
     return model.to(device), meta

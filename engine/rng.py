@@ -13,9 +13,15 @@ import numpy as np
 SeedLike = int | np.random.Generator | None
 
 
-def node_rng(seed: int, level: int, node: int) -> np.random.Generator:
-    """The stream of one tree node (or one evaluation window: level = -1)."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(level) + 1, int(node)]))
+# Purposes of streams, so a tree node, an evaluation window and a calibration draw that
+# share (level, node) numbers never share randomness.
+TREE, EVALUATION, CALIBRATION = 0, 1, 2
+
+
+def node_rng(seed: int, level: int, node: int, stream: int = TREE) -> np.random.Generator:
+    """The stream of one tree node (level, node), or of window ``node`` for another purpose."""
+    return np.random.default_rng(np.random.SeedSequence([int(stream), int(seed), int(level),
+                                                         int(node)]))
 
 
 def as_generator(seed: SeedLike) -> np.random.Generator:

@@ -94,7 +94,7 @@ def train_model(panel: Panel, anchors: np.ndarray, config: Config,
         row = {"epoch": epoch + 1, "train_pinball": total / max(count, 1),
                "val_pinball": validation_pinball(model, *val) if val else None}
         result.history.append(row)
-        if row["val_pinball"] is not None and row["val_pinball"] <= best[0]:
+        if row["val_pinball"] is not None and row["val_pinball"] < best[0]:
             best = (row["val_pinball"], {k: v.detach().clone() for k, v in model.state_dict().items()})
         if progress is not None:
             info = f"train {row['train_pinball']:.4f}"
@@ -106,6 +106,10 @@ def train_model(panel: Panel, anchors: np.ndarray, config: Config,
         result.best_epoch = 1 + min(range(len(result.history)),
                                     key=lambda i: result.history[i]["val_pinball"])
     result.seconds = time.perf_counter() - t0
+    # The last day any training target touched: samplers keep residuals and calibration
+    # windows strictly after it (plus an embargo), so nothing is scored in-sample.
+    last = int(max(anchors.max(), val_anchors.max() if val is not None else -1)) + H
+    model.train_end = str(panel.dates[min(last, panel.n_days - 1)])
     model.eval()
     return result
 

@@ -41,8 +41,9 @@ class SamplerContract:
         return panel.contexts_at(anchors, C, log=False)
 
     @pytest.fixture(scope="class")
-    def fitted(self, request):
-        return request.cls().make_fitted()
+    @classmethod
+    def fitted(cls):
+        return cls().make_fitted()
 
     def test_fit_returns_self(self, fitted):
         sampler, result, _, _ = fitted

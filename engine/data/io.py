@@ -7,6 +7,8 @@ Every problem becomes one ``DataError`` line naming the date / column and the fi
 
 from __future__ import annotations
 
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +65,14 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
     if missing:
         raise DataError(f"{source}: missing column '{missing[0]}'; the required columns are "
                         f"{', '.join(COLUMNS)} (found {', '.join(map(str, df.columns))})")
-    dates = pd.to_datetime(df["date"], errors="coerce")
+    raw_dates = df["date"]
+    if pd.api.types.is_numeric_dtype(raw_dates):
+        # pandas reads numbers as nanoseconds since 1970; a number here means YYYYMMDD.
+        raw_dates = raw_dates.map(lambda v: f"{v:.0f}" if np.isfinite(v) else "")
+    with warnings.catch_warnings():
+        # pandas warns on stderr when it cannot infer a format; the check below is the one line.
+        warnings.simplefilter("ignore", UserWarning)
+        dates = pd.to_datetime(raw_dates, errors="coerce")
     bad = dates.isna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
@@ -84,7 +93,7 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
         if not finite.all():
             row = int(np.flatnonzero(~finite)[0])
             r = out.iloc[row]
-            raise DataError(f"{source}: {col} is {df[col].iloc[row]!r} (NaN or inf) on "
+            raise DataError(f"{source}: {col} is {df[col].iloc[row]} (NaN or inf) on "
                             f"{r['date'].date()} at {_point(r)}; drop or fill that row")
     for col in ("moneyness", "maturity_days"):
         nonpos = out[col].to_numpy() <= 0
@@ -130,6 +139,8 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
 
 
 def _read_npz(p: Path) -> Panel:
+    if not zipfile.is_zipfile(p):  # np.load would blame pickles and hint at allow_pickle
+        raise DataError(f"cannot read {p} as NPZ (not a zip archive); write it with numpy.savez")
     try:
         z = np.load(p, allow_pickle=False)
         keys = set(z.files)
@@ -139,12 +150,17 @@ def _read_npz(p: Path) -> Panel:
     missing = [k for k in need if k not in keys]
     if missing:
         raise DataError(f"{p}: missing array '{missing[0]}'; an NPZ needs {', '.join(need)}")
-    surface = np.asarray(z["surface"], dtype=float)
-    moneyness = np.asarray(z["moneyness"], dtype=float)
-    maturities = np.asarray(z["maturity_days"], dtype=float)
     try:
-        dates = np.asarray(z["dates"]).astype("datetime64[D]")
-    except ValueError:
+        surface = np.asarray(z["surface"], dtype=float)
+        moneyness = np.asarray(z["moneyness"], dtype=float).reshape(-1)
+        maturities = np.asarray(z["maturity_days"], dtype=float).reshape(-1)
+    except Exception as err:  # noqa: BLE001 - object arrays, text, a corrupt member
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{p}: 'surface', 'moneyness' and 'maturity_days' must be numeric arrays "
+                        f"({first}); store them as float arrays") from None
+    try:
+        dates = np.asarray(z["dates"]).astype("datetime64[D]").reshape(-1)
+    except (ValueError, TypeError):
         raise DataError(f"{p}: array 'dates' is not dates; store ISO strings or datetime64") from None
     expect = (len(dates), len(moneyness), len(maturities))
     if surface.ndim != 3 or surface.shape != expect:

@@ -5,8 +5,8 @@ Fit: each grid point's daily log-IV changes r_t get a RiskMetrics EWMA variance
 point's unconditional variance; z_t = r_t / sigma_t are the standardized changes.
 Sample: the same recursion run over the context's own changes gives today's
 variance; each simulated day draws one historical z surface (whole surfaces, so
-cross-grid correlation is kept), takes r = sigma * z and updates sigma along the
-path. Paths are the last context day + cumsum(r). Unlike the plain bootstrap, the
+cross-grid correlation is kept) and takes r = sigma * z with today's sigma, the
+EWMA's own (flat) forecast for every day of the path. Paths are the last context day + cumsum(r). Unlike the plain bootstrap, the
 spread follows the context's recent volatility.
 """
 
@@ -60,16 +60,14 @@ class FilteredHistoricalSampler(ConditionalSampler):
 
     def _sample(self, log_contexts: np.ndarray, n_samples: int,
                 rngs: list[np.random.Generator]) -> np.ndarray:
-        lam, H = self.lam_, self.horizon
+        H = self.horizon
         n_days = self.std_changes_.shape[0]
         idx = np.stack([rng.integers(0, n_days, size=(n_samples, H))
                         for rng in rngs])  # (B, M, H), row b from rngs[b] only
         z = self.std_changes_[idx]  # (B, M, H, n_m, n_tau)
-        # sigma2_{h+1} = lam sigma2_h + (1 - lam) sigma2_h z_h^2 = sigma2_h (lam + (1 - lam) z_h^2),
-        # so the whole path of variances is a cumulative product (no loop over days).
-        growth = lam + (1.0 - lam) * z[:, :, :-1] ** 2  # (B, M, H-1, n_m, n_tau)
-        ones = np.ones_like(z[:, :, :1])
-        scale = np.cumprod(np.concatenate([ones, growth], axis=2), axis=2)  # (B, M, H, n_m, n_tau)
-        sigma2 = self.current_variance(log_contexts)[:, None, None] * scale
+        # The EWMA's own variance forecast is flat: every day of the path is scaled by today's
+        # vol. (Feeding simulated shocks back into the EWMA makes the variance a product of
+        # heavy-tailed factors with no mean reversion; over 90 days some paths explode.)
+        sigma2 = self.current_variance(log_contexts)[:, None, None]  # (B, 1, 1, n_m, n_tau)
         last = log_contexts[:, -1][:, None, None]  # (B, 1, 1, n_m, n_tau)
         return last + np.cumsum(np.sqrt(sigma2) * z, axis=2)

@@ -1,0 +1,89 @@
+"""Nearest neighbours over context keys: FAISS, with a brute-force numpy twin.
+
+FAISS proposes candidates; distances of the candidates are then recomputed row by row
+in float64, and ties broken by index. FAISS switches between a SIMD and a BLAS kernel
+with the batch size, whose roundings differ, so using its distances directly would
+make a query's neighbours (and so its samples) depend on the batch it sits in.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+EXTRA_CANDIDATES = 8
+
+
+def _exact_topk(keys: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int,
+                exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Rank candidate ids (B, c) by float64 squared distance, tie-break by id, keep k."""
+    diff = keys[np.maximum(cand, 0)] - queries[:, None, :]  # (B, c, D)
+    d2 = np.einsum("bcd,bcd->bc", diff, diff)
+    d2 = np.where(cand < 0, np.inf, d2)
+    if exclude is not None:
+        d2 = np.where(exclude, np.inf, d2)
+    order = np.lexsort((cand, d2), axis=-1)[:, :k]
+    return np.take_along_axis(d2, order, 1), np.take_along_axis(cand, order, 1)
+
+
+def brute_knn(keys: np.ndarray, queries: np.ndarray, k: int,
+              exclude_fn=None) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: squared distances and ids of the k nearest keys (B, k), float64 numpy."""
+    keys = np.asarray(keys, dtype=np.float64)
+    queries = np.asarray(queries, dtype=np.float64)
+    cand = np.broadcast_to(np.arange(len(keys)), (len(queries), len(keys)))
+    exclude = exclude_fn(cand) if exclude_fn is not None else None
+    return _exact_topk(keys, queries, cand, k, exclude)
+
+
+class KnnIndex:
+    """Exact L2 search over standardised keys (N, D) with FAISS ``IndexFlatL2``."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = np.ascontiguousarray(keys, dtype=np.float64)
+        self.index = faiss.IndexFlatL2(self.keys.shape[1])
+        self.index.add(self.keys.astype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def search(self, queries: np.ndarray, k: int, exclude_fn=None,
+               n_candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distances and ids of the k nearest keys, (B, k) each, nearest first.
+
+        ``exclude_fn(ids (B, c)) -> bool (B, c)`` marks candidates that may not be used
+        (e.g. windows overlapping the query in time); enough extra candidates are asked
+        for to cover them (``n_candidates``).
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float64)
+        k = min(k, len(self))
+        c = min(len(self), (n_candidates or k) + EXTRA_CANDIDATES)
+        _, cand = self.index.search(queries.astype(np.float32), c)
+        exclude = exclude_fn(cand) if exclude_fn is not None else None
+        return _exact_topk(self.keys, queries, cand.astype(np.int64), k, exclude)
+
+    # Pickle as bytes: FAISS indexes are SWIG objects that pickle cannot carry across Ray.
+    def __getstate__(self) -> dict:
+        return {"keys": self.keys, "index": faiss.serialize_index(self.index)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.keys = state["keys"]
+        self.index = faiss.deserialize_index(state["index"])
+
+
+def kernel_weights(d2: np.ndarray, kernel: str) -> np.ndarray:
+    """Normalised weights (B, k) from squared distances (B, k), nearest first.
+
+    Gaussian with an adaptive bandwidth: the median neighbour distance of the row, so the
+    weights adapt to how dense the bank is around each query.
+    """
+    finite = np.isfinite(d2)
+    if kernel == "uniform":
+        w = finite.astype(np.float64)
+    else:
+        d = np.sqrt(np.where(finite, d2, 0.0))
+        h = np.median(np.where(finite, d, np.nan), axis=1, keepdims=True)
+        h = np.where(np.isfinite(h) & (h > 0), h, 1.0)
+        w = np.where(finite, np.exp(-0.5 * (d / h) ** 2), 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    return w / np.where(total > 0, total, 1.0)

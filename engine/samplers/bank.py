@@ -1,0 +1,106 @@
+"""The residual bank: out-of-sample residual paths of a point forecast, by blocked cross-fitting.
+
+Overlapping 90-day windows of one calibration split hold only a handful of independent
+episodes, so the bank covers all the history the sampler may learn from: the anchors
+are cut into ``n_folds`` contiguous time blocks; for each block the point model is fit
+without that block's windows and an embargo of one horizon on each side, and scores
+the block. Every residual is therefore out of sample for the model that made it.
+
+Keys (what the kNN index searches) are standardised context embeddings: the CVAE's
+``embed`` or a hand-made feature space (level, slope, skew, recent realised vol,
+recent change).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.config import Config
+from engine.data.panel import Panel
+from engine.samplers.pca_ar import PcaArSampler
+
+RV_DAYS = 20
+
+
+@dataclass
+class ResidualBank:
+    anchors: np.ndarray  # (N,) last context day of each window
+    residuals: np.ndarray  # (N, H, n_m, n_tau) float32, realised minus point, log-IV
+    fold: np.ndarray  # (N,) the time block of each window
+
+
+def context_features(log_ctx: np.ndarray) -> np.ndarray:
+    """Hand-made context features (B, 5): level, term slope, skew, realised vol, 20-day change."""
+    last = log_ctx[:, -1]  # (B, n_m, n_tau)
+    level = last.mean(axis=(1, 2))
+    slope = (last[:, :, -1] - last[:, :, 0]).mean(axis=1)
+    skew = (last[:, 0, :] - last[:, -1, :]).mean(axis=1)
+    mean_path = log_ctx.mean(axis=(2, 3))  # (B, C)
+    n = min(RV_DAYS, log_ctx.shape[1] - 1)
+    rv = np.diff(mean_path[:, -n - 1 :], axis=1).std(axis=1)
+    change = mean_path[:, -1] - mean_path[:, -n - 1]
+    return np.stack([level, slope, skew, np.log(rv + 1e-4), change], axis=1)
+
+
+class KeySpace:
+    """Maps log contexts to standardised keys, fitted on the bank's contexts."""
+
+    def __init__(self, embedding: str, model=None):
+        self.embedding, self.model = embedding, model
+
+    def raw(self, log_ctx: np.ndarray) -> np.ndarray:
+        if self.embedding == "cvae":
+            return self.model.embed(log_ctx)
+        return context_features(log_ctx)
+
+    def fit(self, log_ctx: np.ndarray) -> np.ndarray:
+        raw = self.raw(log_ctx)
+        self.mean_ = raw.mean(axis=0)
+        std = raw.std(axis=0)
+        # A constant feature (e.g. skew on a 1 x n grid) carries no distance information.
+        self.std_ = np.where(std > 1e-12, std, np.inf)
+        return self.transform_raw(raw)
+
+    def transform_raw(self, raw: np.ndarray) -> np.ndarray:
+        return (raw - self.mean_) / self.std_
+
+    def __call__(self, log_ctx: np.ndarray) -> np.ndarray:
+        return self.transform_raw(self.raw(log_ctx))
+
+
+def block_train_mask(anchors: np.ndarray, block: np.ndarray, horizon: int, embargo: int) -> np.ndarray:
+    """Windows whose targets stay at least ``embargo`` days clear of the block's target days."""
+    lo, hi = block[0] + 1, block[-1] + horizon
+    return (anchors + horizon < lo - embargo) | (anchors + 1 > hi + embargo)
+
+
+def build_bank(panel: Panel, config: Config, point: str, progress=None) -> ResidualBank:
+    """Cross-fitted residual paths over every complete window of ``panel``."""
+    from engine.train import train_model
+
+    C, H, E = config.data.context, config.data.horizon, config.data.embargo_days
+    anchors = np.arange(C - 1, panel.n_days - H, dtype=np.int64)
+    n_folds = min(config.sampler.n_folds, max(2, len(anchors) // max(H, 1)))
+    blocks = np.array_split(anchors, n_folds)
+    residuals = np.empty((len(anchors), H, *panel.grid_shape), dtype=np.float32)
+    fold = np.empty(len(anchors), dtype=np.int64)
+    task = progress.add_task(f"cross-fit {point}", total=n_folds, info="") if progress else None
+    start = 0
+    for b, block in enumerate(blocks):
+        mask = block_train_mask(anchors, block, H, E)
+        ctx = panel.contexts_at(block, C)
+        if point == "cvae":
+            model = train_model(panel, anchors[mask], config, seed=config.seed + 1000 + b).model
+            pred = model.median(ctx)
+        else:
+            days = np.arange(panel.n_days)
+            usable = (days < block[0] + 1 - E) | (days > block[-1] + H + E)
+            pred = PcaArSampler(config).fit_days(panel.log_surface, usable).mean_path(ctx)
+        residuals[start : start + len(block)] = panel.targets_at(block, H) - pred
+        fold[start : start + len(block)] = b
+        start += len(block)
+        if progress is not None:
+            progress.update(task, advance=1)
+    return ResidualBank(anchors, residuals, fold)

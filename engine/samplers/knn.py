@@ -1,0 +1,88 @@
+"""kNN residual bootstrap: borrow variance from similar contexts.
+
+For a context: its point forecast (the CVAE's p50, or the pca-ar mean), its key in
+the kNN space, the K nearest contexts of the cross-fitted residual bank (FAISS), and
+``n_samples`` of their residual *paths*, drawn with distance-kernel weights and added
+to the point forecast. Residual paths are real errors, so samples keep the roughness
+and the cross-grid correlation of real surfaces.
+
+The work splits in two so that the engine can place each half on its own actor:
+``point_and_keys`` (the decoder's part) and ``draw`` (the kNN part).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.data.panel import Panel
+from engine.errors import ConfigError
+from engine.knn import KnnIndex, kernel_weights
+from engine.samplers.bank import KeySpace, build_bank
+from engine.samplers.base import ConditionalSampler
+from engine.samplers.pca_ar import PcaArSampler
+
+
+class KnnResidualSampler(ConditionalSampler):
+    name = "knn"
+
+    @property
+    def uses_model(self) -> bool:  # the pca-ar point with hand-made keys needs no CVAE
+        cfg = self.config.sampler
+        return cfg.point == "cvae" or cfg.embedding == "cvae"
+
+    progress = None  # a rich Progress for the cross-fitting, set by the caller if wanted
+
+    def _fit(self, panel: Panel, model) -> None:
+        cfg = self.config.sampler
+        if cfg.point == "cvae" and (model.context, model.horizon) != (self.context, self.horizon):
+            raise ConfigError(f"model has context/horizon {model.context}/{model.horizon}, the "
+                              f"config {self.context}/{self.horizon}; retrain the model")
+        self.bank_ = build_bank(panel, self.config, cfg.point, progress=self.progress)
+        C = self.context
+        self.keys_ = KeySpace(cfg.embedding, model if cfg.embedding == "cvae" else None)
+        bank_keys = self.keys_.fit(panel.contexts_at(self.bank_.anchors, C))
+        self.index_ = KnnIndex(bank_keys)
+        n = len(self.bank_.anchors)
+        # K ~ sqrt(N): grows with the bank but stays a small share of it (bias-variance).
+        self.k_ = cfg.k if cfg.k else int(np.clip(round(np.sqrt(n)), 10, 200))
+        self.k_ = min(self.k_, n)
+        if cfg.point == "cvae":
+            self.point_model_ = model
+        else:
+            self.point_model_ = PcaArSampler(self.config).fit(panel)
+
+    # --- the decoder's half -------------------------------------------------------------------
+    def point_forecast(self, log_ctx: np.ndarray) -> np.ndarray:
+        """(B, H, n_m, n_tau) log-IV."""
+        if self.config.sampler.point == "cvae":
+            return self.point_model_.median(log_ctx)
+        return self.point_model_.mean_path(log_ctx)
+
+    def point_and_keys(self, log_ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.point_forecast(log_ctx), self.keys_(log_ctx)
+
+    # --- the kNN half -------------------------------------------------------------------------
+    def neighbours(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d2, ids = self.index_.search(keys, self.k_)
+        return ids, kernel_weights(d2, self.config.sampler.kernel)
+
+    def residual_draw(self, ids: np.ndarray, weights: np.ndarray, n_samples: int,
+                      rngs: list[np.random.Generator]) -> np.ndarray:
+        """Residual paths (B, n_samples, H, n_m, n_tau); row b draws with rngs[b] only."""
+        picks = np.stack([ids[b, rngs[b].choice(ids.shape[1], n_samples, p=weights[b])]
+                          for b in range(len(ids))])
+        return self.bank_.residuals[picks].astype(np.float64)
+
+    def draw(self, point: np.ndarray, keys: np.ndarray, n_samples: int,
+             rngs: list[np.random.Generator]) -> np.ndarray:
+        ids, w = self.neighbours(keys)
+        res = self.residual_draw(ids, w, n_samples, rngs)
+        return point[:, None] + self.adjust(res, ids, w)
+
+    def adjust(self, res: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Hook for calibration (identity here)."""
+        return res
+
+    def _sample(self, log_contexts, n_samples, rngs):
+        point, keys = self.point_and_keys(log_contexts)
+        return self.draw(point, keys, n_samples, rngs)

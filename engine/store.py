@@ -1,0 +1,728 @@
+"""The scenario store: a Zarr v3 directory that xarray opens group by group.
+
+Layout (every array carries Zarr v3 ``dimension_names``; every dimension has a
+1-D coordinate array of the same name, so ``xarray.open_zarr(path,
+group="level_02")`` attaches them)::
+
+    run.zarr/      attrs: schema_version, kind, depth, seed, fingerprint, start_date,
+                          grid {moneyness, maturity_days}, chunk_nodes, config,
+                          created_by, levels_complete
+      level_01/    paths  (node, day, moneyness, maturity) float32
+                   parent (node,) int64   index into level k-1 (0, the start, for level 1)
+                   branch (node,) int8    which of the parent's children
+                   weight (node,) float64 absolute probability; sums to 1 per level
+                   done   (chunk,) bool   completion marker, one per node chunk
+                   node, day, moneyness, maturity   coordinates
+      level_02/    ...
+      marginals/   quantiles (day, quantile, moneyness, maturity) float32
+                   mean, std (day, moneyness, maturity) float32
+                   day, quantile, moneyness, maturity   coordinates
+
+Dates are int64 *calendar* days since the start date with CF attributes
+(``units: "days since YYYY-MM-DD"``), which xarray decodes to datetime64. The
+days themselves are business days (Mon-Fri) strictly after the start date.
+
+Completion markers: ``write_chunk`` writes the data chunks of a node range,
+then sets ``done[c] = True`` for each chunk it covered. ``done`` is chunked one
+element per chunk and uncompressed, so each marker is its own one-byte file
+(no read-modify-write, so writers of different chunks never race), and
+LocalStore writes every file to a temporary name and renames it, so a marker
+never exists before its data is on disk. A crash leaves at most some chunks
+without a marker; resume rewrites them with the same bytes. A level is marked
+complete (root attr ``levels_complete``) only once all its markers are set.
+
+Metadata is kept consolidated (zarr's consolidated metadata in the root
+``zarr.json``) after every change of structure or attributes, so xarray opens
+any group without a fallback warning. The engine itself always opens with
+``use_consolidated=False`` and so never reads stale metadata. Only the driver
+changes metadata; workers only write chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.errors import ZarrUserWarning
+
+from engine.errors import StoreError
+
+SCHEMA_VERSION = 1
+KINDS = ("tree", "mc")
+MARGINALS = "marginals"
+# Sections of the config that cannot change the bytes of a run (where and how
+# wide it runs, what `evaluate` scores), so `--resume` may change them.
+RESUME_IGNORED = ("engine", "evaluate")
+
+_CALENDAR = "proleptic_gregorian"
+_MARGINAL_CHUNK_BYTES = 4 << 20
+
+
+def _created_by() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"backfill {version('backfill')}"
+    except PackageNotFoundError:  # a bare checkout, not installed: the store still works
+        return "backfill"
+
+
+# ----------------------------------------------------------------------------- business days
+
+
+def business_days_after(start_date: str | np.datetime64, n: int) -> np.ndarray:
+    """The first ``n`` business days (Mon-Fri) strictly after ``start_date``, datetime64[D]."""
+    start = parse_start_date(start_date)
+    # roll backward first so that a weekend start still gives the next Monday
+    return np.busday_offset(start, np.arange(1, int(n) + 1), roll="backward")
+
+
+# ----------------------------------------------------------------------------- parse_* (boundary)
+
+
+def parse_store_path(path: str | Path) -> Path:
+    """A store path from outside (CLI, config): a str or Path that is not an existing file."""
+    if not isinstance(path, (str, Path)) or str(path).strip() == "":
+        raise StoreError(f"store path {path!r} is not a path; pass a directory such as run.zarr")
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise StoreError(f"store path {p} is a file, a store is a directory; pass a new path")
+    return p
+
+
+def parse_start_date(value: str | np.datetime64) -> np.datetime64:
+    try:
+        day = np.datetime64(value, "D")
+    except (ValueError, TypeError):
+        raise StoreError(f"start date {value!r} is not a date; pass an ISO date "
+                         "such as 2024-01-31") from None
+    if np.isnat(day):
+        raise StoreError("start date is NaT; pass an ISO date such as 2024-01-31")
+    return day
+
+
+def parse_grid(grid: Mapping) -> dict:
+    """``{moneyness: [...], maturity_days: [...]}`` as lists of distinct finite floats."""
+    if not isinstance(grid, Mapping) or set(grid) != {"moneyness", "maturity_days"}:
+        found = sorted(grid) if isinstance(grid, Mapping) else type(grid).__name__
+        raise StoreError(f"grid has keys {found}; it needs exactly 'moneyness' and "
+                         "'maturity_days' (lists of numbers)")
+    out = {}
+    for key in ("moneyness", "maturity_days"):
+        try:
+            values = np.asarray(grid[key], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise StoreError(f"grid['{key}'] is not numeric; pass a list of numbers") from None
+        if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)):
+            raise StoreError(f"grid['{key}'] has shape {values.shape}; it needs a non-empty "
+                             "1-D list of finite numbers")
+        if np.unique(values).size != values.size:
+            raise StoreError(f"grid['{key}'] has repeated values {values.tolist()}; "
+                             "pass distinct grid points")
+        out[key] = values.tolist()
+    return out
+
+
+def parse_days(days: np.ndarray, after: np.datetime64, what: str) -> np.ndarray:
+    """A strictly increasing 1-D array of dates strictly after ``after``, as datetime64[D]."""
+    try:
+        d = np.asarray(days).astype("datetime64[D]")
+    except (ValueError, TypeError):
+        raise StoreError(f"{what}: days are not dates; pass datetime64[D] business days") from None
+    if d.ndim != 1 or d.size == 0:
+        raise StoreError(f"{what}: days have shape {d.shape}; pass a non-empty 1-D array")
+    if np.any(np.isnat(d)) or np.any(np.diff(d).astype(np.int64) <= 0) or d[0] <= after:
+        raise StoreError(f"{what}: days run {d[0]}..{d[-1]} but must be strictly increasing and "
+                         f"after the start date {after}; pass business_days_after(start, n)")
+    return d
+
+
+def _as_json(value: Any, what: str) -> Any:
+    """Round trip through JSON, as the attributes will (tuples become lists)."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as err:
+        raise StoreError(f"{what} is not JSON-serialisable ({err}); pass Config.to_dict()") from None
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What the root attributes say about a run (everything but ``levels_complete``)."""
+
+    schema_version: int
+    kind: str
+    depth: int
+    seed: int
+    fingerprint: str
+    start_date: str
+    grid: dict
+    chunk_nodes: int
+    config: dict
+    created_by: str = "backfill"
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return len(self.grid["moneyness"]), len(self.grid["maturity_days"])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping, origin: str = "store") -> StoreMeta:
+        """Validate root attributes; a missing or bad field is one StoreError line."""
+        if not isinstance(d, Mapping) or "schema_version" not in d:
+            raise StoreError(f"{origin} has no 'schema_version' attribute, so it is not a "
+                             "backfill scenario store; pass the path of a store made by backfill")
+        version = d["schema_version"]
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{origin} has schema version {version} but this backfill reads "
+                             f"version {SCHEMA_VERSION}; use the backfill that wrote it or "
+                             "recreate the store")
+        missing = [f for f in cls.__dataclass_fields__ if f not in d and f != "created_by"]
+        if missing:
+            raise StoreError(f"{origin} lacks attributes {missing}; the store is corrupt, "
+                             "recreate it with --overwrite")
+        if d["kind"] not in KINDS:
+            raise StoreError(f"{origin}: kind {d['kind']!r} is not one of {KINDS}")
+        for key in ("depth", "chunk_nodes"):
+            if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1:
+                raise StoreError(f"{origin}: {key} is {d[key]!r}; it must be an integer >= 1")
+        if not isinstance(d["seed"], int) or isinstance(d["seed"], bool):
+            raise StoreError(f"{origin}: seed is {d['seed']!r}; it must be an integer")
+        if not isinstance(d["fingerprint"], str):
+            raise StoreError(f"{origin}: fingerprint is {d['fingerprint']!r}; it must be a string")
+        if not isinstance(d["config"], Mapping):
+            raise StoreError(f"{origin}: config is {type(d['config']).__name__}; it must be a dict")
+        return cls(
+            schema_version=version,
+            kind=d["kind"],
+            depth=d["depth"],
+            seed=d["seed"],
+            fingerprint=d["fingerprint"],
+            start_date=str(parse_start_date(d["start_date"])),
+            grid=parse_grid(d["grid"]),
+            chunk_nodes=d["chunk_nodes"],
+            config=_as_json(dict(d["config"]), f"{origin}: config"),
+            created_by=str(d.get("created_by", "backfill")),
+        )
+
+
+def first_difference(stored: Any, given: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Every dotted key where two JSON-like trees differ, in sorted key order."""
+    if isinstance(stored, Mapping) and isinstance(given, Mapping):
+        out = []
+        for key in sorted(set(stored) | set(given), key=str):
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            out += first_difference(stored.get(key, "<missing>"), given.get(key, "<missing>"),
+                                    dotted)
+        return out
+    return [] if stored == given else [(prefix or "(root)", stored, given)]
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def _level_name(level: int) -> str:
+    return f"level_{level:02d}"
+
+
+@dataclass
+class _Level:
+    """Open handles of one level's arrays (cached: reading zarr.json once per level)."""
+
+    group: zarr.Group
+    paths: zarr.Array
+    parent: zarr.Array
+    branch: zarr.Array
+    weight: zarr.Array
+    node: zarr.Array
+    done: zarr.Array
+
+    @property
+    def n_nodes(self) -> int:
+        return self.paths.shape[0]
+
+
+_LEVEL_ARRAYS = ("paths", "parent", "branch", "weight", "node", "done", "day", "moneyness",
+                 "maturity")
+
+
+class ScenarioStore:
+    """One run's scenarios on disk. Make one with ``create``, reopen it with ``open``."""
+
+    def __init__(self, path: Path, root: zarr.Group, meta: StoreMeta, mode: str):
+        # use create / open; this only binds what they validated
+        self.path = path
+        self.mode = mode
+        self.meta = meta
+        self._root = root
+        self._levels: dict[int, _Level] = {}
+
+    # ------------------------------------------------------------------ make / open
+
+    @classmethod
+    def create(cls, path: str | Path, *, config: dict, seed: int, grid: dict, fingerprint: str,
+               start_date: str, kind: str, depth: int, chunk_nodes: int,
+               overwrite: bool = False) -> ScenarioStore:
+        p = parse_store_path(path)
+        if p.exists() and any(p.iterdir()):
+            if not overwrite:
+                raise StoreError(f"{p} already exists and is not empty; pass --resume to continue "
+                                 "that run, or a new path, or --overwrite to replace it")
+            if not (p / "zarr.json").is_file():
+                # never rmtree a directory that is not a store (a typo could name $HOME)
+                raise StoreError(f"{p} exists and is not a Zarr store, so --overwrite will not "
+                                 "delete it; pass a new path")
+            shutil.rmtree(p)
+        if kind not in KINDS:
+            raise StoreError(f"kind {kind!r} is not one of {KINDS}; pass 'tree' or 'mc'")
+        meta = StoreMeta.from_dict({
+            "schema_version": SCHEMA_VERSION, "kind": kind, "depth": depth, "seed": seed,
+            "fingerprint": fingerprint, "start_date": str(parse_start_date(start_date)),
+            "grid": grid, "chunk_nodes": chunk_nodes,
+            "config": _as_json(config, "config"), "created_by": _created_by(),
+        }, origin=str(p))
+        root = zarr.open_group(p, mode="w", zarr_format=3,
+                               attributes={**meta.to_dict(), "levels_complete": 0})
+        store = cls(p, root, meta, "r+")
+        store._consolidate()
+        return store
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> ScenarioStore:
+        if mode not in ("r", "r+"):
+            raise StoreError(f"mode {mode!r} is not 'r' or 'r+'; open read-only or for resuming")
+        p = parse_store_path(path)
+        if not (p / "zarr.json").is_file():
+            what = "does not exist" if not p.exists() else "is not a Zarr store"
+            raise StoreError(f"{p} {what}; pass the path of a store made by `backfill tree`")
+        try:
+            # never consolidated: a worker must see the metadata as it is now
+            root = zarr.open_group(p, mode=mode, zarr_format=3, use_consolidated=False)
+        except (ValueError, KeyError, TypeError, OSError) as err:  # zarr's errors are ValueErrors
+            raise StoreError(f"{p} is not a readable Zarr v3 group ({err}); pass the path of a "
+                             "store made by `backfill tree`") from None
+        meta = StoreMeta.from_dict(root.attrs.asdict(), origin=str(p))
+        return cls(p, root, meta, mode)
+
+    def check_compatible(self, config: dict, fingerprint: str, seed: int,
+                         ignore: tuple[str, ...] = RESUME_IGNORED) -> None:
+        """Refuse to resume a run that would not give the same bytes: say what differs."""
+        problems = []
+        if self.meta.schema_version != SCHEMA_VERSION:
+            problems.append(f"schema version {self.meta.schema_version} in the store, "
+                            f"{SCHEMA_VERSION} now")
+        if self.meta.seed != seed:
+            problems.append(f"seed {self.meta.seed} in the store, {seed} now")
+        if self.meta.fingerprint != fingerprint:
+            problems.append(f"data fingerprint {self.meta.fingerprint} in the store, "
+                            f"{fingerprint} now")
+        # the seed is checked above (it may come from --seed); ignored sections cannot
+        # change the output
+        skip = set(ignore) | {"seed"}
+        stored = {k: v for k, v in self.meta.config.items() if k not in skip}
+        given = {k: v for k, v in _as_json(config, "config").items() if k not in skip}
+        diffs = first_difference(stored, given)
+        if diffs:
+            key, old, new = diffs[0]
+            more = f" (and {len(diffs) - 1} more keys)" if len(diffs) > 1 else ""
+            problems.append(f"config key '{key}' is {old!r} in the store, {new!r} now{more}")
+        if problems:
+            raise StoreError(f"cannot resume {self.path}: " + "; ".join(problems) + "; rerun with "
+                             "the store's config, data and seed, or pass a new path or "
+                             "--overwrite")
+
+    # ------------------------------------------------------------------ metadata
+
+    @property
+    def levels_complete(self) -> int:
+        return int(self._root.attrs.get("levels_complete", 0))
+
+    def levels(self) -> list[int]:
+        """The levels whose group exists (complete or not), in order."""
+        names = [n for n, _ in self._root.groups() if n.startswith("level_")]
+        return sorted(int(n.removeprefix("level_")) for n in names)
+
+    def to_dict(self) -> dict:
+        out = self.meta.to_dict()
+        out["levels_complete"] = self.levels_complete
+        out["levels"] = {}
+        for level in self.levels():
+            try:
+                lv = self._level(level)
+            except StoreError:
+                continue  # half-created (crash in create_level): resume recreates it
+            done = lv.done[:]
+            out["levels"][level] = {"n_nodes": lv.n_nodes, "n_days": lv.paths.shape[1],
+                                    "chunks": int(done.size), "chunks_done": int(done.sum())}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> StoreMeta:
+        """The metadata part of ``to_dict`` back as a validated ``StoreMeta``."""
+        return StoreMeta.from_dict(d, origin="dict")
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (f"ScenarioStore({str(self.path)!r}, kind={m.kind!r}, depth={m.depth}, "
+                f"levels_complete={self.levels_complete}, mode={self.mode!r})")
+
+    def _require_writable(self) -> None:
+        if self.mode != "r+":
+            raise StoreError(f"{self.path} is open read-only; open it with mode='r+' to write")
+
+    def _consolidate(self) -> None:
+        # v3 consolidated metadata is not in the spec yet (zarr warns), but xarray
+        # looks for it first and warns when it is missing; we keep it fresh instead
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=ZarrUserWarning)
+            zarr.consolidate_metadata(self._root.store)
+
+    def _check_level_number(self, level: int) -> None:
+        if not isinstance(level, (int, np.integer)) or not 1 <= level <= self.meta.depth:
+            raise StoreError(f"level {level!r} is outside 1..{self.meta.depth} (the store's "
+                             "depth); pass a level of this run")
+
+    def _day_coordinate(self, group: zarr.Group, days: np.ndarray) -> None:
+        start = np.datetime64(self.meta.start_date, "D")
+        arr = group.create_array(
+            "day", shape=days.shape, dtype="int64", dimension_names=("day",), fill_value=0,
+            overwrite=True,
+            attributes={"units": f"days since {self.meta.start_date}", "calendar": _CALENDAR,
+                        "long_name": "business day"})
+        arr[:] = (days - start).astype(np.int64)
+
+    def _grid_coordinates(self, group: zarr.Group) -> None:
+        for name, key, long_name in (("moneyness", "moneyness", "moneyness"),
+                                     ("maturity", "maturity_days", "maturity in calendar days")):
+            values = np.asarray(self.meta.grid[key], dtype=np.float64)
+            # no `units: days` attribute: xarray would decode maturities as timedeltas
+            arr = group.create_array(name, shape=values.shape, dtype="float64",
+                                     dimension_names=(name,), fill_value=0.0, overwrite=True,
+                                     attributes={"long_name": long_name})
+            arr[:] = values
+
+    def _days_of(self, group: zarr.Group) -> np.ndarray:
+        start = np.datetime64(self.meta.start_date, "D")
+        return start + group["day"][:].astype("timedelta64[D]")
+
+    # ------------------------------------------------------------------ levels
+
+    def create_level(self, level: int, n_nodes: int, days: np.ndarray,
+                     grid_shape: tuple[int, int]) -> None:
+        """Make a level's empty arrays; a no-op if it exists with this shape (resume)."""
+        self._require_writable()
+        self._check_level_number(level)
+        if tuple(grid_shape) != self.meta.grid_shape:
+            raise StoreError(f"level {level}: grid shape {tuple(grid_shape)} does not match the "
+                             f"store's {self.meta.grid_shape}; pass the run's grid")
+        if not isinstance(n_nodes, (int, np.integer)) or n_nodes < 1:
+            raise StoreError(f"level {level}: n_nodes is {n_nodes!r}; it must be an integer >= 1")
+        days = parse_days(days, np.datetime64(self.meta.start_date, "D"), f"level {level}")
+        n_nodes, S = int(n_nodes), days.size
+        name = _level_name(level)
+        want = {"level": int(level), "n_nodes": n_nodes, "n_days": S}
+        if name in self._root:
+            group = self._root[name]
+            have = {k: group.attrs.get(k) for k in want}
+            if have != want:
+                raise StoreError(f"{self.path}/{name} exists with {have} but this run needs "
+                                 f"{want}; resume with the store's config or pass --overwrite")
+            if "day" in group and not np.array_equal(self._days_of(group), days):
+                raise StoreError(f"{self.path}/{name} covers other days than this run needs; "
+                                 "resume with the store's start date or pass --overwrite")
+            if all(a in group for a in _LEVEL_ARRAYS):
+                return
+        else:
+            # attrs first: they are what a resume compares against
+            group = self._root.create_group(name, attributes=want)
+        n_m, n_tau = self.meta.grid_shape
+        c = self.meta.chunk_nodes
+        n_chunks = -(-n_nodes // c)
+        # write_empty_chunks: every written chunk has a file, even one equal to the fill
+        full = {"write_empty_chunks": True}
+        node_dim = ("node",)
+        specs = [
+            # (name, shape, chunks, dtype, fill, dims)
+            ("paths", (n_nodes, S, n_m, n_tau), (c, S, n_m, n_tau), "float32", np.nan,
+             ("node", "day", "moneyness", "maturity")),
+            ("parent", (n_nodes,), (c,), "int64", -1, node_dim),
+            ("branch", (n_nodes,), (c,), "int8", -1, node_dim),
+            ("weight", (n_nodes,), (c,), "float64", np.nan, node_dim),
+            ("node", (n_nodes,), (c,), "int64", -1, node_dim),
+        ]
+        for arr_name, shape, chunks, dtype, fill, dims in specs:
+            if arr_name not in group:
+                group.create_array(arr_name, shape=shape, chunks=chunks, dtype=dtype,
+                                   fill_value=fill, dimension_names=dims, config=full)
+        if "done" not in group:
+            # one uncompressed one-byte file per marker: set without read-modify-write
+            group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="bool",
+                               fill_value=False, compressors=None, dimension_names=("chunk",),
+                               attributes={"long_name": "node chunk fully written"})
+        self._day_coordinate(group, days)
+        self._grid_coordinates(group)
+        self._levels.pop(level, None)
+        self._consolidate()
+
+    def _level(self, level: int) -> _Level:
+        if level in self._levels:
+            return self._levels[level]
+        self._check_level_number(level)
+        name = _level_name(level)
+        if name not in self._root:
+            raise StoreError(f"{self.path} has no {name}; create_level({level}, ...) first "
+                             "(or resume the run)")
+        group = self._root[name]
+        missing = [a for a in _LEVEL_ARRAYS if a not in group]
+        if missing:
+            raise StoreError(f"{self.path}/{name} lacks arrays {missing}; resume the run so "
+                             "create_level can finish it")
+        lv = _Level(group, *(group[a] for a in ("paths", "parent", "branch", "weight", "node",
+                                                 "done")))
+        self._levels[level] = lv
+        return lv
+
+    def level_size(self, level: int) -> int:
+        return self._level(level).n_nodes
+
+    def level_days(self, level: int) -> np.ndarray:
+        """The business days that a level covers, datetime64[D]."""
+        return self._days_of(self._level(level).group)
+
+    def n_chunks(self, level: int) -> int:
+        return self._level(level).done.shape[0]
+
+    def chunk_range(self, level: int, chunk: int) -> tuple[int, int]:
+        lv, c = self._level(level), self.meta.chunk_nodes
+        return chunk * c, min((chunk + 1) * c, lv.n_nodes)
+
+    def write_chunk(self, level: int, start_node: int, paths: np.ndarray, parent: np.ndarray,
+                    branch: np.ndarray, weight: np.ndarray) -> None:
+        """Write whole chunks of rows [start, start + n), then mark each chunk done."""
+        self._require_writable()
+        lv, c = self._level(level), self.meta.chunk_nodes
+        n_nodes, S = lv.n_nodes, lv.paths.shape[1]
+        n = len(paths)
+        stop = start_node + n
+        if start_node % c or (stop % c and stop != n_nodes) or n == 0 or stop > n_nodes:
+            raise StoreError(f"level {level}: rows [{start_node}, {stop}) do not cover whole "
+                             f"chunks of {c} nodes of {n_nodes}; write from a multiple of "
+                             f"{c} to the next multiples (or the end of the level)")
+        paths = np.asarray(paths, dtype=np.float32)
+        want = (n, S, *self.meta.grid_shape)
+        if paths.shape != want:
+            raise StoreError(f"level {level}: paths have shape {paths.shape}, required {want} "
+                             "(nodes, days, moneyness, maturity)")
+        cols = {}
+        for name, values, dtype in (("parent", parent, np.int64), ("branch", branch, np.int8),
+                                    ("weight", weight, np.float64)):
+            arr = np.asarray(values)
+            if arr.shape != (n,):
+                raise StoreError(f"level {level}: {name} has shape {arr.shape}, required ({n},)")
+            cols[name] = arr.astype(dtype)
+        w = cols["weight"]
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise StoreError(f"level {level}: weights must be finite and >= 0, found "
+                             f"min {np.min(w)}; fix the sampler's probabilities")
+        n_prev = 1 if level == 1 else self.level_size(level - 1)
+        pmin, pmax = int(cols["parent"].min()), int(cols["parent"].max())
+        if pmin < 0 or pmax >= n_prev:
+            raise StoreError(f"level {level}: parents run {pmin}..{pmax} but level {level - 1} "
+                             f"has {n_prev} nodes; parents index the previous level")
+        rows = slice(start_node, stop)
+        lv.paths[rows] = paths
+        lv.parent[rows] = cols["parent"]
+        lv.branch[rows] = cols["branch"]
+        lv.weight[rows] = w
+        lv.node[rows] = np.arange(start_node, stop, dtype=np.int64)
+        # the markers go last: a chunk is done only once its data is on disk
+        lv.done[start_node // c: -(-stop // c)] = True
+
+    def chunks_done(self, level: int) -> np.ndarray:
+        return np.asarray(self._level(level).done[:], dtype=bool)
+
+    def mark_level_complete(self, level: int) -> None:
+        """Record ``levels_complete = level`` once every chunk of it is written."""
+        self._require_writable()
+        if level <= self.levels_complete:
+            return  # resume: already recorded
+        if level != self.levels_complete + 1:
+            raise StoreError(f"cannot mark level {level} complete: only {self.levels_complete} "
+                             f"levels are; complete level {self.levels_complete + 1} first")
+        done = self.chunks_done(level)
+        if not done.all():
+            missing = np.flatnonzero(~done)
+            raise StoreError(f"level {level} has {missing.size} of {done.size} chunks unwritten "
+                             f"(first: chunk {missing[0]}); write them before marking it complete")
+        total = float(np.sum(self._level(level).weight[:]))
+        if abs(total - 1.0) > 1e-6:
+            raise StoreError(f"level {level}: weights sum to {total!r}, required 1 (absolute "
+                             "probabilities); fix the weights and rewrite the level")
+        self._root.attrs["levels_complete"] = int(level)
+        self._consolidate()
+
+    def _check_done(self, level: int, start: int, stop: int) -> None:
+        c = self.meta.chunk_nodes
+        done = self._level(level).done[start // c: -(-stop // c)]
+        if not np.all(done):
+            first = start // c + int(np.flatnonzero(~done)[0])
+            raise StoreError(f"level {level} chunk {first} is not written yet; finish the run "
+                             "with --resume before reading it")
+
+    def read_level(self, level: int, start: int = 0, stop: int | None = None) -> dict:
+        """Rows [start, stop) of a level as numpy: paths, parent, branch, weight."""
+        lv = self._level(level)
+        stop = lv.n_nodes if stop is None else stop
+        if not 0 <= start < stop <= lv.n_nodes:
+            raise StoreError(f"level {level}: rows [{start}, {stop}) are outside "
+                             f"[0, {lv.n_nodes}); pass a range inside the level")
+        self._check_done(level, start, stop)
+        rows = slice(start, stop)
+        return {"paths": lv.paths[rows], "parent": lv.parent[rows], "branch": lv.branch[rows],
+                "weight": lv.weight[rows]}
+
+    def iter_chunks(self, level: int) -> Iterator[tuple[int, int, dict]]:
+        """``(start, stop, read_level(level, start, stop))`` for each chunk, in order."""
+        for chunk in range(self.n_chunks(level)):
+            start, stop = self.chunk_range(level, chunk)
+            yield start, stop, self.read_level(level, start, stop)
+
+    def ancestor_paths(self, level: int, start: int, stop: int,
+                       n_days: int | None = None) -> np.ndarray:
+        """Full paths (n, days, n_m, n_tau) from day 0 to the end of ``level`` for rows
+        [start, stop), following parents back; only the last ``n_days`` (at most) if given."""
+        idx = np.arange(start, stop)
+        segments, covered = [], 0
+        for k in range(level, 0, -1):
+            lo, hi = int(idx.min()), int(idx.max()) + 1  # siblings are contiguous: one range
+            block = self.read_level(k, lo, hi)
+            segments.append(block["paths"][idx - lo])
+            covered += segments[-1].shape[1]
+            if n_days is not None and covered >= n_days:
+                break
+            idx = block["parent"][idx - lo]
+        full = np.concatenate(segments[::-1], axis=1)  # (n, days, n_m, n_tau)
+        return full if n_days is None else full[:, -n_days:]
+
+    # ------------------------------------------------------------------ marginals
+
+    def create_marginals(self, days: int | np.ndarray, quantile_levels) -> None:
+        """Make empty marginal arrays over the whole run (an int: that many business days
+        after the start); a no-op if they exist with these days and quantiles (resume)."""
+        self._require_writable()
+        start = np.datetime64(self.meta.start_date, "D")
+        if isinstance(days, (int, np.integer)):
+            days = business_days_after(start, int(days))
+        days = parse_days(days, start, "marginals")
+        q = np.asarray(quantile_levels, dtype=np.float64)
+        if q.ndim != 1 or q.size == 0 or np.any((q <= 0) | (q >= 1)) or np.any(np.diff(q) <= 0):
+            raise StoreError(f"quantile levels {q.tolist()} must be increasing in (0, 1); "
+                             "pass e.g. [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]")
+        n_m, n_tau = self.meta.grid_shape
+        D, Q = days.size, q.size
+        if MARGINALS in self._root:
+            group = self._root[MARGINALS]
+            if ("quantile" in group and "day" in group and group["quantiles"].shape
+                    == (D, Q, n_m, n_tau) and np.array_equal(group["quantile"][:], q)
+                    and np.array_equal(self._days_of(group), days)):
+                return
+            raise StoreError(f"{self.path}/{MARGINALS} exists with other days or quantiles; "
+                             "resume with the store's config or pass --overwrite")
+        group = self._root.create_group(MARGINALS)
+        # partial-chunk writes per level are read-modify-write: fine, the driver is the one writer
+        chunk_days = max(1, min(D, _MARGINAL_CHUNK_BYTES // (Q * n_m * n_tau * 4)))
+        group.create_array("quantiles", shape=(D, Q, n_m, n_tau), chunks=(chunk_days, Q, n_m,
+                           n_tau), dtype="float32", fill_value=np.nan,
+                           dimension_names=("day", "quantile", "moneyness", "maturity"))
+        for name in ("mean", "std"):
+            group.create_array(name, shape=(D, n_m, n_tau), chunks=(chunk_days, n_m, n_tau),
+                               dtype="float32", fill_value=np.nan,
+                               dimension_names=("day", "moneyness", "maturity"))
+        qa = group.create_array("quantile", shape=(Q,), dtype="float64", fill_value=0.0,
+                                dimension_names=("quantile",),
+                                attributes={"long_name": "quantile level"})
+        qa[:] = q
+        self._day_coordinate(group, days)
+        self._grid_coordinates(group)
+        self._consolidate()
+
+    def write_marginal_days(self, start_day: int, quantiles: np.ndarray, mean: np.ndarray,
+                            std: np.ndarray) -> None:
+        """Write days [start_day, start_day + d) of the marginals (d = len(quantiles))."""
+        self._require_writable()
+        group = self._marginals_group()
+        D, Q, n_m, n_tau = group["quantiles"].shape
+        d = len(quantiles)
+        if not 0 <= start_day < start_day + d <= D:
+            raise StoreError(f"marginal days [{start_day}, {start_day + d}) are outside the "
+                             f"run's [0, {D}); pass a slice of the run's days")
+        arrays = {"quantiles": (quantiles, (d, Q, n_m, n_tau)), "mean": (mean, (d, n_m, n_tau)),
+                  "std": (std, (d, n_m, n_tau))}
+        for name, (values, shape) in arrays.items():
+            values = np.asarray(values, dtype=np.float32)
+            if values.shape != shape:
+                raise StoreError(f"marginals: {name} has shape {values.shape}, required {shape}")
+            group[name][start_day: start_day + d] = values
+
+    def write_marginals(self, days: np.ndarray, quantile_levels, quantiles: np.ndarray,
+                        mean: np.ndarray, std: np.ndarray) -> None:
+        """All the run's marginals at once: ``create_marginals`` + ``write_marginal_days(0)``."""
+        self.create_marginals(days, quantile_levels)
+        self.write_marginal_days(0, quantiles, mean, std)
+
+    def _marginals_group(self) -> zarr.Group:
+        if MARGINALS not in self._root:
+            raise StoreError(f"{self.path} has no marginals; call create_marginals first "
+                             "(or finish the run)")
+        return self._root[MARGINALS]
+
+    def read_marginals(self) -> dict:
+        """``days`` (datetime64[D]), ``quantile`` levels, ``quantiles``, ``mean``, ``std``."""
+        group = self._marginals_group()
+        return {"days": self._days_of(group), "quantile": group["quantile"][:],
+                "quantiles": group["quantiles"][:], "mean": group["mean"][:],
+                "std": group["std"][:]}
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def marginals_frame(store: ScenarioStore) -> pd.DataFrame:
+    """Tidy marginal quantiles: date, moneyness, maturity_days, quantile, iv.
+
+    Days not written yet (an unfinished run) are left out.
+    """
+    m = store.read_marginals()
+    grid = store.meta.grid
+    date, mny, mat, q = np.meshgrid(m["days"].astype("datetime64[ns]"),
+                                    np.asarray(grid["moneyness"]),
+                                    np.asarray(grid["maturity_days"]), m["quantile"],
+                                    indexing="ij")
+    iv = m["quantiles"].transpose(0, 2, 3, 1)  # (D, n_m, n_tau, Q)
+    frame = pd.DataFrame({"date": date.ravel(), "moneyness": mny.ravel(),
+                          "maturity_days": mat.ravel(), "quantile": q.ravel(),
+                          "iv": iv.ravel()})
+    return frame.dropna(subset=["iv"]).reset_index(drop=True)
+
+
+def terminal_paths(store: ScenarioStore, level: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every node of ``level`` (default: the deepest complete one) as its full path from
+    day 0, rebuilt from parent pointers: paths (N, days, n_m, n_tau), weights (N,)."""
+    level = store.levels_complete if level is None else level
+    if level < 1:
+        raise StoreError(f"{store.path} has no complete level yet; finish the run with --resume "
+                         "or pass a level")
+    n = store.level_size(level)
+    return store.ancestor_paths(level, 0, n), store.read_level(level)["weight"]

@@ -1,0 +1,880 @@
+"""Tree numerics: representative children, their weights, contexts, pruning and marginals.
+
+Pure functions over arrays, batched over nodes; no Ray, no I/O. Shapes:
+    N  nodes of a frontier batch     M  sampled paths per node (n_samples)
+    K  children per node (branching) H  horizon of a sampled path
+    S  days a child keeps (stride)   C  context length
+    n_m, n_tau  the surface grid (moneyness, maturity)
+
+One step of the tree, from the M sampled paths of each node (log-IV, ``(N, M, H, n_m, n_tau)``):
+  1. a scalar score per path (default: mean log-IV over the grid on day S-1, the last kept day);
+  2. K real sample paths chosen from the score distribution (``selection``):
+     ``"quantize"``  optimal 1-D quantization (Lloyd-Max) into K contiguous cells; the path
+                     nearest each cell's centroid represents the cell;
+     ``"quantiles"`` the seed's fixed levels (q10, q25, q50, q75, q90 for K = 5);
+  3. conditional weights (``weights``): ``"equal"`` 1/K; ``"stratum"`` the probability of the
+     cell (quantize) or of the stratum between midpoints of the levels (quantiles);
+     ``"moment"`` the stratum weights changed as little as possible (least squares) so that the
+     K-point distribution keeps the node's sample mean and variance of the score, with every
+     weight at least ``weight_floor`` (see ``project_weights``; the floor applies to
+     ``"moment"`` only: equal and stratum weights are taken as they are).
+
+The long-horizon marginals are not read off the K children: ``MarginalAccumulator`` mixes, with
+the node probabilities, the FULL M-sample distributions drawn at each level.
+
+Randomness: only ``resample_frontier`` draws; the driver passes it a stream derived from
+``engine.rng.node_rng`` and the whole frontier's weights, so the draw never depends on batching.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from engine.config import TreeConfig
+from engine.errors import ConfigError, DataError
+from engine.rng import SeedLike, as_generator
+
+__all__ = [
+    "SCORES",
+    "MarginalAccumulator",
+    "Selection",
+    "child_contexts",
+    "child_weights",
+    "kept_paths",
+    "project_weights",
+    "project_weights_loop",
+    "prune_min_weight",
+    "quantile_levels",
+    "resample_frontier",
+    "resolve_score",
+    "select_children",
+    "select_children_loop",
+    "stride_days",
+    "weighted_quantile",
+]
+
+ScoreFn = Callable[[np.ndarray], np.ndarray]
+
+# Lloyd iterations per node; 1-D Lloyd from quantile starts settles in a few dozen at most.
+_LLOYD_MAX_ITER = 100
+# Semismooth-Newton iterations of the weight projection (it usually stops after 1-3).
+_NEWTON_MAX_ITER = 60
+# Moment residual (in standardised score units) below which the moments count as matched.
+_MOMENT_TOL = 1e-10
+# Slack of the KKT sign checks and of the geometric feasibility test.
+_KKT_TOL = 1e-13
+_FEAS_TOL = 1e-12
+# Largest K for which the loop reference enumerates every active set (2^K systems).
+_ENUM_MAX_K = 12
+# Elements per temporary block of MarginalAccumulator.add.
+_ADD_CHUNK = 1 << 22
+
+
+# ============================================================================ scores
+
+
+def _last_day_mean(kept: np.ndarray) -> np.ndarray:
+    last = np.ascontiguousarray(kept[:, :, -1], dtype=np.float64)  # (N, M, n_m, n_tau)
+    return last.reshape(last.shape[0], last.shape[1], -1).mean(axis=-1)
+
+
+def _kept_mean(kept: np.ndarray) -> np.ndarray:
+    k = np.ascontiguousarray(kept, dtype=np.float64)  # (N, M, S, n_m, n_tau)
+    return k.reshape(k.shape[0], k.shape[1], -1).mean(axis=-1)
+
+
+SCORES: dict[str, ScoreFn] = {
+    "last_day_mean": _last_day_mean,  # mean log-IV over the grid on the last kept day
+    "kept_mean": _kept_mean,  # mean log-IV over the grid and every kept day
+}
+
+
+def resolve_score(score: str | ScoreFn | None) -> ScoreFn:
+    """A score by name (``SCORES``), a callable ``(N, M, S, n_m, n_tau) -> (N, M)``, or the default."""
+    if score is None:
+        return _last_day_mean
+    if callable(score):
+        return score
+    if score in SCORES:
+        return SCORES[score]
+    raise ConfigError(f"unknown path score {score!r}; use one of {sorted(SCORES)} or a callable "
+                      "mapping kept log-IV paths (N, M, S, n_m, n_tau) to scores (N, M)")
+
+
+def stride_days(stride: int, horizon: int) -> int:
+    """Days S a child keeps: ``stride``, or the whole horizon when 0."""
+    s = horizon if stride == 0 else int(stride)
+    if not 1 <= s <= horizon:
+        raise ConfigError(f"tree.stride = {stride} but the horizon is {horizon} days; "
+                          "set 0 (whole horizon) or a value in 1..horizon")
+    return s
+
+
+def quantile_levels(k: int) -> np.ndarray:
+    """Fixed levels of ``selection='quantiles'``: the seed's q10..q90 for K=5, else evenly spaced
+    in [0.1, 0.9]."""
+    if k == 5:
+        return np.array([0.10, 0.25, 0.50, 0.75, 0.90])
+    return np.linspace(0.1, 0.9, k)
+
+
+def _stratum_mass(levels: np.ndarray) -> np.ndarray:
+    """Probability of the stratum each level represents (cells bounded by midpoints of levels)."""
+    edges = np.concatenate([[0.0], (levels[:-1] + levels[1:]) / 2, [1.0]])
+    return np.diff(edges)
+
+
+# ============================================================================ the selection
+
+
+@dataclass(frozen=True)
+class Selection:
+    """K representative sample paths per node.
+
+    index   (N, K) int64    which of the node's M samples each child is (ascending score)
+    weight  (N, K) float64  conditional probability of each child; rows sum to 1
+    exact   (N,)   bool     the K-point distribution has the node's sample mean and variance
+                            of the score (to 1e-10 of the score's standard deviation)
+    """
+
+    index: np.ndarray
+    weight: np.ndarray
+    exact: np.ndarray
+
+    @property
+    def n_nodes(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def branching(self) -> int:
+        return self.index.shape[1]
+
+
+def _check_log_paths(log_paths: ArrayLike, cfg: TreeConfig) -> tuple[np.ndarray, int]:
+    # No float64 copy of the whole (N, M, H, ...) block (GBs for big batches): the score
+    # reads only the kept days, and its output is what gets validated.
+    x = np.asarray(log_paths)
+    if x.ndim != 5 or not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"log_paths must be a float array (N, M, H, n_m, n_tau), got {x.dtype} "
+                        f"{x.shape}; add the missing axes (a 1x4 term structure is (N, M, H, 1, 4))")
+    k = cfg.branching
+    if x.shape[1] < k:
+        raise ConfigError(f"each node has M = {x.shape[1]} sampled paths but branching K = {k}; "
+                          "raise tree.n_samples or lower tree.branching")
+    return x, stride_days(cfg.stride, x.shape[2])
+
+
+def _node_scores(x: np.ndarray, s: int, score: str | ScoreFn | None) -> np.ndarray:
+    fn = resolve_score(score)
+    scores = np.asarray(fn(x[:, :, :s]), dtype=np.float64)
+    if scores.shape != x.shape[:2]:
+        raise DataError(f"the score function returned shape {scores.shape}, expected "
+                        f"(N, M) = {x.shape[:2]}")
+    if not np.all(np.isfinite(scores)):
+        raise DataError("path scores hold NaN or inf: the sampled log-IV paths must be finite "
+                        "(log of positive vols)")
+    return scores
+
+
+def _score_moments(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sample mean and standard deviation (ddof=0) per row; row-wise, so batch-invariant."""
+    mean = scores.mean(axis=-1)
+    sd = np.sqrt(((scores - mean[..., None]) ** 2).mean(axis=-1))
+    return mean, sd
+
+
+def _standardise(sel_scores: np.ndarray, mean: np.ndarray, sd: np.ndarray):
+    """z = (s - mean) / sd, and which nodes are degenerate (all scores equal: z = 0)."""
+    flat = sd <= 1e-12 * (1.0 + np.abs(mean))
+    safe = np.where(flat, 1.0, sd)
+    z = np.where(flat[:, None], 0.0, (sel_scores - mean[:, None]) / safe[:, None])
+    return z, flat
+
+
+def _count_less(s_sorted: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """#(s < t) per row: s (N, M) sorted, t (N, J) -> (N, J) int. Exact comparisons, O(N M J)."""
+    return (s_sorted[:, :, None] < t[:, None, :]).sum(axis=1)
+
+
+def _strictly_increasing(pos: np.ndarray, m: int) -> np.ndarray:
+    """Nudge nondecreasing positions (N, J) into strictly increasing ones within 0..m-J+j, so
+    every cell / level owns a distinct sample (only matters with tied scores)."""
+    j = np.arange(pos.shape[1])
+    g = np.maximum.accumulate(pos - j, axis=1)
+    return np.clip(g, 0, m - pos.shape[1]) + j
+
+
+def _tie_tol(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """Scores closer than this count as tied (N,): two-sample cells put their centroid exactly
+    midway, so rounding alone must not decide which path represents the cell."""
+    return 1e-9 * (sd + np.abs(mean))
+
+
+def _nearest_position(s: np.ndarray, t: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                      tol: np.ndarray) -> np.ndarray:
+    """Position in sorted rows s (N, M) nearest to t (N, J), searched in lo..hi: the first
+    position whose distance is within tol (N,) of the smallest (``argmin`` with ties)."""
+    rows = np.arange(s.shape[0])[:, None]
+    p = _count_less(s, t)
+    a = np.clip(p - 1, lo, hi)
+    b = np.clip(p, lo, hi)
+    dmin = np.minimum(np.abs(s[rows, a] - t), np.abs(s[rows, b] - t))
+    return np.clip(_count_less(s, t - dmin - tol[:, None]), lo, hi)
+
+
+def _quantize_edges(s: np.ndarray, mean: np.ndarray, tol: np.ndarray,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd-Max on sorted rows s (N, M): cell edges (N, K+1) and centroids (N, K).
+
+    Cells are contiguous ranges of sorted positions, boundaries the midpoints of centroids (a
+    score within tol of a boundary goes to the upper cell), started at the (k+0.5)/K quantiles
+    (linear interpolation); every cell keeps >= 1 sample. Nodes stop when their edges stop
+    changing (a fixed point), at most _LLOYD_MAX_ITER rounds.
+    """
+    n, m = s.shape
+    cs = np.zeros((n, m + 1))
+    cs[:, 1:] = np.cumsum(s - mean[:, None], axis=1)  # centred: cell sums by differences
+    pos = (np.arange(k) + 0.5) / k * (m - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, m - 1)
+    frac = pos - lo
+    cent = s[:, lo] + frac * (s[:, hi] - s[:, lo])
+    edges = np.zeros((n, k + 1), dtype=np.int64)
+    edges[:, -1] = m
+    todo = np.arange(n)
+    for it in range(_LLOYD_MAX_ITER):
+        st, c = s[todo], cent[todo]
+        inner = _count_less(st, (c[:, :-1] + c[:, 1:]) / 2 - tol[todo, None])
+        e = np.concatenate([np.zeros((len(todo), 1), np.int64), inner,
+                            np.full((len(todo), 1), m)], axis=1)
+        e = _strictly_increasing(e[:, :-1], m)  # first K edges; the last stays m
+        e = np.concatenate([e, np.full((len(todo), 1), m)], axis=1)
+        moved = np.any(e != edges[todo], axis=1) | (it == 0)
+        edges[todo] = e
+        rows = np.arange(len(todo))[:, None]
+        sums = cs[todo][rows, e[:, 1:]] - cs[todo][rows, e[:, :-1]]
+        cent[todo] = mean[todo, None] + sums / np.diff(e, axis=1)
+        todo = todo[moved]
+        if todo.size == 0:
+            break
+    return edges, cent
+
+
+def _select_quantize(scores: np.ndarray, mean: np.ndarray, sd: np.ndarray, k: int):
+    """Sorted order (N, M), chosen sorted positions (N, K), stratum weights (N, K)."""
+    m = scores.shape[1]
+    tol = _tie_tol(mean, sd)
+    order = np.argsort(scores, axis=1, kind="stable")
+    s = np.take_along_axis(scores, order, axis=1)
+    edges, cent = _quantize_edges(s, mean, tol, k)
+    pos = _nearest_position(s, cent, edges[:, :-1], edges[:, 1:] - 1, tol)
+    return order, pos, np.diff(edges, axis=1) / m
+
+
+def _select_quantiles(scores: np.ndarray, mean: np.ndarray, sd: np.ndarray, k: int):
+    n, m = scores.shape
+    order = np.argsort(scores, axis=1, kind="stable")
+    s = np.take_along_axis(scores, order, axis=1)
+    levels = quantile_levels(k)
+    p = levels * (m - 1)
+    lo = np.floor(p).astype(np.int64)
+    hi = np.minimum(lo + 1, m - 1)
+    t = s[:, lo] + (p - lo) * (s[:, hi] - s[:, lo])
+    pos = _nearest_position(s, t, np.zeros((n, k), np.int64), np.full((n, k), m - 1),
+                            _tie_tol(mean, sd))
+    pos = _strictly_increasing(pos, m)
+    return order, pos, np.broadcast_to(_stratum_mass(levels), (n, k)).copy()
+
+
+def _finish(scores, order, pos, w_stratum, mean, sd, cfg: TreeConfig,
+            project: Callable) -> Selection:
+    """Indices, weights by ``cfg.weights``, and the exact-moment flag."""
+    rows = np.arange(scores.shape[0])[:, None]
+    index = order[rows, pos].astype(np.int64)
+    z, flat = _standardise(scores[rows, index], mean, sd)
+    k = index.shape[1]
+    if cfg.weights == "moment":
+        weight, exact = project(w_stratum, z, cfg.weight_floor, flat)
+    else:
+        weight = np.full_like(w_stratum, 1.0 / k) if cfg.weights == "equal" else w_stratum
+        exact = flat | _moments_matched(weight, z)
+    return Selection(index=index, weight=weight, exact=exact)
+
+
+def select_children(log_paths: ArrayLike, cfg: TreeConfig,
+                    score: str | ScoreFn | None = None) -> Selection:
+    """K representative real sample paths per node and their conditional weights (batched).
+
+    log_paths: (N, M, H, n_m, n_tau) log-IV. ``score``: a name from ``SCORES``, a callable on the
+    kept paths (N, M, S, n_m, n_tau) -> (N, M), or None for mean log-IV on day S-1. A node's
+    result does not depend on the other nodes of the batch (same bytes for any batch size).
+    """
+    x, s = _check_log_paths(log_paths, cfg)
+    scores = _node_scores(x, s, score)
+    mean, sd = _score_moments(scores)
+    k = cfg.branching
+    if cfg.selection == "quantize":
+        order, pos, w_stratum = _select_quantize(scores, mean, sd, k)
+    else:
+        order, pos, w_stratum = _select_quantiles(scores, mean, sd, k)
+    return _finish(scores, order, pos, w_stratum, mean, sd, cfg, project_weights)
+
+
+def select_children_loop(log_paths: ArrayLike, cfg: TreeConfig,
+                         score: str | ScoreFn | None = None) -> Selection:
+    """Slow per-node reference of ``select_children``: plain Lloyd and searches per node, and
+    ``project_weights_loop`` (active sets by enumeration). Shares only the score function, the
+    score moments and the final linear solve on the identified free set, so indices, weights and
+    flags agree exactly with the batched path whenever both identify the same cells and active
+    set (always, bar exact ties)."""
+    x, s = _check_log_paths(log_paths, cfg)
+    scores = _node_scores(x, s, score)
+    mean, sd = _score_moments(scores)
+    n, m = scores.shape
+    k = cfg.branching
+    order = np.argsort(scores, axis=1, kind="stable")
+    pos = np.zeros((n, k), np.int64)
+    w_stratum = np.zeros((n, k))
+    levels = quantile_levels(k)
+    tols = _tie_tol(mean, sd)
+    for i in range(n):
+        si, tol = scores[i, order[i]], tols[i]
+
+        def nearest(vals, t, tol=tol):  # first index within tol of the smallest distance
+            d = np.abs(vals - t)
+            return int(np.flatnonzero(d <= d.min() + tol)[0])
+
+        if cfg.selection == "quantize":
+            cent = np.quantile(si, (np.arange(k) + 0.5) / k)
+            edges = None
+            for _ in range(_LLOYD_MAX_ITER):
+                bnd = (cent[:-1] + cent[1:]) / 2 - tol
+                e = [0, *np.searchsorted(si, bnd, side="left").tolist(), m]
+                for j in range(1, k):  # every cell keeps at least one sample
+                    e[j] = max(e[j], e[j - 1] + 1)
+                for j in range(k - 1, 0, -1):
+                    e[j] = min(e[j], e[j + 1] - 1)
+                if e == edges:
+                    break
+                edges = e
+                cent = np.array([si[edges[j]:edges[j + 1]].mean() for j in range(k)])
+            for j in range(k):
+                a, b = edges[j], edges[j + 1]
+                pos[i, j] = a + nearest(si[a:b], cent[j])
+                w_stratum[i, j] = (b - a) / m
+        else:
+            targets = np.quantile(si, levels)
+            prev = -1
+            for j, t in enumerate(targets):
+                p = nearest(si, t)
+                p = min(max(p, prev + 1), m - k + j)
+                pos[i, j] = prev = p
+            w_stratum[i] = _stratum_mass(levels)
+    return _finish(scores, order, pos, w_stratum, mean, sd, cfg, project_weights_loop)
+
+
+def kept_paths(paths: np.ndarray, selection: Selection, stride: int) -> np.ndarray:
+    """The chosen children's first S days: paths (N, M, H, ...) -> (N, K, S, ...)."""
+    s = stride_days(stride, paths.shape[2])
+    rows = np.arange(paths.shape[0])[:, None]
+    return paths[rows, selection.index, :s]
+
+
+def child_weights(parent_weights: ArrayLike, selection: Selection) -> np.ndarray:
+    """Absolute child probabilities (N*K,), node-major (child = parent*K + branch)."""
+    pw = np.asarray(parent_weights, dtype=np.float64)
+    return (pw[:, None] * selection.weight).reshape(-1)
+
+
+def child_contexts(parent_contexts: ArrayLike, kept: ArrayLike) -> np.ndarray:
+    """Contexts of the children: the last C days of (parent context + the child's S kept days).
+
+    parent_contexts (N, C, ...), kept (N, K, S, ...) -> (N*K, C, ...), node-major order
+    (child index = parent * K + branch).
+    """
+    ctx = np.asarray(parent_contexts)
+    kp = np.asarray(kept)
+    if kp.ndim != ctx.ndim + 1 or kp.shape[0] != ctx.shape[0] or kp.shape[3:] != ctx.shape[2:]:
+        raise DataError(f"parent_contexts {ctx.shape} and kept paths {kp.shape} do not match; "
+                        "expected (N, C, ...) and (N, K, S, ...) with the same N and grid")
+    n, c = ctx.shape[:2]
+    k, s = kp.shape[1:3]
+    if s >= c:
+        out = kp[:, :, s - c:]
+    else:
+        parents = np.broadcast_to(ctx[:, None, s:], (n, k, c - s) + ctx.shape[2:])
+        out = np.concatenate([parents, kp.astype(np.result_type(ctx, kp), copy=False)], axis=2)
+    return np.ascontiguousarray(out).reshape((n * k, c) + ctx.shape[2:])
+
+
+# ============================================================================ the weight QP
+#
+#   minimise ||w - w0||^2  subject to  sum w = 1,  sum w z = 0,  sum w z^2 = 1,  w >= floor
+#
+# in standardised score units z = (s - mean) / sd (the three moment equalities are linear in w).
+# Dual: w(lam) = max(floor, w0 + lam0 + lam1 z + lam2 z^2), and the optimum is the lam with
+# A w(lam) = b. w(lam) always meets the box and complementary slackness, so a lam with zero
+# residual is a KKT point, i.e. THE optimum (strictly convex): that is the certificate behind
+# `exact`. Semismooth Newton on lam: each step solves the 3x3 system of the current free set
+# exactly, so it ends as soon as the free set is right (usually at once).
+# Infeasible nodes (geometric test below) fall back to keeping sum and mean, else sum only.
+
+
+def _effective_floor(floor: float, k: int) -> float:
+    # K * floor >= 1 leaves only w = 1/K: cap the floor there rather than fail.
+    return min(float(floor), 1.0 / k)
+
+
+def _powers(z: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(z), z, z * z])  # (3, N, K)
+
+
+def _solve_free_set(w0: np.ndarray, z: np.ndarray, f: float, rows: np.ndarray,
+                    free: np.ndarray):
+    """Exact solution of the equality-constrained projection with the non-free weights at f.
+
+    w0, z, free (N, K); rows (N, 3) which equalities apply. Returns w (N, K), lam (N, 3) and ok
+    (N,): the KKT conditions hold (free weights >= f, the others have u <= f, residual small).
+    Row-wise reductions and per-matrix solves only, so a node's bytes do not depend on the batch.
+    """
+    p = _powers(z)  # (3, N, K)
+    zf = np.where(free, z, 0.0)
+    mom = np.stack([np.where(free, 1.0, 0.0).sum(-1)] + [(zf ** q).sum(-1) for q in range(1, 5)])
+    h = np.empty(z.shape[:1] + (3, 3))
+    for i in range(3):
+        for j in range(3):
+            h[:, i, j] = mom[i + j]
+    b = np.array([1.0, 0.0, 1.0])
+    rhs = (b[:, None] - f * np.where(free, 0.0, p).sum(-1)
+           - (np.where(free, w0, 0.0) * p).sum(-1)).T  # (N, 3)
+    mask = rows[:, :, None] & rows[:, None, :]
+    h = np.where(mask, h, 0.0) + np.where(~rows, 1.0, 0.0)[:, :, None] * np.eye(3)
+    rhs = np.where(rows, rhs, 0.0)
+    cond = np.linalg.cond(h)
+    good = np.isfinite(cond) & (cond < 1e12)
+    lam = np.zeros_like(rhs)
+    if good.any():
+        lam[good] = np.linalg.solve(h[good], rhs[good][:, :, None])[:, :, 0]
+    if (~good).any():  # fewer than 3 distinct free scores: least-norm multipliers
+        lam[~good] = (np.linalg.pinv(h[~good], rcond=1e-13) @ rhs[~good][:, :, None])[:, :, 0]
+    u = w0 + (lam.T[:, :, None] * p).sum(0)
+    w = np.where(free, np.maximum(u, f), f)  # u >= f - _KKT_TOL when ok: clamp the rounding
+    kkt = np.all(np.where(free, u >= f - _KKT_TOL, u <= f + _KKT_TOL), axis=1)
+    ok = kkt & (_residual(w, z, rows) <= _MOMENT_TOL)
+    return w, lam, ok
+
+
+def _residual(w: np.ndarray, z: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    r = np.abs(np.stack([w.sum(-1) - 1.0, (w * z).sum(-1), (w * z * z).sum(-1) - 1.0], axis=-1))
+    return np.where(rows, r, 0.0).max(-1)
+
+
+def _moments_matched(w: np.ndarray, z: np.ndarray) -> np.ndarray:
+    return _residual(w, z, np.ones(w.shape[:1] + (3,), bool)) <= _MOMENT_TOL
+
+
+def _moment_feasible(z: np.ndarray, f: float, n_rows: int) -> np.ndarray:
+    """Is {w >= f, sum w = 1, (sum w z = 0), (sum w z^2 = 1)} non-empty? Closed form.
+
+    With w = f + r p, r = 1 - K f, p a probability vector: (sum p z, sum p z^2) must lie in the
+    convex hull of the points (z_k, z_k^2) on a parabola: between the chords of consecutive
+    sorted z (below) and the chord z_min..z_max (above).
+    """
+    n, k = z.shape
+    r = 1.0 - k * f
+    if n_rows == 1:
+        return np.ones(n, bool)
+    if r <= 1e-12:
+        return _moments_matched(np.full_like(z, 1.0 / k), z) if n_rows == 3 else \
+            np.abs((z / k).sum(-1)) <= _MOMENT_TOL
+    zs = np.sort(z, axis=1)
+    m1 = -f * z.sum(-1) / r
+    zmin, zmax = zs[:, 0], zs[:, -1]
+    ok = (m1 >= zmin - _FEAS_TOL) & (m1 <= zmax + _FEAS_TOL)
+    if n_rows == 2:
+        return ok
+    m2 = (1.0 - f * (z * z).sum(-1)) / r
+    upper = (zmin + zmax) * m1 - zmin * zmax
+    j = np.clip((zs <= m1[:, None]).sum(1) - 1, 0, k - 2)
+    rows = np.arange(n)
+    za, zb = zs[rows, j], zs[rows, j + 1]
+    width = zb - za
+    t = np.where(width > 0, (m1 - za) / np.where(width > 0, width, 1.0), 0.0)
+    lower = za * za + t * (zb * zb - za * za)
+    return ok & (m2 <= upper + _FEAS_TOL) & (m2 >= lower - _FEAS_TOL)
+
+
+def _dual_value(lam: np.ndarray, w0: np.ndarray, p: np.ndarray, f: float,
+                b: np.ndarray) -> np.ndarray:
+    """g(lam) = sum_k [(w_k - w0_k)^2 / 2 - (A^T lam)_k w_k] + lam . b, concave; its gradient is
+    b - A w(lam). lam (n, T, 3), w0 (n, K), p (3, n, K) -> (n, T)."""
+    a = (lam[..., 0:1] * p[0][:, None] + lam[..., 1:2] * p[1][:, None]
+         + lam[..., 2:3] * p[2][:, None])  # (n, T, K)
+    w = np.maximum(w0[:, None] + a, f)
+    return (0.5 * (w - w0[:, None]) ** 2 - a * w).sum(-1) + (lam * b).sum(-1)
+
+
+def _newton_project(w0: np.ndarray, z: np.ndarray, f: float, rows: np.ndarray):
+    """Batched semismooth Newton on the dual with an Armijo line search. Returns the free set
+    (N, K) found and ok (N,)."""
+    n, k = z.shape
+    p = _powers(z)
+    b = np.array([1.0, 0.0, 1.0])
+    lam = np.zeros((n, 3))
+    free = np.zeros((n, k), bool)
+    done = np.zeros(n, bool)
+    ts = 0.5 ** np.arange(40)
+    for _ in range(_NEWTON_MAX_ITER):
+        todo = np.flatnonzero(~done)
+        if todo.size == 0:
+            break
+        lt, w0t, zt, rt, pt = lam[todo], w0[todo], z[todo], rows[todo], p[:, todo]
+        u = w0t + (lt.T[:, :, None] * pt).sum(0)
+        ft = u > f
+        _, lam_star, ok = _solve_free_set(w0t, zt, f, rt, ft)
+        free[todo] = ft
+        done[todo[ok]] = True
+        go = ~ok
+        if not go.any():
+            break
+        lt, w0t, zt, rt, pt, ft, ls = lt[go], w0t[go], zt[go], rt[go], pt[:, go], ft[go], \
+            lam_star[go]
+        u = w0t + (lt.T[:, :, None] * pt).sum(0)
+        grad = np.where(rt, b - (np.maximum(u, f) * pt).sum(-1).T, 0.0)
+        step = ls - lt
+        slope = (grad * step).sum(-1)
+        # where the Newton system was singular or not an ascent direction: a Levenberg step
+        bad = ~(slope > 0) | ~np.all(np.isfinite(step), axis=1)
+        if bad.any():
+            zf = np.where(ft[bad], zt[bad], 0.0)
+            mom = np.stack([ft[bad].sum(-1).astype(float)]
+                           + [(zf ** q).sum(-1) for q in (1, 2, 3, 4)])
+            h = np.stack([np.stack([mom[i + j] for j in range(3)], -1) for i in range(3)], -2)
+            mu = np.linalg.norm(grad[bad], axis=1) + 1e-14
+            rb = rt[bad]
+            h = np.where(rb[:, :, None] & rb[:, None, :], h, 0.0) + \
+                np.where(rb, mu[:, None], 1.0)[:, :, None] * np.eye(3)
+            step[bad] = np.linalg.solve(h, grad[bad][:, :, None])[:, :, 0]
+            slope[bad] = (grad[bad] * step[bad]).sum(-1)
+        g0 = _dual_value(lt[:, None], w0t, pt, f, b)[:, 0]
+        cand = lt[:, None, :] + ts[None, :, None] * step[:, None, :]  # (n', T, 3)
+        gt = _dual_value(cand, w0t, pt, f, b)
+        armijo = gt >= g0[:, None] + 1e-4 * ts[None, :] * slope[:, None]
+        first = np.where(armijo.any(1), armijo.argmax(1), len(ts) - 1)
+        lam[todo[go]] = cand[np.arange(len(first)), first]
+    return free, done
+
+
+def _project(w0, z, f, flat, newton: bool):
+    n, k = w0.shape
+    f = _effective_floor(f, k)
+    w = np.empty_like(w0)
+    exact = np.zeros(n, bool)
+    pending = np.ones(n, bool)
+    for n_rows in (3, 2, 1):
+        rows = np.zeros((n, 3), bool)
+        rows[:, :n_rows] = True
+        if n_rows > 1:
+            rows[flat] = [True, False, False]  # equal scores: every weighting keeps the moments
+        cand = pending & (_moment_feasible(z, f, n_rows) | flat)
+        idx = np.flatnonzero(cand)
+        if idx.size == 0:
+            continue
+        if newton:
+            free, ok = _newton_project(w0[idx], z[idx], f, rows[idx])
+        else:
+            free, ok = _enumerate_project(w0[idx], z[idx], f, rows[idx])
+        wi, _, ok2 = _solve_free_set(w0[idx], z[idx], f, rows[idx], free)
+        ok = ok & ok2
+        w[idx[ok]] = wi[ok]
+        pending[idx[ok]] = False
+        if n_rows == 3:
+            exact[idx[ok]] = True
+        exact[idx[ok & flat[idx]]] = True
+    if pending.any():  # not reached in practice: sum-only projection always succeeds
+        w[pending] = np.full(k, 1.0 / k)
+        exact[pending] = flat[pending]
+    return w, exact
+
+
+def project_weights(w0: ArrayLike, z: ArrayLike, floor: float,
+                    flat: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares change of weights w0 (N, K) keeping the mean and variance of z (N, K).
+
+    z are standardised scores (node mean 0, variance 1); the result w has sum 1, w >= floor
+    (capped at 1/K), sum w z = 0 and sum w z^2 = 1 when that set is non-empty (``exact``);
+    otherwise the projection keeping sum and mean, else sum only (``exact`` False). ``flat``
+    marks nodes whose scores are all equal (any weights keep their moments).
+    """
+    w0 = np.asarray(w0, dtype=np.float64)
+    z = np.asarray(z, dtype=np.float64)
+    flat = np.zeros(w0.shape[0], bool) if flat is None else np.asarray(flat, bool)
+    return _project(w0, z, floor, flat, newton=True)
+
+
+def _enumerate_project(w0, z, f, rows):
+    """Per-node reference: try every set of weights pinned at the floor (smallest first) and
+    keep the first that satisfies the KKT conditions. K <= 12; beyond, Newton per node."""
+    n, k = w0.shape
+    free_out = np.ones((n, k), bool)
+    ok_out = np.zeros(n, bool)
+    for i in range(n):
+        if k > _ENUM_MAX_K:
+            fr, ok = _newton_project(w0[i:i + 1], z[i:i + 1], f, rows[i:i + 1])
+            free_out[i], ok_out[i] = fr[0], ok[0]
+            continue
+        for size in range(k + 1):
+            for pinned in itertools.combinations(range(k), size):
+                fr = np.ones((1, k), bool)
+                fr[0, list(pinned)] = False
+                _, _, ok = _solve_free_set(w0[i:i + 1], z[i:i + 1], f, rows[i:i + 1], fr)
+                if ok[0]:
+                    free_out[i], ok_out[i] = fr[0], True
+                    break
+            if ok_out[i]:
+                break
+    return free_out, ok_out
+
+
+def project_weights_loop(w0: ArrayLike, z: ArrayLike, floor: float,
+                         flat: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Slow reference of ``project_weights``: one node at a time, active sets by enumeration."""
+    w0 = np.asarray(w0, dtype=np.float64)
+    z = np.asarray(z, dtype=np.float64)
+    flat = np.zeros(w0.shape[0], bool) if flat is None else np.asarray(flat, bool)
+    w = np.empty_like(w0)
+    exact = np.zeros(w0.shape[0], bool)
+    for i in range(w0.shape[0]):
+        w[i:i + 1], exact[i:i + 1] = _project(w0[i:i + 1], z[i:i + 1], floor, flat[i:i + 1],
+                                              newton=False)
+    return w, exact
+
+
+# ============================================================================ pruning
+
+
+def _check_weights(weights: ArrayLike) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise DataError("node weights must be a non-empty 1-D array of finite non-negative "
+                        f"probabilities with a positive sum (got shape {w.shape})")
+    return w
+
+
+def resample_frontier(weights: ArrayLike, max_frontier: int,
+                      rng: SeedLike) -> tuple[np.ndarray, np.ndarray]:
+    """Systematic resampling of a frontier down to at most ``max_frontier`` nodes.
+
+    Only when N > max_frontier > 0; otherwise every node is kept as is. Draws n = max_frontier
+    equally spaced points u_j = (U + j) / n on the cumulative weights; node i is hit c_i times
+    with E[c_i] = n w_i, and survives once with weight c_i / n, so the expected weight mass of
+    every original node is its weight (unbiased) and the new weights sum to 1.
+    Returns (indices (N',) ascending int64, new_weights (N',)).
+    Call it once on the whole frontier's weights with a stream from ``node_rng`` (not per batch),
+    so the result does not depend on batching.
+    """
+    w = _check_weights(weights)
+    n = w.size
+    if max_frontier <= 0 or n <= max_frontier:
+        return np.arange(n), w / w.sum()
+    cum = np.cumsum(w)
+    cum /= cum[-1]
+    cum[-1] = 1.0
+    u = (as_generator(rng).random() + np.arange(max_frontier)) / max_frontier
+    hits = np.searchsorted(cum, u, side="right")
+    idx, counts = np.unique(hits, return_counts=True)
+    return idx.astype(np.int64), counts / max_frontier
+
+
+def prune_min_weight(weights: ArrayLike, min_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Drop nodes whose probability is below ``min_weight`` and renormalise the rest.
+
+    BIASED: the dropped mass goes to the survivors in proportion, and light nodes are mostly the
+    tail scenarios, so the pruned tree thins the tails (narrower marginals, lower VaR). Prefer
+    ``resample_frontier`` (unbiased). If every node is below the threshold, the heaviest are kept.
+    Returns (indices ascending, new weights summing to 1).
+    """
+    w = _check_weights(weights)
+    keep = w >= min_weight if min_weight > 0 else np.ones(w.size, bool)
+    if not keep.any():
+        keep = w == w.max()
+    idx = np.flatnonzero(keep)
+    return idx, w[idx] / w[idx].sum()
+
+
+# ============================================================================ marginals
+
+
+def weighted_quantile(values: ArrayLike, weights: ArrayLike, levels: ArrayLike) -> np.ndarray:
+    """Exact quantiles of a weighted sample (inverse CDF: the smallest x with F(x) >= q).
+
+    values, weights (..., n) along the last axis; levels (n_q,) in [0, 1] -> (..., n_q).
+    Equal weights give ``np.quantile(..., method="inverted_cdf")``.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    w = np.broadcast_to(np.asarray(weights, dtype=np.float64), v.shape)
+    q = np.atleast_1d(np.asarray(levels, dtype=np.float64))
+    order = np.argsort(v, axis=-1, kind="stable")
+    vs = np.take_along_axis(v, order, axis=-1)
+    cw = np.cumsum(np.take_along_axis(w, order, axis=-1), axis=-1)
+    target = q * cw[..., -1:]  # (..., n_q)
+    j = np.minimum((cw[..., None, :] < target[..., :, None]).sum(-1), v.shape[-1] - 1)
+    return np.take_along_axis(vs, j, axis=-1)
+
+
+class MarginalAccumulator:
+    """Weighted marginal distribution of a block of days, per grid point, built while streaming.
+
+    For the days of one level (S days: memory S x G x bins float64), every node adds its FULL
+    M sampled paths, each with weight node_weight / M. Keeps a histogram of log-IV with ``bins``
+    equal bins on [lo, hi] plus the mass, minimum and maximum outside that range, and exact
+    weighted sums of iv and iv^2 (so ``mean`` and ``std`` are of iv, not of log-IV).
+    Quantiles interpolate linearly in log-IV within a bin, clipped to the exact min and max.
+
+    ``merge`` adds another accumulator's sums. Float addition is not associative, so partial
+    accumulators combined in a different order agree to rounding (~1e-15 relative), not to the
+    bit: a driver that wants the same bytes on every run must merge in a fixed order (by batch
+    index), whatever order the batches finish in. std uses E[x^2] - E[x]^2, which loses about
+    log10((mean/std)^2) of 16 digits (2-3 for vols): fine for reporting.
+    """
+
+    def __init__(self, n_days: int, grid_shape: tuple[int, ...], bins: int = 512,
+                 lo: float = math.log(0.005), hi: float = math.log(5.0)):
+        if n_days < 1 or bins < 2 or not hi > lo:
+            raise ConfigError(f"MarginalAccumulator needs n_days >= 1, bins >= 2 and hi > lo; got "
+                              f"n_days={n_days}, bins={bins}, lo={lo}, hi={hi}")
+        self.n_days = int(n_days)
+        self.grid_shape = tuple(int(g) for g in grid_shape)
+        self.bins = int(bins)
+        self.lo, self.hi = float(lo), float(hi)
+        g = math.prod(self.grid_shape)
+        self.counts = np.zeros((self.n_days, g, self.bins))  # (D, G, bins) weight mass
+        self.under = np.zeros((self.n_days, g))  # mass below lo
+        self.over = np.zeros((self.n_days, g))  # mass above hi
+        self.vmin = np.full((self.n_days, g), np.inf)  # log-IV
+        self.vmax = np.full((self.n_days, g), -np.inf)
+        self.total = np.zeros((self.n_days, g))  # sum of weights
+        self.sum_iv = np.zeros((self.n_days, g))
+        self.sum_iv2 = np.zeros((self.n_days, g))
+
+    @property
+    def bin_width(self) -> float:
+        return (self.hi - self.lo) / self.bins
+
+    def add(self, day_offset: int, paths: ArrayLike, node_weights: ArrayLike,
+            log: bool = True) -> MarginalAccumulator:
+        """Add nodes' M sampled paths (N, M, S', n_m, n_tau) for days day_offset..+S'.
+
+        ``log``: paths are log-IV (default) or iv. Each sample gets node_weight / M.
+        """
+        x = np.asarray(paths)
+        nw = np.asarray(node_weights, dtype=np.float64)
+        if x.ndim != 2 + 1 + len(self.grid_shape) or x.shape[3:] != self.grid_shape:
+            raise DataError(f"paths must be (N, M, S, {', '.join(map(str, self.grid_shape))}), "
+                            f"got {x.shape}")
+        n, m, s = x.shape[:3]
+        if nw.shape != (n,) or not 0 <= day_offset <= self.n_days - s:
+            raise DataError(f"node_weights must be ({n},) (got {nw.shape}) and days "
+                            f"{day_offset}..{day_offset + s - 1} must lie in 0..{self.n_days - 1}")
+        if not log and np.any(~(x > 0)):
+            raise DataError("iv paths hold non-positive or NaN values; pass positive vols")
+        g = self.counts.shape[1]
+        x = x.reshape(n, m, s, g)
+        wt = np.repeat(nw / m, m)  # (N*M,) each sample carries node_weight / M
+        # a few days at a time so temporaries stay ~4M floats whatever N, M and S
+        step = max(1, _ADD_CHUNK // max(1, n * m * g))
+        for d0 in range(0, s, step):
+            d1 = min(s, d0 + step)
+            lx = np.moveaxis(x[:, :, d0:d1], 2, 0).reshape(d1 - d0, n * m, g)  # (S', N*M, G)
+            lx = lx.astype(np.float64) if log else np.log(lx.astype(np.float64))
+            if not np.all(np.isfinite(lx)):
+                raise DataError("paths hold NaN or inf; pass finite log-IV (or positive iv)")
+            self._add_block(day_offset + d0, lx, wt)
+        return self
+
+    def _add_block(self, day0: int, lx: np.ndarray, wt: np.ndarray) -> None:
+        s, _, g = lx.shape
+        sl = slice(day0, day0 + s)
+        iv = np.exp(lx)
+        wcol = wt[None, :, None]
+        self.total[sl] += wt.sum()
+        self.sum_iv[sl] += (iv * wcol).sum(1)
+        self.sum_iv2[sl] += (iv * iv * wcol).sum(1)
+        self.vmin[sl] = np.minimum(self.vmin[sl], lx.min(axis=1))
+        self.vmax[sl] = np.maximum(self.vmax[sl], lx.max(axis=1))
+        wfull = np.broadcast_to(wcol, lx.shape)
+        under = lx < self.lo
+        over = lx >= self.hi
+        self.under[sl] += np.where(under, wfull, 0.0).sum(1)
+        self.over[sl] += np.where(over, wfull, 0.0).sum(1)
+        inside = ~(under | over)
+        b = np.clip((lx - self.lo) / self.bin_width, 0, self.bins - 1).astype(np.int64)
+        flat = (np.arange(s)[:, None, None] * g + np.arange(g)[None, None, :]) * self.bins + b
+        self.counts[sl] += np.bincount(flat[inside], weights=wfull[inside],
+                                       minlength=s * g * self.bins).reshape(s, g, self.bins)
+
+    def merge(self, other: MarginalAccumulator) -> MarginalAccumulator:
+        """Add another accumulator of the same days, grid and bins (in place; returns self)."""
+        if (other.n_days, other.grid_shape, other.bins, other.lo, other.hi) != \
+                (self.n_days, self.grid_shape, self.bins, self.lo, self.hi):
+            raise DataError("cannot merge marginal accumulators of different days, grid or bins")
+        for name in ("counts", "under", "over", "total", "sum_iv", "sum_iv2"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        np.minimum(self.vmin, other.vmin, out=self.vmin)
+        np.maximum(self.vmax, other.vmax, out=self.vmax)
+        return self
+
+    def _grid(self, a: np.ndarray) -> np.ndarray:
+        return a.reshape(a.shape[:-1] + self.grid_shape)
+
+    def mean(self) -> np.ndarray:
+        """Weighted mean of iv (n_days, n_m, n_tau); NaN where nothing was added."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self._grid(self.sum_iv / self.total)
+
+    def std(self) -> np.ndarray:
+        """Weighted standard deviation (ddof=0) of iv (n_days, n_m, n_tau)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = self.sum_iv / self.total
+            return self._grid(np.sqrt(np.maximum(self.sum_iv2 / self.total - m * m, 0.0)))
+
+    def quantiles(self, levels: ArrayLike) -> np.ndarray:
+        """Quantiles of iv (n_days, n_q, n_m, n_tau), from the histogram of log-IV."""
+        q = np.atleast_1d(np.asarray(levels, dtype=np.float64))
+        if np.any((q < 0) | (q > 1)):
+            raise DataError(f"quantile levels must lie in [0, 1], got {q}")
+        d, g, nb = self.counts.shape
+        mass = np.concatenate([self.under[..., None], self.counts, self.over[..., None]], -1)
+        cum = np.cumsum(mass, axis=-1)  # (D, G, nb + 2)
+        tot = cum[..., -1:]
+        # cell c covers [left_c, left_c + width_c): underflow, bins, overflow
+        left = np.concatenate([[0.0], self.lo + self.bin_width * np.arange(nb), [self.hi]])
+        out = np.empty((d, q.size, g))
+        for a, level in enumerate(q):
+            t = level * tot  # (D, G, 1)
+            c = np.minimum((cum < t).sum(-1), nb + 1)  # first cell with cum >= t
+            before = np.take_along_axis(cum, c[..., None], -1)[..., 0] - \
+                np.take_along_axis(mass, c[..., None], -1)[..., 0]
+            cm = np.take_along_axis(mass, c[..., None], -1)[..., 0]
+            frac = np.where(cm > 0, (t[..., 0] - before) / np.where(cm > 0, cm, 1.0), 0.0)
+            lo_edge = np.where(c == 0, np.minimum(self.vmin, self.lo), left[c])
+            hi_edge = np.where(c == 0, self.lo,
+                               np.where(c == nb + 1, np.maximum(self.vmax, self.hi),
+                                        left[np.minimum(c + 1, nb + 1)]))
+            x = lo_edge + np.clip(frac, 0.0, 1.0) * (hi_edge - lo_edge)
+            out[:, a] = np.clip(x, self.vmin, self.vmax)
+        out = np.where(tot[:, None, :, 0] > 0, np.exp(out), np.nan)
+        return out.reshape((d, q.size) + self.grid_shape)
+
+    def finalize(self, levels: ArrayLike = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)) -> dict:
+        """The level's marginals: quantiles (n_days, n_q, n_m, n_tau), mean and std (n_days,
+        n_m, n_tau) of iv, the levels and the mass added per day (1 when the level is complete)."""
+        q = np.atleast_1d(np.asarray(levels, dtype=np.float64))
+        return {"levels": q, "quantiles": self.quantiles(q), "mean": self.mean(),
+                "std": self.std(), "weight": self.total[:, 0].copy()}

@@ -1,0 +1,296 @@
+"""The `backfill` command line: user errors are one stderr line and exit status 2 (no traceback);
+`config show` round-trips; `train` works end to end on tiny inputs.
+
+Every bad input runs in-process through typer's CliRunner (cheap), and a representative subset
+of them again as a real subprocess, the most faithful check of stderr and the exit status. The
+subprocesses (each pays ~1.5 s of interpreter + torch start-up) are started once, side by side,
+by the module fixture ``runs``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.config import Config, load_config
+from engine.data.io import read_panel
+from engine.model import load_checkpoint
+from tests.conftest import SHARED_DATA, shared_file
+from tests.test_data import tidy_frame
+
+TINY_TOML = """\
+seed = 3
+
+[data]
+context = 10
+horizon = 5
+
+[model]
+hidden = 16
+embed_dim = 4
+latent_dim = 2
+
+[train]
+epochs = 2
+batch_size = 64
+threads = 1
+"""
+
+# Tiny model and epochs, the data settings left at their defaults (context 60, horizon 90).
+TINY_MODEL_TOML = """\
+[model]
+hidden = 16
+embed_dim = 4
+latent_dim = 2
+
+[train]
+epochs = 1
+batch_size = 128
+threads = 1
+"""
+
+
+def _executable() -> str:
+    beside = Path(sys.executable).with_name("backfill")
+    return str(beside) if beside.is_file() else (shutil.which("backfill") or "backfill")
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([_executable(), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def _with(df: pd.DataFrame, row: int, column: str, value) -> pd.DataFrame:
+    df = df.copy()
+    if isinstance(value, str):
+        df[column] = df[column].astype(object)
+    df.loc[row, column] = value
+    return df
+
+
+# name -> (file name, content: a frame or bytes, keywords the one error line must hold)
+_BASE = tidy_frame(n_days=60, shape=(2, 3))
+_DAY = _BASE.loc[14, "date"]  # the date of row 14
+BAD_DATA = {
+    "missing-grid-point": ("gap.csv", _BASE.drop(index=14), [_DAY, "grid points", "missing"]),
+    "nan": ("nan.csv", _with(_BASE, 14, "iv", np.nan), [_DAY, "iv", "NaN or inf"]),
+    "inf": ("inf.csv", _with(_BASE, 14, "iv", np.inf), [_DAY, "iv", "NaN or inf"]),
+    "iv-zero": ("zero.csv", _with(_BASE, 14, "iv", 0.0), [_DAY, "iv = 0", "(0, 5]"]),
+    "iv-negative": ("neg.csv", _with(_BASE, 14, "iv", -0.3), [_DAY, "iv = -0.3"]),
+    "iv-too-big": ("big.csv", _with(_BASE, 14, "iv", 16.5), [_DAY, "iv = 16.5", "decimal"]),
+    "duplicate": ("dup.csv", pd.concat([_BASE, _BASE.iloc[[14]]]), [_DAY, "duplicate"]),
+    "too-short": ("short.csv", tidy_frame(n_days=12), ["12 days", "10 + 5 = 15"]),
+    # 40 days, 60/20/20: calibration keeps days 29..31 after the embargo, 3 < horizon 5.
+    "split-without-window": ("split.csv", tidy_frame(n_days=40),
+                             ["calibration split has no complete window", "holds 3 days",
+                              "needs at least 5"]),
+    "empty": ("empty.csv", b"", ["empty"]),
+    "header-only": ("header.csv", b"date,moneyness,maturity_days,iv\n", ["no rows"]),
+    "binary": ("binary.csv", bytes(range(256)) * 8, ["cannot read", "binary.csv"]),
+    "bad-parquet": ("bad.parquet", b"PAR1 this is not parquet", ["cannot read", "Parquet"]),
+    "bad-npz": ("bad.npz", b"not an npz", ["cannot read", "NPZ"]),
+    "missing-column": ("nocol.csv", _BASE.drop(columns="maturity_days"),
+                       ["missing column 'maturity_days'"]),
+    "bad-date": ("date.csv", _with(_BASE, 0, "date", "yesterday"), ["'date'", "yesterday"]),
+}
+
+# The bad inputs that also run as real subprocesses (the rest only in-process).
+SUBPROCESS_CASES = ("missing-grid-point", "nan", "bad-date", "unknown-key")
+
+BAD_CONFIG = {
+    "unknown-key": ("[model]\nhiden = 3\n", ["unknown key", "model.hiden"]),
+    "negative-horizon": ("[data]\nhorizon = -5\n", ["data.horizon", "-5"]),
+    "invalid-toml": ("[model\nhidden = = 3\n", ["not valid TOML"]),
+    "bad-fractions": ("[data]\nsplit_fractions = [0.5, 0.5, 0.5]\n", ["split_fractions"]),
+}
+
+
+def write_bad_inputs(root: Path) -> dict[str, list[str]]:
+    """Write every bad input under ``root``; the `backfill` arguments of each case."""
+    tiny = root / "tiny.toml"
+    tiny.write_text(TINY_TOML)
+    good = root / "good.csv"
+    tidy_frame(n_days=120, shape=(2, 3), seed=5).to_csv(good, index=False)
+    cases: dict[str, list[str]] = {}
+    for name, (fname, content, _) in BAD_DATA.items():
+        path = root / fname
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            content.to_csv(path, index=False)
+        cases[name] = ["train", "--data", str(path), "--config", str(tiny), "--out", "m.pt"]
+    cases["data-not-found"] = ["train", "--data", str(root / "nope.csv"), "--config", str(tiny),
+                               "--out", "m.pt"]
+    for name, (text, _) in BAD_CONFIG.items():
+        (root / f"{name}.toml").write_text(text)
+        cases[name] = ["train", "--data", str(good), "--config", str(root / f"{name}.toml"),
+                       "--out", "m.pt"]
+    cases["config-not-found"] = ["train", "--config", str(root / "nope.toml"), "--out", "m.pt"]
+    cases["show-config-not-found"] = ["config", "show", "--config", str(root / "nope.toml")]
+    cases["show-unknown-key"] = ["config", "show", "--config", str(root / "unknown-key.toml")]
+    return cases
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    root = tmp_path_factory.mktemp("cli")
+    return root, write_bad_inputs(root)
+
+
+@pytest.fixture(scope="module")
+def runs(inputs) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    root, cases = inputs
+    tiny = root / "tiny.toml"
+    (root / "tiny_model.toml").write_text(TINY_MODEL_TOML)
+    jobs = {name: cases[name] for name in SUBPROCESS_CASES}
+    jobs["show-config-not-found"] = cases["show-config-not-found"]
+    jobs["show"] = ["config", "show"]
+    jobs["show-tiny"] = ["config", "show", "--config", str(tiny)]
+    jobs["train-good"] = ["train", "--data", str(root / "good.csv"), "--config", str(tiny),
+                          "--out", "out/model.pt"]
+    vix = SHARED_DATA / "vix_term_2011_2023.csv"
+    spx = SHARED_DATA / "spx_surface_2006_2009.csv"
+    if vix.is_file():
+        jobs["train-vix"] = ["train", "--data", str(vix), "--config", str(tiny),
+                             "--out", "vix.pt"]
+    if spx.is_file():
+        jobs["train-spx-default"] = ["train", "--data", str(spx), "--out", "spx90.pt"]
+        jobs["train-spx-h30"] = ["train", "--data", str(spx), "--config",
+                                 str(root / "tiny_model.toml"), "--horizon", "30",
+                                 "--out", "spx30.pt"]
+
+    def one(item):
+        name, args = item
+        cwd = root / f"run-{name}"
+        cwd.mkdir()
+        return name, (_run(args, cwd), cwd)
+
+    # The training runs first: they are the longest.
+    order = sorted(jobs.items(), key=lambda kv: not kv[0].startswith("train-"))
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2)) as pool:
+        return dict(pool.map(one, order))
+
+
+def invoke(args: list[str]) -> subprocess.CompletedProcess:
+    """Run the CLI in-process, shaped like a subprocess result.
+
+    A warning would reach stderr in a real run (pytest captures it here), so any is an error.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(app, args)
+    assert not caught, [str(w.message) for w in caught]
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # an uncaught error: the real CLI would print a traceback
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, keywords: list[str]) -> str:
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), proc.stderr
+    line = lines[0]
+    assert line.startswith("error:"), line
+    for word in keywords:
+        assert word in line, (word, line)
+    return line
+
+
+KEYWORDS = {
+    **{name: words for name, (_, _, words) in BAD_DATA.items()},
+    **{name: words for name, (_, words) in BAD_CONFIG.items()},
+    "data-not-found": ["nope.csv", "not found"],
+    "config-not-found": ["nope.toml", "not found"],
+    "show-config-not-found": ["nope.toml", "not found"],
+    "show-unknown-key": ["unknown key", "model.hiden"],
+}
+
+
+@pytest.mark.parametrize("name", list(KEYWORDS))
+def test_bad_input_is_one_line_exit_2(inputs, tmp_path, monkeypatch, name):
+    _, cases = inputs
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(invoke(cases[name]), KEYWORDS[name])
+    assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("name", [*SUBPROCESS_CASES, "show-config-not-found"])
+def test_bad_input_subprocess(runs, name):
+    proc, cwd = runs[name]
+    assert_one_line_error(proc, KEYWORDS[name])
+    assert not (cwd / "m.pt").exists()
+
+
+def test_config_show_round_trips(runs):
+    proc, _ = runs["show"]
+    assert proc.returncode == 0, proc.stderr
+    parsed = tomllib.loads(proc.stdout)
+    assert Config.model_validate(parsed) == Config()
+
+
+def test_config_show_reflects_the_file(runs, tmp_path):
+    proc, _ = runs["show-tiny"]
+    assert proc.returncode == 0, proc.stderr
+    shown = Config.model_validate(tomllib.loads(proc.stdout))
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    assert shown == load_config(tmp_path / "tiny.toml")
+    assert (shown.seed, shown.data.context, shown.data.horizon) == (3, 10, 5)
+    assert (shown.model.hidden, shown.train.epochs) == (16, 2)
+    assert shown.data.split_fractions == (0.6, 0.2, 0.2)  # defaults fill the rest
+
+
+def assert_trained(proc: subprocess.CompletedProcess, checkpoint: Path) -> None:
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "validation pinball" in text and "saved model to" in text, text
+    assert checkpoint.is_file()
+
+
+def test_train_good_file(runs):
+    proc, cwd = runs["train-good"]
+    checkpoint = cwd / "out" / "model.pt"
+    assert_trained(proc, checkpoint)
+    model, meta = load_checkpoint(checkpoint)
+    panel = read_panel(Path(proc.args[proc.args.index("--data") + 1]))
+    assert meta["fingerprint"] == panel.fingerprint and meta["fingerprint"] in proc.stderr
+    assert (model.context, model.horizon, model.grid_shape) == (10, 5, (2, 3))
+    assert Config.model_validate(meta["config"]).model.hidden == 16
+    assert len(meta["history"]) == 2
+
+
+def test_train_vix(runs):
+    shared_file("vix_term_2011_2023.csv")
+    proc, cwd = runs["train-vix"]
+    assert_trained(proc, cwd / "vix.pt")
+    model, _ = load_checkpoint(cwd / "vix.pt")
+    assert model.grid_shape == (1, 4)
+
+
+def test_spx_default_horizon_has_no_calibration_window(runs):
+    shared_file("spx_surface_2006_2009.csv")
+    proc, cwd = runs["train-spx-default"]
+    assert_one_line_error(proc, ["split has no complete window", "calibration", "needs at least 90"])
+    assert not (cwd / "spx90.pt").exists()
+
+
+def test_train_spx_horizon_30(runs):
+    shared_file("spx_surface_2006_2009.csv")
+    proc, cwd = runs["train-spx-h30"]
+    assert_trained(proc, cwd / "spx30.pt")
+    model, _ = load_checkpoint(cwd / "spx30.pt")
+    assert (model.context, model.horizon, model.grid_shape) == (60, 30, (7, 6))

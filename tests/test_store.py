@@ -1,0 +1,465 @@
+"""engine.store: round trips, xarray readability, completion markers, resume checks."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from engine.errors import StoreError
+from engine.store import (
+    SCHEMA_VERSION,
+    ScenarioStore,
+    StoreMeta,
+    business_days_after,
+    marginals_frame,
+    parse_store_path,
+    terminal_paths,
+)
+
+GRID = {"moneyness": [0.9, 1.0, 1.1], "maturity_days": [30.0, 91.0]}
+START = "2024-01-05"  # a Friday
+CONFIG = {"seed": 3, "tree": {"depth": 2, "branching": 5}, "data": {"horizon": 4},
+          "engine": {"n_decoders": 1}}
+H = 4  # days per level
+QUANTILES = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
+
+
+def make_store(path: Path, **overrides) -> ScenarioStore:
+    kwargs = {"config": CONFIG, "seed": 3, "grid": GRID, "fingerprint": "fp-abc",
+              "start_date": START, "kind": "tree", "depth": 2, "chunk_nodes": 2}
+    kwargs.update(overrides)
+    return ScenarioStore.create(path, **kwargs)
+
+
+def tiny_tree(seed: int = 0) -> dict:
+    """Level 1: 3 nodes under the start; level 2: 2 children each (6 nodes)."""
+    rng = np.random.default_rng(seed)
+    w1 = np.array([0.25, 0.5, 0.25])
+    w2 = np.repeat(w1, 2) * np.tile([1 / 3, 2 / 3], 3)
+    return {
+        1: {"paths": rng.random((3, H, 3, 2)).astype(np.float32), "parent": np.zeros(3, int),
+            "branch": np.arange(3), "weight": w1},
+        2: {"paths": rng.random((6, H, 3, 2)).astype(np.float32),
+            "parent": np.repeat(np.arange(3), 2), "branch": np.tile([0, 1], 3), "weight": w2},
+    }
+
+
+def write_level(store: ScenarioStore, level: int, data: dict) -> None:
+    n = len(data["paths"])
+    c = store.meta.chunk_nodes
+    for start in range(0, n, c):
+        rows = slice(start, min(start + c, n))
+        store.write_chunk(level, start, data["paths"][rows], data["parent"][rows],
+                          data["branch"][rows], data["weight"][rows])
+
+
+@pytest.fixture
+def tree_store(tmp_path) -> tuple[ScenarioStore, dict]:
+    store = make_store(tmp_path / "run.zarr")
+    tree = tiny_tree()
+    days = business_days_after(START, 2 * H)
+    for level in (1, 2):
+        store.create_level(level, len(tree[level]["paths"]), days[(level - 1) * H: level * H],
+                           (3, 2))
+        write_level(store, level, tree[level])
+        store.mark_level_complete(level)
+    return store, tree
+
+
+def open_quietly(path: Path, group: str) -> xr.Dataset:
+    """xarray must open a group without any warning (consolidated metadata is fresh)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return xr.open_zarr(path, group=group).load()
+
+
+# ----------------------------------------------------------------------------- dates
+
+
+def test_business_days_start_strictly_after_the_start():
+    assert business_days_after("2024-01-05", 3).tolist() == [
+        np.datetime64("2024-01-08"), np.datetime64("2024-01-09"), np.datetime64("2024-01-10")]
+    # a Saturday start gives Monday first, never the Tuesday
+    assert business_days_after("2024-01-06", 1)[0] == np.datetime64("2024-01-08")
+    assert business_days_after("2024-01-08", 1)[0] == np.datetime64("2024-01-09")
+    assert business_days_after(START, 5).dtype == np.dtype("datetime64[D]")
+    with pytest.raises(StoreError, match="not a date"):
+        business_days_after("yesterday-ish", 2)
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_levels_round_trip(tree_store):
+    store, tree = tree_store
+    reopened = ScenarioStore.open(store.path)
+    for level in (1, 2):
+        got = reopened.read_level(level)
+        for key in ("paths", "parent", "branch", "weight"):
+            np.testing.assert_array_equal(got[key], tree[level][key])
+        assert got["paths"].dtype == np.float32
+        assert got["parent"].dtype == np.int64
+        assert got["branch"].dtype == np.int8
+        assert reopened.level_size(level) == len(tree[level]["paths"])
+    part = reopened.read_level(2, 2, 5)
+    np.testing.assert_array_equal(part["paths"], tree[2]["paths"][2:5])
+    chunks = list(reopened.iter_chunks(2))
+    assert [(a, b) for a, b, _ in chunks] == [(0, 2), (2, 4), (4, 6)]
+    np.testing.assert_array_equal(np.concatenate([d["weight"] for *_, d in chunks]),
+                                  tree[2]["weight"])
+    np.testing.assert_array_equal(reopened.level_days(2), business_days_after(START, 8)[4:])
+
+
+def test_weights_are_float64_exact(tree_store):
+    store, tree = tree_store
+    w = store.read_level(2)["weight"]
+    assert w.dtype == np.float64
+    assert w.tobytes() == tree[2]["weight"].astype(np.float64).tobytes()
+    ds = open_quietly(store.path, "level_02")
+    assert ds["weight"].dtype == np.float64
+    assert ds["weight"].values.tobytes() == tree[2]["weight"].tobytes()
+
+
+def test_marginals_round_trip_and_tidy_frame(tmp_path):
+    store = make_store(tmp_path / "run.zarr")
+    D, Q = 2 * H, len(QUANTILES)
+    rng = np.random.default_rng(1)
+    q = np.sort(rng.random((D, Q, 3, 2)), axis=1).astype(np.float32)
+    mean, std = rng.random((D, 3, 2)).astype(np.float32), rng.random((D, 3, 2)).astype(np.float32)
+    store.create_marginals(D, QUANTILES)
+    store.create_marginals(business_days_after(START, D), QUANTILES)  # resume: a no-op
+    for level in (0, 1):  # per level, as the driver writes them
+        days = slice(level * H, (level + 1) * H)
+        store.write_marginal_days(level * H, q[days], mean[days], std[days])
+    got = ScenarioStore.open(store.path).read_marginals()
+    np.testing.assert_array_equal(got["quantiles"], q)
+    np.testing.assert_array_equal(got["mean"], mean)
+    np.testing.assert_array_equal(got["std"], std)
+    np.testing.assert_array_equal(got["quantile"], QUANTILES)
+    np.testing.assert_array_equal(got["days"], business_days_after(START, D))
+
+    frame = marginals_frame(store)
+    assert list(frame.columns) == ["date", "moneyness", "maturity_days", "quantile", "iv"]
+    assert len(frame) == D * Q * 3 * 2
+    row = frame[(frame.date == np.datetime64("2024-01-09")) & (frame.moneyness == 1.1)
+                & (frame.maturity_days == 30.0) & (frame["quantile"] == 0.95)]
+    assert row.iv.item() == q[1, 5, 2, 0]
+
+    with pytest.raises(StoreError, match="other days or quantiles"):
+        store.create_marginals(D, [0.1, 0.9])
+    with pytest.raises(StoreError, match="outside the run"):
+        store.write_marginal_days(D - 1, q[:2], mean[:2], std[:2])
+    with pytest.raises(StoreError, match="required"):
+        store.write_marginal_days(0, q[:2], mean[:1], std[:2])
+
+
+def test_write_marginals_in_one_call_and_unwritten_days_left_out_of_frame(tmp_path):
+    store = make_store(tmp_path / "run.zarr")
+    days = business_days_after(START, 3)
+    q = np.ones((3, 2, 3, 2), np.float32)
+    store.write_marginals(days, [0.1, 0.9], q, q[:, 0], q[:, 0])
+    assert len(marginals_frame(store)) == 3 * 2 * 6
+    other = make_store(tmp_path / "other.zarr")
+    other.create_marginals(3, [0.1, 0.9])
+    other.write_marginal_days(0, q[:1], q[:1, 0], q[:1, 0])
+    assert len(marginals_frame(other)) == 1 * 2 * 6
+
+
+# ----------------------------------------------------------------------------- xarray
+
+
+def test_xarray_opens_a_level_with_named_dims_and_coordinates(tree_store):
+    store, tree = tree_store
+    ds = open_quietly(store.path, "level_01")
+    assert ds["paths"].dims == ("node", "day", "moneyness", "maturity")
+    for name in ("parent", "branch", "weight"):
+        assert ds[name].dims == ("node",)
+    assert {"node", "day", "moneyness", "maturity"} <= set(ds.coords)
+    np.testing.assert_array_equal(ds["node"].values, np.arange(3))
+    np.testing.assert_array_equal(ds["moneyness"].values, GRID["moneyness"])
+    np.testing.assert_array_equal(ds["maturity"].values, GRID["maturity_days"])
+    assert np.issubdtype(ds["day"].dtype, np.datetime64)
+    np.testing.assert_array_equal(ds["day"].values.astype("datetime64[D]"),
+                                  business_days_after(START, H))
+    np.testing.assert_array_equal(ds["paths"].values, tree[1]["paths"])
+    ds2 = open_quietly(store.path, "level_02")
+    np.testing.assert_array_equal(ds2["day"].values.astype("datetime64[D]"),
+                                  business_days_after(START, 2 * H)[H:])
+    assert ds2["done"].dims == ("chunk",) and ds2["done"].values.all()
+
+
+def test_xarray_opens_marginals_with_quantile_coordinate(tmp_path):
+    store = make_store(tmp_path / "run.zarr")
+    q = np.full((5, len(QUANTILES), 3, 2), 0.2, np.float32)
+    store.write_marginals(business_days_after(START, 5), QUANTILES, q, q[:, 0], q[:, 0])
+    ds = open_quietly(store.path, "marginals")
+    assert ds["quantiles"].dims == ("day", "quantile", "moneyness", "maturity")
+    assert ds["mean"].dims == ds["std"].dims == ("day", "moneyness", "maturity")
+    np.testing.assert_array_equal(ds["quantile"].values, QUANTILES)
+    np.testing.assert_array_equal(ds["day"].values.astype("datetime64[D]"),
+                                  business_days_after(START, 5))
+    assert float(ds["quantiles"].sel(quantile=0.5, moneyness=1.0, maturity=91.0)[0]) == \
+        pytest.approx(0.2)
+
+
+def test_xarray_sees_levels_created_after_others_were_complete(tree_store, tmp_path):
+    """Consolidated metadata stays fresh when the driver adds a level mid-run."""
+    store = make_store(tmp_path / "deep.zarr", depth=3)
+    days = business_days_after(START, 3 * H)
+    store.create_level(1, 2, days[:H], (3, 2))
+    store.write_chunk(1, 0, np.zeros((2, H, 3, 2)), [0, 0], [0, 1], [0.5, 0.5])
+    store.mark_level_complete(1)
+    store.create_level(2, 4, days[H:2 * H], (3, 2))
+    assert open_quietly(store.path, "level_02").sizes["node"] == 4
+    assert zarr.open_group(store.path, mode="r").attrs["levels_complete"] == 1
+
+
+# ----------------------------------------------------------------------------- create / open
+
+
+def test_root_attributes_record_the_run(tree_store):
+    store, _ = tree_store
+    attrs = zarr.open_group(store.path, mode="r").attrs.asdict()
+    assert attrs["schema_version"] == SCHEMA_VERSION
+    assert attrs["config"] == CONFIG and attrs["seed"] == 3 and attrs["fingerprint"] == "fp-abc"
+    assert attrs["grid"] == GRID and attrs["start_date"] == START
+    assert attrs["kind"] == "tree" and attrs["depth"] == 2 and attrs["levels_complete"] == 2
+    summary = store.to_dict()
+    assert summary["levels"][2] == {"n_nodes": 6, "n_days": H, "chunks": 3, "chunks_done": 3}
+    assert ScenarioStore.from_dict(summary) == store.meta
+    assert StoreMeta.from_dict(store.meta.to_dict()) == store.meta
+
+
+def test_refuses_an_existing_store_unless_overwrite(tmp_path):
+    path = tmp_path / "run.zarr"
+    make_store(path)
+    with pytest.raises(StoreError, match="--resume.*--overwrite"):
+        make_store(path)
+    store = make_store(path, overwrite=True, seed=9)
+    assert ScenarioStore.open(path).meta.seed == 9 and store.levels_complete == 0
+    (tmp_path / "empty").mkdir()
+    make_store(tmp_path / "empty")  # an empty directory is fine
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a Zarr store"):
+        make_store(notes, overwrite=True)
+    assert (notes / "todo.txt").read_text() == "keep me"
+
+
+def test_create_validates_its_arguments(tmp_path):
+    with pytest.raises(StoreError, match="kind"):
+        make_store(tmp_path / "a.zarr", kind="forest")
+    with pytest.raises(StoreError, match="maturity_days"):
+        make_store(tmp_path / "b.zarr", grid={"moneyness": [1.0]})
+    with pytest.raises(StoreError, match="repeated"):
+        make_store(tmp_path / "c.zarr", grid={"moneyness": [1.0, 1.0], "maturity_days": [30]})
+    with pytest.raises(StoreError, match="start date"):
+        make_store(tmp_path / "d.zarr", start_date="not-a-date")
+    with pytest.raises(StoreError, match="JSON"):
+        make_store(tmp_path / "e.zarr", config={"x": object()})
+    with pytest.raises(StoreError, match="depth"):
+        make_store(tmp_path / "f.zarr", depth=0)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        parse_store_path(tmp_path / "file.txt")
+
+
+def test_open_refuses_missing_foreign_and_other_schema(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        ScenarioStore.open(tmp_path / "nope.zarr")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreError, match="not a Zarr store"):
+        ScenarioStore.open(tmp_path / "plain")
+    zarr.open_group(tmp_path / "foreign.zarr", mode="w", zarr_format=3)
+    with pytest.raises(StoreError, match="schema_version"):
+        ScenarioStore.open(tmp_path / "foreign.zarr")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match="not a readable Zarr v3 group"):
+        ScenarioStore.open(tmp_path / "broken")
+    zarr.create_array(tmp_path / "array.zarr", shape=(2,), dtype="float32")
+    with pytest.raises(StoreError, match="not a readable Zarr v3 group"):
+        ScenarioStore.open(tmp_path / "array.zarr")
+    path = tmp_path / "run.zarr"
+    make_store(path)
+    zarr.open_group(path, mode="r+", use_consolidated=False).attrs["schema_version"] = 99
+    with pytest.raises(StoreError, match="schema version 99"):
+        ScenarioStore.open(path)
+    with pytest.raises(StoreError, match="mode"):
+        ScenarioStore.open(path, mode="w")
+
+
+def test_read_only_store_refuses_writes(tree_store):
+    store, tree = tree_store
+    ro = ScenarioStore.open(store.path, mode="r")
+    with pytest.raises(StoreError, match="read-only"):
+        ro.write_chunk(1, 0, tree[1]["paths"][:2], [0, 0], [0, 1], [0.5, 0.5])
+
+
+# ----------------------------------------------------------------------------- resume checks
+
+
+def test_check_compatible_accepts_the_same_run_and_engine_changes(tree_store):
+    store, _ = tree_store
+    store.check_compatible(CONFIG, "fp-abc", 3)
+    wider = {**CONFIG, "engine": {"n_decoders": 8}}  # cannot change the bytes
+    ScenarioStore.open(store.path, "r+").check_compatible(wider, "fp-abc", 3)
+
+
+@pytest.mark.parametrize("config, fingerprint, seed, message", [
+    (CONFIG, "fp-abc", 4, "seed 3 in the store, 4 now"),
+    (CONFIG, "fp-xyz", 3, "data fingerprint fp-abc in the store, fp-xyz now"),
+    ({**CONFIG, "tree": {"depth": 3, "branching": 5}}, "fp-abc", 3,
+     "config key 'tree.depth' is 2 in the store, 3 now"),
+    ({**CONFIG, "tree": {"depth": 3, "branching": 4}}, "fp-abc", 3,
+     r"'tree.branching' is 5 in the store, 4 now \(and 1 more keys\)"),
+    ({**CONFIG, "data": {}}, "fp-abc", 3, "'data.horizon' is 4 in the store, '<missing>' now"),
+])
+def test_check_compatible_names_what_differs(tree_store, config, fingerprint, seed, message):
+    store, _ = tree_store
+    with pytest.raises(StoreError, match=message) as err:
+        store.check_compatible(config, fingerprint, seed)
+    assert "\n" not in str(err.value) and "--overwrite" in str(err.value)
+
+
+def test_check_compatible_names_the_schema(tree_store, monkeypatch):
+    store, _ = tree_store
+    monkeypatch.setattr("engine.store.SCHEMA_VERSION", 2)
+    with pytest.raises(StoreError, match="schema version 1 in the store, 2 now"):
+        store.check_compatible(CONFIG, "fp-abc", 3)
+
+
+# ----------------------------------------------------------------------------- chunks / markers
+
+
+def chunk_files(path: Path, level: int) -> dict[str, bytes]:
+    root = path / f"level_{level:02d}"
+    return {str(f.relative_to(root)): f.read_bytes()
+            for name in ("paths", "parent", "branch", "weight")
+            for f in sorted((root / name / "c").rglob("*")) if f.is_file()}
+
+
+def test_rewriting_a_chunk_gives_the_same_bytes(tmp_path):
+    store = make_store(tmp_path / "run.zarr", depth=1)
+    store.create_level(1, 5, business_days_after(START, H), (3, 2))
+    tree = tiny_tree()
+    data = {k: np.concatenate([v, v[:2]]) for k, v in tree[1].items()}
+    data["weight"] = np.full(5, 0.2)
+    write_level(store, 1, data)
+    first = chunk_files(store.path, 1)
+    assert any(k.startswith("paths/c/") for k in first) and len(first) == 4 * 3
+    mtimes = {f: f.stat().st_mtime_ns for f in (store.path / "level_01" / "paths" / "c").rglob("*")
+              if f.is_file()}
+    # resume after a crash: another process writes chunk 1 (rows 2..4) again
+    again = ScenarioStore.open(store.path, "r+")
+    again.write_chunk(1, 2, data["paths"][2:4], data["parent"][2:4], data["branch"][2:4],
+                      data["weight"][2:4])
+    assert chunk_files(store.path, 1) == first
+    assert any(f.stat().st_mtime_ns != t for f, t in mtimes.items())  # it was rewritten
+    np.testing.assert_array_equal(again.read_level(1)["paths"], data["paths"])
+
+
+def test_misaligned_or_malformed_writes_are_refused(tmp_path):
+    store = make_store(tmp_path / "run.zarr", chunk_nodes=4)
+    store.create_level(1, 10, business_days_after(START, H), (3, 2))
+    p = np.zeros((4, H, 3, 2), np.float32)
+    z, w = np.zeros(4, int), np.full(4, 0.1)
+    with pytest.raises(StoreError, match="whole chunks of 4"):
+        store.write_chunk(1, 2, p, z, z, w)  # start inside a chunk
+    with pytest.raises(StoreError, match="whole chunks of 4"):
+        store.write_chunk(1, 0, p[:3], z[:3], z[:3], w[:3])  # stops inside a chunk
+    with pytest.raises(StoreError, match="whole chunks of 4"):
+        store.write_chunk(1, 8, p, z, z, w)  # past the end (10 nodes)
+    with pytest.raises(StoreError, match="paths have shape"):
+        store.write_chunk(1, 0, p[:, :2], z, z, w)
+    with pytest.raises(StoreError, match="parent has shape"):
+        store.write_chunk(1, 0, p, z[:3], z, w)
+    with pytest.raises(StoreError, match="weights must be finite"):
+        store.write_chunk(1, 0, p, z, z, np.full(4, np.nan))
+    with pytest.raises(StoreError, match="parents run 0..1"):
+        store.write_chunk(1, 0, p, [0, 0, 1, 0], z, w)  # level 1 hangs off the start
+    store.write_chunk(1, 8, p[:2], z[:2], z[:2], w[:2])  # the short last chunk is whole
+    store.write_chunk(1, 0, np.zeros((8, H, 3, 2)), np.zeros(8), np.zeros(8), np.full(8, 0.1))
+    assert store.chunks_done(1).tolist() == [True, True, True]
+    with pytest.raises(StoreError, match="no level_02"):
+        store.write_chunk(2, 0, p, z, z, w)
+    with pytest.raises(StoreError, match="outside 1..2"):
+        store.create_level(3, 4, business_days_after(START, H), (3, 2))
+
+
+def test_create_level_is_idempotent_but_refuses_another_shape(tmp_path):
+    store = make_store(tmp_path / "run.zarr")
+    days = business_days_after(START, H)
+    store.create_level(1, 3, days, (3, 2))
+    store.write_chunk(1, 0, np.ones((2, H, 3, 2)), [0, 0], [0, 1], [0.5, 0.25])
+    store.create_level(1, 3, days, (3, 2))  # resume: keeps what was written
+    assert store.chunks_done(1).tolist() == [True, False]
+    np.testing.assert_array_equal(store.read_level(1, 0, 2)["weight"], [0.5, 0.25])
+    with pytest.raises(StoreError, match="exists with"):
+        store.create_level(1, 4, days, (3, 2))
+    with pytest.raises(StoreError, match="other days"):
+        store.create_level(1, 3, business_days_after("2024-02-01", H), (3, 2))
+    with pytest.raises(StoreError, match="grid shape"):
+        store.create_level(2, 3, days, (2, 3))
+    with pytest.raises(StoreError, match="strictly increasing"):
+        store.create_level(2, 3, days[::-1], (3, 2))
+
+
+def test_chunks_done_and_mark_level_complete(tmp_path):
+    store = make_store(tmp_path / "run.zarr")
+    days = business_days_after(START, 2 * H)
+    store.create_level(1, 5, days[:H], (3, 2))
+    assert store.chunks_done(1).tolist() == [False, False, False]
+    p = np.zeros((2, H, 3, 2), np.float32)
+    store.write_chunk(1, 2, p, [0, 0], [2, 3], [0.2, 0.2])
+    assert store.chunks_done(1).tolist() == [False, True, False]
+    with pytest.raises(StoreError, match="2 of 3 chunks unwritten"):
+        store.mark_level_complete(1)
+    with pytest.raises(StoreError, match="chunk 0 is not written"):
+        store.read_level(1)
+    np.testing.assert_array_equal(store.read_level(1, 2, 4)["branch"], [2, 3])
+    store.write_chunk(1, 0, p, [0, 0], [0, 1], [0.2, 0.2])
+    store.write_chunk(1, 4, p[:1], [0], [4], [0.2])
+    assert ScenarioStore.open(store.path).chunks_done(1).all()  # durable: another reader sees it
+    assert store.levels_complete == 0
+    with pytest.raises(StoreError, match="complete level 1 first"):
+        store.mark_level_complete(2)
+    store.mark_level_complete(1)
+    store.mark_level_complete(1)  # resume: already recorded
+    assert ScenarioStore.open(store.path).levels_complete == 1
+    store.create_level(2, 2, days[H:], (3, 2))
+    store.write_chunk(2, 0, p, [0, 4], [0, 0], [0.5, 0.4])
+    with pytest.raises(StoreError, match="weights sum to"):
+        store.mark_level_complete(2)
+    assert store.levels_complete == 1
+
+
+# ----------------------------------------------------------------------------- reconstruction
+
+
+def test_terminal_paths_follow_parents(tree_store):
+    store, tree = tree_store
+    paths, weights = terminal_paths(store)
+    assert paths.shape == (6, 2 * H, 3, 2)
+    np.testing.assert_array_equal(weights, tree[2]["weight"])
+    for i in range(6):
+        p = tree[2]["parent"][i]
+        expected = np.concatenate([tree[1]["paths"][p], tree[2]["paths"][i]])
+        np.testing.assert_array_equal(paths[i], expected)
+    level1, w1 = terminal_paths(store, level=1)
+    np.testing.assert_array_equal(level1, tree[1]["paths"])
+    np.testing.assert_array_equal(w1, tree[1]["weight"])
+    tail = store.ancestor_paths(2, 3, 6, n_days=H + 1)  # one day reaches into level 1
+    np.testing.assert_array_equal(tail, paths[3:6, -(H + 1):])
+    assert store.ancestor_paths(2, 0, 2, n_days=2).shape == (2, 2, 3, 2)
+
+
+def test_terminal_paths_need_a_complete_level(tmp_path):
+    with pytest.raises(StoreError, match="no complete level"):
+        terminal_paths(make_store(tmp_path / "run.zarr"))
