@@ -120,6 +120,222 @@ def diagnose(out: Annotated[Path, typer.Option("--out", help="Report folder.")],
     run_diagnose(cfg, out, model_path=model, console=_console())
 
 
+StoreOpt = Annotated[Path, typer.Option("--store", help="The scenario store (a Zarr directory).")]
+DepthOpt = Annotated[int | None, typer.Option(help="Levels of the tree (overrides tree.depth).")]
+BackendOpt = Annotated[str | None, typer.Option(help="'ray' (default) or 'inline'.")]
+AddressOpt = Annotated[str | None, typer.Option(
+    help="Ray cluster: 'auto' or ray://host:port; none starts a local Ray.")]
+StartOpt = Annotated[str | None, typer.Option(
+    help="Start date: the last data day on or before it (default: the last day).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted store.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")]
+
+
+def _expand(kind: str, store: Path, config, data, model, depth, backend, address, start, seed,
+            resume: bool, overwrite: bool, n_paths: int | None = None) -> None:
+    from engine import driver
+    from engine.pipeline import prepare
+
+    if backend is not None and backend not in ("ray", "inline"):
+        from engine.errors import ConfigError
+
+        raise ConfigError(f"--backend {backend!r} is not 'ray' or 'inline'")
+    cfg = _config(config, **{"data.source": data, "seed": seed, "tree.depth": depth,
+                             "engine.backend": backend, "engine.address": address})
+    console = _console()
+    prep = prepare(cfg)
+    inputs = driver.run_inputs(prep, start)
+    # open (or check) the store before any training: a wrong --resume fails in a second
+    scenario = driver.open_store(store, kind=kind, config=cfg, fingerprint=inputs.fingerprint,
+                                 start_date=inputs.start_date, grid=inputs.grid,
+                                 start_context=inputs.start_context, n_paths=n_paths,
+                                 resume=resume, overwrite=overwrite)
+    if scenario.levels_complete >= scenario.meta.depth:
+        console.print(f"{scenario.path} is complete ({scenario.meta.depth} levels)")
+        return
+    sampler = driver.fit_for_run(prep, inputs, model, console)
+    console.print(f"{kind} from {inputs.start_date}: depth {cfg.tree.depth}, backend "
+                  f"{cfg.engine.backend}, store {scenario.path}"
+                  + (f" (resuming after level {scenario.levels_complete})" if resume else ""))
+    stats = driver.run_store(scenario, sampler, cfg, console=console)
+    for st in stats:
+        console.print(f"level {st.level}: {st.nodes} nodes expanded into {st.children} in "
+                      f"{st.seconds:.2f}s ({st.nodes_per_second:,.1f} nodes/s)")
+    console.print(f"wrote {scenario.path}")
+
+
+@app.command()
+@user_errors
+def run(store: StoreOpt, config: ConfigOpt = None, data: DataOpt = None, model: ModelOpt = None,
+        depth: DepthOpt = None, backend: BackendOpt = None, address: AddressOpt = None,
+        start: StartOpt = None, seed: SeedOpt = None, resume: ResumeOpt = False,
+        overwrite: OverwriteOpt = False) -> None:
+    """Expand the scenario tree (5^N paths with probabilities) into a Zarr store."""
+    _expand("tree", store, config, data, model, depth, backend, address, start, seed, resume,
+            overwrite)
+
+
+@app.command()
+@user_errors
+def mc(store: StoreOpt,
+       n_paths: Annotated[int, typer.Option("--n-paths", help="Monte Carlo paths.")] = 1000,
+       config: ConfigOpt = None, data: DataOpt = None, model: ModelOpt = None,
+       depth: DepthOpt = None, backend: BackendOpt = None, address: AddressOpt = None,
+       start: StartOpt = None, seed: SeedOpt = None, resume: ResumeOpt = False,
+       overwrite: OverwriteOpt = False) -> None:
+    """Brute-force chained Monte Carlo of the same sampler: the reference a tree must match."""
+    _expand("mc", store, config, data, model, depth, backend, address, start, seed, resume,
+            overwrite, n_paths=n_paths)
+
+
+def _open_store(store: Path):
+    from engine.store import ScenarioStore
+
+    return ScenarioStore.open(store)
+
+
+def _out_suffix(out: Path, allowed: tuple[str, ...]) -> str:
+    suffix = out.suffix.lower()
+    if suffix not in allowed:
+        from engine.errors import ConfigError
+
+        raise ConfigError(f"--out {out} has suffix {suffix or '(none)'!r}; use one of "
+                          f"{', '.join(allowed)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return suffix
+
+
+@app.command()
+@user_errors
+def marginals(store: StoreOpt,
+              out: Annotated[Path, typer.Option("--out", help="F.parquet or F.csv")]) -> None:
+    """Export the marginal quantiles: date, moneyness, maturity_days, quantile, iv."""
+    from engine.store import marginals_frame
+
+    suffix = _out_suffix(out, (".parquet", ".csv"))
+    frame = marginals_frame(_open_store(store))
+    if suffix == ".csv":
+        frame.to_csv(out, index=False)
+    else:
+        frame.to_parquet(out, index=False)
+    _console().print(f"wrote {len(frame)} rows to {out}")
+
+
+@app.command()
+@user_errors
+def paths(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="F.npz or F.parquet")],
+          level: Annotated[int | None, typer.Option(
+              help="Level (default: the deepest complete one).")] = None) -> None:
+    """Export full terminal paths (rebuilt from parent pointers) with their weights."""
+    import numpy as np
+
+    from engine.store import terminal_paths
+
+    suffix = _out_suffix(out, (".npz", ".parquet"))
+    scenario = _open_store(store)
+    full, weight = terminal_paths(scenario, level)
+    lv = scenario.levels_complete if level is None else level
+    days = np.concatenate([scenario.level_days(k) for k in range(1, lv + 1)])
+    grid = scenario.meta.grid
+    if suffix == ".npz":
+        np.savez_compressed(out, paths=full, weight=weight, dates=days.astype("datetime64[D]"),
+                            moneyness=np.asarray(grid["moneyness"]),
+                            maturity_days=np.asarray(grid["maturity_days"]))
+    else:
+        import pandas as pd
+
+        n, d, n_m, n_tau = full.shape
+        node, date, mny, mat = np.meshgrid(np.arange(n), days.astype("datetime64[ns]"),
+                                           np.asarray(grid["moneyness"]),
+                                           np.asarray(grid["maturity_days"]), indexing="ij")
+        pd.DataFrame({"path": node.ravel(), "weight": np.repeat(weight, d * n_m * n_tau),
+                      "date": date.ravel(), "moneyness": mny.ravel(),
+                      "maturity_days": mat.ravel(), "iv": full.ravel()}
+                     ).to_parquet(out, index=False)
+    _console().print(f"wrote {full.shape[0]} paths of {full.shape[1]} days to {out}")
+
+
+@app.command()
+@user_errors
+def var(store: StoreOpt,
+        levels: Annotated[str, typer.Option(help="Confidence levels, e.g. 0.95,0.99")] = "0.95,0.99",
+        json_out: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
+        ) -> None:
+    """VaR and ES of a long-one-vega-everywhere position at each level's horizon.
+
+    P&L = sum over the grid of (iv on the level's last day - iv at the start), in iv units;
+    from the weighted distribution of the level's nodes.
+    """
+    from engine import driver
+
+    alphas = _csv(levels, float, "--levels")
+    rows = driver.vega_risk(_open_store(store), alphas)
+    if json_out:
+        typer.echo(driver.to_json(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="long 1 vega per grid point: loss in iv units (0.01 = 1 vol point)")
+    for col in ("level", "date", "days", "nodes", "mean P&L"):
+        table.add_column(col, justify="right")
+    for a in alphas:
+        table.add_column(f"VaR {a:g}", justify="right")
+        table.add_column(f"ES {a:g}", justify="right")
+    for r in rows:
+        cells = [str(r["level"]), r["date"], str(r["days_ahead"]), str(r["nodes"]),
+                 f"{r['mean_pnl']:+.4f}"]
+        for a in alphas:
+            cells += [f"{r[f'var_{a:g}']:.4f}", f"{r[f'es_{a:g}']:.4f}"]
+        table.add_row(*cells)
+    Console().print(table)
+
+
+@app.command()
+@user_errors
+def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.png")],
+         maturity: Annotated[float | None, typer.Option(
+             help="Maturity in days (nearest grid point; default the shortest).")] = None,
+         ) -> None:
+    """Fan chart: q05 / q50 / q95 of the ATM vol over every day, from the marginals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from engine import driver
+
+    _out_suffix(out, (".png", ".pdf", ".svg"))
+    scenario = _open_store(store)
+    m = scenario.read_marginals()
+    grid = scenario.meta.grid
+    i = int(np.argmin(np.abs(np.asarray(grid["moneyness"]) - 1.0)))
+    mats = np.asarray(grid["maturity_days"])
+    j = int(np.argmin(mats)) if maturity is None else int(np.argmin(np.abs(mats - maturity)))
+    q = {lv: int(np.argmin(np.abs(m["quantile"] - lv))) for lv in (0.05, 0.5, 0.95)}
+    band = m["quantiles"][:, :, i, j]  # (D, Q)
+    ok = np.isfinite(band[:, q[0.5]])
+    days = m["days"][ok].astype("datetime64[D]")
+    history = driver.start_context_of(scenario)[:, i, j]
+    start = np.datetime64(scenario.meta.start_date, "D")
+    hist_days = np.busday_offset(start, -np.arange(len(history))[::-1], roll="backward")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.plot(hist_days, history, color="black", lw=1.2, label="history (context)")
+    ax.fill_between(days, band[ok, q[0.05]], band[ok, q[0.95]], color="tab:blue", alpha=0.25,
+                    label="q05-q95")
+    ax.plot(days, band[ok, q[0.5]], color="tab:blue", lw=1.5, label="median")
+    ax.set_title(f"{scenario.meta.kind} from {scenario.meta.start_date}: ATM "
+                 f"(moneyness {grid['moneyness'][i]:g}, {mats[j]:g} days)")
+    ax.set_ylabel("implied volatility")
+    ax.legend(loc="upper left")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    _console().print(f"wrote {out}")
+
+
 def _csv(text: str | None, kind, flag: str):
     if text is None:
         return None

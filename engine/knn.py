@@ -15,25 +15,38 @@ EXTRA_CANDIDATES = 8
 
 
 def _exact_topk(keys: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int,
-                exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Rank candidate ids (B, c) by float64 squared distance, tie-break by id, keep k."""
+                exclude: np.ndarray | None, groups: np.ndarray | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Rank candidate ids (B, c) by float64 squared distance, tie-break by id, keep k.
+
+    With ``groups`` (one label per key), only the nearest candidate of each group counts.
+    """
     diff = keys[np.maximum(cand, 0)] - queries[:, None, :]  # (B, c, D)
     d2 = np.einsum("bcd,bcd->bc", diff, diff)
     d2 = np.where(cand < 0, np.inf, d2)
     if exclude is not None:
         d2 = np.where(exclude, np.inf, d2)
+    if groups is not None:
+        g = groups[np.maximum(cand, 0)]
+        by_group = np.lexsort((cand, d2, g), axis=-1)  # within a group: nearest first
+        g_sorted = np.take_along_axis(g, by_group, 1)
+        first = np.ones_like(g_sorted, dtype=bool)
+        first[:, 1:] = g_sorted[:, 1:] != g_sorted[:, :-1]
+        keep = np.zeros_like(first)
+        np.put_along_axis(keep, by_group, first, 1)
+        d2 = np.where(keep, d2, np.inf)
     order = np.lexsort((cand, d2), axis=-1)[:, :k]
     return np.take_along_axis(d2, order, 1), np.take_along_axis(cand, order, 1)
 
 
-def brute_knn(keys: np.ndarray, queries: np.ndarray, k: int,
-              exclude_fn=None) -> tuple[np.ndarray, np.ndarray]:
+def brute_knn(keys: np.ndarray, queries: np.ndarray, k: int, exclude_fn=None,
+              groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Reference: squared distances and ids of the k nearest keys (B, k), float64 numpy."""
     keys = np.asarray(keys, dtype=np.float64)
     queries = np.asarray(queries, dtype=np.float64)
     cand = np.broadcast_to(np.arange(len(keys)), (len(queries), len(keys)))
     exclude = exclude_fn(cand) if exclude_fn is not None else None
-    return _exact_topk(keys, queries, cand, k, exclude)
+    return _exact_topk(keys, queries, cand, k, exclude, groups)
 
 
 class KnnIndex:
@@ -48,19 +61,20 @@ class KnnIndex:
         return len(self.keys)
 
     def search(self, queries: np.ndarray, k: int, exclude_fn=None,
-               n_candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               n_candidates: int | None = None, groups: np.ndarray | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Squared distances and ids of the k nearest keys, (B, k) each, nearest first.
 
         ``exclude_fn(ids (B, c)) -> bool (B, c)`` marks candidates that may not be used
-        (e.g. windows overlapping the query in time); enough extra candidates are asked
-        for to cover them (``n_candidates``).
+        (e.g. windows overlapping the query in time); ``groups`` keeps at most one key of
+        each group; ask for enough candidates to cover both (``n_candidates``).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float64)
         k = min(k, len(self))
         c = min(len(self), (n_candidates or k) + EXTRA_CANDIDATES)
         _, cand = self.index.search(queries.astype(np.float32), c)
         exclude = exclude_fn(cand) if exclude_fn is not None else None
-        return _exact_topk(self.keys, queries, cand.astype(np.int64), k, exclude)
+        return _exact_topk(self.keys, queries, cand.astype(np.int64), k, exclude, groups)
 
     # Pickle as bytes: FAISS indexes are SWIG objects that pickle cannot carry across Ray.
     def __getstate__(self) -> dict:

@@ -29,6 +29,7 @@ from engine.config import Config, ModelConfig
 from engine.errors import CheckpointError
 
 CHECKPOINT_VERSION = 1
+MICRO = 64  # rows per decoder call: a fixed shape keeps results batch-independent
 
 
 def mlp(n_in: int, n_hidden: int, n_out: int, dropout: float) -> nn.Sequential:
@@ -120,14 +121,23 @@ class CVAE(nn.Module):
 
     # --- numpy in, numpy out (batched, no grad) ---------------------------------------------
     @torch.no_grad()
-    def _batched(self, fn, log_ctx: np.ndarray, batch: int = 4096) -> np.ndarray:
+    def _batched(self, fn, log_ctx: np.ndarray) -> np.ndarray:
+        """Apply ``fn`` in micro-batches of exactly MICRO rows (the last one padded).
+
+        Matrix kernels may round differently for different batch shapes; with one fixed
+        shape a context's output never depends on the batch it arrived in, which the
+        engine's "same bytes whatever the batch size" promise needs.
+        """
         self.eval()
         device = self.loc.device
         outs = []
-        for i in range(0, len(log_ctx), batch):
-            x = torch.as_tensor(np.ascontiguousarray(log_ctx[i : i + batch]), dtype=torch.float32,
-                                device=device)
-            outs.append(fn(x).cpu().numpy().astype(np.float64))
+        for i in range(0, len(log_ctx), MICRO):
+            chunk = np.ascontiguousarray(log_ctx[i : i + MICRO])
+            n = len(chunk)
+            if n < MICRO:
+                chunk = np.concatenate([chunk, np.repeat(chunk[:1], MICRO - n, axis=0)])
+            x = torch.as_tensor(chunk, dtype=torch.float32, device=device)
+            outs.append(fn(x)[:n].cpu().numpy().astype(np.float64))
         return np.concatenate(outs) if outs else np.zeros((0,))
 
     def embed(self, log_ctx: np.ndarray) -> np.ndarray:
@@ -148,32 +158,35 @@ class CVAE(nn.Module):
         """The p50 path (B, H, n_m, n_tau) in log-IV."""
         return self.forecast(log_ctx)[:, self.cfg.quantiles.index(0.5)]
 
-    @torch.no_grad()
     def decode_prior(self, log_ctx: np.ndarray, eps: np.ndarray, noise_scale: float = 1.0,
-                     batch: int = 256) -> np.ndarray:
+                     ) -> np.ndarray:
         """p50 paths (B, S, H, n_m, n_tau) in log-IV for z = mu_p + noise_scale * sigma_p * eps.
 
         eps (B, S, L) is standard normal noise drawn by the caller (so randomness stays
-        with the caller's per-row generators).
+        with the caller's per-row generators). Contexts are encoded once; the (context,
+        draw) rows are then decoded in fixed-shape micro-batches.
         """
-        self.eval()
-        device = self.loc.device
-        med = self.cfg.quantiles.index(0.5)
         B, S, L = eps.shape
-        out = np.empty((B, S, self.horizon, *self.grid_shape))
-        for i in range(0, B, batch):
-            x = torch.as_tensor(np.ascontiguousarray(log_ctx[i : i + batch]), dtype=torch.float32,
-                                device=device)
-            b = x.shape[0]
-            e = self.encode(x)  # (b, E)
+        med = self.cfg.quantiles.index(0.5)
+        G = self.grid_shape[0] * self.grid_shape[1]
+
+        def encode(x):
+            e = self.encode(x)
             mu_p, lv_p = self.prior(e)
-            noise = torch.as_tensor(eps[i : i + batch], dtype=torch.float32, device=device)
-            z = mu_p[:, None] + noise_scale * torch.exp(0.5 * lv_p)[:, None] * noise  # (b, S, L)
-            e_rep = e[:, None].expand(b, S, e.shape[-1]).reshape(b * S, -1)
-            x_rep = x[:, None].expand(b, S, *x.shape[1:]).reshape(b * S, *x.shape[1:])
-            paths = self.decode(x_rep, e_rep, z.reshape(b * S, L))[:, med]  # (b*S, H, n_m, n_tau)
-            out[i : i + b] = paths.reshape(b, S, *paths.shape[1:]).cpu().numpy()
-        return out
+            return torch.cat([e, mu_p, torch.exp(0.5 * lv_p), x[:, -1].flatten(1)], dim=-1)
+
+        enc = self._batched(encode, log_ctx)  # (B, E + 2L + G)
+        rows = np.concatenate([np.repeat(enc, S, axis=0), eps.reshape(B * S, L)], axis=1)
+        E = self.cfg.embed_dim
+
+        def decode(x):
+            e, mu, sd, last, z_eps = torch.split(x, [E, L, L, G, L], dim=-1)
+            z = mu + noise_scale * sd * z_eps
+            delta = self.decoder(e, z)[..., med] * self.scale  # (rows, H, G)
+            return last[:, None] + delta
+
+        out = self._batched(decode, rows)  # (B*S, H, G)
+        return out.reshape(B, S, self.horizon, *self.grid_shape)
 
 
 def pinball_loss(pred: torch.Tensor, target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

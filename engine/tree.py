@@ -728,20 +728,45 @@ def weighted_quantile(values: ArrayLike, weights: ArrayLike, levels: ArrayLike) 
     return np.take_along_axis(vs, j, axis=-1)
 
 
+# Fixed-point units of MarginalAccumulator: every sum is an exact int64 sum, so any partition of
+# the nodes into batches and any merge order gives the same bytes (integer addition is
+# associative; float addition is not). Bounds that rule out overflow of int64 (< 2^63):
+#   mass     units of 2^-60 of probability; at most MASS_LIMIT = 2 (probability 2^61 units)
+#            is accepted per (day, grid point), so it never exceeds 2^61;
+#   sum iv   units of 2^-56; iv counts at most IV_CAP = 32, so sum w iv <= 2 * 32 = 2^6 -> 2^62;
+#   sum iv^2 units of 2^-51; sum w iv^2 <= 2 * 32^2 = 2^11 -> 2^62.
+# Resolution: each sample's contribution is rounded to the nearest unit, i.e. to 8.7e-19 of
+# probability, 6.9e-18 (iv) and 2.2e-16 (iv^2) absolute in the weighted sums, below float64's
+# own rounding of sums of vols near 0.2. Vols above IV_CAP (3200%) count as IV_CAP in mean and std
+# only; the histogram (overflow mass) and the exact maximum still see them.
+MASS_BITS, IV_BITS, IV2_BITS = 60, 56, 51
+IV_CAP = 32.0
+MASS_LIMIT = 2 << MASS_BITS
+# Histogram mass goes through np.bincount (float64) in two 30-bit halves of the per-sample
+# mass: with at most 2^22 samples per call, every partial sum is an integer below 2^53 and so
+# exact in float64, whatever order bincount adds in.
+_HALF_BITS = 30
+_MAX_SAMPLES = 1 << 22
+_STATE = ("counts", "under", "over", "vmin", "vmax", "total", "sum_iv", "sum_iv2")
+
+
 class MarginalAccumulator:
     """Weighted marginal distribution of a block of days, per grid point, built while streaming.
 
-    For the days of one level (S days: memory S x G x bins float64), every node adds its FULL
+    For the days of one level (S days: memory S x G x bins int64), every node adds its FULL
     M sampled paths, each with weight node_weight / M. Keeps a histogram of log-IV with ``bins``
-    equal bins on [lo, hi] plus the mass, minimum and maximum outside that range, and exact
-    weighted sums of iv and iv^2 (so ``mean`` and ``std`` are of iv, not of log-IV).
+    equal bins on [lo, hi] plus the mass, minimum and maximum outside that range, and weighted
+    sums of iv and iv^2 (so ``mean`` and ``std`` are of iv, not of log-IV).
     Quantiles interpolate linearly in log-IV within a bin, clipped to the exact min and max.
 
-    ``merge`` adds another accumulator's sums. Float addition is not associative, so partial
-    accumulators combined in a different order agree to rounding (~1e-15 relative), not to the
-    bit: a driver that wants the same bytes on every run must merge in a fixed order (by batch
-    index), whatever order the batches finish in. std uses E[x^2] - E[x]^2, which loses about
-    log10((mean/std)^2) of 16 digits (2-3 for vols): fine for reporting.
+    Every sum is int64 fixed point (units and bounds above ``MarginalAccumulator``): a sample's
+    mass is round(node_weight / M * 2^60), its moment terms round(mass * iv * 2^-4) and
+    round(mass * iv^2 * 2^-9). The sums are therefore exactly associative: ``add`` in any
+    batches and ``merge`` in any order give the same bytes, which the driver's "same store for
+    any batch size, actor count or completion order" promise rests on. Node weights are
+    probabilities: more than MASS_LIMIT = 2 in total is refused (it could overflow).
+    std uses E[x^2] - E[x]^2, which loses about log10((mean/std)^2) of 16 digits (2-3 for vols):
+    fine for reporting.
     """
 
     def __init__(self, n_days: int, grid_shape: tuple[int, ...], bins: int = 512,
@@ -754,14 +779,15 @@ class MarginalAccumulator:
         self.bins = int(bins)
         self.lo, self.hi = float(lo), float(hi)
         g = math.prod(self.grid_shape)
-        self.counts = np.zeros((self.n_days, g, self.bins))  # (D, G, bins) weight mass
-        self.under = np.zeros((self.n_days, g))  # mass below lo
-        self.over = np.zeros((self.n_days, g))  # mass above hi
-        self.vmin = np.full((self.n_days, g), np.inf)  # log-IV
-        self.vmax = np.full((self.n_days, g), -np.inf)
-        self.total = np.zeros((self.n_days, g))  # sum of weights
-        self.sum_iv = np.zeros((self.n_days, g))
-        self.sum_iv2 = np.zeros((self.n_days, g))
+        shape = (self.n_days, g)
+        self.counts = np.zeros(shape + (self.bins,), np.int64)  # (D, G, bins) mass, 2^-60
+        self.under = np.zeros(shape, np.int64)  # mass below lo
+        self.over = np.zeros(shape, np.int64)  # mass above hi
+        self.vmin = np.full(shape, np.inf)  # log-IV
+        self.vmax = np.full(shape, -np.inf)
+        self.total = np.zeros(shape, np.int64)  # mass, 2^-60
+        self.sum_iv = np.zeros(shape, np.int64)  # 2^-56
+        self.sum_iv2 = np.zeros(shape, np.int64)  # 2^-51
 
     @property
     def bin_width(self) -> float:
@@ -782,53 +808,99 @@ class MarginalAccumulator:
         if nw.shape != (n,) or not 0 <= day_offset <= self.n_days - s:
             raise DataError(f"node_weights must be ({n},) (got {nw.shape}) and days "
                             f"{day_offset}..{day_offset + s - 1} must lie in 0..{self.n_days - 1}")
+        if not np.all(np.isfinite(nw)) or np.any(nw < 0):
+            raise DataError("node_weights must be finite probabilities >= 0")
         if not log and np.any(~(x > 0)):
             raise DataError("iv paths hold non-positive or NaN values; pass positive vols")
+        # one mass per node: round(w / M * 2^60); every sample of the node carries it
+        unit = np.rint(nw / m * 2.0 ** MASS_BITS).astype(np.int64)
+        block_mass = int(unit.sum()) * m  # exact (Python int)
+        sl = slice(day_offset, day_offset + s)
+        if s and int(self.total[sl].max()) + block_mass > MASS_LIMIT:
+            raise DataError("node weights add up to more than probability 2 in the marginals; "
+                            "pass probabilities (a level's weights sum to 1)")
         g = self.counts.shape[1]
-        x = x.reshape(n, m, s, g)
-        wt = np.repeat(nw / m, m)  # (N*M,) each sample carries node_weight / M
-        # a few days at a time so temporaries stay ~4M floats whatever N, M and S
-        step = max(1, _ADD_CHUNK // max(1, n * m * g))
-        for d0 in range(0, s, step):
-            d1 = min(s, d0 + step)
-            lx = np.moveaxis(x[:, :, d0:d1], 2, 0).reshape(d1 - d0, n * m, g)  # (S', N*M, G)
-            lx = lx.astype(np.float64) if log else np.log(lx.astype(np.float64))
-            if not np.all(np.isfinite(lx)):
-                raise DataError("paths hold NaN or inf; pass finite log-IV (or positive iv)")
-            self._add_block(day_offset + d0, lx, wt)
+        x = x.reshape(n * m, s, g)
+        mass = np.repeat(unit, m)  # (N*M,)
+        # blocks of at most _MAX_SAMPLES samples and ~_ADD_CHUNK values, whatever N, M and S
+        r_step = max(1, min(_MAX_SAMPLES, _ADD_CHUNK // g))
+        for r0 in range(0, n * m, r_step):
+            r1 = min(n * m, r0 + r_step)
+            d_step = max(1, _ADD_CHUNK // ((r1 - r0) * g))
+            for d0 in range(0, s, d_step):
+                d1 = min(s, d0 + d_step)
+                lx = np.moveaxis(x[r0:r1, d0:d1], 1, 0)  # (S', rows, G)
+                lx = lx.astype(np.float64) if log else np.log(lx.astype(np.float64))
+                if not np.all(np.isfinite(lx)):
+                    raise DataError("paths hold NaN or inf; pass finite log-IV (or positive iv)")
+                self._add_block(day_offset + d0, lx, mass[r0:r1])
         return self
 
-    def _add_block(self, day0: int, lx: np.ndarray, wt: np.ndarray) -> None:
+    def _add_block(self, day0: int, lx: np.ndarray, mass: np.ndarray) -> None:
         s, _, g = lx.shape
         sl = slice(day0, day0 + s)
-        iv = np.exp(lx)
-        wcol = wt[None, :, None]
-        self.total[sl] += wt.sum()
-        self.sum_iv[sl] += (iv * wcol).sum(1)
-        self.sum_iv2[sl] += (iv * iv * wcol).sum(1)
+        iv = np.minimum(np.exp(lx), IV_CAP)
+        mcol = mass[None, :, None]
+        fm = mcol.astype(np.float64)
+        self.total[sl] += mass.sum()
+        self.sum_iv[sl] += np.rint(iv * fm * 2.0 ** (IV_BITS - MASS_BITS)).astype(np.int64).sum(1)
+        self.sum_iv2[sl] += np.rint(iv * iv * fm * 2.0 ** (IV2_BITS - MASS_BITS)
+                                    ).astype(np.int64).sum(1)
         self.vmin[sl] = np.minimum(self.vmin[sl], lx.min(axis=1))
         self.vmax[sl] = np.maximum(self.vmax[sl], lx.max(axis=1))
-        wfull = np.broadcast_to(wcol, lx.shape)
         under = lx < self.lo
         over = lx >= self.hi
-        self.under[sl] += np.where(under, wfull, 0.0).sum(1)
-        self.over[sl] += np.where(over, wfull, 0.0).sum(1)
+        self.under[sl] += np.where(under, mcol, 0).sum(1)
+        self.over[sl] += np.where(over, mcol, 0).sum(1)
         inside = ~(under | over)
         b = np.clip((lx - self.lo) / self.bin_width, 0, self.bins - 1).astype(np.int64)
         flat = (np.arange(s)[:, None, None] * g + np.arange(g)[None, None, :]) * self.bins + b
-        self.counts[sl] += np.bincount(flat[inside], weights=wfull[inside],
-                                       minlength=s * g * self.bins).reshape(s, g, self.bins)
+        cells = flat[inside]
+        mass_in = np.broadcast_to(mcol, lx.shape)[inside]
+        size = s * g * self.bins
+        high = np.bincount(cells, weights=(mass_in >> _HALF_BITS).astype(np.float64),
+                           minlength=size)
+        low = np.bincount(cells, weights=(mass_in & ((1 << _HALF_BITS) - 1)).astype(np.float64),
+                          minlength=size)
+        added = (high.astype(np.int64) << _HALF_BITS) + low.astype(np.int64)
+        self.counts[sl] += added.reshape(s, g, self.bins)
 
     def merge(self, other: MarginalAccumulator) -> MarginalAccumulator:
-        """Add another accumulator of the same days, grid and bins (in place; returns self)."""
+        """Add another accumulator of the same days, grid and bins (in place; returns self).
+
+        Exact: merging in any order gives the same bytes."""
         if (other.n_days, other.grid_shape, other.bins, other.lo, other.hi) != \
                 (self.n_days, self.grid_shape, self.bins, self.lo, self.hi):
             raise DataError("cannot merge marginal accumulators of different days, grid or bins")
+        if np.any(self.total > MASS_LIMIT - other.total):
+            raise DataError("merged marginals would hold more than probability 2; merge "
+                            "accumulators of disjoint nodes of one level")
         for name in ("counts", "under", "over", "total", "sum_iv", "sum_iv2"):
             getattr(self, name).__iadd__(getattr(other, name))
         np.minimum(self.vmin, other.vmin, out=self.vmin)
         np.maximum(self.vmax, other.vmax, out=self.vmax)
         return self
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The state as plain arrays (for a checkpoint); ``from_arrays`` reads it back."""
+        out = {name: getattr(self, name) for name in _STATE}
+        out["spec"] = np.array([self.n_days, self.bins, *self.grid_shape], np.int64)
+        out["range"] = np.array([self.lo, self.hi])
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> MarginalAccumulator:
+        spec, rng = np.asarray(arrays["spec"]), np.asarray(arrays["range"])
+        acc = cls(int(spec[0]), tuple(int(g) for g in spec[2:]), int(spec[1]), float(rng[0]),
+                  float(rng[1]))
+        for name in _STATE:
+            value = np.asarray(arrays[name])
+            want = getattr(acc, name)
+            if value.shape != want.shape or value.dtype != want.dtype:
+                raise DataError(f"accumulator state '{name}' has {value.dtype} {value.shape}, "
+                                f"required {want.dtype} {want.shape}")
+            setattr(acc, name, value.copy())
+        return acc
 
     def _grid(self, a: np.ndarray) -> np.ndarray:
         return a.reshape(a.shape[:-1] + self.grid_shape)
@@ -836,13 +908,17 @@ class MarginalAccumulator:
     def mean(self) -> np.ndarray:
         """Weighted mean of iv (n_days, n_m, n_tau); NaN where nothing was added."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            return self._grid(self.sum_iv / self.total)
+            total = self.total.astype(np.float64)
+            return self._grid(self.sum_iv.astype(np.float64) / total
+                              * 2.0 ** (MASS_BITS - IV_BITS))
 
     def std(self) -> np.ndarray:
         """Weighted standard deviation (ddof=0) of iv (n_days, n_m, n_tau)."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            m = self.sum_iv / self.total
-            return self._grid(np.sqrt(np.maximum(self.sum_iv2 / self.total - m * m, 0.0)))
+            total = self.total.astype(np.float64)
+            m = self.sum_iv.astype(np.float64) / total * 2.0 ** (MASS_BITS - IV_BITS)
+            m2 = self.sum_iv2.astype(np.float64) / total * 2.0 ** (MASS_BITS - IV2_BITS)
+            return self._grid(np.sqrt(np.maximum(m2 - m * m, 0.0)))
 
     def quantiles(self, levels: ArrayLike) -> np.ndarray:
         """Quantiles of iv (n_days, n_q, n_m, n_tau), from the histogram of log-IV."""
@@ -850,8 +926,9 @@ class MarginalAccumulator:
         if np.any((q < 0) | (q > 1)):
             raise DataError(f"quantile levels must lie in [0, 1], got {q}")
         d, g, nb = self.counts.shape
-        mass = np.concatenate([self.under[..., None], self.counts, self.over[..., None]], -1)
-        cum = np.cumsum(mass, axis=-1)  # (D, G, nb + 2)
+        imass = np.concatenate([self.under[..., None], self.counts, self.over[..., None]], -1)
+        cum = np.cumsum(imass, axis=-1).astype(np.float64)  # (D, G, nb + 2), exact then rounded
+        mass = imass.astype(np.float64)
         tot = cum[..., -1:]
         # cell c covers [left_c, left_c + width_c): underflow, bins, overflow
         left = np.concatenate([[0.0], self.lo + self.bin_width * np.arange(nb), [self.hi]])
@@ -877,4 +954,4 @@ class MarginalAccumulator:
         n_m, n_tau) of iv, the levels and the mass added per day (1 when the level is complete)."""
         q = np.atleast_1d(np.asarray(levels, dtype=np.float64))
         return {"levels": q, "quantiles": self.quantiles(q), "mean": self.mean(),
-                "std": self.std(), "weight": self.total[:, 0].copy()}
+                "std": self.std(), "weight": self.total[:, 0] / 2.0 ** MASS_BITS}

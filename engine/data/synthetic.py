@@ -50,8 +50,8 @@ BURN_IN = 500
 class MarketParams:
     """Parameters of the synthetic market; index [0] is calm, [1] stressed."""
 
-    p_enter: float = 1 / 700  # calm -> stressed per day (mean calm spell 700 days)
-    p_exit: float = 1 / 60  # stressed -> calm per day (mean stress spell 60 days)
+    p_enter: float = 1 / 400  # calm -> stressed per day (mean calm spell 400 days)
+    p_exit: float = 1 / 50  # stressed -> calm per day (mean stress spell 50 days)
     # Mean reversion of (L, S, U) per day; faster in stress (spikes decay quickly).
     kappa: tuple[tuple[float, float, float], ...] = ((0.02, 0.03, 0.03), (0.05, 0.03, 0.05))
     mu_level: tuple[float, float] = (float(np.log(0.165)), float(np.log(0.36)))

@@ -42,10 +42,14 @@ class KnnResidualSampler(ConditionalSampler):
         self.keys_ = KeySpace(cfg.embedding, model if cfg.embedding == "cvae" else None)
         bank_keys = self.keys_.fit(panel.contexts_at(self.bank_.anchors, C))
         self.index_ = KnnIndex(bank_keys)
-        n = len(self.bank_.anchors)
-        # K ~ sqrt(N): grows with the bank but stays a small share of it (bias-variance).
-        self.k_ = cfg.k if cfg.k else int(np.clip(round(np.sqrt(n)), 10, 200))
-        self.k_ = min(self.k_, n)
+        # Windows a few days apart share most of their target days, so their residual
+        # paths are near copies: one neighbour per episode (a block of `episode` days).
+        self.episode_ = cfg.episode_days or max(1, self.horizon // 3)
+        self.groups_ = self.bank_.anchors // self.episode_
+        n_episodes = len(np.unique(self.groups_))
+        # A quarter of the episodes: local, yet >= 20 so a 90% band has two draws per tail.
+        self.k_ = cfg.k if cfg.k else int(np.clip(n_episodes // 4, 20, 100))
+        self.k_ = min(self.k_, n_episodes)
         if cfg.point == "cvae":
             self.point_model_ = model
         else:
@@ -62,8 +66,11 @@ class KnnResidualSampler(ConditionalSampler):
         return self.point_forecast(log_ctx), self.keys_(log_ctx)
 
     # --- the kNN half -------------------------------------------------------------------------
-    def neighbours(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d2, ids = self.index_.search(keys, self.k_)
+    def neighbours(self, keys: np.ndarray, exclude_fn=None, extra: int = 0,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Ids (B, k) and kernel weights (B, k) of the nearest episodes."""
+        d2, ids = self.index_.search(keys, self.k_, exclude_fn=exclude_fn, groups=self.groups_,
+                                     n_candidates=self.k_ * self.episode_ + extra)
         return ids, kernel_weights(d2, self.config.sampler.kernel)
 
     def residual_draw(self, ids: np.ndarray, weights: np.ndarray, n_samples: int,

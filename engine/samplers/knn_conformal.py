@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.knn import kernel_weights
 from engine.samplers.knn import KnnResidualSampler
 
 CHUNK = 64
@@ -46,11 +45,19 @@ class KnnConformalSampler(KnnResidualSampler):
     def _fit(self, panel, model) -> None:
         super()._fit(panel, model)
         H, E = self.horizon, self.config.data.embargo_days
-        self.scale_, self.calibration_scores_ = self._calibrate(np.arange(len(self.bank_.anchors)),
-                                                                H + E)
+        self.scores_ = self._scores(np.arange(len(self.bank_.anchors)), H + E)  # (N, H, G)
+        self.scale_ = self._global_scale(self.scores_)
 
-    def _calibrate(self, windows: np.ndarray, gap: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-horizon factors from leave-one-out scores of the bank's ``windows``."""
+    def _global_scale(self, scores: np.ndarray) -> np.ndarray:
+        """(H,) conformal quantile of the scores pooled over windows and grid points."""
+        alpha = 1.0 - self.config.sampler.coverage
+        s = scores.transpose(1, 0, 2).reshape(scores.shape[1], -1)
+        n = s.shape[1]
+        level = min(1.0, np.ceil((n + 1) * (1 - alpha)) / n)
+        return np.quantile(s, level, axis=1, method="higher")
+
+    def _scores(self, windows: np.ndarray, gap: int) -> np.ndarray:
+        """Leave-one-out nonconformity scores (len(windows), H, G) of the bank's ``windows``."""
         bank, H = self.bank_, self.horizon
         alpha = 1.0 - self.config.sampler.coverage
         anchors = bank.anchors
@@ -61,23 +68,36 @@ class KnnConformalSampler(KnnResidualSampler):
             def exclude(ids, sel=sel):
                 return np.abs(anchors[ids] - anchors[sel][:, None]) <= gap
 
-            d2, ids = self.index_.search(self.index_.keys[sel], self.k_, exclude_fn=exclude,
-                                         n_candidates=self.k_ + 2 * gap + 1)
-            w = kernel_weights(d2, self.config.sampler.kernel)
+            ids, w = self.neighbours(self.index_.keys[sel], exclude_fn=exclude,
+                                     extra=2 * gap + 1)
             nb = bank.residuals[ids].reshape(len(sel), ids.shape[1], H, -1)  # (b, k, H, G)
             lo, med, hi = weighted_quantiles(nb, w, [alpha / 2, 0.5, 1 - alpha / 2])
             y = bank.residuals[sel].reshape(len(sel), H, -1)
             up = (y - med) / np.maximum(hi - med, 1e-9)
             down = (med - y) / np.maximum(med - lo, 1e-9)
             scores.append(np.where(y >= med, up, down))  # (b, H, G)
-        s = np.concatenate(scores).transpose(1, 0, 2).reshape(H, -1)  # (H, windows * G)
-        n = s.shape[1]
-        level = min(1.0, np.ceil((n + 1) * (1 - alpha)) / n)
-        return np.quantile(s, level, axis=1, method="higher"), s
+        return np.concatenate(scores).astype(np.float32)
+
+    def local_scale(self, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """(B, H): the conformal quantile of the neighbours' own leave-one-out scores."""
+        alpha = 1.0 - self.config.sampler.coverage
+        B, k = ids.shape
+        sc = self.scores_[ids]  # (B, k, H, G)
+        G = sc.shape[-1]
+        vals = sc.transpose(0, 2, 1, 3).reshape(B, sc.shape[2], k * G)  # (B, H, k*G)
+        w = np.repeat(weights, G, axis=1) / G  # (B, k*G)
+        q = weighted_quantiles(vals.transpose(0, 2, 1), w, [1 - alpha])[0]  # (B, H)
+        return q
 
     def adjust(self, res, ids, weights):
         B, M, H = res.shape[:3]
         nb = self.bank_.residuals[ids].reshape(B, ids.shape[1], H, -1)
         med = weighted_quantiles(nb, weights, [0.5])[0].reshape(B, 1, *res.shape[2:])
-        scale = self.scale_.reshape(1, 1, H, *([1] * (res.ndim - 3)))
+        if self.mode == "local":
+            scale = self.local_scale(ids, weights)
+        else:
+            scale = np.broadcast_to(self.scale_, (B, H))
+        scale = scale.reshape(B, 1, H, *([1] * (res.ndim - 3)))
         return med + scale * (res - med)
+
+    mode = "global"

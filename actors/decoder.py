@@ -1,0 +1,66 @@
+"""The decoder actor: the sampler's point forecast and kNN keys (the CVAE half of a task).
+
+It holds the fitted sampler, read once from the object store (the driver ``ray.put`` it once
+and hands every actor the same ObjectRef), and calls ``engine.driver.decode_batch``, the same
+function the inline backend calls. On a GPU node (``num_gpus`` set by the driver) the model
+moves to the GPU; results then differ from a CPU run in the last bits (other kernels).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from engine.driver import decode_batch
+
+
+def move_models(obj, device: str, depth: int = 2) -> int:
+    """Move every torch module among ``obj``'s attributes (``depth`` levels down) to
+    ``device``; returns how many moved (the CVAE is shared by the point forecast and keys)."""
+    import torch
+
+    seen: set[int] = set()
+
+    def walk(o, d: int) -> int:
+        moved = 0
+        for value in vars(o).values() if hasattr(o, "__dict__") else ():
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+                moved += 1
+            elif d > 0 and hasattr(value, "__dict__") and not isinstance(value, type):
+                moved += walk(value, d - 1)
+        return moved
+
+    return walk(obj, depth)
+
+
+def shared_info(ref, sampler) -> dict:
+    """What an actor got from the object store: the ref's id and whether the residual bank
+    is a read-only (zero-copy, shared-memory) view."""
+    bank = getattr(getattr(sampler, "bank_", None), "residuals", None)
+    return {"ref": ref.hex(), "pid": os.getpid(),
+            "bank_writeable": None if bank is None else bool(bank.flags.writeable),
+            "bank_owns_data": None if bank is None else bool(bank.flags.owndata)}
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class DecoderActor:
+    """Batched p50 forecasts and embeddings: ``point_and_keys(contexts)``."""
+
+    def __init__(self, shared: dict):
+        self._ref = shared["sampler"]  # passed nested, so this is the ObjectRef itself
+        self.sampler = ray.get(self._ref)
+        self.device = "cuda" if ray.get_gpu_ids() else "cpu"
+        if self.device == "cuda":
+            move_models(self.sampler, "cuda")
+
+    def point_and_keys(self, contexts):
+        """contexts (n, C, n_m, n_tau) iv -> point (n, H, n_m, n_tau) log-IV, keys (n, D)."""
+        return decode_batch(self.sampler, contexts)
+
+    def shared_info(self) -> dict:
+        return {**shared_info(self._ref, self.sampler), "device": self.device}

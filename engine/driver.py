@@ -1,0 +1,884 @@
+"""The driver: expands the scenario tree (or a brute-force Monte Carlo) level by level into a store.
+
+Level 0 is the root: one node, weight 1, whose context is the C days ending at the start date.
+Expanding level k-1 into level k, for each frontier node (after pruning):
+
+    draw M paths      the sampler, in log-IV: (N, M, H, n_m, n_tau); node (k-1, i) draws with
+                      ``node_rng(seed, k-1, i)`` (stream TREE) and nothing else
+    K children        ``select_children``: K real paths and their conditional weights; a child
+                      keeps the first S days (``stride``) and weighs parent weight * its share
+    marginals         the node's FULL M-sample distribution over those S days, with the node's
+                      weight, into an exact (int64) ``MarginalAccumulator``
+
+Child rows are node-major (row = frontier position * K + branch) and go to the store in whole
+chunks. A child's context (for level k+1) is the last C days of (start context + its ancestors'
+kept days), read back from the store in chunks, so memory never grows with 5^N and a resumed run
+sees exactly the bytes a straight one saw (the stored float32 vols). The Monte Carlo twin
+(``kind = "mc"``) draws one path per node and level, feeds it back, and weighs paths equally.
+
+The numerics of a batch of nodes are one pure function, ``expand_batch``, split at the same seam
+as the kNN sampler (``decode_batch`` = the decoder's half: point forecast and keys; the rest =
+the kNN half); the inline backend calls it in-process, the Ray backend inside actors
+(``actors/``). Why the store comes out the same for any batch size, actor count, backend or
+restart:
+  * a node's randomness is its own stream (level, node), never a batch's;
+  * each node's numerics are row-wise (CVAE in fixed-shape micro-batches, kNN distances
+    recomputed per row, the tree step per node);
+  * the marginal sums are int64 fixed point, so partial sums merge exactly in any order;
+  * rows are written at fixed positions; a chunk written twice gets the same bytes.
+
+Resume: a level is marked complete only after all its chunks and its marginals are written.
+Within the level in progress, finished chunks are skipped; the marginal sums of the nodes
+already merged are kept in a checkpoint beside the store (``<store>.partial/level_XX.npz``,
+saved every ``checkpoint_seconds`` and on interruption), so a task whose chunks are all written
+and whose nodes are all in the checkpoint is not recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import Config, EngineConfig, TreeConfig
+from engine.errors import BackfillError, ConfigError, DataError, StoreError
+from engine.rng import TREE, node_rng
+from engine.store import ScenarioStore, business_days_after, parse_start_date
+from engine.tree import (
+    MarginalAccumulator,
+    child_weights,
+    kept_paths,
+    prune_min_weight,
+    resample_frontier,
+    select_children,
+    stride_days,
+)
+
+__all__ = [
+    "MC_STREAM",
+    "PRUNE_STREAM",
+    "QUANTILE_LEVELS",
+    "Batch",
+    "BatchResult",
+    "LevelPlan",
+    "LevelStats",
+    "decode_batch",
+    "expand_batch",
+    "fit_for_run",
+    "is_split",
+    "node_rngs",
+    "open_store",
+    "run_store",
+    "start_index",
+    "vega_risk",
+    "weighted_var_es",
+]
+
+# Streams of engine.rng.node_rng besides TREE / EVALUATION / CALIBRATION (0-2): the brute-force
+# Monte Carlo's paths and the once-per-level frontier resampling never share a tree node's draws.
+MC_STREAM = 3
+PRUNE_STREAM = 4
+QUANTILE_LEVELS = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+# Sampled values per draw call inside a task (float64: 128 MB), so a batch of 256 nodes with
+# M = 512 paths of 90 days x 25 points (2.4 GB at once) is drawn a few nodes at a time.
+_DRAW_VALUES = 1 << 24
+_ATTR_START_CONTEXT = "start_context"
+_ATTR_N_PATHS = "n_paths"
+
+
+# ============================================================================ the numerics
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """What every task of one level shares (small; it travels with each task)."""
+
+    kind: str  # "tree" | "mc"
+    level: int  # the level being written (the children), 1..depth
+    seed: int
+    n_samples: int  # M paths per node (1 for mc)
+    stride: int  # S days a child keeps
+    bins: int  # marginal histogram bins
+    grid_shape: tuple[int, int]
+    tree: TreeConfig
+
+    @property
+    def branching(self) -> int:
+        return self.tree.branching if self.kind == "tree" else 1
+
+
+@dataclass
+class Batch:
+    """A batch of frontier nodes: the unit of work of one task."""
+
+    index: int  # task number within the level
+    first_child: int  # level row of the first child
+    nodes: np.ndarray  # (n,) int64 whose random stream each node uses (see node_rngs)
+    parents: np.ndarray  # (n,) int64 the children's parent pointer (a row of level - 1)
+    weights: np.ndarray  # (n,) float64 absolute probability of each node
+    marginal: np.ndarray  # (n,) bool add the node's samples to the marginals
+    contexts: np.ndarray | None  # (n, C, n_m, n_tau) iv float64
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+@dataclass
+class BatchResult:
+    """The children of a batch (rows first_child .. + n*K) and its marginal partial sums."""
+
+    index: int
+    first_child: int
+    paths: np.ndarray  # (n*K, S, n_m, n_tau) iv float32
+    parent: np.ndarray  # (n*K,) int64
+    branch: np.ndarray  # (n*K,) int8
+    weight: np.ndarray  # (n*K,) float64
+    marginal: MarginalAccumulator | None  # over the nodes with Batch.marginal set
+    marginal_nodes: np.ndarray  # (n,) bool which nodes the partial holds
+    n_nodes: int
+
+
+def node_rngs(plan: LevelPlan, nodes: np.ndarray) -> list[np.random.Generator]:
+    """One stream per node: the tree node (level - 1, node) that draws its children (TREE), or
+    Monte Carlo path ``node`` at ``level`` (MC_STREAM)."""
+    if plan.kind == "tree":
+        return [node_rng(plan.seed, plan.level - 1, int(i), TREE) for i in nodes]
+    return [node_rng(plan.seed, plan.level, int(i), MC_STREAM) for i in nodes]
+
+
+def is_split(sampler) -> bool:
+    """Does the sampler split into a decoder half and a kNN half (the calibrated kNN samplers)?"""
+    return callable(getattr(sampler, "point_and_keys", None)) and \
+        callable(getattr(sampler, "draw", None))
+
+
+def decode_batch(sampler, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The decoder's half: point forecast (n, H, n_m, n_tau) log-IV and kNN keys (n, D)."""
+    return sampler.point_and_keys(np.log(np.asarray(contexts, dtype=np.float64)))
+
+
+def _draw(sampler, batch: Batch, sl: slice, n_samples: int, rngs: list,
+          point_keys: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    if point_keys is not None:
+        point, keys = point_keys
+        return sampler.draw(point[sl], keys[sl], n_samples, rngs[sl])
+    # a generic sampler: contexts in iv, paths in iv (positive by construction)
+    return np.log(sampler.sample(batch.contexts[sl], n_samples, rngs[sl]))
+
+
+def _branch(log_paths: np.ndarray, batch: Batch, sl: slice, plan: LevelPlan):
+    """Children and marginal partial of nodes ``sl`` of a batch from their sampled paths."""
+    s, k = plan.stride, plan.branching
+    if log_paths.ndim != 5 or log_paths.shape[1] != plan.n_samples or log_paths.shape[2] < s \
+            or log_paths.shape[3:] != plan.grid_shape:
+        raise DataError(f"the sampler returned paths {log_paths.shape}; the tree needs "
+                        f"(n, {plan.n_samples}, >= {s}, {plan.grid_shape[0]}, "
+                        f"{plan.grid_shape[1]})")
+    weights = batch.weights[sl]
+    n = len(weights)
+    if plan.kind == "tree":
+        sel = select_children(log_paths, plan.tree)
+        kept = kept_paths(log_paths, sel, s)  # (n, K, S, n_m, n_tau)
+        weight = child_weights(weights, sel)
+    else:  # Monte Carlo: the one path, fed back with its own weight
+        kept = log_paths[:, :1, :s]
+        weight = weights.astype(np.float64)
+    paths = np.exp(kept.reshape((n * k, s) + plan.grid_shape)).astype(np.float32)
+    if not np.all(np.isfinite(paths)) or np.any(paths <= 0):
+        raise DataError(f"level {plan.level}: sampled vols are not finite and positive (the "
+                        "sampler diverged); check the sampler and the data")
+    mask = batch.marginal[sl]
+    acc = None
+    if mask.any():
+        x = log_paths[:, :, :s] if mask.all() else log_paths[mask][:, :, :s]
+        acc = MarginalAccumulator(s, plan.grid_shape, plan.bins).add(0, x, weights[mask])
+    parent = np.repeat(batch.parents[sl].astype(np.int64), k)
+    branch = np.tile(np.arange(k, dtype=np.int8), n)
+    return paths, parent, branch, weight, acc
+
+
+def expand_batch(sampler, batch: Batch, plan: LevelPlan,
+                 point_keys: tuple[np.ndarray, np.ndarray] | None = None) -> BatchResult:
+    """Expand a batch of frontier nodes: the one code path, inline or inside an actor.
+
+    ``point_keys``: the decoder's half, already computed (by a decoder actor) for this batch;
+    else it is computed here (split samplers) or the sampler's own ``sample`` is used.
+    Nodes are drawn a few at a time (``_DRAW_VALUES``) so memory stays bounded; every node
+    uses only its own stream, so the slicing never changes a byte.
+    """
+    n = len(batch)
+    if point_keys is None and is_split(sampler):
+        point_keys = decode_batch(sampler, batch.contexts)
+    rngs = node_rngs(plan, batch.nodes)
+    horizon = sampler.horizon
+    per_node = plan.n_samples * horizon * math.prod(plan.grid_shape)
+    step = max(1, _DRAW_VALUES // per_node)
+    parts, acc = [], None
+    for i in range(0, n, step):
+        sl = slice(i, min(n, i + step))
+        log_paths = _draw(sampler, batch, sl, plan.n_samples, rngs, point_keys)
+        *rows, part = _branch(np.asarray(log_paths), batch, sl, plan)
+        parts.append(rows)
+        if part is not None:
+            acc = part if acc is None else acc.merge(part)
+    paths, parent, branch, weight = (np.concatenate(c) for c in zip(*parts, strict=True))
+    return BatchResult(batch.index, batch.first_child, paths, parent, branch, weight, acc,
+                       batch.marginal.copy(), n)
+
+
+# ============================================================================ the store
+
+
+def _partial_dir(path: Path) -> Path:
+    # beside the store, not in it: zarr warns about any file of a store that is not its own
+    return path.with_name(path.name + ".partial")
+
+
+def _read_attrs(path: Path) -> dict:
+    import zarr
+
+    return zarr.open_group(path, mode="r", zarr_format=3, use_consolidated=False).attrs.asdict()
+
+
+def _write_attrs(path: Path, **attrs) -> None:
+    """Root attributes that ScenarioStore does not set (the start context, n_paths).
+
+    Written through a fresh handle and consolidated; reopen the ScenarioStore afterwards (its
+    handle caches the root attributes and would overwrite them)."""
+    import zarr
+    from zarr.errors import ZarrUserWarning
+
+    root = zarr.open_group(path, mode="r+", zarr_format=3, use_consolidated=False)
+    root.attrs.update(attrs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=ZarrUserWarning)
+        zarr.consolidate_metadata(root.store)
+
+
+def open_store(path: str | Path, *, kind: str, config: Config, fingerprint: str,
+               start_date: str, grid: dict, start_context: np.ndarray,
+               n_paths: int | None = None, resume: bool = False,
+               overwrite: bool = False) -> ScenarioStore:
+    """A new store for a run (``kind`` 'tree' or 'mc'), or, with ``resume``, the interrupted
+    store of the same run: config (but its engine section), seed, data fingerprint, start date
+    and context must match, else StoreError says what differs."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues a store and --overwrite replaces it; pass one")
+    start = str(parse_start_date(start_date))
+    ctx = np.asarray(start_context, dtype=np.float64)
+    if kind == "mc" and (n_paths is None or n_paths < 1):
+        raise ConfigError(f"mc needs --n-paths >= 1, got {n_paths}")
+    if resume:
+        store = ScenarioStore.open(path, "r+")
+        if store.meta.kind != kind:
+            raise StoreError(f"{store.path} holds a {store.meta.kind} run, not {kind}; resume "
+                             f"it with `backfill {store.meta.kind}` or pass a new path")
+        store.check_compatible(config.to_dict(), fingerprint, config.seed)
+        attrs = _read_attrs(store.path)
+        problems = []
+        if store.meta.start_date != start:
+            problems.append(f"start date {store.meta.start_date} in the store, {start} now")
+        stored = np.asarray(attrs.get(_ATTR_START_CONTEXT, []), dtype=np.float64)
+        if stored.shape != ctx.shape or not np.array_equal(stored, ctx):
+            problems.append("the start context differs")
+        if kind == "mc" and attrs.get(_ATTR_N_PATHS) != n_paths:
+            problems.append(f"n_paths {attrs.get(_ATTR_N_PATHS)} in the store, {n_paths} now")
+        if problems:
+            raise StoreError(f"cannot resume {store.path}: " + "; ".join(problems) + "; rerun "
+                             "with the store's start date and settings, or pass a new path or "
+                             "--overwrite")
+        return store
+    store = ScenarioStore.create(path, config=config.to_dict(), seed=config.seed, grid=grid,
+                                 fingerprint=fingerprint, start_date=start, kind=kind,
+                                 depth=config.tree.depth, chunk_nodes=config.store.chunk_nodes,
+                                 overwrite=overwrite)
+    shutil.rmtree(_partial_dir(store.path), ignore_errors=True)
+    attrs = {_ATTR_START_CONTEXT: ctx.tolist()}  # JSON floats round-trip float64 exactly
+    if kind == "mc":
+        attrs[_ATTR_N_PATHS] = int(n_paths)
+    _write_attrs(store.path, **attrs)
+    return ScenarioStore.open(store.path, "r+")
+
+
+def start_context_of(store: ScenarioStore) -> np.ndarray:
+    """The root's context (C, n_m, n_tau) iv, as the run recorded it."""
+    attrs = _read_attrs(store.path)
+    if _ATTR_START_CONTEXT not in attrs:
+        raise StoreError(f"{store.path} has no start context; it was not written by "
+                         "`backfill run` / `backfill mc`")
+    return np.asarray(attrs[_ATTR_START_CONTEXT], dtype=np.float64)
+
+
+def _level_weights(store: ScenarioStore, level: int) -> np.ndarray:
+    # ScenarioStore has no weights-only reader and read_level would read every path of the
+    # level too; the weights of a whole level are small (8 bytes a node)
+    if not store.chunks_done(level).all():
+        raise StoreError(f"level {level} of {store.path} is not complete; resume the run")
+    return np.asarray(store._level(level).weight[:], dtype=np.float64)
+
+
+def _runs(rows: np.ndarray, gap: int) -> Iterator[tuple[int, int]]:
+    """Positions [a, b) of ascending ``rows`` split where consecutive rows are > gap apart."""
+    cuts = np.flatnonzero(np.diff(rows) > gap) + 1
+    bounds = np.concatenate([[0], cuts, [len(rows)]])
+    for a, b in itertools.pairwise(bounds):
+        yield int(a), int(b)
+
+
+def frontier_contexts(store: ScenarioStore, level: int, rows: np.ndarray,
+                      start_context: np.ndarray, stride: int) -> np.ndarray:
+    """Contexts (n, C, n_m, n_tau) iv of nodes ``rows`` (ascending) of ``level`` (0: the root):
+    the last C days of the start context followed by the nodes' ancestor paths."""
+    c = start_context.shape[0]
+    n = len(rows)
+    out = np.empty((n, c) + start_context.shape[1:])
+    have = min(c, level * stride)  # days that come from the store
+    if have < c:
+        out[:, : c - have] = start_context[have:]
+    if have == 0:
+        return out
+    for a, b in _runs(rows, store.meta.chunk_nodes):
+        lo, hi = int(rows[a]), int(rows[b - 1]) + 1
+        block = store.ancestor_paths(level, lo, hi, n_days=have)
+        out[a:b, c - have:] = block[rows[a:b] - lo]
+    return out
+
+
+# ============================================================================ backends
+
+
+class _Inline:
+    """Runs each task in-process when it is submitted."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.capacity = 1
+        self._done: list[BatchResult] = []
+
+    def submit(self, batch: Batch, plan: LevelPlan) -> None:
+        self._done.append(expand_batch(self.sampler, batch, plan))
+
+    def pending(self) -> int:
+        return len(self._done)
+
+    def collect(self) -> list[BatchResult]:
+        out, self._done = self._done, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _start_local_ray(engine: EngineConfig):
+    # Bind a local Ray to the loopback only. Ray reads this variable when it is imported (in
+    # ray_constants), so set it first; patch the constant if Ray was imported already.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    imported = "ray" in sys.modules
+    import ray
+
+    if imported and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=engine.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
+
+
+class _RayPool:
+    """Decoder and kNN-residual actors sharing one fitted sampler through the object store.
+
+    The sampler (model weights, residual bank, serialized FAISS index) is ``ray.put`` once;
+    every actor gets the same ObjectRef and reads the arrays zero-copy from shared memory.
+    A task is a decoder call whose ObjectRef goes straight to a kNN actor (no round trip
+    through the driver); at most ``max_in_flight`` tasks per kNN actor are pending.
+    """
+
+    def __init__(self, sampler, engine: EngineConfig):
+        import ray
+
+        from actors.decoder import DecoderActor
+        from actors.knn_residual import KnnResidualActor
+
+        self._ray = ray
+        self._started = False
+        if not ray.is_initialized():
+            if engine.address is None:
+                _start_local_ray(engine)
+            else:
+                ray.init(address=engine.address, log_to_driver=False)
+            self._started = True
+        self.sampler_ref = ray.put(sampler)
+        shared = {"sampler": self.sampler_ref}  # nested: the actor receives the ref itself
+        self.split = is_split(sampler)
+        if self.split:
+            gpus = float(ray.cluster_resources().get("GPU", 0.0))
+            each = 0.0 if gpus <= 0 else min(1.0, gpus / engine.n_decoders)
+            self.decoders = [DecoderActor.options(num_gpus=each).remote(shared)
+                             for _ in range(engine.n_decoders)]
+            self.knn = [KnnResidualActor.remote(shared) for _ in range(engine.n_knn)]
+        else:  # a generic sampler has no seam: one actor calls its `sample`
+            self.decoders = []
+            self.knn = [KnnResidualActor.remote(shared)]
+        self.per_actor = engine.max_in_flight
+        self.capacity = engine.max_in_flight * len(self.knn)
+        self._pending: dict = {}  # ObjectRef -> kNN actor index
+        self._load = [0] * len(self.knn)
+        self._submitted = 0
+
+    def submit(self, batch: Batch, plan: LevelPlan) -> None:
+        a = int(np.argmin(self._load))
+        if self.split:
+            dec = self.decoders[self._submitted % len(self.decoders)]
+            point_keys = dec.point_and_keys.remote(batch.contexts)
+            ref = self.knn[a].expand.remote(replace(batch, contexts=None), plan, point_keys)
+        else:
+            ref = self.knn[a].expand.remote(batch, plan, None)
+        self._submitted += 1
+        self._pending[ref] = a
+        self._load[a] += 1
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def collect(self) -> list[BatchResult]:
+        ray = self._ray
+        refs = list(self._pending)
+        ray.wait(refs, num_returns=1)  # block until one is done, then take every one done
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        out = []
+        for ref in ready:
+            self._load[self._pending.pop(ref)] -= 1
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as err:
+                # a user error inside an actor stays one clear line
+                if isinstance(err.cause, BackfillError):
+                    raise err.cause from None
+                raise
+        return out
+
+    def close(self) -> None:
+        ray = self._ray
+        for actor in self.decoders + self.knn:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        self.decoders, self.knn, self._pending = [], [], {}
+        if self._started:
+            ray.shutdown()
+
+
+def _executor(sampler, engine: EngineConfig):
+    if engine.backend == "inline":
+        return _Inline(sampler)
+    return _RayPool(sampler, engine)
+
+
+# ============================================================================ one level
+
+
+@dataclass
+class LevelStats:
+    level: int
+    nodes: int  # frontier nodes expanded (this run; skipped ones excluded)
+    children: int
+    seconds: float
+
+    @property
+    def nodes_per_second(self) -> float:
+        return self.nodes / self.seconds if self.seconds > 0 else float("nan")
+
+
+class _Checkpoint:
+    """The marginal sums of the level in progress and which frontier nodes they hold."""
+
+    def __init__(self, store_path: Path, level: int):
+        self.path = _partial_dir(store_path) / f"level_{level:02d}.npz"
+
+    def load(self, n_frontier: int, template: MarginalAccumulator):
+        if not self.path.is_file():
+            return None
+        try:
+            with np.load(self.path) as f:
+                included = np.asarray(f["included"], dtype=bool)
+                acc = MarginalAccumulator.from_arrays(
+                    {k[4:]: f[k] for k in f.files if k.startswith("acc_")})
+        except (OSError, ValueError, KeyError, DataError, ConfigError):
+            return None  # unreadable: recompute those marginals rather than trust it
+        same = (acc.n_days, acc.grid_shape, acc.bins, acc.lo, acc.hi) == \
+            (template.n_days, template.grid_shape, template.bins, template.lo, template.hi)
+        if not same or included.shape != (n_frontier,):
+            return None
+        return acc, included
+
+    def save(self, acc: MarginalAccumulator, included: np.ndarray) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, included=included, **{f"acc_{k}": v for k, v in acc.to_arrays().items()})
+        os.replace(tmp, self.path)  # atomic: a crash leaves the old or the new checkpoint
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.parent.rmdir()
+
+
+class _ChunkWriter:
+    """Assembles result rows into whole chunks and writes each as soon as it is complete."""
+
+    def __init__(self, store: ScenarioStore, level: int, n_rows: int, done: np.ndarray,
+                 after_chunk: Callable[[int, int], None] | None):
+        self.store, self.level, self.n_rows, self.done = store, level, n_rows, done
+        self.c = store.meta.chunk_nodes
+        self.after_chunk = after_chunk
+        self._buffers: dict[int, dict] = {}
+
+    def add(self, res: BatchResult) -> None:
+        r0, r1 = res.first_child, res.first_child + len(res.weight)
+        for chunk in range(r0 // self.c, -(-r1 // self.c)):
+            if self.done[chunk]:
+                continue  # written by an earlier run: same bytes, skip
+            lo, hi = chunk * self.c, min((chunk + 1) * self.c, self.n_rows)
+            a, b = max(lo, r0), min(hi, r1)
+            buf = self._buffers.get(chunk)
+            if buf is None:
+                buf = self._buffers[chunk] = {
+                    "paths": np.empty((hi - lo,) + res.paths.shape[1:], np.float32),
+                    "parent": np.empty(hi - lo, np.int64), "branch": np.empty(hi - lo, np.int8),
+                    "weight": np.empty(hi - lo, np.float64), "filled": 0}
+            for name in ("paths", "parent", "branch", "weight"):
+                buf[name][a - lo: b - lo] = getattr(res, name)[a - r0: b - r0]
+            buf["filled"] += b - a
+            if buf["filled"] == hi - lo:
+                del self._buffers[chunk]
+                self.store.write_chunk(self.level, lo, buf["paths"], buf["parent"],
+                                       buf["branch"], buf["weight"])
+                self.done[chunk] = True
+                if self.after_chunk is not None:
+                    self.after_chunk(self.level, chunk)
+
+
+@dataclass
+class _Frontier:
+    nodes: np.ndarray  # random stream of each node
+    parents: np.ndarray  # parent pointer of its children
+    rows: np.ndarray | None  # rows of level - 1 whose contexts it uses (None: the root)
+    weights: np.ndarray
+
+
+def _frontier(store: ScenarioStore, level: int, kind: str, config: Config,
+              n_paths: int | None) -> _Frontier:
+    """The nodes expanded into ``level``, after pruning (tree) — a function of the store only."""
+    if kind == "mc":
+        n = int(n_paths)
+        ids = np.arange(n, dtype=np.int64)
+        if level == 1:
+            return _Frontier(ids, np.zeros(n, np.int64), None, np.full(n, 1.0 / n))
+        return _Frontier(ids, ids, ids, _level_weights(store, level - 1))
+    if level == 1:
+        root = np.zeros(1, np.int64)
+        return _Frontier(root, root, None, np.ones(1))
+    weights = _level_weights(store, level - 1)
+    idx = np.arange(len(weights), dtype=np.int64)
+    tree = config.tree
+    if tree.min_weight > 0:
+        keep, weights = prune_min_weight(weights, tree.min_weight)
+        idx = idx[keep]
+    if tree.max_frontier > 0 and len(idx) > tree.max_frontier:
+        # once per level on the whole frontier, with its own stream: independent of batching
+        rng = node_rng(config.seed, level - 1, 0, PRUNE_STREAM)
+        keep, weights = resample_frontier(weights, tree.max_frontier, rng)
+        idx = idx[keep]
+    return _Frontier(idx, idx, idx, np.asarray(weights, dtype=np.float64))
+
+
+def _progress(console):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:,.1f} nodes/s")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=console, disable=console is None, transient=False)
+
+
+def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: _Frontier,
+               start_context: np.ndarray, days: np.ndarray, config: Config, progress,
+               after_chunk, checkpoint_seconds: float) -> LevelStats:
+    level, k, s = plan.level, plan.branching, plan.stride
+    n_front = len(frontier.nodes)
+    n_rows = n_front * k
+    store.create_level(level, n_rows, days, plan.grid_shape)
+    done = store.chunks_done(level)
+    acc = MarginalAccumulator(s, plan.grid_shape, plan.bins)
+    ckpt = _Checkpoint(store.path, level)
+    loaded = ckpt.load(n_front, acc)
+    acc, included = loaded if loaded is not None else (acc, np.zeros(n_front, bool))
+    c, bsize = store.meta.chunk_nodes, config.engine.batch_size
+
+    def needed(b: int) -> bool:
+        p0, p1 = b * bsize, min(n_front, (b + 1) * bsize)
+        rows_done = done[(p0 * k) // c: -(-(p1 * k) // c)].all()
+        return not (rows_done and included[p0:p1].all())
+
+    todo = [b for b in range(-(-n_front // bsize)) if needed(b)]
+    n_todo = sum(min(n_front, (b + 1) * bsize) - b * bsize for b in todo)
+    task = progress.add_task(f"level {level}/{store.meta.depth}", total=n_front,
+                             completed=n_front - n_todo)
+    writer = _ChunkWriter(store, level, n_rows, done, after_chunk)
+    rows_of = frontier.rows
+
+    def batch(b: int) -> Batch:
+        p0, p1 = b * bsize, min(n_front, (b + 1) * bsize)
+        rows = None if rows_of is None else rows_of[p0:p1]
+        if rows is None:
+            ctx = np.broadcast_to(start_context, (p1 - p0,) + start_context.shape).copy()
+        else:
+            ctx = frontier_contexts(store, level - 1, rows, start_context, s)
+        return Batch(b, p0 * k, frontier.nodes[p0:p1], frontier.parents[p0:p1],
+                     frontier.weights[p0:p1], ~included[p0:p1], ctx)
+
+    t0 = last_save = time.perf_counter()
+    queue = iter(todo)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and executor.pending() < executor.capacity:
+                b = next(queue, None)
+                if b is None:
+                    exhausted = True
+                    break
+                executor.submit(batch(b), plan)
+            if executor.pending() == 0:
+                break
+            for res in executor.collect():
+                if res.marginal is not None:
+                    acc.merge(res.marginal)
+                p0 = res.index * bsize
+                included[p0: p0 + res.n_nodes] |= res.marginal_nodes
+                writer.add(res)
+                progress.advance(task, res.n_nodes)
+            if time.perf_counter() - last_save >= checkpoint_seconds:
+                ckpt.save(acc, included)
+                last_save = time.perf_counter()
+    except BaseException:
+        with contextlib.suppress(Exception):  # keep what is done for --resume
+            ckpt.save(acc, included)
+        raise
+    seconds = time.perf_counter() - t0
+    if not done.all() or not included.all():
+        raise StoreError(f"level {level}: {int((~done).sum())} chunks unwritten after every "
+                         "task returned; resume the run")  # a bug, not a user error
+    marg = acc.finalize(QUANTILE_LEVELS)
+    if not np.allclose(marg["weight"], 1.0, rtol=0, atol=1e-9):
+        raise StoreError(f"level {level}: marginal mass {marg['weight'].min()!r}, required 1; "
+                         "the level's weights do not sum to 1")
+    store.write_marginal_days((level - 1) * s, marg["quantiles"], marg["mean"], marg["std"])
+    store.mark_level_complete(level)
+    ckpt.remove()
+    return LevelStats(level, n_todo, n_rows, seconds)
+
+
+# ============================================================================ the run
+
+
+def _check_sampler(sampler, config: Config, grid_shape: tuple[int, int],
+                   start_context: np.ndarray) -> None:
+    if not (getattr(sampler, "is_fitted", None) and sampler.is_fitted()):
+        raise ConfigError(f"{type(sampler).__name__} is not fitted; fit it before the run")
+    c, h = config.data.context, config.data.horizon
+    if (sampler.context, sampler.horizon) != (c, h):
+        raise ConfigError(f"the sampler has context/horizon {sampler.context}/{sampler.horizon}"
+                          f", the run {c}/{h}; fit it with the run's config")
+    if tuple(sampler.grid_) != tuple(grid_shape) or start_context.shape != (c, *grid_shape):
+        raise DataError(f"the sampler's grid {tuple(sampler.grid_)}, the store's grid "
+                        f"{tuple(grid_shape)} and the start context {start_context.shape} "
+                        "do not match; use one data set")
+
+
+def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
+              after_chunk: Callable[[int, int], None] | None = None,
+              checkpoint_seconds: float = 30.0) -> list[LevelStats]:
+    """Expand every level not yet complete in ``store`` (from ``open_store``) with a fitted
+    sampler; the backend and its sizes come from ``config.engine``.
+
+    ``console``: a rich Console for a progress bar per level (None: silent). ``after_chunk(level,
+    chunk)`` is called after each chunk write (tests use it to simulate a crash). Returns the
+    statistics of the levels this call expanded.
+    """
+    kind, depth = store.meta.kind, store.meta.depth
+    grid_shape = store.meta.grid_shape
+    start_context = start_context_of(store)
+    _check_sampler(sampler, config, grid_shape, start_context)
+    s = stride_days(config.tree.stride, config.data.horizon)
+    n_paths = _read_attrs(store.path).get(_ATTR_N_PATHS) if kind == "mc" else None
+    days = business_days_after(store.meta.start_date, depth * s)
+    store.create_marginals(days, QUANTILE_LEVELS)
+    for old in range(1, store.levels_complete + 1):  # stale checkpoints of finished levels
+        _Checkpoint(store.path, old).remove()
+    stats: list[LevelStats] = []
+    if store.levels_complete >= depth:
+        return stats
+    executor = _executor(sampler, config.engine)
+    try:
+        with _progress(console) as progress:
+            for level in range(store.levels_complete + 1, depth + 1):
+                plan = LevelPlan(kind, level, config.seed,
+                                 config.tree.n_samples if kind == "tree" else 1, s,
+                                 config.store.marginal_bins, grid_shape, config.tree)
+                frontier = _frontier(store, level, kind, config, n_paths)
+                stats.append(_run_level(store, executor, plan, frontier, start_context,
+                                        days[(level - 1) * s: level * s], config, progress,
+                                        after_chunk, checkpoint_seconds))
+    finally:
+        executor.close()
+    return stats
+
+
+# ============================================================================ CLI glue
+
+
+def start_index(panel, start: str | None, context: int) -> int:
+    """The panel day a run starts from: the last day (default) or the last on or before
+    ``start``; it needs ``context`` days up to it."""
+    if start is None:
+        i = panel.n_days - 1
+    else:
+        day = parse_start_date(start)
+        i = int(np.searchsorted(panel.dates, day, side="right")) - 1
+        if i < 0:
+            raise DataError(f"--start {start} is before the first day of the data "
+                            f"({panel.dates[0]}); pick a date inside the data")
+    if i < context - 1:
+        raise DataError(f"the start day {panel.dates[i]} has only {i + 1} days of history but a "
+                        f"context needs {context}; pick a later --start")
+    return i
+
+
+@dataclass
+class RunInputs:
+    """What `backfill run` / `mc` derive from the config before expanding."""
+
+    fingerprint: str
+    grid: dict
+    start_date: str
+    start_context: np.ndarray  # (C, n_m, n_tau) iv
+    fit_days: int  # days of history the sampler is fitted on
+
+
+def run_inputs(prep, start: str | None) -> RunInputs:
+    c = prep.config.data.context
+    i = start_index(prep.panel, start, c)
+    panel = prep.panel
+    return RunInputs(panel.fingerprint, panel.grid_dict(), str(panel.dates[i]),
+                     panel.surface[i - c + 1: i + 1].astype(np.float64), i + 1)
+
+
+def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
+    """The run's sampler (``config.sampler.method``), fitted on ALL history up to the start
+    day: production has no test split to hold out. The CVAE comes from ``model_path`` or is
+    trained (pipeline.get_model)."""
+    from engine.pipeline import get_model
+    from engine.samplers import make_sampler
+    from engine.train import progress_bar
+
+    cfg = prep.config
+    sampler = make_sampler(cfg.sampler.method, cfg)
+    model = get_model(prep, model_path, console) if sampler.uses_model else None
+    history = prep.panel.slice_days(0, inputs.fit_days)
+    if console is not None:
+        console.print(f"fitting sampler {cfg.sampler.method} on {history.n_days} days up to "
+                      f"{inputs.start_date}")
+    with progress_bar(console is not None) as progress:
+        if hasattr(type(sampler), "progress"):
+            sampler.progress = progress
+        try:
+            sampler.fit(history, model)
+        finally:
+            if "progress" in vars(sampler):
+                del sampler.progress  # a rich Progress does not pickle (Ray ships the sampler)
+    return sampler
+
+
+# ============================================================================ reports
+
+
+def weighted_var_es(pnl: np.ndarray, weights: np.ndarray,
+                    levels) -> list[tuple[float, float]]:
+    """Value at risk and expected shortfall (as positive losses) of a weighted P&L sample.
+
+    VaR_a is the a-quantile of the loss L = -P&L (the smallest l with P(L <= l) >= a); ES_a the
+    mean loss in the worst 1 - a of probability, with the atom at VaR split exactly:
+    ES_a = (E[L 1{L > VaR}] + (P(L <= VaR) - a) VaR) / (1 - a).
+    """
+    loss = -np.asarray(pnl, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if loss.shape != w.shape or loss.ndim != 1 or loss.size == 0 or np.any(w < 0) or \
+            not w.sum() > 0:
+        raise DataError(f"P&L {loss.shape} and weights {w.shape} must be matching non-empty "
+                        "1-D arrays with non-negative weights")
+    order = np.argsort(loss, kind="stable")
+    ls, ws = loss[order], w[order] / w.sum()
+    cdf = np.cumsum(ws)
+    out = []
+    for a in levels:
+        if not 0 < a < 1:
+            raise ConfigError(f"VaR level {a} must lie in (0, 1), e.g. 0.99")
+        j = min(int(np.searchsorted(cdf, a - 1e-12, side="left")), len(ls) - 1)
+        var = ls[j]
+        tail = ws[j + 1:] @ ls[j + 1:]
+        es = (tail + (cdf[j] - a) * var) / (1 - a)
+        out.append((float(var), float(es)))
+    return out
+
+
+def vega_risk(store: ScenarioStore, levels=(0.95, 0.99)) -> list[dict]:
+    """VaR / ES per complete level of a position long one vega at every grid point.
+
+    P&L of a node at its level's last day T: sum over the grid of (iv_T - iv_start), in iv
+    units (0.01 = one vol point per grid point); weights are the nodes' probabilities.
+    """
+    start = start_context_of(store)[-1]  # (n_m, n_tau) the start day's surface
+    rows = []
+    for level in range(1, store.levels_complete + 1):
+        pnl, weight = [], []
+        for _, _, block in store.iter_chunks(level):
+            last = block["paths"][:, -1].astype(np.float64)  # (n, n_m, n_tau)
+            pnl.append((last - start).reshape(len(last), -1).sum(-1))
+            weight.append(block["weight"])
+        pnl, weight = np.concatenate(pnl), np.concatenate(weight)
+        days = store.level_days(level)
+        row = {"level": level, "date": str(days[-1]),
+               "days_ahead": int(level * len(days)), "nodes": len(pnl),
+               "mean_pnl": float(weight @ pnl / weight.sum())}
+        for a, (var, es) in zip(levels, weighted_var_es(pnl, weight, levels), strict=True):
+            row[f"var_{a:g}"] = var
+            row[f"es_{a:g}"] = es
+        rows.append(row)
+    return rows
+
+
+def to_json(rows: list[dict]) -> str:
+    return json.dumps(rows, indent=2)

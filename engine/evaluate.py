@@ -1,0 +1,465 @@
+"""`backfill evaluate`: every method fit on the same history, scored on the same test windows.
+
+Steps: resolve the method names (aliases, the oracle only on the synthetic market), get
+the model (load or train on the train split), fit every method on ``Prepared.fit_panel()``
+(the history before the test split's embargo), then for each method sample the test
+windows in batches and score them. Window w's randomness is
+``node_rng(seed, 0, anchor_w, EVALUATION)``, so every method sees reproducible draws that
+do not depend on the batch a window sits in.
+
+Memory: W windows x M samples x H days x G grid points is several GB on the default
+synthetic run (~420 x 1000 x 90 x 25), so a batch of windows is sampled, reduced to
+what the scores need, and dropped:
+
+    kept      (n_h, W, M, G) float32   the samples at the requested horizons
+    var_pnl   {h: (W, M)}              vega P&L at the VaR horizons (1 and 10 days)
+    roughness pooled moments           daily changes along the full sample paths
+    fans      (3, H, 3)                5/50/95% of the ATM point for three chosen windows
+
+Only one method's ``kept`` lives at a time; everything else is small.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine import metrics
+from engine.config import Config
+from engine.errors import ConfigError
+from engine.pipeline import Prepared, get_model, prepare
+from engine.rng import EVALUATION, node_rng
+from engine.samplers import REGISTRY, make_sampler
+from engine.samplers.knn import KnnResidualSampler
+from engine.samplers.knn_conformal import KnnConformalSampler
+from engine.train import progress_bar
+
+# Report name -> (registry sampler, point forecast override): the kNN samplers around the
+# pca-ar mean path next to the CVAE p50, so the report shows both point forecasts.
+ALIASES: dict[str, tuple[str, str]] = {
+    "knn-pca": ("knn", "pca-ar"),
+    "knn-conformal-pca": ("knn-conformal", "pca-ar"),
+}
+FAN_METHODS = ("knn-conformal", "cvae-prior", "hist-bootstrap", "oracle")
+VAR_HORIZONS = (1, 10)
+VAR_LEVELS = (0.95, 0.99)
+BAND_LEVELS = (0.9, 0.5)
+FAN_QUANTILES = (0.05, 0.5, 0.95)
+N_REGIMES = 4
+# Bytes of float64 sampler output per batch of windows; the samplers' own temporaries
+# take a few times this, so ~256 MiB keeps a batch well under 2 GB.
+BATCH_BYTES = 256 << 20
+MAX_BATCH = 32
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One scored method: its report name, registry sampler and the config it is built with."""
+
+    name: str
+    sampler: str
+    config: Config
+
+    @property
+    def knn_group(self) -> tuple[str, str] | None:
+        """kNN samplers with the same point forecast and key space share one residual bank."""
+        if self.sampler not in ("knn", "knn-conformal"):
+            return None
+        s = self.config.sampler
+        return (s.point, s.embedding)
+
+
+def known_methods() -> list[str]:
+    return [*REGISTRY, *ALIASES]
+
+
+def resolve_methods(config: Config, has_market: bool) -> tuple[list[MethodSpec], list[str]]:
+    """The config's method names as specs, and notes for methods skipped (oracle on real data)."""
+    names = list(dict.fromkeys(config.evaluate.methods))  # drop repeats, keep order
+    unknown = [n for n in names if n not in REGISTRY and n not in ALIASES]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(map(repr, unknown))} in "
+                          f"evaluate.methods; choose from {', '.join(known_methods())}")
+    specs, notes = [], []
+    for name in names:
+        if name == "oracle" and not has_market:
+            notes.append("oracle skipped: the data is not the synthetic market, so there is "
+                         "no hidden state to draw the true conditional law from")
+            continue
+        sampler, point = ALIASES.get(name, (name, None))
+        cfg = config
+        if point is not None:
+            cfg = config.model_copy(update={"sampler": config.sampler.model_copy(
+                update={"point": point})})
+        specs.append(MethodSpec(name, sampler, cfg))
+    if not specs:
+        raise ConfigError("evaluate.methods leaves no method to score on this data; add one of "
+                          f"{', '.join(n for n in REGISTRY if n != 'oracle')}")
+    return specs, notes
+
+
+def uncalibrated(conformal: KnnConformalSampler) -> KnnResidualSampler:
+    """The plain kNN residual sampler behind a fitted conformal one, without refitting.
+
+    Both build the same cross-fitted bank, keys, index and K from the same config; the
+    conformal step only adds ``scale_`` (and its scores) on top. The returned sampler
+    shares the learned arrays (no copy) and samples exactly as a separately fitted
+    ``knn`` would (tests/test_evaluate.py checks it).
+    """
+    knn = KnnResidualSampler(conformal.config)
+    conformal_only = {"scale_", "calibration_scores_"}
+    knn.__dict__.update({k: v for k, v in vars(conformal).items()
+                         if k.endswith("_") and k not in conformal_only})
+    return knn
+
+
+@dataclass
+class FittedMethod:
+    sampler: object
+    fit_seconds: float
+    shared_with: str | None = None  # the method whose fit this one reuses
+
+
+def needs_model(specs: list[MethodSpec]) -> bool:
+    return any(make_sampler(s.sampler, s.config).uses_model for s in specs)
+
+
+def fit_methods(prep: Prepared, model, specs: list[MethodSpec], progress=None,
+                console=None) -> dict[str, FittedMethod]:
+    """Fit every method on ``prep.fit_panel()``; kNN samplers of one group share one fit."""
+    panel = prep.fit_panel()
+    fitted: dict[str, FittedMethod] = {}
+    # Within a kNN group, a conformal member is fitted first; plain members derive from it.
+    order = sorted(specs, key=lambda s: s.sampler != "knn-conformal")
+    group_fit: dict[tuple[str, str], tuple[str, object]] = {}
+    for spec in order:
+        group = spec.knn_group
+        if group in group_fit:
+            owner, base = group_fit[group]
+            sampler = base if spec.sampler == base.name else uncalibrated(base)
+            fitted[spec.name] = FittedMethod(sampler, 0.0, shared_with=owner)
+            _say(console, f"{spec.name}: shares the fit of {owner}")
+            continue
+        sampler = make_sampler(spec.sampler, spec.config)
+        if isinstance(sampler, KnnResidualSampler):
+            sampler.progress = progress
+        t0 = time.perf_counter()
+        sampler.fit(panel, model)
+        seconds = time.perf_counter() - t0
+        if isinstance(sampler, KnnResidualSampler):
+            sampler.progress = None  # a rich Progress does not belong in the fitted state
+        fitted[spec.name] = FittedMethod(sampler, seconds)
+        if group is not None:
+            group_fit[group] = (spec.name, sampler)
+        _say(console, f"{spec.name}: fitted in {seconds:.1f}s")
+    return {s.name: fitted[s.name] for s in specs}
+
+
+def _say(console, text: str) -> None:
+    if console is not None:
+        console.print(text)
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+@dataclass
+class EvalWindows:
+    """The scored windows, in iv units; every method sees exactly these."""
+
+    anchors: np.ndarray  # (W,) last context day
+    contexts: np.ndarray  # (W, C, n_m, n_tau)
+    realised: np.ndarray  # (W, H, n_m, n_tau)
+    level: np.ndarray  # (W,) mean iv over the context days and grid
+    regime: np.ndarray  # (W,) quartile 0..3 of level
+    fan_rows: np.ndarray  # (3,) windows with the lowest, median and highest level
+    atm: tuple[int, int]  # grid index of moneyness nearest 1, shortest maturity
+
+    @property
+    def n(self) -> int:
+        return len(self.anchors)
+
+
+def evaluation_windows(prep: Prepared) -> EvalWindows:
+    cfg = prep.config
+    C, H = cfg.data.context, cfg.data.horizon
+    anchors = prep.splits.anchors("test", stride=cfg.evaluate.window_stride)
+    panel = prep.panel
+    contexts = panel.contexts_at(anchors, C, log=False)
+    realised = panel.targets_at(anchors, H, log=False)
+    level = contexts.mean(axis=(1, 2, 3))
+    ranks = np.argsort(np.argsort(level, kind="stable"), kind="stable")
+    regime = (ranks * N_REGIMES) // len(anchors)  # equal-count quartiles
+    by_level = np.argsort(level, kind="stable")
+    fan_rows = by_level[[0, len(by_level) // 2, len(by_level) - 1]]
+    atm = (int(np.argmin(np.abs(panel.moneyness - 1.0))), int(np.argmin(panel.maturity_days)))
+    return EvalWindows(anchors, contexts, realised, level, regime.astype(np.int64), fan_rows, atm)
+
+
+def check_horizons(config: Config) -> tuple[list[int], list[str]]:
+    H = config.data.horizon
+    horizons = sorted(set(config.evaluate.horizons))
+    if any(h < 1 for h in horizons):
+        raise ConfigError(f"evaluate.horizons must be days >= 1, got {horizons}")
+    kept = [h for h in horizons if h <= H]
+    notes = []
+    if len(kept) < len(horizons):
+        notes.append(f"horizons {[h for h in horizons if h > H]} dropped: beyond data.horizon {H}")
+    if not kept:
+        raise ConfigError(f"evaluate.horizons {horizons} all lie beyond data.horizon {H}; pass "
+                          f"--horizons within 1..{H}")
+    return kept, notes
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+class PooledMoments:
+    """Count, mean and sum of squared deviations of a stream of arrays (Chan's merge)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        n_b, mean_b = x.size, float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.m2 += m2_b + delta * delta * self.n * n_b / n
+        self.mean += delta * n_b / n
+        self.n = n
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(self.m2 / self.n)) if self.n else float("nan")
+
+
+@dataclass
+class Draws:
+    """What one method's samples are reduced to (see the module docstring)."""
+
+    kept: np.ndarray  # (n_h, W, M, G) float32
+    var_pnl: dict[int, np.ndarray]  # h -> (W, M)
+    roughness: PooledMoments
+    fans: np.ndarray  # (3, H, 3)
+    seconds: float = 0.0
+
+
+def batch_size(n_samples: int, horizon: int, n_grid: int) -> int:
+    return int(np.clip(BATCH_BYTES // (8 * n_samples * horizon * n_grid), 1, MAX_BATCH))
+
+
+def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples: int,
+                   seed: int, progress=None, label: str = "") -> Draws:
+    """Sample every window in batches and keep what the scores need."""
+    W = windows.n
+    H = windows.realised.shape[1]
+    n_m, n_tau = windows.realised.shape[2:]
+    G = n_m * n_tau
+    kept = np.empty((len(horizons), W, n_samples, G), dtype=np.float32)
+    var_h = [h for h in VAR_HORIZONS if h <= H]
+    var_pnl = {h: np.empty((W, n_samples)) for h in var_h}
+    rough = PooledMoments()
+    fans = np.full((len(windows.fan_rows), H, len(FAN_QUANTILES)), np.nan)
+    fan_at = {int(w): i for i, w in enumerate(windows.fan_rows)}
+    step = batch_size(n_samples, H, G)
+    task = (progress.add_task(f"sample {label}", total=W, info="") if progress is not None
+            else None)
+    t0 = time.perf_counter()
+    for start in range(0, W, step):
+        sl = slice(start, min(W, start + step))
+        rngs = [node_rng(seed, 0, int(a), EVALUATION) for a in windows.anchors[sl]]
+        paths = sampler.sample(windows.contexts[sl], n_samples, rngs)  # (b, M, H, n_m, n_tau)
+        b = paths.shape[0]
+        flat = paths.reshape(b, n_samples, H, G)
+        for j, h in enumerate(horizons):
+            kept[j, sl] = flat[:, :, h - 1]
+        start_surface = windows.contexts[sl, -1].reshape(b, G)
+        for h in var_h:
+            var_pnl[h][sl] = metrics.vega_pnl(start_surface, flat[:, :, h - 1])
+        if H >= 2:
+            rough.add(np.diff(flat, axis=2))
+        for w in range(sl.start, sl.stop):
+            if w in fan_at:
+                atm_path = paths[w - sl.start, :, :, windows.atm[0], windows.atm[1]]  # (M, H)
+                fans[fan_at[w]] = np.quantile(atm_path, FAN_QUANTILES, axis=0).T
+        del paths, flat
+        if task is not None:
+            progress.update(task, advance=b)
+    return Draws(kept, var_pnl, rough, fans, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def realised_roughness(windows: EvalWindows) -> PooledMoments:
+    acc = PooledMoments()
+    if windows.realised.shape[1] >= 2:
+        acc.add(np.diff(windows.realised.reshape(windows.n, windows.realised.shape[1], -1),
+                        axis=1))
+    return acc
+
+
+def score_draws(draws: Draws, windows: EvalWindows, horizons: list[int],
+                maturity_days: np.ndarray) -> tuple[dict, np.ndarray]:
+    """The report's scores of one method; also its PIT values (n_h, W, G) for the plots."""
+    W = windows.n
+    G = draws.kept.shape[-1]
+    real = windows.realised.reshape(W, windows.realised.shape[1], G)
+    out: dict = {k: {} for k in ("coverage90", "coverage50", "width90", "width50", "crps",
+                                 "energy", "marginal_std_ratio", "within_var_share",
+                                 "between_var_share")}
+    pits = np.empty((len(horizons), W, G))
+    inside90 = np.zeros(W)  # per-window covered share, summed over horizons
+    for j, h in enumerate(horizons):
+        s, y = draws.kept[j], real[:, h - 1]
+        key = str(h)
+        for level in BAND_LEVELS:
+            lo, hi = metrics.band(s, level)
+            inside = (lo <= y) & (y <= hi)  # as metrics.coverage, one band computation
+            tag = f"{round(level * 100)}"
+            out[f"coverage{tag}"][key] = float(inside.mean())
+            out[f"width{tag}"][key] = float((hi - lo).mean())
+            if level == 0.9:
+                inside90 += inside.mean(axis=1)
+        out["crps"][key] = float(metrics.crps_ensemble(s, y).mean())
+        out["energy"][key] = float(metrics.energy_score(s, y).mean())
+        out["marginal_std_ratio"][key] = metrics.marginal_std_ratio(s, y)
+        budget = metrics.variance_budget(s, y)
+        out["within_var_share"][key] = budget["within_var_share"]
+        out["between_var_share"][key] = budget["between_var_share"]
+        pits[j] = metrics.pit(s, y)
+    real_rough = realised_roughness(windows)
+    out["roughness_ratio"] = (draws.roughness.std / real_rough.std
+                              if draws.roughness.n and real_rough.std > 0 else None)
+    out["pit_ks"] = metrics.pit_ks(pits)
+    # Every window holds the same G points at every horizon: pooled coverage of a group is
+    # the mean of its windows' shares.
+    per_window = inside90 / len(horizons)
+    out["regime_coverage90"] = {
+        f"q{q + 1}": float(per_window[windows.regime == q].mean())
+        if (windows.regime == q).any() else None for q in range(N_REGIMES)}
+    n_tau = len(maturity_days)
+    if n_tau >= 2:
+        n_m = G // n_tau
+        out["calendar_violations"] = metrics.calendar_violations(
+            draws.kept.reshape(-1, n_m, n_tau), maturity_days)
+    else:
+        out["calendar_violations"] = None  # a single maturity has no calendar spread
+    out["var_backtest"] = {}
+    start_surface = windows.contexts[:, -1].reshape(W, G)
+    for h, pnl in draws.var_pnl.items():
+        realised_pnl = metrics.vega_pnl(start_surface, real[:, h - 1][:, None])[:, 0]
+        for level in VAR_LEVELS:
+            out["var_backtest"][f"{h}_{level:g}"] = metrics.var_backtest(pnl, realised_pnl, level)
+    return out, pits
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def json_safe(x):
+    """JSON-safe: NaN / inf -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    return x
+
+
+@dataclass
+class PlotData:
+    """What the plots need beyond report.json."""
+
+    pits: dict[str, np.ndarray] = field(default_factory=dict)  # method -> PIT values
+    fans: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (3, H, 3)
+
+
+def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
+                   console=None) -> dict:
+    """Fit, sample and score every method; write report.json, report.md and the plots."""
+    t_start = time.perf_counter()
+    out = Path(out)
+    horizons, notes = check_horizons(cfg)
+    prep = prepare(cfg)
+    panel = prep.panel
+    specs, skip_notes = resolve_methods(cfg, panel.market is not None)
+    notes += skip_notes
+    for note in notes:
+        _say(console, f"note: {note}")
+    windows = evaluation_windows(prep)
+    M = cfg.evaluate.n_samples
+    _say(console, f"data {panel.source}: {panel.n_days} days, grid {panel.grid_shape[0]}x"
+                  f"{panel.grid_shape[1]}, fingerprint {panel.fingerprint}; fit history "
+                  f"{prep.splits.pre_test_stop()} days, {windows.n} test windows, {M} samples")
+
+    t0 = time.perf_counter()
+    model = get_model(prep, model_path, console) if needs_model(specs) else None
+    model_seconds = time.perf_counter() - t0
+
+    report: dict = {
+        "data": {"source": panel.source, "fingerprint": panel.fingerprint,
+                 "grid": panel.grid_dict(), "n_days": panel.n_days},
+        "split": {**prep.splits.to_dict(), "fit_days": prep.splits.pre_test_stop(),
+                  "test_first_anchor": str(panel.dates[windows.anchors[0]]),
+                  "test_last_anchor": str(panel.dates[windows.anchors[-1]]),
+                  "window_stride": cfg.evaluate.window_stride},
+        "n_windows": windows.n, "n_samples": M, "horizons": horizons,
+        "seed": cfg.seed, "notes": notes,
+        "model": {"path": str(model_path) if model_path else None,
+                  "trained_here": model is not None and model_path is None},
+        "regime_levels": {f"q{q + 1}": float(windows.level[windows.regime == q].mean())
+                          for q in range(N_REGIMES) if (windows.regime == q).any()},
+        "methods": {},
+    }
+    plots = PlotData()
+    with progress_bar(console is not None) as progress:
+        # Lines go above the live bars, not through them.
+        say = progress.console if progress is not None else None
+        fitted = fit_methods(prep, model, specs, progress=progress, console=say)
+        for spec in specs:
+            fm = fitted[spec.name]
+            draws = sample_windows(fm.sampler, windows, horizons, M, cfg.seed, progress,
+                                   spec.name)
+            t0 = time.perf_counter()
+            scores, pits = score_draws(draws, windows, horizons, panel.maturity_days)
+            score_seconds = time.perf_counter() - t0
+            scores.update(fit_seconds=fm.fit_seconds, sample_seconds=draws.seconds,
+                          score_seconds=score_seconds, fit_shared_with=fm.shared_with)
+            report["methods"][spec.name] = scores
+            plots.pits[spec.name] = pits
+            plots.fans[spec.name] = draws.fans
+            del draws
+            _say(say, f"{spec.name}: sampled in {scores['sample_seconds']:.1f}s, scored in "
+                          f"{score_seconds:.1f}s; coverage90 "
+                          + " ".join(f"{h}d {scores['coverage90'][str(h)]:.2f}"
+                                     for h in horizons))
+    oracle = report["methods"].get("oracle")
+    if oracle is not None:
+        for scores in report["methods"].values():
+            scores["crps_vs_oracle"] = {k: v / oracle["crps"][k] if oracle["crps"][k] else None
+                                        for k, v in scores["crps"].items()}
+    report["timings"] = {"model_seconds": model_seconds,
+                         "total_seconds": time.perf_counter() - t_start}
+    report = json_safe(report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    from engine.report import write_evaluation_report
+
+    files = write_evaluation_report(report, plots, windows, out, panel.dates, FAN_METHODS)
+    _say(console, f"wrote {out / 'report.json'}, " + ", ".join(str(f.name) for f in files)
+         + f" in {report['timings']['total_seconds']:.1f}s")
+    return report

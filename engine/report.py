@@ -1,0 +1,318 @@
+"""Rendering of `backfill evaluate` and `backfill diagnose` results: Markdown tables and PNG plots.
+
+Pure presentation: every number comes from the report dicts (the same ones written as
+JSON); the plots take the few arrays the JSON does not hold (PIT values, fan bands,
+embeddings). matplotlib runs on the Agg backend, so no display is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+FAN_TITLES = ("calm (lowest context level)", "median context level",
+              "stressed (highest context level)")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(fmt(v, spec) for v in value) + "]"
+    if isinstance(value, float) and not np.isfinite(value):
+        return "–"
+    return format(value, spec)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
+def horizon_table(methods: dict, key: str, horizons: list[int], spec: str) -> str | None:
+    rows = [[name] + [fmt(m[key].get(str(h)), spec) for h in horizons]
+            for name, m in methods.items() if key in m]
+    if not rows:
+        return None
+    return table(["method"] + [f"{h}d" for h in horizons], rows)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+# (key, title, number format, note)
+HORIZON_TABLES: tuple[tuple[str, str, str, str], ...] = (
+    ("coverage90", "Coverage of the 90% band", ".3f", "nominal 0.900"),
+    ("coverage50", "Coverage of the 50% band", ".3f", "nominal 0.500"),
+    ("crps", "CRPS per grid point (iv units)", ".5f", "lower is better"),
+    ("crps_vs_oracle", "CRPS / oracle CRPS", ".3f", "1 = as good as the true law"),
+    ("width90", "Width of the 90% band (iv units)", ".4f", "narrow is good only if covered"),
+    ("within_var_share", "Within-context variance share E[Var(X|C)] / Var(X)", ".3f",
+     "with the between share, sums to about 1 for a calibrated sampler"),
+    ("between_var_share", "Between-context variance share Var(E[X|C]) / Var(X)", ".3f", ""),
+    ("marginal_std_ratio", "Pooled marginal std / realised std", ".3f", "target 1"),
+    ("energy", "Energy score over the surface (iv units)", ".5f", "lower is better"),
+)
+
+
+def evaluation_markdown(report: dict) -> str:
+    data, split, methods = report["data"], report["split"], report["methods"]
+    horizons = report["horizons"]
+    grid = data["grid"]
+    parts = ["# Evaluation report", ""]
+    parts.append(f"- data: `{data['source']}`, {data.get('n_days', '?')} days, fingerprint "
+                 f"`{data['fingerprint']}`, grid {len(grid['moneyness'])} moneyness x "
+                 f"{len(grid['maturity_days'])} maturities (moneyness "
+                 f"{', '.join(f'{m:g}' for m in grid['moneyness'])}; maturity days "
+                 f"{', '.join(f'{d:g}' for d in grid['maturity_days'])})")
+    parts.append(f"- split (day ranges [start, stop)): train {split['train']}, calibration "
+                 f"{split['calibration']}, test {split['test']}; context {split['context']}, "
+                 f"horizon {split['horizon']}, embargo {split['embargo']}")
+    parts.append(f"- every method is fit on the first {split['fit_days']} days (before the "
+                 f"test split's embargo) and scored on the same {report['n_windows']} test "
+                 f"windows (anchors {split['test_first_anchor']} .. "
+                 f"{split['test_last_anchor']}, stride {split['window_stride']}) with "
+                 f"{report['n_samples']} samples each, seed {report['seed']}")
+    for note in report.get("notes", []):
+        parts.append(f"- note: {note}")
+    parts.append("")
+    for key, title, spec, note in HORIZON_TABLES:
+        body = horizon_table(methods, key, horizons, spec)
+        if body is None:
+            continue
+        parts += [f"## {title}", ""] + ([f"_{note}_", ""] if note else []) + [body, ""]
+
+    parts += ["## Scalar scores", "",
+              ("_roughness: std of daily changes along sample paths / along realised paths "
+              "(target 1); PIT KS: pooled over horizons (0 = uniform); calendar: share of "
+              "sampled surfaces whose total variance falls with maturity; q1..q4: coverage "
+              "of the 90% band by quartile of the context's mean level, pooled over "
+              "horizons_"), ""]
+    levels = report.get("regime_levels", {})
+    q_head = [f"cov90 {q} (level {fmt(levels.get(q), '.3f')})" for q in ("q1", "q2", "q3", "q4")]
+    rows = []
+    for name, m in methods.items():
+        reg = m["regime_coverage90"]
+        rows.append([name, fmt(m["roughness_ratio"]), fmt(m["pit_ks"]),
+                     fmt(m["calendar_violations"], ".4f")]
+                    + [fmt(reg.get(q)) for q in ("q1", "q2", "q3", "q4")])
+    parts += [table(["method", "roughness", "PIT KS", "calendar"] + q_head, rows), ""]
+
+    var_keys = sorted({k for m in methods.values() for k in m["var_backtest"]},
+                      key=lambda k: tuple(float(x) for x in k.split("_")))
+    if var_keys:
+        parts += ["## VaR backtest of a long-vega position (one vega at every grid point)", "",
+                  ("_exceptions / expected (Kupiec p-value); overlapping windows make "
+                  "exceptions of the 10-day VaR serially dependent, so its p-value is "
+                  "optimistic_"), ""]
+        rows = []
+        for name, m in methods.items():
+            row = [name]
+            for k in var_keys:
+                v = m["var_backtest"].get(k)
+                row.append("–" if v is None else
+                           f"{v['exceptions']} / {fmt(v['expected'], '.1f')} "
+                           f"({fmt(v['kupiec_p'], '.3f')})")
+            rows.append(row)
+        heads = [f"{k.split('_')[0]}d {float(k.split('_')[1]):.0%}" for k in var_keys]
+        parts += [table(["method"] + heads, rows), ""]
+
+    parts += ["## Timings (seconds)", ""]
+    rows = [[name, fmt(m.get("fit_seconds"), ".1f"), fmt(m.get("sample_seconds"), ".1f"),
+             fmt(m.get("score_seconds"), ".1f"), m.get("fit_shared_with") or ""]
+            for name, m in methods.items()]
+    parts += [table(["method", "fit", "sample", "score", "fit shared with"], rows), ""]
+    t = report.get("timings", {})
+    parts += [(f"model: {fmt(t.get('model_seconds'), '.1f')} s; total wall time "
+              f"{fmt(t.get('total_seconds'), '.1f')} s"), ""]
+    parts += ["## Plots", "", "![coverage](coverage.png)", "", "![PIT](pit.png)", "",
+              "![fans](fans.png)", ""]
+    return "\n".join(parts)
+
+
+def plot_coverage(report: dict, path: Path) -> Path:
+    plt = _pyplot()
+    horizons = report["horizons"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, m in report["methods"].items():
+        ys = [m["coverage90"].get(str(h)) for h in horizons]
+        ax.plot(horizons, [np.nan if y is None else y for y in ys], marker="o", label=name)
+    ax.axhline(0.9, color="black", linestyle="--", linewidth=1, label="nominal 0.9")
+    if len(horizons) > 1 and horizons[-1] / horizons[0] >= 10:
+        ax.set_xscale("log")
+    ax.set_xticks(horizons, [str(h) for h in horizons])
+    ax.set_xlabel("horizon (days)")
+    ax.set_ylabel("coverage of the 90% band")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_pit(pits: dict[str, np.ndarray], report: dict, path: Path) -> Path:
+    plt = _pyplot()
+    names = list(pits)
+    n_col = min(3, len(names))
+    n_row = int(np.ceil(len(names) / n_col))
+    fig, axes = plt.subplots(n_row, n_col, figsize=(3.6 * n_col, 2.8 * n_row), squeeze=False)
+    m = int(report["n_samples"])
+    rng = np.random.default_rng(0)
+    for ax, name in zip(axes.flat, names, strict=False):
+        # PIT values are k / M; spreading rank k uniformly over [k, k + 1) / (M + 1) gives a
+        # uniform histogram for a calibrated sampler, free of the comb that bins cut from
+        # a lattice (plot only: the KS statistic uses the raw values).
+        k = np.rint(np.ravel(pits[name]) * m)
+        u = (k + rng.random(k.shape)) / (m + 1)
+        ax.hist(u, bins=20, range=(0, 1), density=True, color="tab:blue", alpha=0.8)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ks = report["methods"][name]["pit_ks"]
+        ax.set_title(f"{name} (KS {fmt(ks)})", fontsize=9)
+        ax.set_xlim(0, 1)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("PIT histograms (randomised ranks), pooled over windows, grid points and "
+                 "horizons", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_fans(fans: dict[str, np.ndarray], windows, dates: np.ndarray, grid: dict,
+              path: Path) -> Path:
+    """Realised ATM path vs each method's 5/50/95% band for the calm, median, stressed window."""
+    plt = _pyplot()
+    i_m, i_t = windows.atm
+    C, H = windows.contexts.shape[1], windows.realised.shape[1]
+    fig, axes = plt.subplots(1, len(windows.fan_rows), figsize=(5 * len(windows.fan_rows), 4),
+                             squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for col, (ax, w) in enumerate(zip(axes[0], windows.fan_rows, strict=True)):
+        days_ctx = np.arange(-C + 1, 1)
+        days = np.arange(1, H + 1)
+        ax.plot(days_ctx, windows.contexts[w, :, i_m, i_t], color="black", linewidth=1)
+        ax.plot(days, windows.realised[w, :, i_m, i_t], color="black", linewidth=1.5,
+                label="realised")
+        for k, (name, band) in enumerate(fans.items()):
+            c = colors[k % len(colors)]
+            ax.fill_between(days, band[col, :, 0], band[col, :, 2], color=c, alpha=0.18)
+            ax.plot(days, band[col, :, 1], color=c, linewidth=1, label=f"{name} 5/50/95%")
+            ax.plot(days, band[col, :, 0], color=c, linewidth=0.6, linestyle=":")
+            ax.plot(days, band[col, :, 2], color=c, linewidth=0.6, linestyle=":")
+        ax.axvline(0, color="grey", linewidth=0.8)
+        anchor = dates[windows.anchors[w]]
+        ax.set_title(f"{FAN_TITLES[col] if col < len(FAN_TITLES) else ''}\nanchor {anchor}",
+                     fontsize=9)
+        ax.set_xlabel("days from the anchor")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel(f"iv at moneyness {grid['moneyness'][i_m]:g}, "
+                          f"{grid['maturity_days'][i_t]:g} days")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pick_fan_methods(names: Sequence[str], preferred: Sequence[str], n_default: int = 3
+                     ) -> list[str]:
+    chosen = [n for n in preferred if n in names]
+    return chosen or list(names)[:n_default]
+
+
+def write_evaluation_report(report: dict, plots, windows, out: Path, dates: np.ndarray,
+                            fan_methods: Sequence[str]) -> list[Path]:
+    out = Path(out)
+    md = out / "report.md"
+    md.write_text(evaluation_markdown(report))
+    files = [md, plot_coverage(report, out / "coverage.png"),
+             plot_pit(plots.pits, report, out / "pit.png")]
+    chosen = pick_fan_methods(list(plots.fans), fan_methods)
+    files.append(plot_fans({n: plots.fans[n] for n in chosen}, windows, dates,
+                           report["data"]["grid"], out / "fans.png"))
+    return files
+
+
+# ----------------------------------------------------------------------------- diagnose
+
+
+def _kv_table(d: dict, fmt_value: Callable[[object], str] = fmt) -> str:
+    return table(["quantity", "value"], [[k, fmt_value(v)] for k, v in d.items()])
+
+
+def diagnose_markdown(result: dict) -> str:
+    data = result["data"]
+    parts = ["# Diagnostics of the CVAE", "",
+             (f"- data: `{data['source']}`, fingerprint `{data['fingerprint']}`; "
+             f"{result['n_windows']} {result['split_name']} windows (context "
+             f"{result['split']['context']}, horizon {result['split']['horizon']}); all "
+             "spreads in iv units"), ""]
+    sens = result["decoder_sensitivity"]
+    parts += ["## Decoder sensitivity to z", "",
+              ("_std over prior draws of the decoded p50 path, z = mu_p + s * sigma_p * eps, "
+              "mean over windows, days and grid points; the realised residual std of the p50 "
+              f"is {fmt(sens['residual_std'], '.5f')}_"), "",
+              table(["noise scale s", "std of decoded p50"],
+                    [[fmt(float(s), "g"), fmt(v, ".6f")]
+                     for s, v in sens["std_by_noise_scale"].items()]), ""]
+    cz = result["context_vs_z"]
+    parts += ["## Zeroing the context embedding vs zeroing z", "",
+              "_mean |change| of the decoded p50 path against the decode at a prior draw of z_",
+              "", _kv_table(cz, lambda v: fmt(v, ".6f")), ""]
+    pv = result["posterior_vs_prior"]
+    parts += ["## Posterior vs prior", "", _kv_table({**pv, "kl": result["kl"]},
+                                                     lambda v: fmt(v, ".5g")), ""]
+    nb = result["neighbour_variance"]
+    parts += ["## Outcome variance among the nearest contexts", "",
+              (f"_per horizon: mean over windows of the variance of the realised values of its "
+              f"{nb['k']} nearest neighbours in embedding space (windows within "
+              f"{nb['exclusion_days']} days excluded) / the unconditional variance; random "
+              "neighbours give about 1_"), "",
+              table(["horizon", "neighbour variance share"],
+                    [[f"{h}d", fmt(v)] for h, v in nb["share"].items()]), ""]
+    rs = result["regime_separation"]
+    parts += ["## Volatility regimes in embedding space", "",
+              ("_windows split at the median context level; silhouette in [-1, 1] (higher = "
+              "better separated); ratio = distance between the two centroids / mean distance "
+              "to the own centroid_"), "", _kv_table(rs, lambda v: fmt(v, ".4g")), "",
+              "![embedding](embedding.png)", ""]
+    vb = result["variance_budget"]
+    rows = [[f"{h}d", fmt(v["var_x"], ".3e"), fmt(v["between_var"], ".3e"),
+             fmt(v["within_var"], ".3e"), fmt(v["between_share"]), fmt(v["within_share"])]
+            for h, v in vb.items()]
+    parts += ["## Variance budget of the raw prior decode", "",
+              ("_Var X of the realised values; Var E[X|C] = variance of the p50 over windows; "
+              "E[Var(X|C)] = mean within-window variance of prior decodes; shares of Var X, "
+              "averaged over the grid_"), "",
+              table(["horizon", "Var X", "Var E[X|C]", "E[Var(X|C)]", "between share",
+                     "within share"], rows), ""]
+    return "\n".join(parts)
+
+
+def plot_embedding(coords: np.ndarray, level: np.ndarray, path: Path, title: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    sc = ax.scatter(coords[:, 0], coords[:, 1], c=level, cmap="viridis", s=10)
+    fig.colorbar(sc, ax=ax, label="context mean iv")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,305 @@
+"""`backfill evaluate` and `backfill diagnose` on a tiny synthetic market.
+
+One CVAE is trained per module (saved as a checkpoint, so every run below loads it) and one
+tiny evaluation is run; the other tests reuse both. The report's numbers are checked against
+``engine.metrics`` recomputed from the samples of one method; the derived (uncalibrated)
+kNN against a separately fitted one; and the fit against a poisoned test split (no leakage).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from engine import metrics
+from engine.cli import app
+from engine.config import to_toml
+from engine.data.panel import Panel
+from engine.diagnose import run_diagnose
+from engine.errors import ConfigError
+from engine.evaluate import (
+    check_horizons,
+    evaluation_windows,
+    fit_methods,
+    resolve_methods,
+    run_evaluation,
+    sample_windows,
+)
+from engine.model import save_checkpoint
+from engine.pipeline import Prepared, get_model, prepare
+from engine.rng import EVALUATION, node_rng
+from engine.samplers import make_sampler
+from tests.conftest import tiny_config, toy_panel
+
+METHODS = ["oracle", "knn", "knn-conformal", "cvae-prior", "hist-bootstrap"]
+HORIZON_KEYS = ("coverage90", "coverage50", "width90", "crps", "energy", "marginal_std_ratio",
+                "within_var_share", "between_var_share")
+SCALAR_KEYS = ("roughness_ratio", "pit_ks", "regime_coverage90", "calendar_violations",
+               "var_backtest")
+
+
+def eval_config(**overrides):
+    return tiny_config(**{"seed": 5, "data.synthetic.n_days": 600, "train.epochs": 1,
+                          "evaluate.methods": METHODS, **overrides})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny config, its prepared data, a trained model and its checkpoint."""
+    cfg = eval_config()
+    prep = prepare(cfg)
+    model = get_model(prep, None)
+    path = save_checkpoint(model, tmp_path_factory.mktemp("model") / "m.pt", cfg,
+                           prep.panel.fingerprint, prep.panel.grid_dict())
+    return cfg, prep, model, path
+
+
+@pytest.fixture(scope="module")
+def evaluated(setup, tmp_path_factory):
+    cfg, _, _, path = setup
+    out = tmp_path_factory.mktemp("eval")
+    report = run_evaluation(cfg, out, model_path=path)
+    return report, out
+
+
+def _some_windows(prep: Prepared, n: int = 6):
+    """n test contexts and a function that gives fresh per-row generators for them."""
+    windows = evaluation_windows(prep)
+    idx = np.linspace(0, windows.n - 1, n).astype(int)
+
+    def rngs():
+        return [node_rng(prep.config.seed, 0, int(a), EVALUATION) for a in windows.anchors[idx]]
+
+    return windows.contexts[idx], rngs
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def test_report_has_the_required_shape_and_valid_numbers(evaluated):
+    report, out = evaluated
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == report
+    assert {"data", "split", "n_windows", "horizons", "methods"} <= set(report)
+    assert {"source", "fingerprint", "grid"} <= set(report["data"])
+    assert report["horizons"] == [1, 3, 6]
+    assert report["n_windows"] > 50
+    assert set(report["methods"]) == set(METHODS)
+    hkeys = {"1", "3", "6"}
+    for name, m in report["methods"].items():
+        assert set(HORIZON_KEYS) | set(SCALAR_KEYS) | {"crps_vs_oracle"} <= set(m), name
+        for key in HORIZON_KEYS + ("crps_vs_oracle",):
+            assert set(m[key]) == hkeys, (name, key)
+        for h in hkeys:
+            assert 0 <= m["coverage90"][h] <= 1 and 0 <= m["coverage50"][h] <= 1
+            assert m["coverage50"][h] <= m["coverage90"][h]
+            assert m["crps"][h] > 0 and m["energy"][h] > 0 and m["width90"][h] > 0
+            assert m["marginal_std_ratio"][h] > 0
+            assert m["within_var_share"][h] >= 0 and m["between_var_share"][h] >= 0
+        assert set(m["regime_coverage90"]) == {"q1", "q2", "q3", "q4"}
+        assert all(0 <= v <= 1 for v in m["regime_coverage90"].values())
+        assert 0 <= m["pit_ks"] <= 1 and m["roughness_ratio"] > 0
+        assert 0 <= m["calendar_violations"] <= 1
+        # Horizon 6 < 10: only the 1-day VaR is backtested.
+        assert set(m["var_backtest"]) == {"1_0.95", "1_0.99"}
+        for key, v in m["var_backtest"].items():
+            assert isinstance(v["exceptions"], int) and 0 <= v["kupiec_p"] <= 1
+            level = float(key.split("_")[1])
+            assert v["expected"] == pytest.approx(report["n_windows"] * (1 - level))
+        assert m["fit_seconds"] >= 0 and m["sample_seconds"] > 0
+    assert report["methods"]["oracle"]["crps_vs_oracle"] == {h: 1.0 for h in hkeys}
+    assert report["methods"]["knn"]["fit_shared_with"] == "knn-conformal"
+    assert report["timings"]["total_seconds"] > 0
+    # The raw CVAE is over-confident, the calibrated kNN is not (even at this tiny size).
+    cov = {n: np.mean(list(m["coverage90"].values())) for n, m in report["methods"].items()}
+    assert cov["cvae-prior"] < 0.5 < cov["knn-conformal"]
+    for name in ("report.md", "coverage.png", "pit.png", "fans.png"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "report.md").read_text()
+    assert "Coverage of the 90% band" in md and "knn-conformal" in md and "Timings" in md
+
+
+def test_scores_equal_metrics_recomputed_from_the_samples(setup, evaluated):
+    """hist-bootstrap needs no model: refit it and recompute the scores from full samples."""
+    cfg, prep, _, _ = setup
+    report, _ = evaluated
+    scored = report["methods"]["hist-bootstrap"]
+    sampler = make_sampler("hist-bootstrap", cfg).fit(prep.fit_panel())
+    w = evaluation_windows(prep)
+    rngs = [node_rng(cfg.seed, 0, int(a), EVALUATION) for a in w.anchors]
+    paths = sampler.sample(w.contexts, cfg.evaluate.n_samples, rngs)  # (W, M, H, n_m, n_tau)
+    W, M, H = paths.shape[:3]
+    flat = paths.reshape(W, M, H, -1)
+    real = w.realised.reshape(W, H, -1)
+    inside = []
+    for h in report["horizons"]:
+        s = flat[:, :, h - 1].astype(np.float32)  # the report keeps float32 samples
+        y = real[:, h - 1]
+        key = str(h)
+        assert scored["coverage90"][key] == pytest.approx(metrics.coverage(s, y, 0.9), abs=1e-12)
+        assert scored["coverage50"][key] == pytest.approx(metrics.coverage(s, y, 0.5), abs=1e-12)
+        assert scored["width90"][key] == pytest.approx(metrics.width(s, 0.9), rel=1e-10)
+        assert scored["crps"][key] == pytest.approx(metrics.crps_ensemble(s, y).mean(), rel=1e-10)
+        assert scored["within_var_share"][key] == pytest.approx(
+            metrics.variance_budget(s, y)["within_var_share"], rel=1e-10)
+        inside.append(metrics.coverage_by_group(s, y, 0.9, w.regime, 4))
+    pooled = np.mean(inside, axis=0)
+    assert [scored["regime_coverage90"][f"q{q + 1}"] for q in range(4)] == pytest.approx(pooled)
+    assert scored["roughness_ratio"] == pytest.approx(
+        metrics.roughness_ratio(flat, real), rel=1e-9)
+
+
+def test_sampling_is_batch_independent(setup, monkeypatch):
+    cfg, prep, _, _ = setup
+    sampler = make_sampler("hist-bootstrap", cfg).fit(prep.fit_panel())
+    w = evaluation_windows(prep)
+    big = sample_windows(sampler, w, [1, 6], 20, cfg.seed)
+    monkeypatch.setattr("engine.evaluate.MAX_BATCH", 3)
+    small = sample_windows(sampler, w, [1, 6], 20, cfg.seed)
+    np.testing.assert_array_equal(big.kept, small.kept)
+    np.testing.assert_array_equal(big.var_pnl[1], small.var_pnl[1])
+    np.testing.assert_array_equal(big.fans, small.fans)
+    assert big.roughness.std == pytest.approx(small.roughness.std, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- shared fits
+
+
+def test_derived_knn_equals_a_separately_fitted_knn(setup):
+    cfg, prep, model, _ = setup
+    specs, _ = resolve_methods(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
+        update={"methods": ["knn", "knn-conformal"]})}), has_market=True)
+    fitted = fit_methods(prep, model, specs)
+    derived, conformal = fitted["knn"].sampler, fitted["knn-conformal"].sampler
+    assert fitted["knn"].shared_with == "knn-conformal"
+    assert derived.bank_ is conformal.bank_  # shared, not refitted or copied
+    assert not hasattr(derived, "scale_") and hasattr(conformal, "scale_")
+    separate = make_sampler("knn", cfg).fit(prep.fit_panel(), model)
+    ctx, rngs = _some_windows(prep)
+    a = derived.sample(ctx, 40, rngs())
+    np.testing.assert_array_equal(a, separate.sample(ctx, 40, rngs()))
+    c = conformal.sample(ctx, 40, rngs())
+    assert not np.array_equal(a, c)  # the conformal scale does change the draws
+
+
+def test_no_test_information_reaches_the_fit(setup):
+    """Poison every day from the test split's embargo on; the fitted samplers must not notice."""
+    cfg, prep, model, _ = setup
+    p = prep.panel
+    stop = prep.splits.pre_test_stop()
+    wild = p.surface.copy()
+    rng = np.random.default_rng(0)
+    wild[stop:] = p.surface[stop:] * 5 * rng.uniform(0.2, 2.0, p.surface[stop:].shape)
+    # Without the market: the oracle (the only sampler that reads it) is not being tested.
+    clean = Panel(p.surface, p.dates, p.moneyness, p.maturity_days, source="clean")
+    poisoned = Panel(wild, p.dates, p.moneyness, p.maturity_days, source="poisoned")
+    assert not np.array_equal(clean.surface, poisoned.surface)
+    names = ["cvae-prior", "cvae-scaled", "knn", "knn-conformal", "knn-conformal-pca",
+             "hist-bootstrap", "fhs", "pca-ar"]
+    run_cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
+        update={"methods": names})})
+    specs, _ = resolve_methods(run_cfg, has_market=False)
+    fit_a = fit_methods(Prepared(run_cfg, clean, prep.splits), model, specs)
+    fit_b = fit_methods(Prepared(run_cfg, poisoned, prep.splits), model, specs)
+    ctx, rngs = _some_windows(prep)  # clean test contexts for both
+    for name in names:
+        a = fit_a[name].sampler.sample(ctx, 30, rngs())
+        b = fit_b[name].sampler.sample(ctx, 30, rngs())
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- methods, CLI
+
+
+def test_oracle_is_skipped_with_a_note_on_real_data(tmp_path):
+    panel = toy_panel(300)
+    path = tmp_path / "toy.npz"
+    np.savez(path, surface=panel.surface, dates=panel.dates.astype(str),
+             moneyness=panel.moneyness, maturity_days=panel.maturity_days)
+    cfg = tiny_config(**{"data.source": str(path), "evaluate.methods": ["oracle", "hist-bootstrap"],
+                         "evaluate.n_samples": 20})
+    report = run_evaluation(cfg, tmp_path / "out")
+    assert list(report["methods"]) == ["hist-bootstrap"]
+    assert any("oracle skipped" in n for n in report["notes"])
+    assert "crps_vs_oracle" not in report["methods"]["hist-bootstrap"]
+    assert "oracle skipped" in (tmp_path / "out" / "report.md").read_text()
+    only_oracle = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
+        update={"methods": ["oracle"]})})
+    with pytest.raises(ConfigError, match="no method"):
+        run_evaluation(only_oracle, tmp_path / "out2")
+
+
+def test_method_names_and_horizons_are_validated():
+    cfg = eval_config(**{"evaluate.methods": ["knn", "knn-conformal-pca", "knn-pca"]})
+    specs, notes = resolve_methods(cfg, has_market=True)
+    assert [s.name for s in specs] == ["knn", "knn-conformal-pca", "knn-pca"]
+    assert [s.config.sampler.point for s in specs] == ["cvae", "pca-ar", "pca-ar"]
+    assert specs[1].knn_group == specs[2].knn_group != specs[0].knn_group
+    with pytest.raises(ConfigError, match="unknown method.*'knn-magic'"):
+        resolve_methods(eval_config(**{"evaluate.methods": ["knn-magic"]}), True)
+    kept, notes = check_horizons(eval_config(**{"evaluate.horizons": [1, 6, 30]}))
+    assert kept == [1, 6] and "30" in notes[0]
+    with pytest.raises(ConfigError, match="beyond data.horizon"):
+        check_horizons(eval_config(**{"evaluate.horizons": [30]}))
+
+
+def test_cli_evaluate_runs_and_rejects_a_bad_method(setup, tmp_path):
+    cfg, _, _, _ = setup
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(to_toml(cfg))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["evaluate", "--config", str(toml), "--out", str(tmp_path / "o"),
+                             "--methods", "hist-bootstrap,cvae-prior,oracle", "--n-samples", "20"])
+    assert ok.exit_code == 0, ok.stderr + ok.stdout
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert list(report["methods"]) == ["hist-bootstrap", "cvae-prior", "oracle"]
+    assert report["n_samples"] == 20
+    bad = runner.invoke(app, ["evaluate", "--config", str(toml), "--out", str(tmp_path / "b"),
+                              "--methods", "knn,knn-magic"])
+    assert bad.exit_code == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "knn-magic" in lines[0] and "Traceback" not in bad.stderr
+    assert not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------- diagnose
+
+
+def test_diagnose_writes_its_report(setup, tmp_path):
+    cfg, prep, model, path = setup
+    result = run_diagnose(cfg, tmp_path, model_path=path)
+    assert {"decoder_sensitivity", "context_vs_z", "posterior_vs_prior", "kl",
+            "neighbour_variance", "regime_separation", "variance_budget"} <= set(result)
+    std = list(result["decoder_sensitivity"]["std_by_noise_scale"].values())
+    assert std[0] == pytest.approx(0, abs=1e-6) and std[-1] > std[1]  # noise 0 -> no spread
+    assert set(result["variance_budget"]) == {"1", "3", "6"}
+    assert set(result["neighbour_variance"]["share"]) == {"1", "3", "6"}
+    assert -1 <= result["regime_separation"]["silhouette"] <= 1
+    assert result["kl"] >= 0
+    # The KL matches the model's own training loss term on the same windows.
+    anchors = prep.splits.anchors("calibration")
+    C, H = cfg.data.context, cfg.data.horizon
+    model.eval()
+    with torch.no_grad():
+        kl = model.loss(torch.as_tensor(prep.panel.contexts_at(anchors, C), dtype=torch.float32),
+                        torch.as_tensor(prep.panel.targets_at(anchors, H), dtype=torch.float32),
+                        use_prior=False)["kl"]
+    assert result["kl"] == pytest.approx(float(kl), rel=1e-4)
+    for name in ("diagnose.json", "diagnose.md", "embedding.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "diagnose.json").read_text()) == result
+
+
+def test_diagnose_through_the_cli(setup, tmp_path):
+    cfg, _, _, path = setup
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(to_toml(cfg))
+    res = CliRunner().invoke(app, ["diagnose", "--config", str(toml), "--model", str(path),
+                                   "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.stderr
+    assert Path(tmp_path / "d" / "diagnose.json").is_file()
