@@ -288,7 +288,10 @@ def var(store: StoreOpt,
         for a in alphas:
             cells += [f"{r[f'var_{a:g}']:.4f}", f"{r[f'es_{a:g}']:.4f}"]
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or file: no 80-column wrap of the table
+        console = Console(width=200)
+    console.print(table)
 
 
 @app.command()

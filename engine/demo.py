@@ -63,7 +63,7 @@ def run_demo(config: Config, out: Path, console) -> dict:
     cvae_band = (cvae_q[levels.index(min(levels))], cvae_q[levels.index(0.5)],
                  cvae_q[levels.index(max(levels))])
 
-    fan = out / "fan_90d.png"
+    fan = out / f"fan_{H}d.png"
     plot_fans(fan, panel, start, C, H, i_m, i_t,
               {"CVAE p05/p50/p95": cvae_band, f"{sampler.name} q05/q50/q95": cal,
                "oracle q05/q50/q95": orc})
@@ -76,7 +76,8 @@ def run_demo(config: Config, out: Path, console) -> dict:
                       "maturity_days": float(panel.maturity_days[i_t])},
         "last_atm_iv": float(context[0, -1, i_m, i_t]),
         "mean_band_width_90": width,
-        "day90_bands": {"cvae": [float(b[-1]) for b in cvae_band],
+        "horizon": H,
+        "last_day_bands": {"cvae": [float(b[-1]) for b in cvae_band],
                         "calibrated": [float(b) for b in cal[:, -1]],
                         "oracle": [float(b) for b in orc[:, -1]]},
         "train_seconds": result.seconds,
@@ -92,15 +93,15 @@ def run_demo(config: Config, out: Path, console) -> dict:
 
 def summary_text(s: dict) -> str:
     w = s["mean_band_width_90"]
-    b = s["day90_bands"]
+    b = s["last_day_bands"]
     lines = [
         f"start {s['start_date']}: ATM (moneyness {s['atm_point']['moneyness']:g}, "
         f"{s['atm_point']['maturity_days']:g} days) iv {s['last_atm_iv']:.3f}",
-        "mean width of the 90% band over 90 days (iv units):",
+        f"mean width of the 90% band over {s['horizon']} days (iv units):",
         f"  raw CVAE      {w['cvae']:.4f}   ({w['cvae'] / w['oracle']:.0%} of the oracle's)",
         f"  calibrated    {w['calibrated']:.4f}   ({w['calibrated'] / w['oracle']:.0%} of the oracle's)",
         f"  oracle        {w['oracle']:.4f}",
-        "day-90 q05 / q50 / q95:",
+        f"day-{s['horizon']} q05 / q50 / q95:",
         *(f"  {k:<12}  {v[0]:.3f} / {v[1]:.3f} / {v[2]:.3f}" for k, v in b.items()),
         f"fan chart: {s['fan_chart']}",
     ]

@@ -177,8 +177,10 @@ def _draw(sampler, batch: Batch, sl: slice, n_samples: int, rngs: list,
     return np.log(sampler.sample(batch.contexts[sl], n_samples, rngs[sl]))
 
 
-def _branch(log_paths: np.ndarray, batch: Batch, sl: slice, plan: LevelPlan):
-    """Children and marginal partial of nodes ``sl`` of a batch from their sampled paths."""
+def _branch(log_paths: np.ndarray, batch: Batch, sl: slice, plan: LevelPlan,
+            acc: MarginalAccumulator | None):
+    """Children of nodes ``sl`` of a batch from their sampled paths; their samples go into
+    ``acc`` (the batch's marginal partial sums) where ``batch.marginal`` says so."""
     s, k = plan.stride, plan.branching
     if log_paths.ndim != 5 or log_paths.shape[1] != plan.n_samples or log_paths.shape[2] < s \
             or log_paths.shape[3:] != plan.grid_shape:
@@ -199,13 +201,12 @@ def _branch(log_paths: np.ndarray, batch: Batch, sl: slice, plan: LevelPlan):
         raise DataError(f"level {plan.level}: sampled vols are not finite and positive (the "
                         "sampler diverged); check the sampler and the data")
     mask = batch.marginal[sl]
-    acc = None
     if mask.any():
         x = log_paths[:, :, :s] if mask.all() else log_paths[mask][:, :, :s]
-        acc = MarginalAccumulator(s, plan.grid_shape, plan.bins).add(0, x, weights[mask])
+        acc.add(0, x, weights[mask])
     parent = np.repeat(batch.parents[sl].astype(np.int64), k)
     branch = np.tile(np.arange(k, dtype=np.int8), n)
-    return paths, parent, branch, weight, acc
+    return paths, parent, branch, weight
 
 
 def expand_batch(sampler, batch: Batch, plan: LevelPlan,
@@ -224,14 +225,13 @@ def expand_batch(sampler, batch: Batch, plan: LevelPlan,
     horizon = sampler.horizon
     per_node = plan.n_samples * horizon * math.prod(plan.grid_shape)
     step = max(1, _DRAW_VALUES // per_node)
-    parts, acc = [], None
+    acc = MarginalAccumulator(plan.stride, plan.grid_shape, plan.bins) \
+        if batch.marginal.any() else None
+    parts = []
     for i in range(0, n, step):
         sl = slice(i, min(n, i + step))
         log_paths = _draw(sampler, batch, sl, plan.n_samples, rngs, point_keys)
-        *rows, part = _branch(np.asarray(log_paths), batch, sl, plan)
-        parts.append(rows)
-        if part is not None:
-            acc = part if acc is None else acc.merge(part)
+        parts.append(_branch(np.asarray(log_paths), batch, sl, plan, acc))
     paths, parent, branch, weight = (np.concatenate(c) for c in zip(*parts, strict=True))
     return BatchResult(batch.index, batch.first_child, paths, parent, branch, weight, acc,
                        batch.marginal.copy(), n)
@@ -407,17 +407,32 @@ class _RayPool:
     def __init__(self, sampler, engine: EngineConfig):
         import ray
 
-        from actors.decoder import DecoderActor
-        from actors.knn_residual import KnnResidualActor
-
         self._ray = ray
         self._started = False
+        self.decoders, self.knn, self._pending = [], [], {}
         if not ray.is_initialized():
             if engine.address is None:
                 _start_local_ray(engine)
             else:
-                ray.init(address=engine.address, log_to_driver=False)
+                try:
+                    ray.init(address=engine.address, log_to_driver=False)
+                except (ConnectionError, RuntimeError, ValueError) as err:
+                    raise ConfigError(f"cannot join the Ray cluster at {engine.address!r} "
+                                      f"({str(err).strip().splitlines()[0]}); start it, fix "
+                                      "--address, or leave it out for a local Ray") from None
             self._started = True
+        try:
+            self._start_actors(sampler, engine)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_actors(self, sampler, engine: EngineConfig) -> None:
+        import ray
+
+        from actors.decoder import DecoderActor
+        from actors.knn_residual import KnnResidualActor
+
         self.sampler_ref = ray.put(sampler)
         shared = {"sampler": self.sampler_ref}  # nested: the actor receives the ref itself
         self.split = is_split(sampler)
@@ -430,9 +445,8 @@ class _RayPool:
         else:  # a generic sampler has no seam: one actor calls its `sample`
             self.decoders = []
             self.knn = [KnnResidualActor.remote(shared)]
-        self.per_actor = engine.max_in_flight
         self.capacity = engine.max_in_flight * len(self.knn)
-        self._pending: dict = {}  # ObjectRef -> kNN actor index
+        self._pending = {}  # ObjectRef -> kNN actor index
         self._load = [0] * len(self.knn)
         self._submitted = 0
 
@@ -692,7 +706,7 @@ def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: _Front
         raise StoreError(f"level {level}: {int((~done).sum())} chunks unwritten after every "
                          "task returned; resume the run")  # a bug, not a user error
     marg = acc.finalize(QUANTILE_LEVELS)
-    if not np.allclose(marg["weight"], 1.0, rtol=0, atol=1e-9):
+    if not np.allclose(marg["weight"], 1.0, rtol=0, atol=1e-6):  # as mark_level_complete
         raise StoreError(f"level {level}: marginal mass {marg['weight'].min()!r}, required 1; "
                          "the level's weights do not sum to 1")
     store.write_marginal_days((level - 1) * s, marg["quantiles"], marg["mean"], marg["std"])
@@ -800,14 +814,23 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
     """The run's sampler (``config.sampler.method``), fitted on ALL history up to the start
     day: production has no test split to hold out. The CVAE comes from ``model_path`` or is
     trained (pipeline.get_model)."""
-    from engine.pipeline import get_model
+    from engine.data.panel import make_splits
+    from engine.pipeline import Prepared, get_model
     from engine.samplers import make_sampler
     from engine.train import progress_bar
 
     cfg = prep.config
     sampler = make_sampler(cfg.sampler.method, cfg)
-    model = get_model(prep, model_path, console) if sampler.uses_model else None
     history = prep.panel.slice_days(0, inputs.fit_days)
+    model = None
+    if sampler.uses_model and model_path is not None:
+        model = get_model(prep, model_path, console)  # checked against the whole data file
+    elif sampler.uses_model:
+        # trained here on the train split of the history up to the start day only, so a run
+        # from a past date never learns from the days after it
+        cut = prep if inputs.fit_days == prep.panel.n_days else \
+            Prepared(cfg, history, make_splits(history, cfg.data))
+        model = get_model(cut, None, console)
     if console is not None:
         console.print(f"fitting sampler {cfg.sampler.method} on {history.n_days} days up to "
                       f"{inputs.start_date}")

@@ -1,0 +1,447 @@
+"""The driver without Ray: a valid store, the same bytes for any batch size, the Monte Carlo twin,
+resume after a crash, refused resumes, the exact marginal sums, and the CLI end to end.
+
+One small kNN-conformal sampler (toy panel, tiny CVAE) is fitted once per session
+(``fitted_sampler``) and shared with tests/test_engine_ray.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+import zarr
+from typer.testing import CliRunner
+
+from engine import driver, tree
+from engine.cli import app
+from engine.config import Config
+from engine.errors import ConfigError, StoreError
+from engine.samplers import make_sampler
+from engine.store import ScenarioStore
+from engine.train import train_model
+from tests.conftest import tiny_config, toy_panel
+
+DEPTH, M, K, CHUNK = 3, 32, 5, 4
+
+
+def run_config(**overrides) -> Config:
+    """The tiny model of conftest, M = 32 paths, depth 3, chunks of 4 nodes, 64 bins."""
+    base = {"tree.n_samples": M, "tree.depth": DEPTH, "engine.backend": "inline",
+            "engine.batch_size": 7, "store.chunk_nodes": CHUNK, "store.marginal_bins": 64,
+            "train.epochs": 1}
+    return tiny_config(**{**base, **overrides})
+
+
+@functools.cache
+def fitted_sampler(method: str = "knn-conformal"):
+    """(panel, sampler) fitted once per session on the toy panel."""
+    cfg = run_config()
+    panel = toy_panel()
+    sampler = make_sampler(method, cfg)
+    model = None
+    if sampler.uses_model:
+        model = train_model(panel, np.arange(cfg.data.context - 1, 300), cfg).model
+    return panel, sampler.fit(panel, model)
+
+
+def make_run(path: Path, cfg: Config, kind: str = "tree", method: str = "knn-conformal",
+             n_paths: int | None = None, resume: bool = False, overwrite: bool = True,
+             **kwargs) -> ScenarioStore:
+    """Open (or resume) a store for the toy panel's last day and expand it."""
+    panel, sampler = fitted_sampler(method)
+    c = cfg.data.context
+    i = panel.n_days - 1
+    store = driver.open_store(path, kind=kind, config=cfg, fingerprint=panel.fingerprint,
+                              start_date=str(panel.dates[i]), grid=panel.grid_dict(),
+                              start_context=panel.surface[i - c + 1: i + 1], n_paths=n_paths,
+                              resume=resume, overwrite=overwrite and not resume)
+    driver.run_store(store, sampler, cfg, **kwargs)
+    return store
+
+
+def store_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of every group of a store, by 'group/array'."""
+    root = zarr.open_group(path, mode="r", use_consolidated=False)
+    return {f"{name}/{a}": arr[:] for name, group in root.groups() for a, arr in group.arrays()}
+
+
+def assert_same_bytes(a: Path, b: Path) -> None:
+    x, y = store_arrays(a), store_arrays(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        assert x[key].dtype == y[key].dtype, key
+        assert x[key].tobytes() == y[key].tobytes(), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The reference tree: inline, batch 7."""
+    path = tmp_path_factory.mktemp("ref") / "run.zarr"
+    make_run(path, run_config())
+    return path
+
+
+def test_inline_run_writes_a_valid_store(reference):
+    store = ScenarioStore.open(reference)
+    assert store.levels_complete == DEPTH
+    attrs = zarr.open_group(reference, mode="r").attrs.asdict()
+    for key in ("schema_version", "config", "seed", "grid", "fingerprint", "start_date",
+                "levels_complete", "start_context"):
+        assert key in attrs, key
+    assert attrs["config"]["tree"]["n_samples"] == M
+    panel, _ = fitted_sampler()
+    assert attrs["fingerprint"] == panel.fingerprint
+    assert attrs["start_date"] == str(panel.dates[-1])
+    for level in range(1, DEPTH + 1):
+        data = store.read_level(level)
+        n = K ** level
+        assert data["paths"].shape == (n, 6, 2, 3)
+        assert abs(data["weight"].sum() - 1.0) < 1e-9
+        assert np.all(data["weight"] > 0)
+        n_prev = 1 if level == 1 else K ** (level - 1)
+        assert np.all((data["parent"] >= 0) & (data["parent"] < n_prev))
+        np.testing.assert_array_equal(data["parent"], np.repeat(np.arange(n_prev), K))
+        np.testing.assert_array_equal(data["branch"], np.tile(np.arange(K), n_prev))
+        assert np.all(np.isfinite(data["paths"])) and np.all(data["paths"] > 0)
+        ds = xr.open_zarr(reference, group=f"level_{level:02d}")
+        assert ds["paths"].dims == ("node", "day", "moneyness", "maturity")
+        for dim in ("node", "day", "moneyness", "maturity"):
+            assert dim in ds.coords
+        assert np.issubdtype(ds["day"].dtype, np.datetime64)
+        np.testing.assert_array_equal(ds["node"].values, np.arange(n))
+    m = xr.open_zarr(reference, group="marginals")
+    assert m["quantiles"].dims == ("day", "quantile", "moneyness", "maturity")
+    assert m.sizes["day"] == DEPTH * 6
+    for name in ("quantiles", "mean", "std"):
+        assert np.all(np.isfinite(m[name].values)), name
+    q = m["quantiles"].values
+    assert np.all(np.diff(q, axis=1) >= 0)  # quantiles increase with the level
+    assert np.all(m["std"].values > 0)
+    # day coordinates: level k's days follow level k-1's
+    days = np.concatenate([store.level_days(k) for k in range(1, DEPTH + 1)])
+    np.testing.assert_array_equal(days, m["day"].values.astype("datetime64[D]"))
+    assert not Path(str(reference) + ".partial").exists()  # no checkpoint left behind
+
+
+def test_children_continue_their_parents_context(reference):
+    """A level-2 node's path starts from its level-1 parent's last kept day: its first
+    sampled day stays near it (the toy market moves a few percent a day)."""
+    store = ScenarioStore.open(reference)
+    one, two = store.read_level(1), store.read_level(2)
+    last = one["paths"][two["parent"], -1]  # (25, n_m, n_tau)
+    first = two["paths"][:, 0]
+    assert np.median(np.abs(np.log(first / last))) < 0.2
+    full = store.ancestor_paths(2, 0, 25)
+    np.testing.assert_array_equal(full[:, :6], one["paths"][two["parent"]])
+
+
+def test_batch_size_does_not_change_a_byte(reference, tmp_path):
+    make_run(tmp_path / "b256.zarr", run_config(**{"engine.batch_size": 256}))
+    assert_same_bytes(reference, tmp_path / "b256.zarr")
+    make_run(tmp_path / "b1.zarr", run_config(**{"engine.batch_size": 1}))
+    assert_same_bytes(reference, tmp_path / "b1.zarr")
+
+
+def test_monte_carlo_writes_the_same_layout(tmp_path):
+    n = 24
+    cfg = run_config(**{"tree.depth": 2})
+    store = make_run(tmp_path / "mc.zarr", cfg, kind="mc", n_paths=n)
+    assert store.meta.kind == "mc" and store.levels_complete == 2
+    for level in (1, 2):
+        data = store.read_level(level)
+        assert data["paths"].shape == (n, 6, 2, 3)
+        np.testing.assert_allclose(data["weight"], 1.0 / n, rtol=0, atol=1e-15)
+        np.testing.assert_array_equal(data["branch"], 0)
+        np.testing.assert_array_equal(data["parent"], 0 if level == 1 else np.arange(n))
+        assert np.all(np.isfinite(data["paths"])) and np.all(data["paths"] > 0)
+        xr.open_zarr(tmp_path / "mc.zarr", group=f"level_{level:02d}")
+    m = store.read_marginals()
+    assert np.all(np.isfinite(m["quantiles"])) and m["quantiles"].shape[0] == 12
+    # the marginal mean is the mean of the N paths themselves
+    paths = np.concatenate([store.read_level(1)["paths"], store.read_level(2)["paths"]], 1)
+    np.testing.assert_allclose(m["mean"], paths.astype(np.float64).mean(0), rtol=1e-5)
+    # paths are own draws (a kNN bootstrap repeats a residual now and then), and batching
+    # changes nothing
+    assert len(np.unique(store.read_level(1)["paths"][:, 0, 0, 0])) > n // 2
+    make_run(tmp_path / "mc5.zarr", run_config(**{"tree.depth": 2, "engine.batch_size": 5}),
+             kind="mc", n_paths=n)
+    assert_same_bytes(tmp_path / "mc.zarr", tmp_path / "mc5.zarr")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("keep_checkpoint, resume_batch", [(True, 7), (False, 3)])
+def test_resume_after_a_crash_gives_the_same_bytes(reference, tmp_path, keep_checkpoint,
+                                                   resume_batch):
+    path = tmp_path / "crash.zarr"
+    written = []
+
+    def crash_in_level_2(level, chunk):
+        written.append((level, chunk))
+        if level == 2 and sum(lv == 2 for lv, _ in written) == 3:
+            raise Crash("simulated crash")
+
+    with pytest.raises(Crash):
+        make_run(path, run_config(), after_chunk=crash_in_level_2, checkpoint_seconds=0)
+    store = ScenarioStore.open(path)
+    assert store.levels_complete == 1
+    assert store.chunks_done(2).sum() == 3
+    partial = Path(str(path) + ".partial") / "level_02.npz"
+    assert partial.is_file()  # saved on the way out
+    if not keep_checkpoint:
+        partial.unlink()  # e.g. lost: the marginals of finished tasks are recomputed
+    # the engine section may change on resume (batch size here)
+    stats = []
+    resumed = make_run(path, run_config(**{"engine.batch_size": resume_batch}), resume=True,
+                       after_chunk=lambda lv, c: stats.append((lv, c)))
+    assert resumed.levels_complete == DEPTH
+    assert sum(lv == 2 for lv, _ in stats) == store.n_chunks(2) - 3  # done chunks not rewritten
+    assert_same_bytes(reference, path)
+    assert not partial.exists()
+
+
+def test_resume_skips_finished_tasks(tmp_path):
+    path = tmp_path / "skip.zarr"
+
+    def crash(level, chunk):
+        if level == 3 and chunk == 20:
+            raise Crash("simulated crash")
+
+    cfg = run_config(**{"engine.batch_size": 1})
+    with pytest.raises(Crash):
+        make_run(path, cfg, after_chunk=crash, checkpoint_seconds=0)
+    _, sampler = fitted_sampler()
+    store = ScenarioStore.open(path, "r+")
+    stats = driver.run_store(store, sampler, cfg)
+    # chunk c of level 3 holds children 4c..4c+3 of parents (4c)//5 .. (4c+3)//5: 21 chunks
+    # written -> the parents of children 0..83 are done (their chunks and marginals)
+    assert [s.level for s in stats] == [3]
+    assert stats[0].nodes == 25 - 84 // 5
+
+
+def test_incompatible_resume_is_refused(reference, tmp_path):
+    panel, _ = fitted_sampler()
+    c, i = 12, panel.n_days - 1
+    kwargs = {"kind": "tree", "fingerprint": panel.fingerprint, "grid": panel.grid_dict(),
+              "start_date": str(panel.dates[i]), "start_context": panel.surface[i - c + 1:i + 1],
+              "resume": True}
+    with pytest.raises(StoreError, match="seed"):
+        driver.open_store(reference, config=run_config(seed=5), **kwargs)
+    with pytest.raises(StoreError, match="tree.n_samples"):
+        driver.open_store(reference, config=run_config(**{"tree.n_samples": 64}), **kwargs)
+    with pytest.raises(StoreError, match="fingerprint"):
+        driver.open_store(reference, config=run_config(), **{**kwargs, "fingerprint": "x"})
+    with pytest.raises(StoreError, match="start date"):
+        driver.open_store(reference, config=run_config(),
+                          **{**kwargs, "start_date": str(panel.dates[i - 1])})
+    with pytest.raises(StoreError, match="holds a tree run"):
+        driver.open_store(reference, config=run_config(), n_paths=3, **{**kwargs, "kind": "mc"})
+    with pytest.raises(ConfigError, match="--overwrite"):
+        driver.open_store(reference, config=run_config(), overwrite=True, **kwargs)
+    with pytest.raises(StoreError, match="not empty"):
+        driver.open_store(reference, config=run_config(), **{**kwargs, "resume": False})
+    with pytest.raises(StoreError, match="does not exist"):
+        driver.open_store(tmp_path / "none.zarr", config=run_config(), **kwargs)
+    # the engine section may differ: where and how wide a run goes cannot change its bytes
+    driver.open_store(reference, config=run_config(**{"engine.batch_size": 99}), **kwargs)
+
+
+def test_pruned_frontier_is_resampled_once_per_level(tmp_path):
+    cfg = run_config(**{"tree.max_frontier": 10})
+    store = make_run(tmp_path / "p7.zarr", cfg)
+    assert [store.level_size(k) for k in (1, 2)] == [5, 25]
+    assert store.level_size(3) <= 50 and store.level_size(3) % 5 == 0
+    for k in (1, 2, 3):
+        assert abs(store.read_level(k)["weight"].sum() - 1.0) < 1e-9
+    assert np.all(np.diff(store.read_level(3)["parent"]) >= 0)
+    make_run(tmp_path / "p2.zarr", run_config(**{"tree.max_frontier": 10,
+                                                 "engine.batch_size": 2}))
+    assert_same_bytes(tmp_path / "p7.zarr", tmp_path / "p2.zarr")
+    cut = make_run(tmp_path / "w.zarr", run_config(**{"tree.min_weight": 0.03}))
+    assert cut.level_size(3) < 125
+
+
+def test_generic_sampler_uses_the_same_path(tmp_path):
+    cfg = run_config(**{"tree.depth": 2})
+    a = make_run(tmp_path / "hb.zarr", cfg, method="hist-bootstrap")
+    assert a.levels_complete == 2
+    make_run(tmp_path / "hb3.zarr", run_config(**{"tree.depth": 2, "engine.batch_size": 3}),
+             method="hist-bootstrap")
+    assert_same_bytes(tmp_path / "hb.zarr", tmp_path / "hb3.zarr")
+
+
+def test_expand_batch_equals_a_per_node_loop():
+    """The slow reference: each node alone (its own batch of one) gives the batch's rows."""
+    panel, sampler = fitted_sampler()
+    cfg = run_config()
+    plan = driver.LevelPlan("tree", 2, cfg.seed, M, 6, 64, (2, 3), cfg.tree)
+    rng = np.random.default_rng(0)
+    n = 9
+    ctx = panel.surface[rng.integers(11, 380, n)[:, None] + np.arange(-11, 1)[None]]
+    nodes = np.arange(10, 10 + n)
+    w = np.full(n, 1.0 / n)
+    whole = driver.expand_batch(sampler, driver.Batch(0, 0, nodes, nodes, w,
+                                                      np.ones(n, bool), ctx), plan)
+    acc = tree.MarginalAccumulator(6, (2, 3), 64)
+    for i in range(n):
+        one = driver.expand_batch(sampler, driver.Batch(i, i * K, nodes[i:i + 1],
+                                                        nodes[i:i + 1], w[i:i + 1],
+                                                        np.ones(1, bool), ctx[i:i + 1]), plan)
+        rows = slice(i * K, (i + 1) * K)
+        assert one.paths.tobytes() == whole.paths[rows].tobytes()
+        assert one.weight.tobytes() == whole.weight[rows].tobytes()
+        acc.merge(one.marginal)
+    for name in ("counts", "total", "sum_iv", "sum_iv2", "vmin", "vmax"):
+        np.testing.assert_array_equal(getattr(acc, name), getattr(whole.marginal, name))
+
+
+def test_marginal_sums_are_exact_for_any_partition_and_merge_order():
+    rng = np.random.default_rng(3)
+    n, m = 40, 50
+    x = np.log(0.2) + 0.3 * rng.standard_normal((n, 1, 1, 2, 3)) \
+        + 0.4 * rng.standard_normal((n, m, 4, 2, 3))
+    w = rng.dirichlet(np.ones(n))
+    whole = tree.MarginalAccumulator(4, (2, 3), bins=128).add(0, x, w)
+    for trial in range(3):
+        cuts = np.sort(rng.choice(np.arange(1, n), size=6, replace=False))
+        parts = [tree.MarginalAccumulator(4, (2, 3), bins=128).add(0, x[a:b], w[a:b])
+                 for a, b in zip(np.r_[0, cuts], np.r_[cuts, n], strict=True)]
+        acc = tree.MarginalAccumulator(4, (2, 3), bins=128)
+        for j in rng.permutation(len(parts)):
+            acc.merge(parts[j])
+        for name in ("counts", "under", "over", "total", "sum_iv", "sum_iv2", "vmin", "vmax"):
+            assert getattr(acc, name).tobytes() == getattr(whole, name).tobytes(), (trial, name)
+    # a checkpoint round trip keeps every byte
+    back = tree.MarginalAccumulator.from_arrays(whole.to_arrays())
+    assert back.quantiles([0.1, 0.9]).tobytes() == whole.quantiles([0.1, 0.9]).tobytes()
+    # probabilities only: more than 2 in total is refused (int64 could overflow)
+    with pytest.raises(Exception, match="probability 2"):
+        whole.add(0, x[:1], np.array([1.5]))
+
+
+def test_weighted_var_es_matches_sorting():
+    rng = np.random.default_rng(1)
+    pnl = rng.standard_normal(1000)
+    w = np.ones(1000)
+    (var, es), = driver.weighted_var_es(pnl, w, [0.95])
+    loss = np.sort(-pnl)
+    assert var == np.quantile(-pnl, 0.95, method="inverted_cdf")
+    np.testing.assert_allclose(es, loss[950:].mean(), rtol=1e-12)
+    # the atom at VaR is split: two outcomes, loss 10 with probability 0.02
+    (var, es), = driver.weighted_var_es(np.array([-10.0, 1.0]), np.array([0.02, 0.98]), [0.99])
+    assert var == 10.0 and es == pytest.approx(10.0)
+    (var, es), = driver.weighted_var_es(np.array([-10.0, 1.0]), np.array([0.02, 0.98]), [0.97])
+    assert var == -1.0 and es == pytest.approx((0.02 * 10 + 0.01 * -1) / 0.03)
+    with pytest.raises(ConfigError):
+        driver.weighted_var_es(pnl, w, [1.5])
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+TOML = """\
+seed = 3
+
+[data]
+context = 12
+horizon = 6
+
+[data.synthetic]
+n_days = 400
+
+[model]
+hidden = 16
+embed_dim = 4
+latent_dim = 2
+
+[train]
+epochs = 1
+batch_size = 64
+threads = 1
+
+[sampler]
+n_folds = 2
+
+[tree]
+depth = 2
+n_samples = 32
+
+[engine]
+backend = "inline"
+batch_size = 7
+
+[store]
+chunk_nodes = 4
+marginal_bins = 64
+"""
+
+
+def _invoke(args: list[str]):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_cli_run_mc_and_exports(tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TOML)
+    run, mc = tmp_path / "run.zarr", tmp_path / "mc.zarr"
+    result = _invoke(["run", "--config", cfg, "--store", run, "--start", "2001-06-30"])
+    assert result.exit_code == 0, result.output
+    store = ScenarioStore.open(run)
+    assert store.levels_complete == 2 and store.level_size(2) == 25
+    assert store.meta.start_date == "2001-06-29"  # the last data day on or before (a Friday)
+    result = _invoke(["mc", "--config", cfg, "--store", mc, "--n-paths", "10", "--depth", "1"])
+    assert result.exit_code == 0, result.output
+    assert ScenarioStore.open(mc).level_size(1) == 10
+    # an existing store is neither overwritten nor resumed without being told
+    result = _invoke(["run", "--config", cfg, "--store", run])
+    assert result.exit_code == 2 and "--resume" in result.stderr
+    result = _invoke(["run", "--config", cfg, "--store", run, "--resume", "--seed", "9"])
+    assert result.exit_code == 2 and "seed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = _invoke(["run", "--config", cfg, "--store", run, "--resume",
+                      "--start", "2001-06-29"])
+    assert result.exit_code == 0 and "complete" in result.output
+    # exports
+    for out in ("m.parquet", "m.csv"):
+        result = _invoke(["marginals", "--store", run, "--out", tmp_path / out])
+        assert result.exit_code == 0, result.output
+    frame = pd.read_parquet(tmp_path / "m.parquet")
+    assert list(frame.columns) == ["date", "moneyness", "maturity_days", "quantile", "iv"]
+    assert len(frame) == 12 * 7 * 25 and frame["iv"].gt(0).all()
+    result = _invoke(["paths", "--store", run, "--out", tmp_path / "p.npz"])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "p.npz") as f:
+        assert f["paths"].shape == (25, 12, 5, 5)
+        assert abs(f["weight"].sum() - 1) < 1e-9
+    result = _invoke(["paths", "--store", mc, "--out", tmp_path / "p.parquet"])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_parquet(tmp_path / "p.parquet")) == 10 * 6 * 25
+    result = _invoke(["var", "--store", run, "--levels", "0.95,0.99", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["level"] for r in rows] == [1, 2]
+    assert all(r["es_0.99"] >= r["var_0.99"] - 1e-12 and r["var_0.99"] >= r["var_0.95"] - 1e-12
+               for r in rows)
+    result = _invoke(["var", "--store", mc])
+    assert result.exit_code == 0 and "VaR 0.95" in result.stdout
+    result = _invoke(["plot", "--store", run, "--out", tmp_path / "fan.png"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "fan.png").stat().st_size > 1000
+    # user errors: one line, exit 2
+    for args in (["marginals", "--store", run, "--out", tmp_path / "m.txt"],
+                 ["var", "--store", tmp_path / "nope.zarr"],
+                 ["run", "--config", cfg, "--store", tmp_path / "x.zarr", "--start",
+                  "1990-01-01"],
+                 ["run", "--config", cfg, "--store", tmp_path / "y.zarr", "--backend", "spark"]):
+        result = _invoke(args)
+        assert result.exit_code == 2, (args, result.output)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

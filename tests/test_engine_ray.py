@@ -1,0 +1,100 @@
+"""The Ray backend: the same bytes as inline for any actor count and batch size, and one shared
+copy of the sampler (residual bank, index, model) read zero-copy by every actor.
+
+One module-scoped local Ray (2 CPUs, no dashboard, bound to 127.0.0.1) serves every test; the
+driver sees Ray is up and neither starts nor stops it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Ray reads this when it is imported: bind the local cluster to the loopback only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from engine import driver
+from engine.config import EngineConfig
+from tests.test_driver import assert_same_bytes, fitted_sampler, make_run, run_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    if ray.is_initialized():  # another module's Ray: use it as it is
+        yield
+        return
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inline_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inline") / "run.zarr"
+    make_run(path, run_config())
+    return path
+
+
+@pytest.mark.parametrize("n_decoders, n_knn, batch", [(1, 1, 7), (2, 2, 256)])
+def test_ray_backend_gives_the_inline_bytes(inline_store, tmp_path, n_decoders, n_knn, batch):
+    cfg = run_config(**{"engine.backend": "ray", "engine.n_decoders": n_decoders,
+                        "engine.n_knn": n_knn, "engine.batch_size": batch,
+                        "engine.max_in_flight": 2})
+    make_run(tmp_path / "ray.zarr", cfg)
+    assert_same_bytes(inline_store, tmp_path / "ray.zarr")
+
+
+def test_actors_share_one_copy_of_the_sampler():
+    _, sampler = fitted_sampler()
+    pool = driver._RayPool(sampler, EngineConfig(n_decoders=1, n_knn=2))
+    try:
+        infos = ray.get([a.shared_info.remote() for a in pool.decoders + pool.knn])
+        assert len({info["pid"] for info in infos}) == 3  # three actor processes
+        # every actor got the very ObjectRef the driver put once...
+        assert {info["ref"] for info in infos} == {pool.sampler_ref.hex()}
+        # ...and reads the residual bank as a read-only view of shared memory (zero-copy)
+        assert all(info["bank_writeable"] is False for info in infos)
+        assert all(info["bank_owns_data"] is False for info in infos)
+        assert infos[0]["device"] == "cpu"
+    finally:
+        pool.close()
+
+
+def test_generic_sampler_runs_on_one_actor(tmp_path):
+    cfg = run_config(**{"tree.depth": 2})
+    make_run(tmp_path / "inline.zarr", cfg, method="hist-bootstrap")
+    ray_cfg = run_config(**{"tree.depth": 2, "engine.backend": "ray", "engine.batch_size": 2,
+                            "engine.n_knn": 3})
+    make_run(tmp_path / "ray.zarr", ray_cfg, method="hist-bootstrap")
+    assert_same_bytes(tmp_path / "inline.zarr", tmp_path / "ray.zarr")
+
+
+def test_a_killed_actor_is_restarted_and_its_tasks_retried(inline_store, tmp_path, monkeypatch):
+    pools = []
+    make_executor = driver._executor
+
+    def capture(sampler, engine):
+        pools.append(make_executor(sampler, engine))
+        return pools[-1]
+
+    monkeypatch.setattr(driver, "_executor", capture)
+    killed = []
+
+    def kill_once(level, chunk):
+        if level == 2 and not killed:  # tasks of level 2 are in flight on this actor
+            ray.kill(pools[0].knn[0], no_restart=False)
+            ray.kill(pools[0].decoders[0], no_restart=False)
+            killed.append(chunk)
+
+    cfg = run_config(**{"engine.backend": "ray", "engine.batch_size": 2,
+                        "engine.max_in_flight": 3})
+    make_run(tmp_path / "killed.zarr", cfg, after_chunk=kill_once)
+    assert killed
+    assert_same_bytes(inline_store, tmp_path / "killed.zarr")

@@ -1,0 +1,174 @@
+"""The model-based samplers (cvae-prior, cvae-scaled, knn, knn-conformal) and the kNN search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.data.panel import make_splits
+from engine.knn import KnnIndex, brute_knn, kernel_weights
+from engine.samplers import make_sampler
+from engine.samplers.bank import block_train_mask, build_bank, context_features
+from engine.samplers.knn_conformal import weighted_quantiles
+from engine.train import train_model
+from tests.conftest import tiny_config, toy_panel
+from tests.contract import SamplerContract
+
+_MODELS: dict = {}
+
+
+def trained_model(config, panel):
+    """One tiny CVAE per (config, panel), trained on the train split."""
+    key = (config.model_dump_json(), panel.fingerprint)
+    if key not in _MODELS:
+        splits = make_splits(panel, config.data)
+        _MODELS[key] = train_model(panel, splits.anchors("train"), config).model
+    return _MODELS[key]
+
+
+class ModelSamplerContract(SamplerContract):
+    def make_model(self, config, panel):
+        return trained_model(config, panel)
+
+
+class TestCvaePriorContract(ModelSamplerContract):
+    name = "cvae-prior"
+
+
+class TestCvaeScaledContract(ModelSamplerContract):
+    name = "cvae-scaled"
+
+
+class TestKnnContract(ModelSamplerContract):
+    name = "knn"
+
+
+class TestKnnConformalContract(ModelSamplerContract):
+    name = "knn-conformal"
+
+
+class TestKnnPcaFeaturesContract(SamplerContract):
+    """The pca-ar point forecast with hand-made keys needs no CVAE at all."""
+
+    name = "knn-conformal"
+
+    def make_config(self):
+        return tiny_config(**{"sampler.point": "pca-ar", "sampler.embedding": "features"})
+
+
+def test_faiss_agrees_with_brute_force():
+    rng = np.random.default_rng(0)
+    keys, queries = rng.standard_normal((500, 6)), rng.standard_normal((40, 6))
+    index = KnnIndex(keys)
+    d_f, i_f = index.search(queries, 10)
+    d_b, i_b = brute_knn(keys, queries, 10)
+    np.testing.assert_array_equal(i_f, i_b)
+    np.testing.assert_allclose(d_f, d_b)
+    # With episodes (groups) and an exclusion rule, too.
+    groups = np.arange(500) // 7
+
+    def exclude(ids):
+        return ids % 5 == 0
+
+    d_f, i_f = index.search(queries, 10, exclude_fn=exclude, groups=groups, n_candidates=200)
+    d_b, i_b = brute_knn(keys, queries, 10, exclude_fn=exclude, groups=groups)
+    np.testing.assert_array_equal(i_f, i_b)
+    assert (i_f % 5 != 0).all()
+    assert all(len(set(groups[row])) == 10 for row in i_f)
+
+
+def test_search_is_batch_independent():
+    rng = np.random.default_rng(1)
+    keys, queries = rng.standard_normal((3000, 8)), rng.standard_normal((300, 8))
+    index = KnnIndex(keys)
+    d_all, i_all = index.search(queries, 15)
+    for b in (0, 7, 299):
+        d_one, i_one = index.search(queries[b : b + 1], 15)
+        np.testing.assert_array_equal(i_one[0], i_all[b])
+        np.testing.assert_array_equal(d_one[0], d_all[b])
+
+
+def test_index_pickles():
+    import pickle
+
+    keys = np.random.default_rng(2).standard_normal((50, 3))
+    index = KnnIndex(keys)
+    clone = pickle.loads(pickle.dumps(index))
+    q = keys[:5] + 0.01
+    np.testing.assert_array_equal(index.search(q, 4)[1], clone.search(q, 4)[1])
+
+
+def test_kernel_weights_normalised_and_decreasing():
+    d2 = np.array([[0.1, 0.4, 0.9, 2.5], [1.0, 1.0, np.inf, np.inf]])
+    w = kernel_weights(d2, "gaussian")
+    np.testing.assert_allclose(w.sum(1), 1)
+    assert (np.diff(w[0]) < 0).all()
+    assert w[1, 2] == 0 and w[1, 0] == w[1, 1]
+    np.testing.assert_allclose(kernel_weights(d2, "uniform")[0], 0.25)
+
+
+def test_weighted_quantiles_match_a_loop():
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal((4, 9, 3))
+    weights = rng.random((4, 9))
+    weights /= weights.sum(1, keepdims=True)
+    got = weighted_quantiles(values, weights, [0.1, 0.5, 0.9])
+    for b in range(4):
+        for g in range(3):
+            order = np.argsort(values[b, :, g], kind="stable")
+            cw = np.cumsum(weights[b, order])
+            for qi, q in enumerate([0.1, 0.5, 0.9]):
+                assert got[qi, b, g] == values[b, order[np.argmax(cw >= q - 1e-12)], g]
+
+
+def test_bank_residuals_are_out_of_sample():
+    """Each block's point model never saw a window whose targets touch the block (+ embargo)."""
+    config = tiny_config(**{"sampler.point": "pca-ar"})
+    panel = toy_panel()
+    H, E = config.data.horizon, config.data.embargo_days
+    bank = build_bank(panel, config, "pca-ar")
+    for b in np.unique(bank.fold):
+        block = bank.anchors[bank.fold == b]
+        mask = block_train_mask(bank.anchors, block, H, E)
+        train_targets = (bank.anchors[mask][:, None] + np.arange(1, H + 1)).ravel()
+        assert not np.any((train_targets >= block[0] + 1 - E) & (train_targets <= block[-1] + H + E))
+    # Residuals are realised minus the point forecast: they vanish nowhere and stay finite.
+    assert np.isfinite(bank.residuals).all() and np.abs(bank.residuals).max() > 0
+
+
+def test_context_features_shape_and_constants():
+    panel = toy_panel()
+    ctx = panel.contexts_at(np.array([30, 60, 90]), 20)
+    f = context_features(ctx)
+    assert f.shape == (3, 5) and np.isfinite(f).all()
+
+
+def test_conformal_widens_an_overconfident_mixture():
+    """On a panel where neighbours under-state the spread, calibration pushes c_h above 1."""
+    config = tiny_config(**{"sampler.point": "pca-ar", "sampler.embedding": "features"})
+    panel = toy_panel(n_days=500)
+    s = make_sampler("knn-conformal", config).fit(panel)
+    assert s.scale_.shape == (config.data.horizon,)
+    assert np.isfinite(s.scale_).all() and (s.scale_ > 0).all()
+    # Leave-one-out coverage with the fitted factors is nominal on the bank itself.
+    sc = s.scores_.transpose(1, 0, 2).reshape(config.data.horizon, -1)
+    cover = (sc <= s.scale_[:, None]).mean(axis=1)
+    assert (cover >= config.sampler.coverage - 1e-9).all()
+
+
+def test_cvae_prior_is_overconfident_and_scaled_is_wider():
+    config, panel = tiny_config(), toy_panel()
+    model = trained_model(config, panel)
+    ctx = panel.contexts_at(np.array([100, 200, 300]), config.data.context, log=False)
+    prior = make_sampler("cvae-prior", config).fit(panel, model).sample(ctx, 200, 0)
+    scaled_sampler = make_sampler("cvae-scaled", config).fit(panel, model)
+    scaled = scaled_sampler.sample(ctx, 200, 0)
+    assert np.log(scaled).std(axis=1).mean() > np.log(prior).std(axis=1).mean()
+    assert (scaled_sampler.scale_ > 1).all()
+
+
+def test_model_sampler_without_model_is_refused():
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a trained model"):
+        make_sampler("knn", tiny_config()).fit(toy_panel())
