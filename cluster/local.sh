@@ -149,6 +149,12 @@ node_ports() {
     "--min-worker-port=$((b + 10)) --max-worker-port=$((b + 99))"
 }
 
+# What `up` was asked for; an `up` with the same shape and settings is a no-op.
+shape() {
+  echo "workers=$1 ip=$IP head_cpus=$HEAD_CPUS worker_cpus=$WORKER_CPUS worker_gpus=$WORKER_GPUS" \
+    "object_store=$OBJECT_STORE dashboard=$DASHBOARD"
+}
+
 port_busy() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
 # Number of ALIVE nodes registered at this cluster's GCS; -1 when it cannot be reached.
@@ -196,20 +202,20 @@ cmd_up() {
   if [[ -n "$(cluster_pids)" ]]; then
     local have
     have="$(alive_nodes | tail -n1)"
-    if [[ "$have" == "$((n + 1))" && -f "$ROOT/nodes" && "$(cat "$ROOT/nodes")" == "$n" ]]; then
+    if [[ "$have" == "$((n + 1))" && -f "$ROOT/shape" && "$(cat "$ROOT/shape")" == "$(shape "$n")" ]]; then
       log "cluster at ${ADDR} is already up with $((n + 1)) nodes"
       driver_env >"$ENV_FILE"
       driver_env
       return 0
     fi
-    log "cluster at ${ADDR} is running with another shape (${have} nodes alive); restarting it"
+    log "cluster at ${ADDR} is running with another shape or settings (${have} nodes alive); restarting it"
     cmd_down
   fi
   if port_busy "$IP" "$PORT" || port_busy 127.0.0.1 "$PORT"; then
     die "port $PORT is taken by another program; pick another with BACKFILL_RAY_PORT"
   fi
 
-  rm -rf "${ROOT:?}"/n[0-9]* "$ROOT/nodes" "$ENV_FILE"
+  rm -rf "${ROOT:?}"/n[0-9]* "$ROOT/shape" "$ENV_FILE"
   mkdir -p "$ROOT"
   local dash=(--include-dashboard=false)
   if [[ "$DASHBOARD" == 1 ]]; then
@@ -238,7 +244,7 @@ cmd_up() {
     cmd_down
     die "the cluster did not come up"
   fi
-  echo "$n" >"$ROOT/nodes"
+  shape "$n" >"$ROOT/shape"
   driver_env >"$ENV_FILE"
   log "up: $((n + 1)) nodes alive at ${ADDR}. A driver needs (also in ${ENV_FILE}):"
   driver_env
@@ -265,7 +271,7 @@ cmd_down() {
     pids="$(cluster_pids)"
     [[ -z "$pids" ]] || die "processes survived SIGKILL: $(tr '\n' ' ' <<<"$pids")"
   fi
-  rm -f "$ROOT/nodes" "$ENV_FILE"
+  rm -f "$ROOT/shape" "$ENV_FILE"
 }
 
 cmd_status() {

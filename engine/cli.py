@@ -339,6 +339,40 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     _console().print(f"wrote {out}")
 
 
+@app.command()
+@user_errors
+def bench(config: ConfigOpt = None,
+          data: Annotated[str | None, typer.Option(
+              help="Data to fit on (default: the built-in synthetic market).")] = "synthetic",
+          json_out: Annotated[Path | None, typer.Option(
+              "--json", help="Also write the numbers to this JSON file.")] = None,
+          quick: Annotated[bool, typer.Option(
+              "--quick", help="Small depths and sizes (tests, laptops); same keys.")] = False,
+          no_ray: Annotated[bool, typer.Option(
+              "--no-ray", help="Skip the Ray backend's runs.")] = False,
+          workdir: Annotated[Path | None, typer.Option(
+              help="Where the temporary stores go (default: the system temp dir).")] = None,
+          ) -> None:
+    """Throughput and memory: tree nodes/s (inline, ray), decoder, kNN, store writes, peak RSS."""
+    import json
+
+    from rich.console import Console
+
+    from engine.bench import render_table, run_bench
+
+    cfg = _config(config, **{"data.source": data})
+    result = run_bench(cfg, quick=quick, ray=not no_ray, workdir=workdir, console=_console())
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    console = Console()
+    if not console.is_terminal:  # a pipe or file: no 80-column wrap of the table
+        console = Console(width=200)
+    console.print(render_table(result))
+    if json_out is not None:
+        _console().print(f"wrote {json_out}")
+
+
 def _csv(text: str | None, kind, flag: str):
     if text is None:
         return None

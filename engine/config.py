@@ -164,7 +164,7 @@ class EvalConfig(_Section):
     """`backfill evaluate`."""
 
     methods: list[str] = Field(
-        ["cvae-prior", "cvae-scaled", "knn", "knn-conformal", "knn-pca",
+        ["cvae-prior", "cvae-scaled", "knn", "knn-conformal", "knn-conformal-pca",
          "hist-bootstrap", "fhs", "pca-ar", "oracle"],
         description="Methods scored; 'oracle' only on the synthetic market.",
     )

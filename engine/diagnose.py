@@ -30,7 +30,7 @@ import torch
 
 from engine.config import Config
 from engine.errors import ConfigError, DataError
-from engine.evaluate import check_horizons, json_safe
+from engine.evaluate import check_horizons, json_safe, set_threads
 from engine.knn import brute_knn
 from engine.model import CVAE
 from engine.pipeline import get_model, prepare
@@ -181,6 +181,7 @@ def run_diagnose(cfg: Config, out: Path, model_path: Path | None = None, console
         raise ConfigError(f"diagnose split must be train, calibration or test, got {split!r}")
     t_start = time.perf_counter()
     out = Path(out)
+    set_threads(cfg)
     horizons, notes = check_horizons(cfg)
     prep = prepare(cfg)
     panel = prep.panel

@@ -13,7 +13,7 @@ what the scores need, and dropped:
 
     kept      (n_h, W, M, G) float32   the samples at the requested horizons
     var_pnl   {h: (W, M)}              vega P&L at the VaR horizons (1 and 10 days)
-    roughness pooled moments           daily changes along the full sample paths
+    roughness pooled moments           daily log-IV changes along the full sample paths
     fans      (3, H, 3)                5/50/95% of the ATM point for three chosen windows
 
 Only one method's ``kept`` lives at a time; everything else is small.
@@ -167,6 +167,15 @@ def _say(console, text: str) -> None:
         console.print(text)
 
 
+def set_threads(config: Config) -> None:
+    """Apply ``train.threads`` to inference too: decoding a million prior draws is torch work,
+    and on a shared machine torch's default (all cores) can run ~10x slower than 1 thread."""
+    if config.train.threads:
+        import torch
+
+        torch.set_num_threads(config.train.threads)
+
+
 # ----------------------------------------------------------------------------- windows
 
 
@@ -287,7 +296,9 @@ def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples
         for h in var_h:
             var_pnl[h][sl] = metrics.vega_pnl(start_surface, flat[:, :, h - 1])
         if H >= 2:
-            rough.add(np.diff(flat, axis=2))
+            # Roughness in log-IV (the model's space): scale-free, and not dominated by the
+            # few stressed paths whose iv-unit moves are largest.
+            rough.add(np.diff(np.log(flat), axis=2))
         for w in range(sl.start, sl.stop):
             if w in fan_at:
                 atm_path = paths[w - sl.start, :, :, windows.atm[0], windows.atm[1]]  # (M, H)
@@ -304,7 +315,7 @@ def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples
 def realised_roughness(windows: EvalWindows) -> PooledMoments:
     acc = PooledMoments()
     if windows.realised.shape[1] >= 2:
-        acc.add(np.diff(windows.realised.reshape(windows.n, windows.realised.shape[1], -1),
+        acc.add(np.diff(np.log(windows.realised.reshape(windows.n, windows.realised.shape[1], -1)),
                         axis=1))
     return acc
 
@@ -393,6 +404,7 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
     """Fit, sample and score every method; write report.json, report.md and the plots."""
     t_start = time.perf_counter()
     out = Path(out)
+    set_threads(cfg)
     horizons, notes = check_horizons(cfg)
     prep = prepare(cfg)
     panel = prep.panel

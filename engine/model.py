@@ -29,7 +29,7 @@ from engine.config import Config, ModelConfig
 from engine.errors import CheckpointError
 
 CHECKPOINT_VERSION = 1
-MICRO = 64  # rows per decoder call: a fixed shape keeps results batch-independent
+MICRO = 256  # rows per decoder call: a fixed shape keeps results batch-independent
 
 
 def mlp(n_in: int, n_hidden: int, n_out: int, dropout: float) -> nn.Sequential:

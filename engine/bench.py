@@ -1,0 +1,634 @@
+"""`backfill bench`: throughput and memory of the engine's parts, as one table and one JSON.
+
+Everything is measured with ONE fitted sampler: the config's sampler (``sampler.method``),
+fitted on the config's data (``--data`` / ``data.source``, the synthetic market by default)
+up to its last day, with a CVAE trained once. What each number is:
+
+``inline_nodes_per_s`` / ``ray_nodes_per_s`` {"5", "6", "7"}
+    A full tree (``tree.max_frontier`` and ``tree.min_weight`` forced to 0) of that depth,
+    ``tree.n_samples`` paths per node as the config says, into a fresh temporary store,
+    with the inline or the Ray backend: the driver's ``LevelStats`` summed over the levels,
+    frontier nodes expanded / seconds of the level loops (decoder + kNN draw + children +
+    marginal sums + chunk writes + reading the next contexts back; the store's metadata and
+    the marginals' finalize between levels are outside). The Ray runs share one local Ray
+    (``engine.num_cpus`` CPUs) started here, so Ray's start-up is not in them; each run
+    starts its own actors (as ``backfill run`` does), so actor start-up is in level 1.
+``decoder_forecasts_per_s``
+    ``CVAE.median`` (p50 paths, the decoder half of a tree task) on a batch of contexts of
+    the data (4096; 512 with --quick), on the model's torch device, after a warm-up call.
+``knn_queries_per_s`` {"faiss", "brute"}
+    ``KnnIndex.search`` vs ``engine.knn.brute_knn`` over the sampler's bank keys, the bank
+    keys themselves as queries (4096, cycled; 512 with --quick), the sampler's k, no
+    exclusion or episode groups, in the same query batches (sized so that brute force holds
+    at most ~64 MB of distances at once).
+``zarr_write_mb_s`` / ``plain_write_mb_s``
+    The same bytes, a level of random-walk float32 paths plus its parent / branch / weight
+    columns (~256 MB; 8 MB with --quick), written through ``ScenarioStore.create_level`` +
+    ``write_chunk`` one chunk of ``store.chunk_nodes`` rows at a time (as the engine writes),
+    and as one sequential ``open(.., 'wb').write`` per array to a file in the same
+    directory; both fsync'd before the clock stops (``"fsync": true``). MB = 10^6 bytes.
+    ``details.write_no_fsync``: the same pair without fsync (the page cache's speed).
+``peak_rss_mb`` {"6", "8", "9"}
+    Peak resident memory of a fresh driver process (``python -c``, inline backend) that
+    unpickles the fitted sampler and expands a tree of that depth with ``tree.max_frontier``
+    625 (25 with --quick; the config's value where it sets one) into a temporary store: the
+    child's own high-water mark (Linux ``VmHWM``; see ``_own_peak_rss_mb``), reported by it
+    when it ends. ``peak_rss_baseline_mb``: the same process with no expansion (imports,
+    the sampler, an empty store), so depth N costs ``peak_rss_mb[N] - baseline``.
+
+``--quick`` keeps every key but runs smaller depths; ``"depths"`` in the JSON maps each key
+to the depth actually run and ``"quick"`` says so. ``--no-ray`` skips the Ray runs
+(``ray_nodes_per_s`` is then null).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import Config
+
+__all__ = ["BenchPlan", "device_info", "plan_for", "render_table", "rss_child", "run_bench"]
+
+TREE_KEYS = ("5", "6", "7")
+RSS_KEYS = ("6", "8", "9")
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """The sizes of one bench run (the full one, or --quick)."""
+
+    quick: bool
+    tree_depths: dict[str, int]  # key -> depth of the throughput runs
+    rss_depths: dict[str, int]  # key -> depth of the peak-RSS runs
+    rss_max_frontier: int
+    decoder_contexts: int
+    knn_queries: int
+    write_mb: float
+    min_seconds: float  # repeat a micro-benchmark until it has run this long
+    ray: bool
+    fsync: bool = True
+
+
+def plan_for(config: Config, quick: bool, ray: bool) -> BenchPlan:
+    frontier = config.tree.max_frontier or (25 if quick else 625)
+    if quick:
+        return BenchPlan(True, dict(zip(TREE_KEYS, (2, 3, 4), strict=True)),
+                         dict(zip(RSS_KEYS, (2, 3, 4), strict=True)), frontier,
+                         decoder_contexts=512, knn_queries=512, write_mb=8.0, min_seconds=0.1,
+                         ray=ray)
+    return BenchPlan(False, {k: int(k) for k in TREE_KEYS}, {k: int(k) for k in RSS_KEYS},
+                     frontier, decoder_contexts=4096, knn_queries=4096, write_mb=256.0,
+                     min_seconds=1.0, ray=ray)
+
+
+# ============================================================================ device
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_info(torch_device: str | None = None) -> dict:
+    """What ran the bench: CPU, cores, torch device and threads, GPU, library versions."""
+    import faiss
+    import torch
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count()
+    cuda = torch.cuda.is_available()
+    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": usable,
+            "torch_device": torch_device or ("cuda" if cuda else "cpu"),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "faiss": getattr(faiss, "__version__", None), "numpy": np.__version__,
+            "platform": platform.platform()}
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        info["ray"] = None
+    return info
+
+
+def _device_line(d: dict) -> str:
+    gpu = f", GPU {d['gpu']}" if d.get("gpu") else ""
+    return (f"{d['cpu']}, {d['cores_usable']} of {d['cores']} cores, torch {d['torch_device']} "
+            f"({d['torch_threads']} threads){gpu}")
+
+
+# ============================================================================ timing helpers
+
+
+def _rate(fn: Callable[[], None], items: int, min_seconds: float, max_reps: int = 50) -> dict:
+    """Items per second of ``fn`` (after one warm-up call), repeated until ``min_seconds``."""
+    fn()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        reps += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds or reps >= max_reps:
+            return {"per_s": items * reps / elapsed, "items": items, "reps": reps,
+                    "seconds": elapsed}
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)  # the directory entries of the new files too
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _own_peak_rss_mb() -> float:
+    """This process's peak RSS since its exec.
+
+    Linux: VmHWM, the high-water mark of this address space. Not ``ru_maxrss``: exec keeps
+    the largest RSS of the address space it replaced (and Python's subprocess forks with
+    vfork, whose address space is the parent's), so a child's ru_maxrss would report the
+    bench process's own size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / MB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MB if sys.platform == "darwin" else peak * 1024 / MB  # bytes on macOS
+
+
+# ============================================================================ the parts
+
+
+@dataclass
+class _Fitted:
+    config: Config
+    prep: object  # engine.pipeline.Prepared
+    inputs: object  # engine.driver.RunInputs
+    model: object  # engine.model.CVAE
+    sampler: object
+
+
+def _fit(config: Config, workdir: Path, console) -> _Fitted:
+    """Train the CVAE once and fit the config's sampler with it (as `backfill run --model`)."""
+    from engine import driver
+    from engine.model import load_checkpoint, save_checkpoint
+    from engine.pipeline import get_model, prepare
+    from engine.train import pick_device
+
+    prep = prepare(config)
+    inputs = driver.run_inputs(prep, None)  # the last day: the sampler sees all the data
+    model = get_model(prep, None, console)
+    ckpt = save_checkpoint(model, workdir / "model.pt", config, prep.panel.fingerprint,
+                           prep.panel.grid_dict())
+    sampler = driver.fit_for_run(prep, inputs, ckpt, console)
+    # the decoder bench uses the very weights the sampler holds, where it holds a CVAE
+    held = getattr(sampler, "point_model_", None)
+    if held is None or not hasattr(held, "median"):
+        held = getattr(getattr(sampler, "keys_", None), "model", None)
+    if held is None or not hasattr(held, "median"):
+        held = load_checkpoint(ckpt, str(pick_device(config.train.device)))[0]
+    return _Fitted(config, prep, inputs, held, sampler)
+
+
+def _open(fitted: _Fitted, path: Path, cfg: Config):
+    from engine import driver
+
+    inp = fitted.inputs
+    return driver.open_store(path, kind="tree", config=cfg, fingerprint=inp.fingerprint,
+                             start_date=inp.start_date, grid=inp.grid,
+                             start_context=inp.start_context, overwrite=True)
+
+
+def _tree_config(config: Config, depth: int, backend: str) -> Config:
+    d = config.to_dict()
+    d["tree"].update(depth=depth, max_frontier=0, min_weight=0.0)
+    d["engine"]["backend"] = backend
+    return Config.from_dict(d)
+
+
+def tree_throughput(fitted: _Fitted, depth: int, backend: str, workdir: Path) -> dict:
+    """Expand a full tree of ``depth`` into a fresh temporary store; nodes/s from LevelStats."""
+    from engine import driver
+
+    cfg = _tree_config(fitted.config, depth, backend)
+    tmp = Path(tempfile.mkdtemp(prefix=f"tree-{backend}-{depth}-", dir=workdir))
+    try:
+        store = _open(fitted, tmp / "run.zarr", cfg)
+        t0 = time.perf_counter()
+        stats = driver.run_store(store, fitted.sampler, cfg, console=None)
+        wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    nodes = sum(s.nodes for s in stats)
+    seconds = sum(s.seconds for s in stats)
+    return {"backend": backend, "depth": depth, "nodes": nodes, "seconds": seconds,
+            "nodes_per_s": nodes / seconds, "run_store_seconds": wall,
+            "levels": [{"level": s.level, "nodes": s.nodes, "seconds": s.seconds}
+                       for s in stats]}
+
+
+def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
+    """p50 forecasts per second of the CVAE on ``n`` real contexts at once."""
+    panel, c, h = fitted.prep.panel, fitted.config.data.context, fitted.config.data.horizon
+    anchors = np.arange(c - 1, panel.n_days - h)
+    anchors = np.resize(anchors, n)  # cycled when the data has fewer windows
+    log_ctx = panel.contexts_at(anchors, c)
+    model = fitted.model
+
+    def call():
+        model.median(log_ctx)
+
+    out = _rate(call, n, min_seconds, max_reps=20)
+    out["device"] = str(model.loc.device)
+    return out
+
+
+def _bank_keys(fitted: _Fitted) -> tuple[np.ndarray, int]:
+    index = getattr(fitted.sampler, "index_", None)
+    if index is not None:
+        return index.keys, int(fitted.sampler.k_)
+    # a sampler without a kNN bank: the CVAE's standardised embeddings of every context
+    panel, c = fitted.prep.panel, fitted.config.data.context
+    raw = fitted.model.embed(panel.contexts_at(np.arange(c - 1, panel.n_days), c))
+    std = raw.std(axis=0)
+    return (raw - raw.mean(axis=0)) / np.where(std > 0, std, 1.0), 50
+
+
+def knn_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
+    """Queries per second of FAISS (KnnIndex.search) and of brute_knn, same keys, k, batches."""
+    from engine.knn import KnnIndex, brute_knn
+
+    keys, k = _bank_keys(fitted)
+    index = KnnIndex(keys)
+    k = min(k, len(keys))
+    queries = keys[np.resize(np.arange(len(keys)), n)]
+    batch = int(np.clip((64 << 20) // (8 * len(keys) * keys.shape[1]), 1, 1024))
+    batches = [queries[i: i + batch] for i in range(0, n, batch)]
+    _, i_f = index.search(batches[0], k)
+    _, i_b = brute_knn(keys, batches[0], k)
+    agree = float(np.mean(i_f == i_b))
+
+    def faiss_all():
+        for q in batches:
+            index.search(q, k)
+
+    def brute_all():
+        for q in batches:
+            brute_knn(keys, q, k)
+
+    return {"faiss": _rate(faiss_all, n, min_seconds), "brute": _rate(brute_all, n, min_seconds),
+            "bank": len(keys), "dim": int(keys.shape[1]), "k": k, "queries": n,
+            "batch": batch, "same_ids": agree}
+
+
+def write_throughput(fitted: _Fitted, mb: float, workdir: Path, fsync: bool = True) -> dict:
+    """The same bytes through ScenarioStore (chunk by chunk) and through one plain file."""
+    from engine.store import ScenarioStore, business_days_after
+    from engine.tree import stride_days
+
+    cfg = fitted.config
+    grid = fitted.prep.panel.grid_shape
+    s = stride_days(cfg.tree.stride, cfg.data.horizon)
+    row_bytes = s * grid[0] * grid[1] * 4 + 8 + 1 + 8  # paths + parent + branch + weight
+    c = cfg.store.chunk_nodes
+    n = max(c, round(mb * MB / row_bytes / c) * c)
+    rng = np.random.default_rng(0)
+    # random walks in log-IV from 20 vol: compress like real paths do (i.e. hardly)
+    steps = rng.normal(0.0, 0.02, size=(n, s) + grid).astype(np.float32)
+    paths = np.exp(np.log(np.float32(0.2)) + np.cumsum(steps, axis=1)).astype(np.float32)
+    del steps
+    parent = np.zeros(n, np.int64)  # level 1: every row's parent is the root
+    branch = (np.arange(n) % 5).astype(np.int8)
+    weight = np.full(n, 1.0 / n)
+    total = paths.nbytes + parent.nbytes + branch.nbytes + weight.nbytes
+    days = business_days_after(fitted.inputs.start_date, s)
+    tmp = Path(tempfile.mkdtemp(prefix="write-", dir=workdir))
+    try:
+        store = _open(fitted, tmp / "run.zarr", cfg)
+        if fsync:
+            _fsync_tree(store.path)
+        t0 = time.perf_counter()
+        store.create_level(1, n, days, grid)
+        for lo in range(0, n, c):
+            hi = min(n, lo + c)
+            store.write_chunk(1, lo, paths[lo:hi], parent[lo:hi], branch[lo:hi], weight[lo:hi])
+        if fsync:
+            _fsync_tree(store.path)
+        zarr_s = time.perf_counter() - t0
+        on_disk = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
+        check = ScenarioStore.open(store.path).read_level(1, 0, min(n, c))["paths"]
+        if not np.array_equal(check, paths[: len(check)]):
+            raise AssertionError("the store did not give back the bytes written")  # a bug
+        shutil.rmtree(store.path)
+        t0 = time.perf_counter()
+        with open(tmp / "plain.bin", "wb") as f:
+            f.writelines(memoryview(a).cast("B") for a in (paths, parent, branch, weight))
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        plain_s = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"bytes": total, "rows": n, "chunk_nodes": c, "n_chunks": -(-n // c),
+            "zarr_seconds": zarr_s, "plain_seconds": plain_s,
+            "zarr_mb_s": total / MB / zarr_s, "plain_mb_s": total / MB / plain_s,
+            "zarr_bytes_on_disk": on_disk, "fsync": fsync}
+
+
+# ============================================================================ peak RSS
+
+
+def rss_child(spec_path: str) -> None:
+    """The body of a peak-RSS child process (``python -c``): expand one tree, inline."""
+    from engine import driver
+
+    with open(spec_path, "rb") as f:
+        spec = pickle.load(f)
+    cfg = Config.from_dict(spec["config"])
+    with open(spec["sampler"], "rb") as f:
+        sampler = pickle.load(f)
+    inp = spec["inputs"]
+    store = driver.open_store(spec["store"], kind="tree", config=cfg,
+                              fingerprint=inp["fingerprint"], start_date=inp["start_date"],
+                              grid=inp["grid"], start_context=inp["start_context"],
+                              overwrite=True)
+    stats = driver.run_store(store, sampler, cfg) if spec["expand"] else []
+    print("\n" + json.dumps({"nodes": sum(s.nodes for s in stats),
+                             "seconds": sum(s.seconds for s in stats),
+                             "levels_complete": store.levels_complete,
+                             "peak_rss_mb": _own_peak_rss_mb()}), flush=True)
+
+
+def peak_rss(fitted: _Fitted, depth: int, max_frontier: int, sampler_file: Path,
+             workdir: Path, expand: bool = True) -> dict:
+    """Peak RSS of a fresh driver process that expands a tree of ``depth`` inline."""
+    d = fitted.config.to_dict()
+    d["tree"].update(depth=max(depth, 1), max_frontier=max_frontier)
+    d["engine"]["backend"] = "inline"
+    tmp = Path(tempfile.mkdtemp(prefix=f"rss-{depth}-", dir=workdir))
+    inp = fitted.inputs
+    spec = {"config": d, "sampler": str(sampler_file), "store": str(tmp / "run.zarr"),
+            "expand": expand,
+            "inputs": {"fingerprint": inp.fingerprint, "start_date": inp.start_date,
+                       "grid": inp.grid, "start_context": inp.start_context}}
+    spec_path = tmp / "spec.pkl"
+    with open(spec_path, "wb") as f:
+        pickle.dump(spec, f)
+    code = "import sys; from engine.bench import rss_child; rss_child(sys.argv[1])"
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code, str(spec_path)], capture_output=True,
+                              text=True, check=False)
+        wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if proc.returncode != 0:
+        from engine.errors import BackfillError
+
+        tail = proc.stderr.strip().splitlines()[-5:]
+        raise BackfillError(f"the peak-RSS child (depth {depth}) failed with status "
+                            f"{proc.returncode}: " + " | ".join(tail))
+    lines = proc.stdout.strip().splitlines()
+    res = json.loads(lines[-1])  # the child's last line (anything a library printed comes first)
+    return {"depth": depth, "max_frontier": max_frontier, "expand": expand,
+            "wall_seconds": wall, **res}
+
+
+# ============================================================================ the bench
+
+
+class _Ray:
+    """One local Ray for every Ray run (the driver then neither starts nor stops it)."""
+
+    def __init__(self, config: Config):
+        self.config, self.started = config, False
+
+    def start(self) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        if not ray.is_initialized() and self.config.engine.address is None:
+            from engine.driver import _start_local_ray
+
+            _start_local_ray(self.config.engine)
+            self.started = True
+
+    def stop(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
+
+
+def _steps(plan: BenchPlan) -> list[str]:
+    steps = ["decoder", "knn", "write", "write cached"]
+    steps += [f"inline {d}" for d in plan.tree_depths.values()]
+    if plan.ray:
+        steps += ["ray start"] + [f"ray {d}" for d in plan.tree_depths.values()]
+    steps += ["rss baseline"] + [f"rss {d}" for d in plan.rss_depths.values()]
+    return steps
+
+
+def run_bench(config: Config, *, quick: bool = False, ray: bool = True,
+              workdir: Path | None = None, console=None) -> dict:
+    """Every measurement of the module docstring; returns the JSON-able result."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    plan = plan_for(config, quick, ray)
+    base = Path(workdir) if workdir is not None else None
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="backfill-bench-", dir=base))
+    t_start = time.perf_counter()
+    try:
+        t0 = time.perf_counter()
+        fitted = _fit(config, work, console)
+        fit_s = time.perf_counter() - t0
+        sampler_file = work / "sampler.pkl"
+        with open(sampler_file, "wb") as f:
+            pickle.dump(fitted.sampler, f, protocol=pickle.HIGHEST_PROTOCOL)
+        result: dict = {"quick": plan.quick, "ray": plan.ray, "fsync": plan.fsync}
+        runs: dict = {"tree": [], "rss": []}
+        progress = Progress(SpinnerColumn(), TextColumn("[bold]bench[/] {task.description}"),
+                            BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console, disable=console is None, transient=False)
+        steps = _steps(plan)
+        with progress:
+            task = progress.add_task(steps[0], total=len(steps))
+
+            def step(name: str, fn):
+                progress.update(task, description=name)
+                out = fn()
+                progress.advance(task)
+                return out
+
+            dec = step("decoder: CVAE p50 forecasts",
+                       lambda: decoder_throughput(fitted, plan.decoder_contexts,
+                                                  plan.min_seconds))
+            knn = step("knn: faiss vs brute force",
+                       lambda: knn_throughput(fitted, plan.knn_queries, plan.min_seconds))
+            wr = step(f"write: {plan.write_mb:g} MB zarr vs plain",
+                      lambda: write_throughput(fitted, plan.write_mb, work, plan.fsync))
+            # the same again without fsync: how much of it is the disk, how much the CPU
+            wr_cached = step("write: again without fsync",
+                             lambda: write_throughput(fitted, plan.write_mb, work, False))
+            inline = {}
+            for key, depth in plan.tree_depths.items():
+                r = step(f"inline tree depth {depth}",
+                         lambda depth=depth: tree_throughput(fitted, depth, "inline", work))
+                runs["tree"].append(r)
+                inline[key] = r["nodes_per_s"]
+            ray_rates = None
+            if plan.ray:
+                ray_rates = {}
+                ray_ctx = _Ray(config)
+                t0 = time.perf_counter()
+                try:
+                    step("starting a local Ray", ray_ctx.start)
+                    runs["ray_start_seconds"] = time.perf_counter() - t0
+                    for key, depth in plan.tree_depths.items():
+                        r = step(f"ray tree depth {depth}",
+                                 lambda depth=depth: tree_throughput(fitted, depth, "ray", work))
+                        runs["tree"].append(r)
+                        ray_rates[key] = r["nodes_per_s"]
+                finally:
+                    ray_ctx.stop()
+            base_rss = step("peak RSS: baseline process",
+                            lambda: peak_rss(fitted, 0, plan.rss_max_frontier, sampler_file,
+                                             work, expand=False))
+            runs["rss"].append(base_rss)
+            rss = {}
+            for key, depth in plan.rss_depths.items():
+                r = step(f"peak RSS: depth {depth}",
+                         lambda depth=depth: peak_rss(fitted, depth, plan.rss_max_frontier,
+                                                      sampler_file, work))
+                runs["rss"].append(r)
+                rss[key] = r["peak_rss_mb"]
+        result.update({
+            "inline_nodes_per_s": inline,
+            "ray_nodes_per_s": ray_rates,
+            "decoder_forecasts_per_s": dec["per_s"],
+            "knn_queries_per_s": {"faiss": knn["faiss"]["per_s"], "brute": knn["brute"]["per_s"]},
+            "zarr_write_mb_s": wr["zarr_mb_s"],
+            "plain_write_mb_s": wr["plain_mb_s"],
+            "peak_rss_mb": rss,
+            "peak_rss_baseline_mb": base_rss["peak_rss_mb"],
+            "depths": {"nodes_per_s": plan.tree_depths, "peak_rss_mb": plan.rss_depths},
+            "device": device_info(dec["device"]),
+            "plan": asdict(plan),
+            "details": {"fit_seconds": fit_s, "decoder": dec, "knn": knn, "write": wr,
+                        "write_no_fsync": wr_cached, **runs,
+                        "tree_runs": {"max_frontier": 0, "min_weight": 0.0,
+                                      "n_samples": config.tree.n_samples,
+                                      "branching": config.tree.branching},
+                        "rss_runs": {"backend": "inline", "max_frontier": plan.rss_max_frontier},
+                        "sampler": config.sampler.method,
+                        "bank": knn["bank"], "k": knn["k"],
+                        "grid": list(fitted.prep.panel.grid_shape),
+                        "data_days": fitted.prep.panel.n_days,
+                        "total_seconds": time.perf_counter() - t_start},
+            "config": config.to_dict(),
+        })
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ============================================================================ the table
+
+
+def _fmt(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    s = f"{x:,.0f}" if x >= 100 else f"{x:,.1f}" if x >= 10 else f"{x:,.2f}"
+    return f"{s}{unit}"
+
+
+def render_table(result: dict):
+    """One rich Table of every number of ``result``."""
+    from rich.table import Table
+
+    quick = " (--quick: small depths)" if result["quick"] else ""
+    dev = result["device"]
+    table = Table(title=f"backfill bench{quick}", caption=_device_line(dev))
+    table.add_column("what")
+    table.add_column("case", justify="right")
+    table.add_column("value", justify="right")
+    table.add_column("unit")
+    tree_d = result["depths"]["nodes_per_s"]
+    for key in TREE_KEYS:
+        table.add_row("tree expansions, inline" if key == TREE_KEYS[0] else "",
+                      f"depth {tree_d[key]}", _fmt(result["inline_nodes_per_s"][key]), "nodes/s")
+    for key in TREE_KEYS:
+        ray = result["ray_nodes_per_s"]
+        table.add_row("tree expansions, ray" if key == TREE_KEYS[0] else "",
+                      f"depth {tree_d[key]}", "skipped" if ray is None else _fmt(ray[key]),
+                      "nodes/s")
+    det = result["details"]
+    table.add_row("decoder p50 forecasts", f"batch {det['decoder']['items']}, "
+                  f"{det['decoder']['device']}", _fmt(result["decoder_forecasts_per_s"]),
+                  "forecasts/s")
+    knn = result["knn_queries_per_s"]
+    table.add_row("kNN search, faiss", f"bank {det['bank']}, k {det['k']}", _fmt(knn["faiss"]),
+                  "queries/s")
+    table.add_row("kNN search, brute force", f"bank {det['bank']}, k {det['k']}",
+                  _fmt(knn["brute"]), "queries/s")
+    sync = "fsync" if result["fsync"] else "no fsync"
+    size = f"{det['write']['bytes'] / MB:,.0f} MB, {sync}"
+    table.add_row("write, zarr store", size, _fmt(result["zarr_write_mb_s"]), "MB/s")
+    table.add_row("write, plain file", size, _fmt(result["plain_write_mb_s"]), "MB/s")
+    rss_d = result["depths"]["peak_rss_mb"]
+    front = det["rss_runs"]["max_frontier"]
+    table.add_row("peak RSS, driver", "no expansion", _fmt(result["peak_rss_baseline_mb"]), "MB")
+    for key in RSS_KEYS:
+        table.add_row("", f"depth {rss_d[key]}, frontier <= {front}",
+                      _fmt(result["peak_rss_mb"][key]), "MB")
+    return table
