@@ -2,17 +2,22 @@
 
 Everything is measured with ONE fitted sampler: the config's sampler (``sampler.method``),
 fitted on the config's data (``--data`` / ``data.source``, the synthetic market by default)
-up to its last day, with a CVAE trained once. What each number is:
+up to its last day, with a CVAE trained once (``train.epochs`` as configured). The tree and
+RSS runs use ``tree.n_samples`` = ``--n-samples``, else the config's capped at
+``DEFAULT_SAMPLES`` (64: the default 512 makes a node ~6x dearer and the full bench over an
+hour on 2 cores); the JSON's ``config`` is the config they ran with, ``overrides`` what the
+bench changed. What each number is:
 
 ``inline_nodes_per_s`` / ``ray_nodes_per_s`` {"5", "6", "7"}
-    A full tree (``tree.max_frontier`` and ``tree.min_weight`` forced to 0) of that depth,
-    ``tree.n_samples`` paths per node as the config says, into a fresh temporary store,
-    with the inline or the Ray backend: the driver's ``LevelStats`` summed over the levels,
-    frontier nodes expanded / seconds of the level loops (decoder + kNN draw + children +
-    marginal sums + chunk writes + reading the next contexts back; the store's metadata and
-    the marginals' finalize between levels are outside). The Ray runs share one local Ray
-    (``engine.num_cpus`` CPUs) started here, so Ray's start-up is not in them; each run
-    starts its own actors (as ``backfill run`` does), so actor start-up is in level 1.
+    A full tree (``tree.max_frontier`` and ``tree.min_weight`` forced to 0) of that depth
+    into a fresh temporary store (removed after), with the inline or the Ray backend: the
+    driver's ``LevelStats`` summed over the levels, frontier nodes expanded / seconds of
+    the level loops (decoder + kNN draw + children + marginal sums + chunk writes + reading
+    the next contexts back; a level's array creation, marginal finalize and metadata are
+    outside). The Ray runs share one local Ray (``engine.num_cpus`` CPUs) started here, so
+    Ray's start-up is not in them; each run starts its own actors (as ``backfill run``
+    does), so the actors' start-up is in level 1. ``*_nodes_per_s_from_level_2``: the same
+    over levels 2.. only (level 1 is one node), i.e. without that start-up.
 ``decoder_forecasts_per_s``
     ``CVAE.median`` (p50 paths, the decoder half of a tree task) on a batch of contexts of
     the data (4096; 512 with --quick), on the model's torch device, after a warm-up call.
@@ -60,11 +65,15 @@ import numpy as np
 
 from engine.config import Config
 
-__all__ = ["BenchPlan", "device_info", "plan_for", "render_table", "rss_child", "run_bench"]
+__all__ = ["DEFAULT_SAMPLES", "BenchPlan", "bench_config", "device_info", "plan_for", "render_table", "rss_child", "run_bench"]
 
 TREE_KEYS = ("5", "6", "7")
 RSS_KEYS = ("6", "8", "9")
 MB = 1e6
+# M paths per node of the tree / RSS runs unless --n-samples says otherwise: a node costs
+# ~1/M beyond it (2 cores: ~90 nodes/s at M = 64, ~15 at the default 512), and the full
+# bench expands ~55,000 nodes
+DEFAULT_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -470,9 +479,35 @@ def _steps(plan: BenchPlan) -> list[str]:
     return steps
 
 
+def bench_config(config: Config, n_samples: int | None = None) -> tuple[Config, dict]:
+    """The config of the tree and RSS runs: ``tree.n_samples`` = ``n_samples``, else the
+    config's capped at DEFAULT_SAMPLES (so the full bench fits ~15 minutes on 2 cores).
+    Returns it and the overrides it made."""
+    m = n_samples if n_samples is not None else min(config.tree.n_samples, DEFAULT_SAMPLES)
+    if m == config.tree.n_samples:
+        return config, {}
+    d = config.to_dict()
+    d["tree"]["n_samples"] = int(m)
+    return Config.from_dict(d), {"tree.n_samples": int(m)}
+
+
+def _warm_rate(run: dict) -> float:
+    """Nodes/s over levels 2.. only: level 1 is one node, and with Ray it holds the actors'
+    start-up (each run_store starts its own)."""
+    later = [lv for lv in run["levels"] if lv["level"] > 1]
+    seconds = sum(lv["seconds"] for lv in later)
+    return sum(lv["nodes"] for lv in later) / seconds if seconds > 0 else float("nan")
+
+
 def run_bench(config: Config, *, quick: bool = False, ray: bool = True,
-              workdir: Path | None = None, console=None) -> dict:
-    """Every measurement of the module docstring; returns the JSON-able result."""
+              n_samples: int | None = None, workdir: Path | None = None,
+              console=None) -> dict:
+    """Every measurement of the module docstring; returns the JSON-able result.
+
+    ``console``: a rich Console (stderr) for the training / fitting output and the bench's
+    progress bar; None: silent."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -482,6 +517,8 @@ def run_bench(config: Config, *, quick: bool = False, ray: bool = True,
         TimeElapsedColumn,
     )
 
+    given = config
+    config, overrides = bench_config(config, n_samples)
     plan = plan_for(config, quick, ray)
     base = Path(workdir) if workdir is not None else None
     if base is not None:
@@ -495,7 +532,6 @@ def run_bench(config: Config, *, quick: bool = False, ray: bool = True,
         sampler_file = work / "sampler.pkl"
         with open(sampler_file, "wb") as f:
             pickle.dump(fitted.sampler, f, protocol=pickle.HIGHEST_PROTOCOL)
-        result: dict = {"quick": plan.quick, "ray": plan.ray, "fsync": plan.fsync}
         runs: dict = {"tree": [], "rss": []}
         progress = Progress(SpinnerColumn(), TextColumn("[bold]bench[/] {task.description}"),
                             BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -515,69 +551,75 @@ def run_bench(config: Config, *, quick: bool = False, ray: bool = True,
                                                   plan.min_seconds))
             knn = step("knn: faiss vs brute force",
                        lambda: knn_throughput(fitted, plan.knn_queries, plan.min_seconds))
-            wr = step(f"write: {plan.write_mb:g} MB zarr vs plain",
+            wr = step(f"write: {plan.write_mb:g} MB, zarr vs plain, fsync",
                       lambda: write_throughput(fitted, plan.write_mb, work, plan.fsync))
             # the same again without fsync: how much of it is the disk, how much the CPU
-            wr_cached = step("write: again without fsync",
+            wr_cached = step(f"write: {plan.write_mb:g} MB, zarr vs plain, no fsync",
                              lambda: write_throughput(fitted, plan.write_mb, work, False))
-            inline = {}
+            rates: dict = {"inline": {}, "ray": None}
+            warm: dict = {"inline": {}, "ray": None}
             for key, depth in plan.tree_depths.items():
-                r = step(f"inline tree depth {depth}",
+                r = step(f"inline tree, depth {depth}",
                          lambda depth=depth: tree_throughput(fitted, depth, "inline", work))
                 runs["tree"].append(r)
-                inline[key] = r["nodes_per_s"]
-            ray_rates = None
+                rates["inline"][key], warm["inline"][key] = r["nodes_per_s"], _warm_rate(r)
             if plan.ray:
-                ray_rates = {}
-                ray_ctx = _Ray(config)
+                rates["ray"], warm["ray"] = {}, {}
+                local = _Ray(config)
                 t0 = time.perf_counter()
                 try:
-                    step("starting a local Ray", ray_ctx.start)
+                    step("starting a local Ray", local.start)
                     runs["ray_start_seconds"] = time.perf_counter() - t0
                     for key, depth in plan.tree_depths.items():
-                        r = step(f"ray tree depth {depth}",
+                        r = step(f"ray tree, depth {depth}",
                                  lambda depth=depth: tree_throughput(fitted, depth, "ray", work))
                         runs["tree"].append(r)
-                        ray_rates[key] = r["nodes_per_s"]
+                        rates["ray"][key], warm["ray"][key] = r["nodes_per_s"], _warm_rate(r)
                 finally:
-                    ray_ctx.stop()
-            base_rss = step("peak RSS: baseline process",
-                            lambda: peak_rss(fitted, 0, plan.rss_max_frontier, sampler_file,
-                                             work, expand=False))
-            runs["rss"].append(base_rss)
-            rss = {}
-            for key, depth in plan.rss_depths.items():
-                r = step(f"peak RSS: depth {depth}",
-                         lambda depth=depth: peak_rss(fitted, depth, plan.rss_max_frontier,
-                                                      sampler_file, work))
-                runs["rss"].append(r)
-                rss[key] = r["peak_rss_mb"]
-        result.update({
-            "inline_nodes_per_s": inline,
-            "ray_nodes_per_s": ray_rates,
+                    local.stop()
+            # memory, not time: two children at a time (each reports its own peak)
+            progress.update(task, description="peak RSS: fresh driver processes")
+            jobs = [(None, 0, False)] + [(k, d, True) for k, d in plan.rss_depths.items()]
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                futures = [pool.submit(peak_rss, fitted, d, plan.rss_max_frontier,
+                                       sampler_file, work, expand) for _, d, expand in jobs]
+                for fut in futures:
+                    runs["rss"].append(fut.result())
+                    progress.advance(task)
+        rss = {key: r["peak_rss_mb"] for (key, _, _), r in zip(jobs, runs["rss"], strict=True)
+               if key is not None}
+        return {
+            "quick": plan.quick, "ray": plan.ray, "fsync": plan.fsync,
+            "inline_nodes_per_s": rates["inline"],
+            "ray_nodes_per_s": rates["ray"],
+            "inline_nodes_per_s_from_level_2": warm["inline"],
+            "ray_nodes_per_s_from_level_2": warm["ray"],
             "decoder_forecasts_per_s": dec["per_s"],
             "knn_queries_per_s": {"faiss": knn["faiss"]["per_s"], "brute": knn["brute"]["per_s"]},
             "zarr_write_mb_s": wr["zarr_mb_s"],
             "plain_write_mb_s": wr["plain_mb_s"],
             "peak_rss_mb": rss,
-            "peak_rss_baseline_mb": base_rss["peak_rss_mb"],
+            "peak_rss_baseline_mb": runs["rss"][0]["peak_rss_mb"],
             "depths": {"nodes_per_s": plan.tree_depths, "peak_rss_mb": plan.rss_depths},
             "device": device_info(dec["device"]),
             "plan": asdict(plan),
+            "overrides": overrides,
             "details": {"fit_seconds": fit_s, "decoder": dec, "knn": knn, "write": wr,
                         "write_no_fsync": wr_cached, **runs,
                         "tree_runs": {"max_frontier": 0, "min_weight": 0.0,
                                       "n_samples": config.tree.n_samples,
-                                      "branching": config.tree.branching},
-                        "rss_runs": {"backend": "inline", "max_frontier": plan.rss_max_frontier},
+                                      "config_n_samples": given.tree.n_samples,
+                                      "branching": config.tree.branching,
+                                      "batch_size": config.engine.batch_size},
+                        "rss_runs": {"backend": "inline", "max_frontier": plan.rss_max_frontier,
+                                     "n_samples": config.tree.n_samples},
                         "sampler": config.sampler.method,
                         "bank": knn["bank"], "k": knn["k"],
                         "grid": list(fitted.prep.panel.grid_shape),
                         "data_days": fitted.prep.panel.n_days,
                         "total_seconds": time.perf_counter() - t_start},
             "config": config.to_dict(),
-        })
-        return result
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -596,22 +638,23 @@ def render_table(result: dict):
     """One rich Table of every number of ``result``."""
     from rich.table import Table
 
-    quick = " (--quick: small depths)" if result["quick"] else ""
-    dev = result["device"]
-    table = Table(title=f"backfill bench{quick}", caption=_device_line(dev))
+    quick = " --quick (small depths and sizes)" if result["quick"] else ""
+    m = result["details"]["tree_runs"]["n_samples"]
+    table = Table(title=f"backfill bench{quick}: {result['details']['sampler']}, "
+                  f"M = {m} paths per node", caption=_device_line(result["device"]))
     table.add_column("what")
     table.add_column("case", justify="right")
     table.add_column("value", justify="right")
     table.add_column("unit")
     tree_d = result["depths"]["nodes_per_s"]
-    for key in TREE_KEYS:
-        table.add_row("tree expansions, inline" if key == TREE_KEYS[0] else "",
-                      f"depth {tree_d[key]}", _fmt(result["inline_nodes_per_s"][key]), "nodes/s")
-    for key in TREE_KEYS:
-        ray = result["ray_nodes_per_s"]
-        table.add_row("tree expansions, ray" if key == TREE_KEYS[0] else "",
-                      f"depth {tree_d[key]}", "skipped" if ray is None else _fmt(ray[key]),
-                      "nodes/s")
+    for backend in ("inline", "ray"):
+        rates = result[f"{backend}_nodes_per_s"]
+        warm = result[f"{backend}_nodes_per_s_from_level_2"]
+        for key in TREE_KEYS:
+            value = "skipped" if rates is None else \
+                f"{_fmt(rates[key])} ({_fmt(warm[key])} from level 2)"
+            table.add_row(f"tree expansions, {backend}" if key == TREE_KEYS[0] else "",
+                          f"full tree, depth {tree_d[key]}", value, "nodes/s")
     det = result["details"]
     table.add_row("decoder p50 forecasts", f"batch {det['decoder']['items']}, "
                   f"{det['decoder']['device']}", _fmt(result["decoder_forecasts_per_s"]),

@@ -84,9 +84,10 @@ def train(out: Annotated[Path, typer.Option("--out", help="Where to save the che
 def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_out"),
          config: ConfigOpt = None, seed: SeedOpt = None) -> None:
     """The whole pipeline on the built-in synthetic market, with plots and a summary."""
-    from engine.demo import run_demo
+    from engine.demo import DEMO_DEFAULTS, run_demo
 
-    cfg = _config(config, **{"data.source": "synthetic", "seed": seed})
+    defaults = DEMO_DEFAULTS if config is None else {}
+    cfg = _config(config, **{**defaults, "data.source": "synthetic", "seed": seed})
     run_demo(cfg, out, console=_console())
 
 
@@ -350,6 +351,10 @@ def bench(config: ConfigOpt = None,
               "--quick", help="Small depths and sizes (tests, laptops); same keys.")] = False,
           no_ray: Annotated[bool, typer.Option(
               "--no-ray", help="Skip the Ray backend's runs.")] = False,
+          n_samples: Annotated[int | None, typer.Option(
+              "--n-samples", help="M paths per node of the tree runs (default: "
+              "tree.n_samples, at most 64).")] = None,
+          epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
           workdir: Annotated[Path | None, typer.Option(
               help="Where the temporary stores go (default: the system temp dir).")] = None,
           ) -> None:
@@ -360,8 +365,13 @@ def bench(config: ConfigOpt = None,
 
     from engine.bench import render_table, run_bench
 
-    cfg = _config(config, **{"data.source": data})
-    result = run_bench(cfg, quick=quick, ray=not no_ray, workdir=workdir, console=_console())
+    if n_samples is not None and n_samples < 8:
+        from engine.errors import ConfigError
+
+        raise ConfigError(f"--n-samples {n_samples} is below 8 (tree.n_samples' minimum)")
+    cfg = _config(config, **{"data.source": data, "train.epochs": epochs})
+    result = run_bench(cfg, quick=quick, ray=not no_ray, n_samples=n_samples, workdir=workdir,
+                       console=_console())
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,11 +1,11 @@
 """kNN residual bootstrap + split-conformal calibration per horizon.
 
 Nonconformity of a window at (horizon h, grid point g): how far the realised residual
-lies from the neighbour mixture's median, in units of that mixture's half-band:
-``s = (y - med) / (hi - med)`` above the median, ``(med - y) / (med - lo)`` below, with
+lies from the neighbour mixture's weighted mean, in units of that mixture's half-band:
+``s = (y - mu) / (hi - mu)`` above the mean, ``(mu - y) / (mu - lo)`` below, with
 lo / hi the (1 -/+ coverage) / 2 quantiles of the K neighbours' weighted residuals. The
 factor ``c_h`` is the conformal quantile of s over windows and grid points; sampling
-then widens (or narrows) each draw about the median: ``med + c_h * (r - med)``, so the
+then widens (or narrows) each draw about the mean: ``mu + c_h * (r - mu)``, so the
 sample band is the calibrated band.
 
 Scored leave-one-out on the cross-fitted bank: a window may not borrow residuals from
@@ -75,16 +75,18 @@ class KnnConformalSampler(KnnResidualSampler):
             ids, w = self.neighbours(self.index_.keys[sel], exclude_fn=exclude,
                                      extra=2 * gap + 1)
             nb = bank.residuals[ids].reshape(len(sel), ids.shape[1], H, -1)  # (b, k, H, G)
-            lo, med, hi = weighted_quantiles(nb, w, [alpha / 2, 0.5, 1 - alpha / 2])
+            lo, hi = weighted_quantiles(nb, w, [alpha / 2, 1 - alpha / 2])
+            mu = np.einsum("bk,bkhg->bhg", w, nb)  # the mixture's mean: scaling keeps it
             y = bank.residuals[sel].reshape(len(sel), H, -1)
-            up = (y - med) / np.maximum(hi - med, 1e-9)
-            down = (med - y) / np.maximum(med - lo, 1e-9)
-            scores.append(np.where(y >= med, up, down))  # (b, H, G)
+            up = (y - mu) / np.maximum(hi - mu, 1e-9)
+            down = (mu - y) / np.maximum(mu - lo, 1e-9)
+            scores.append(np.where(y >= mu, up, down))  # (b, H, G)
         return np.concatenate(scores).astype(np.float32)
 
     def adjust(self, res, ids, weights):
         B, M, H = res.shape[:3]
         nb = self.bank_.residuals[ids].reshape(B, ids.shape[1], H, -1)
-        med = weighted_quantiles(nb, weights, [0.5])[0].reshape(B, 1, *res.shape[2:])
+        # Scaling about the mixture's weighted mean leaves the sample mean where it was.
+        mu = np.einsum("bk,bkhg->bhg", weights, nb).reshape(B, 1, *res.shape[2:])
         scale = self.scale_.reshape(1, 1, H, *([1] * (res.ndim - 3)))
-        return med + scale * (res - med)
+        return mu + scale * (res - mu)
