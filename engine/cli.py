@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,10 +15,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 config_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect the config.")
 app.add_typer(config_app, name="config")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file.")]
-DataOpt = Annotated[Optional[str], typer.Option(help="'synthetic' or a CSV / Parquet / NPZ file.")]
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="A trained checkpoint (.pt).")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Run seed (overrides the config's).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
+DataOpt = Annotated[str | None, typer.Option(help="'synthetic' or a CSV / Parquet / NPZ file.")]
+ModelOpt = Annotated[Path | None, typer.Option("--model", help="A trained checkpoint (.pt).")]
+SeedOpt = Annotated[int | None, typer.Option(help="Run seed (overrides the config's).")]
 
 
 def fail(message: str) -> None:
@@ -67,8 +67,8 @@ def config_show(config: ConfigOpt = None) -> None:
 @user_errors
 def train(out: Annotated[Path, typer.Option("--out", help="Where to save the checkpoint.")],
           config: ConfigOpt = None, data: DataOpt = None, seed: SeedOpt = None,
-          epochs: Annotated[Optional[int], typer.Option(help="Override train.epochs.")] = None,
-          horizon: Annotated[Optional[int], typer.Option(help="Override data.horizon.")] = None,
+          epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
+          horizon: Annotated[int | None, typer.Option(help="Override data.horizon.")] = None,
           ) -> None:
     """Train the CVAE on the train split and report validation and test errors."""
     from engine.pipeline import prepare, train_and_report
@@ -95,9 +95,9 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
 @user_errors
 def evaluate(out: Annotated[Path, typer.Option("--out", help="Report folder.")],
              config: ConfigOpt = None, data: DataOpt = None, model: ModelOpt = None,
-             methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods.")] = None,
-             horizons: Annotated[Optional[str], typer.Option(help="e.g. 1,5,10,20,30,60,90")] = None,
-             n_samples: Annotated[Optional[int], typer.Option("--n-samples")] = None,
+             methods: Annotated[str | None, typer.Option(help="Comma-separated methods.")] = None,
+             horizons: Annotated[str | None, typer.Option(help="e.g. 1,5,10,20,30,60,90")] = None,
+             n_samples: Annotated[int | None, typer.Option("--n-samples")] = None,
              seed: SeedOpt = None) -> None:
     """Fit every method on the same splits and score them on the same test windows."""
     from engine.evaluate import run_evaluation

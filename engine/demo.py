@@ -99,8 +99,8 @@ def summary_text(s: dict) -> str:
     w = s["mean_band_width_90"]
     b = s["last_day_bands"]
     lines = [
-        f"start {s['start_date']}: ATM (moneyness {s['atm_point']['moneyness']:g}, "
-        f"{s['atm_point']['maturity_days']:g} days) iv {s['last_atm_iv']:.3f}",
+        (f"start {s['start_date']}: ATM (moneyness {s['atm_point']['moneyness']:g}, "
+         f"{s['atm_point']['maturity_days']:g} days) iv {s['last_atm_iv']:.3f}"),
         f"mean width of the 90% band over {s['horizon']} days (iv units):",
         f"  raw CVAE      {w['cvae']:.4f}   ({w['cvae'] / w['oracle']:.0%} of the oracle's)",
         f"  calibrated    {w['calibrated']:.4f}   ({w['calibrated'] / w['oracle']:.0%} of the oracle's)",
@@ -112,9 +112,9 @@ def summary_text(s: dict) -> str:
     t = s.get("tree")
     if t:
         lines += [
-            f"scenario tree: depth {t['depth']} on {t['backend']} ({t['terminal_paths']} terminal "
-            f"paths, {t['days']} days) in {t['seconds']:.0f}s, {t['nodes_per_s']:.0f} nodes/s; "
-            f"store {t['store']}",
+            (f"scenario tree: depth {t['depth']} on {t['backend']} ({t['terminal_paths']} "
+             f"terminal paths, {t['days']} days) in {t['seconds']:.0f}s, "
+             f"{t['nodes_per_s']:.0f} nodes/s; store {t['store']}"),
             "share of oracle paths inside the tree's 90% band (ATM) at days "
             + ", ".join(f"{d}: {v:.2f}" for d, v in t["oracle_inside_90"].items()),
             f"long-horizon fan chart: {t['fan_chart']}",

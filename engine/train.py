@@ -117,7 +117,7 @@ def train_model(panel: Panel, anchors: np.ndarray, config: Config,
 def holdout_tail(anchors: np.ndarray, fraction: float, horizon: int) -> tuple[np.ndarray, np.ndarray]:
     """Split off the last ``fraction`` of windows; training windows end one horizon earlier
     so no training target overlaps a validation target."""
-    n_val = max(1, int(round(fraction * len(anchors))))
+    n_val = max(1, round(fraction * len(anchors)))
     val = anchors[-n_val:]
     train = anchors[anchors <= val[0] - horizon]
     if len(train) == 0:
@@ -138,8 +138,14 @@ def progress_bar(enabled: bool = True):
     """A rich progress bar with epoch, losses and ETA (or a null context)."""
     if not enabled:
         return nullcontext(None)
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),

@@ -131,8 +131,8 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
                             f"before data.test_start ({data_cfg.test_start})")
     else:
         f_train, f_cal, _ = data_cfg.split_fractions
-        cal = int(round(f_train * T))
-        tst = int(round((f_train + f_cal) * T))
+        cal = round(f_train * T)
+        tst = round((f_train + f_cal) * T)
     ranges = {"train": (0, cal), "calibration": (cal + E, tst), "test": (tst + E, T)}
     splits = Splits(C, H, E, ranges)
     for name in SPLITS:

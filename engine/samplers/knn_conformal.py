@@ -84,7 +84,7 @@ class KnnConformalSampler(KnnResidualSampler):
         return np.concatenate(scores).astype(np.float32)
 
     def adjust(self, res, ids, weights):
-        B, M, H = res.shape[:3]
+        B, H = res.shape[0], res.shape[2]
         nb = self.bank_.residuals[ids].reshape(B, ids.shape[1], H, -1)
         # Scaling about the mixture's weighted mean leaves the sample mean where it was.
         mu = np.einsum("bk,bkhg->bhg", weights, nb).reshape(B, 1, *res.shape[2:])
