@@ -65,7 +65,8 @@ import numpy as np
 
 from engine.config import Config
 
-__all__ = ["DEFAULT_SAMPLES", "BenchPlan", "bench_config", "device_info", "plan_for", "render_table", "rss_child", "run_bench"]
+__all__ = ["DEFAULT_SAMPLES", "BenchPlan", "bench_config", "device_info", "plan_for",
+           "render_table", "rss_child", "run_bench"]
 
 TREE_KEYS = ("5", "6", "7")
 RSS_KEYS = ("6", "8", "9")
@@ -152,9 +153,11 @@ def _device_line(d: dict) -> str:
 # ============================================================================ timing helpers
 
 
-def _rate(fn: Callable[[], None], items: int, min_seconds: float, max_reps: int = 50) -> dict:
-    """Items per second of ``fn`` (after one warm-up call), repeated until ``min_seconds``."""
-    fn()
+def _rate(fn: Callable[[], None], items: int, min_seconds: float, max_reps: int = 50,
+          warmup: Callable[[], None] | None = None) -> dict:
+    """Items per second of ``fn`` (after a warm-up call: ``warmup``, else ``fn`` itself),
+    repeated until it has run ``min_seconds``."""
+    (warmup or fn)()
     reps, t0 = 0, time.perf_counter()
     while True:
         fn()
@@ -272,6 +275,8 @@ def tree_throughput(fitted: _Fitted, depth: int, backend: str, workdir: Path) ->
 
 def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
     """p50 forecasts per second of the CVAE on ``n`` real contexts at once."""
+    from engine.model import MICRO
+
     panel, c, h = fitted.prep.panel, fitted.config.data.context, fitted.config.data.horizon
     anchors = np.arange(c - 1, panel.n_days - h)
     anchors = np.resize(anchors, n)  # cycled when the data has fewer windows
@@ -281,7 +286,10 @@ def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
     def call():
         model.median(log_ctx)
 
-    out = _rate(call, n, min_seconds, max_reps=20)
+    def warmup():
+        model.median(log_ctx[:MICRO])
+
+    out = _rate(call, n, min_seconds, max_reps=20, warmup=warmup)
     out["device"] = str(model.loc.device)
     return out
 
@@ -319,7 +327,9 @@ def knn_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
         for q in batches:
             brute_knn(keys, q, k)
 
-    return {"faiss": _rate(faiss_all, n, min_seconds), "brute": _rate(brute_all, n, min_seconds),
+    # the first batch above was the warm-up of both
+    return {"faiss": _rate(faiss_all, n, min_seconds, warmup=lambda: None),
+            "brute": _rate(brute_all, n, min_seconds, warmup=lambda: None),
             "bank": len(keys), "dim": int(keys.shape[1]), "k": k, "queries": n,
             "batch": batch, "same_ids": agree}
 
