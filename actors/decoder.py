@@ -54,7 +54,10 @@ class DecoderActor:
     def __init__(self, shared: dict):
         self._ref = shared["sampler"]  # passed nested, so this is the ObjectRef itself
         self.sampler = ray.get(self._ref)
-        self.device = "cuda" if ray.get_gpu_ids() else "cpu"
+        import torch
+
+        # A GPU granted by Ray is only usable when this torch build has CUDA.
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         if self.device == "cuda":
             move_models(self.sampler, "cuda")
 
