@@ -95,8 +95,8 @@ def make_store(path: Path, kind: str, cfg, start: str, samp, n_paths: int | None
             st = ScenarioStore.open(path)
             if st.levels_complete >= st.meta.depth and st.meta.start_date == start:
                 return st, None
-        except Exception:  # noqa: BLE001 - a broken leftover is rebuilt
-            pass
+        except Exception as err:  # noqa: BLE001 - a broken leftover is rebuilt
+            print(f"rebuilding {path}: {err}")
         shutil.rmtree(path, ignore_errors=True)
     inp = run_inputs(prep(), start)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def part_tree(args):
                       **extra})
         for i in start_indices(args.starts):
             tag = kind.split("+")[0]
-            st, sec = make_store(args.root / f"tree3_{tag}_{i}", "tree", cfg, start_date(i), samp)
+            _, sec = make_store(args.root / f"tree3_{tag}_{i}", "tree", cfg, start_date(i), samp)
             print(f"tree {kind} start {i} ({start_date(i)}): "
                   f"{'reused' if sec is None else f'{sec:.1f}s'}")
             if sec is not None:
@@ -144,7 +144,7 @@ def part_mc(args):
     cfg = config({"tree.depth": 3, "engine.backend": "inline"})
     times = {}
     for i in start_indices(args.starts)[: args.max_starts or None]:
-        st, sec = make_store(args.root / f"mc3_{args.paths}_{i}", "mc", cfg, start_date(i), samp,
+        _, sec = make_store(args.root / f"mc3_{args.paths}_{i}", "mc", cfg, start_date(i), samp,
                              n_paths=args.paths)
         print(f"mc {args.paths} start {i} ({start_date(i)}): "
               f"{'reused' if sec is None else f'{sec:.1f}s'}", flush=True)
@@ -170,9 +170,9 @@ def _errors(t: dict, m: dict, it: int, im: int) -> dict:
     sd = m["std"][im].astype(np.float64)
     return {
         "std_ratio": t["std"][it] / sd,
-        "q01": np.abs(t["quantiles"][it, Q01] - m["quantiles"][im, Q01]) / sd,
-        "q99": np.abs(t["quantiles"][it, Q99] - m["quantiles"][im, Q99]) / sd,
-        "mean": np.abs(t["mean"][it] - m["mean"][im]) / sd,
+        "q01": (t["quantiles"][it, Q01] - m["quantiles"][im, Q01]) / sd,  # signed
+        "q99": (t["quantiles"][it, Q99] - m["quantiles"][im, Q99]) / sd,
+        "mean": (t["mean"][it] - m["mean"][im]) / sd,
     }
 
 
@@ -204,7 +204,8 @@ def part_compare(args):
     rows = []
     for v, per_day in acc.items():
         for d, per in per_day.items():
-            a = {k: np.concatenate(x) for k, x in per.items()}
+            signed = {k: np.concatenate(x) for k, x in per.items()}
+            a = {k: np.abs(x) if k != "std_ratio" else x for k, x in signed.items()}
             r = a["std_ratio"]
             rows.append({
                 "variant": v, "day": d, "n": int(r.size),
@@ -214,6 +215,8 @@ def part_compare(args):
                 "q01_median": float(np.median(a["q01"])), "q01_max": float(a["q01"].max()),
                 "q99_median": float(np.median(a["q99"])), "q99_max": float(a["q99"].max()),
                 "mean_median": float(np.median(a["mean"])), "mean_max": float(a["mean"].max()),
+                **{f"{k}_signed_median": float(np.median(signed[k]))
+                   for k in ("q01", "q99", "mean")},
             })
     print(f"tree (M 512, depth 3) vs mc ({args.paths} paths), {len(starts)} starts x 25 grid "
           "points; errors in mc std units")
@@ -224,7 +227,9 @@ def part_compare(args):
         print(f"{r['variant']:16} {r['day']:>4} {r['std_ratio_median']:9.3f} "
               f"{r['std_ratio_min']:6.3f} {r['std_ratio_max']:6.3f} {r['q01_median']:8.3f} "
               f"{r['q01_max']:6.3f} {r['q99_median']:8.3f} {r['q99_max']:6.3f} "
-              f"{r['mean_median']:8.3f} {r['mean_max']:6.3f}")
+              f"{r['mean_median']:8.3f} {r['mean_max']:6.3f}  signed med q01 "
+              f"{r['q01_signed_median']:+.3f} q99 {r['q99_signed_median']:+.3f} mean "
+              f"{r['mean_signed_median']:+.3f}")
     save(f"compare_{len(starts)}_{args.paths}", {"starts": starts, "paths": args.paths,
                                                   "rows": rows})
 
