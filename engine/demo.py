@@ -48,8 +48,7 @@ def run_demo(config: Config, out: Path, console) -> dict:
         model = result.model
         sampler = make_sampler(config.sampler.method, config)
         sampler.progress = progress
-        history = panel.slice_days(0, panel.n_days)  # production: learn from all history
-        sampler.fit(history, model)
+        sampler.fit(panel, model)  # production: learn from all history
         sampler.progress = None
     console.print(f"trained the CVAE in {result.seconds:.0f}s (validation pinball "
                   f"{result.val_pinball:.4f}); fitted '{sampler.name}'")

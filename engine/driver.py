@@ -53,7 +53,7 @@ import numpy as np
 
 from engine.config import Config, EngineConfig, TreeConfig
 from engine.errors import BackfillError, ConfigError, DataError, StoreError
-from engine.rng import TREE, node_rng
+from engine.rng import MC, PRUNE, TREE, node_rng
 from engine.store import ScenarioStore, business_days_after, parse_start_date
 from engine.tree import (
     MarginalAccumulator,
@@ -85,10 +85,9 @@ __all__ = [
     "weighted_var_es",
 ]
 
-# Streams of engine.rng.node_rng besides TREE / EVALUATION / CALIBRATION (0-2): the brute-force
-# Monte Carlo's paths and the once-per-level frontier resampling never share a tree node's draws.
-MC_STREAM = 3
-PRUNE_STREAM = 4
+# Streams of engine.rng.node_rng (all defined there, so no two purposes share one).
+MC_STREAM = MC
+PRUNE_STREAM = PRUNE
 QUANTILE_LEVELS = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 # Sampled values per draw call inside a task (float64: 128 MB), so a batch of 256 nodes with
 # M = 512 paths of 90 days x 25 points (2.4 GB at once) is drawn a few nodes at a time.
@@ -321,11 +320,9 @@ def start_context_of(store: ScenarioStore) -> np.ndarray:
 
 
 def _level_weights(store: ScenarioStore, level: int) -> np.ndarray:
-    # ScenarioStore has no weights-only reader and read_level would read every path of the
-    # level too; the weights of a whole level are small (8 bytes a node)
     if not store.chunks_done(level).all():
         raise StoreError(f"level {level} of {store.path} is not complete; resume the run")
-    return np.asarray(store._level(level).weight[:], dtype=np.float64)
+    return store.read_weights(level)
 
 
 def _runs(rows: np.ndarray, gap: int) -> Iterator[tuple[int, int]]:

@@ -16,6 +16,8 @@ SeedLike = int | np.random.Generator | None
 # Purposes of streams, so a tree node, an evaluation window and a calibration draw that
 # share (level, node) numbers never share randomness.
 TREE, EVALUATION, CALIBRATION = 0, 1, 2
+# The brute-force Monte Carlo's paths and the once-per-level frontier resampling.
+MC, PRUNE = 3, 4
 
 
 def node_rng(seed: int, level: int, node: int, stream: int = TREE) -> np.random.Generator:

@@ -581,6 +581,10 @@ class ScenarioStore:
             raise StoreError(f"level {level} chunk {first} is not written yet; finish the run "
                              "with --resume before reading it")
 
+    def read_weights(self, level: int) -> np.ndarray:
+        """The whole level's absolute weights (N,) float64, without reading its paths."""
+        return np.asarray(self._level(level).weight[:], dtype=np.float64)
+
     def read_level(self, level: int, start: int = 0, stop: int | None = None) -> dict:
         """Rows [start, stop) of a level as numpy: paths, parent, branch, weight."""
         lv = self._level(level)
