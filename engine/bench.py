@@ -66,7 +66,8 @@ import numpy as np
 from engine.config import Config
 
 __all__ = ["DEFAULT_SAMPLES", "BenchPlan", "bench_config", "device_info", "plan_for",
-           "render_table", "rss_child", "run_bench"]
+           "render_gpu_table", "render_table", "rss_child", "run_bench", "run_gpu_bench",
+           "stage_profile"]
 
 TREE_KEYS = ("5", "6", "7")
 RSS_KEYS = ("6", "8", "9")
@@ -275,7 +276,7 @@ def tree_throughput(fitted: _Fitted, depth: int, backend: str, workdir: Path) ->
 
 def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
     """p50 forecasts per second of the CVAE on ``n`` real contexts at once."""
-    from engine.model import MICRO
+    from engine.model import micro_rows
 
     panel, c, h = fitted.prep.panel, fitted.config.data.context, fitted.config.data.horizon
     anchors = np.arange(c - 1, panel.n_days - h)
@@ -287,7 +288,7 @@ def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
         model.median(log_ctx)
 
     def warmup():
-        model.median(log_ctx[:MICRO])
+        model.median(log_ctx[:micro_rows(model.loc.device)])
 
     out = _rate(call, n, min_seconds, max_reps=20, warmup=warmup)
     out["device"] = str(model.loc.device)
@@ -392,6 +393,136 @@ def write_throughput(fitted: _Fitted, mb: float, workdir: Path, fsync: bool = Tr
             "zarr_seconds": zarr_s, "plain_seconds": plain_s,
             "zarr_mb_s": total / MB / zarr_s, "plain_mb_s": total / MB / plain_s,
             "zarr_bytes_on_disk": on_disk, "fsync": fsync}
+
+
+def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
+    """Seconds per node of each stage of a node expansion, on ``n_nodes`` real contexts of
+    the data as frontier nodes (level 1, M = ``n_samples``): the decoder half
+    (``decode_batch``: p50 forecasts + kNN keys, on the model's device), the kNN half
+    (``sampler.draw``: FAISS search, residual draw, calibration) and the tree half
+    (``_branch``: children by quantization, their weights, marginal sums). The same
+    functions as ``expand_batch``, in the same slices; nothing is written."""
+    from engine import driver
+    from engine.tree import MarginalAccumulator, stride_days
+
+    cfg = fitted.config
+    panel, c = fitted.prep.panel, cfg.data.context
+    anchors = np.resize(np.arange(c - 1, panel.n_days), n_nodes)
+    contexts = np.exp(panel.contexts_at(anchors, c))
+    s = stride_days(cfg.tree.stride, cfg.data.horizon)
+    plan = driver.LevelPlan("tree", 1, cfg.seed, n_samples, s, cfg.store.marginal_bins,
+                            panel.grid_shape, cfg.tree)
+    nodes = np.arange(n_nodes, dtype=np.int64)
+    batch = driver.Batch(0, 0, nodes, np.zeros(n_nodes, np.int64), np.full(n_nodes, 1 / n_nodes),
+                         np.ones(n_nodes, bool), contexts)
+    sampler = fitted.sampler
+    if not driver.is_split(sampler):
+        return {"split": False}
+    driver.decode_batch(sampler, contexts[: min(n_nodes, 64)])  # warm-up
+    t = {"decode": 0.0, "draw": 0.0, "branch": 0.0}
+    t0 = time.perf_counter()
+    point_keys = driver.decode_batch(sampler, contexts)
+    t["decode"] = time.perf_counter() - t0
+    rngs = driver.node_rngs(plan, nodes)
+    per_node = n_samples * sampler.horizon * int(np.prod(plan.grid_shape))
+    step = max(1, driver._DRAW_VALUES // per_node)
+    acc = MarginalAccumulator(s, plan.grid_shape, plan.bins)
+    for i in range(0, n_nodes, step):
+        sl = slice(i, min(n_nodes, i + step))
+        t0 = time.perf_counter()
+        log_paths = driver._draw(sampler, batch, sl, n_samples, rngs, point_keys)
+        t1 = time.perf_counter()
+        driver._branch(np.asarray(log_paths), batch, sl, plan, acc)
+        t["draw"] += t1 - t0
+        t["branch"] += time.perf_counter() - t1
+    total = sum(t.values())
+    return {"split": True, "nodes": n_nodes, "n_samples": n_samples,
+            "seconds": t, "ms_per_node": {k: 1e3 * v / n_nodes for k, v in t.items()},
+            "share": {k: v / total for k, v in t.items()}, "nodes_per_s": n_nodes / total}
+
+
+def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
+                  depths: tuple[int, ...] = (5, 6), workdir: Path | None = None,
+                  console=None) -> dict:
+    """The GPU part (``backfill bench --gpu``): the CVAE trained and decoding on the torch
+    device (CUDA where present), decoder forecasts/s at several batch sizes (and on the
+    CPU for comparison), the per-stage profile of a node expansion, and full inline trees
+    (the inline backend stands in for Ray) at each M of ``samples`` and each depth of
+    ``depths`` (the largest depth only at the smallest M, where it fits the time)."""
+    import copy
+    from dataclasses import replace
+
+    base = Path(workdir) if workdir is not None else None
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="backfill-gpu-bench-", dir=base))
+    t_start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        if console is not None:
+            console.print(f"[bold]bench --gpu[/] {msg}")
+
+    try:
+        t0 = time.perf_counter()
+        fitted = _fit(config, work, console)
+        fit_s = time.perf_counter() - t0
+        say(f"fitted in {fit_s:.1f} s on {fitted.model.loc.device}")
+        decoder = {}
+        for n in (4096, 65536):
+            decoder[str(n)] = decoder_throughput(fitted, n, 1.0)
+            say(f"decoder, batch {n}: {decoder[str(n)]['per_s']:,.0f} forecasts/s")
+        if str(fitted.model.loc.device) != "cpu":
+            cpu = replace(fitted, model=copy.deepcopy(fitted.model).to("cpu"))
+            decoder["4096_cpu"] = decoder_throughput(cpu, 4096, 1.0)
+            say(f"decoder on the CPU, batch 4096: {decoder['4096_cpu']['per_s']:,.0f}/s")
+        profile, trees = {}, []
+        for m in samples:
+            cfg_m, _ = bench_config(config, m)
+            fm = replace(fitted, config=cfg_m)
+            profile[str(m)] = stage_profile(fm, 1024 if m <= 64 else 256, m)
+            say(f"stage profile, M = {m}: {profile[str(m)].get('ms_per_node')}")
+            for depth in depths if m == min(samples) else depths[:1]:
+                r = tree_throughput(fm, depth, "inline", work)
+                r["n_samples"] = m
+                r["nodes_per_s_from_level_2"] = _warm_rate(r)
+                trees.append(r)
+                say(f"inline tree, M = {m}, depth {depth}: {r['nodes_per_s']:,.0f} nodes/s")
+        return {"part": "gpu", "decoder_forecasts_per_s": {k: v["per_s"]
+                                                           for k, v in decoder.items()},
+                "inline_nodes_per_s": {f"M{r['n_samples']}_depth{r['depth']}": r["nodes_per_s"]
+                                       for r in trees},
+                "stage_profile": profile, "device": device_info(str(fitted.model.loc.device)),
+                "details": {"fit_seconds": fit_s, "decoder": decoder, "tree": trees,
+                            "sampler": config.sampler.method,
+                            "grid": list(fitted.prep.panel.grid_shape),
+                            "total_seconds": time.perf_counter() - t_start},
+                "config": config.to_dict()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def render_gpu_table(result: dict):
+    """One rich Table of ``run_gpu_bench``'s numbers."""
+    from rich.table import Table
+
+    table = Table(title=f"backfill bench --gpu: {result['details']['sampler']}",
+                  caption=_device_line(result["device"]))
+    for col, just in (("what", "left"), ("case", "right"), ("value", "right"), ("unit", "left")):
+        table.add_column(col, justify=just)
+    for key, rate in result["decoder_forecasts_per_s"].items():
+        n, _, where = key.partition("_")
+        table.add_row("decoder p50 forecasts", f"batch {n}, {where or result['device']['torch_device']}",
+                      _fmt(rate), "forecasts/s")
+    for m, prof in result["stage_profile"].items():
+        if prof.get("split"):
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in prof["ms_per_node"].items())
+            table.add_row("node expansion by stage", f"M = {m}", parts, "ms/node")
+            table.add_row("", f"M = {m}, stages only", _fmt(prof["nodes_per_s"]), "nodes/s")
+    for r in result["details"]["tree"]:
+        table.add_row("tree expansions, inline", f"M = {r['n_samples']}, depth {r['depth']}",
+                      f"{_fmt(r['nodes_per_s'])} ({_fmt(r['nodes_per_s_from_level_2'])} from "
+                      "level 2)", "nodes/s")
+    return table
 
 
 # ============================================================================ peak RSS

@@ -357,28 +357,37 @@ def bench(config: ConfigOpt = None,
           epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
           workdir: Annotated[Path | None, typer.Option(
               help="Where the temporary stores go (default: the system temp dir).")] = None,
+          gpu: Annotated[bool, typer.Option(
+              "--gpu", help="The GPU part only: decoder on the torch device (CUDA where "
+              "present), stage profile, inline trees at M = 64 and 512 "
+              "(cluster/gpu_bench.sh).")] = False,
           ) -> None:
     """Throughput and memory: tree nodes/s (inline, ray), decoder, kNN, store writes, peak RSS."""
     import json
 
     from rich.console import Console
 
-    from engine.bench import render_table, run_bench
+    from engine.bench import render_gpu_table, render_table, run_bench, run_gpu_bench
 
     if n_samples is not None and n_samples < 8:
         from engine.errors import ConfigError
 
         raise ConfigError(f"--n-samples {n_samples} is below 8 (tree.n_samples' minimum)")
     cfg = _config(config, **{"data.source": data, "train.epochs": epochs})
-    result = run_bench(cfg, quick=quick, ray=not no_ray, n_samples=n_samples, workdir=workdir,
-                       console=_console())
+    if gpu:
+        samples = (n_samples,) if n_samples is not None else (64, 512)
+        result = run_gpu_bench(cfg, samples=samples, depths=(4, 5) if quick else (5, 6),
+                               workdir=workdir, console=_console())
+    else:
+        result = run_bench(cfg, quick=quick, ray=not no_ray, n_samples=n_samples,
+                           workdir=workdir, console=_console())
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     console = Console()
     if not console.is_terminal:  # a pipe or file: no 80-column wrap of the table
         console = Console(width=200)
-    console.print(render_table(result))
+    console.print(render_gpu_table(result) if gpu else render_table(result))
     if json_out is not None:
         _console().print(f"wrote {json_out}")
 

@@ -30,6 +30,12 @@ from engine.errors import CheckpointError
 
 CHECKPOINT_VERSION = 1
 MICRO = 256  # rows per decoder call: a fixed shape keeps results batch-independent
+MICRO_CUDA = 8192  # the same on a GPU, where a 256-row call would leave it idle
+
+
+def micro_rows(device: torch.device | str) -> int:
+    """Rows per decoder call on ``device`` (fixed per device: see ``CVAE._batched``)."""
+    return MICRO if torch.device(device).type == "cpu" else MICRO_CUDA
 
 
 def mlp(n_in: int, n_hidden: int, n_out: int, dropout: float) -> nn.Sequential:
@@ -130,12 +136,13 @@ class CVAE(nn.Module):
         """
         self.eval()
         device = self.loc.device
+        micro = micro_rows(device)
         outs = []
-        for i in range(0, len(log_ctx), MICRO):
-            chunk = np.ascontiguousarray(log_ctx[i : i + MICRO])
+        for i in range(0, len(log_ctx), micro):
+            chunk = np.ascontiguousarray(log_ctx[i : i + micro])
             n = len(chunk)
-            if n < MICRO:
-                chunk = np.concatenate([chunk, np.repeat(chunk[:1], MICRO - n, axis=0)])
+            if n < micro:
+                chunk = np.concatenate([chunk, np.repeat(chunk[:1], micro - n, axis=0)])
             x = torch.as_tensor(chunk, dtype=torch.float32, device=device)
             outs.append(fn(x)[:n].cpu().numpy().astype(np.float64))
         return np.concatenate(outs) if outs else np.zeros((0,))
@@ -144,19 +151,19 @@ class CVAE(nn.Module):
         """Context embeddings (B, E): the kNN index's space."""
         return self._batched(self.encode, log_ctx)
 
+    def _at_prior_mean(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.encode(x)
+        mu_p, _ = self.prior(e)
+        return self.decode(x, e, mu_p)
+
     def forecast(self, log_ctx: np.ndarray) -> np.ndarray:
         """Quantile paths (B, Q, H, n_m, n_tau) in log-IV, decoded at the prior's mean z."""
-
-        def fn(x):
-            e = self.encode(x)
-            mu_p, _ = self.prior(e)
-            return self.decode(x, e, mu_p)
-
-        return self._batched(fn, log_ctx)
+        return self._batched(self._at_prior_mean, log_ctx)
 
     def median(self, log_ctx: np.ndarray) -> np.ndarray:
-        """The p50 path (B, H, n_m, n_tau) in log-IV."""
-        return self.forecast(log_ctx)[:, self.cfg.quantiles.index(0.5)]
+        """The p50 path (B, H, n_m, n_tau) in log-IV (only it leaves the device)."""
+        med = self.cfg.quantiles.index(0.5)
+        return self._batched(lambda x: self._at_prior_mean(x)[:, med], log_ctx)
 
     def decode_prior(self, log_ctx: np.ndarray, eps: np.ndarray, noise_scale: float = 1.0,
                      ) -> np.ndarray:

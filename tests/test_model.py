@@ -105,7 +105,7 @@ def test_checkpoint_round_trip(tmp_path, trained):
                            panel.grid_dict(), result.history)
     blob = torch.load(path, weights_only=True)  # no arbitrary unpickling needed
     assert set(blob) >= {"state_dict", "meta"}
-    loaded, meta = load_checkpoint(path)
+    loaded, meta = load_checkpoint(path, str(model.loc.device))  # cuda where it trained there
     log_ctx = contexts(panel, 9)
     np.testing.assert_array_equal(loaded.forecast(log_ctx), model.forecast(log_ctx))
     np.testing.assert_array_equal(loaded.embed(log_ctx), model.embed(log_ctx))
@@ -235,3 +235,20 @@ def test_no_validation_keeps_last_epoch():
     result = train_model(panel, anchors, cfg)
     assert result.best_epoch is None and result.val_pinball is None
     assert all(h["val_pinball"] is None for h in result.history)
+
+
+# --- the decoder on a GPU (skipped where torch has no CUDA device) ----------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decoder_is_batch_independent_and_close_to_the_cpu():
+    from engine.model import MICRO_CUDA
+
+    model = fresh_model(tiny_config(), (7, 6))
+    rng = np.random.default_rng(0)
+    log_ctx = np.log(0.2) + 0.05 * rng.standard_normal((MICRO_CUDA + 300, C, 7, 6))
+    cpu = model.median(log_ctx[:300])
+    model.to("cuda")
+    whole = model.median(log_ctx)  # two fixed-shape calls, the second padded
+    for lo, hi in ((0, 1), (0, 300), (MICRO_CUDA - 5, MICRO_CUDA + 7)):
+        np.testing.assert_array_equal(model.median(log_ctx[lo:hi]), whole[lo:hi])
+    np.testing.assert_allclose(whole[:300], cpu, rtol=0, atol=1e-4)
+    assert model.embed(log_ctx[:3]).shape == (3, tiny_config().model.embed_dim)
