@@ -734,14 +734,17 @@ def _check_sampler(sampler, config: Config, grid_shape: tuple[int, int],
 
 def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
               after_chunk: Callable[[int, int], None] | None = None,
-              checkpoint_seconds: float = 30.0) -> list[LevelStats]:
+              checkpoint_seconds: float | None = None) -> list[LevelStats]:
     """Expand every level not yet complete in ``store`` (from ``open_store``) with a fitted
     sampler; the backend and its sizes come from ``config.engine``.
 
     ``console``: a rich Console for a progress bar per level (None: silent). ``after_chunk(level,
-    chunk)`` is called after each chunk write (tests use it to simulate a crash). Returns the
+    chunk)`` is called after each chunk write (tests use it to simulate a crash).
+    ``checkpoint_seconds``: default ``config.engine.checkpoint_seconds``. Returns the
     statistics of the levels this call expanded.
     """
+    if checkpoint_seconds is None:
+        checkpoint_seconds = config.engine.checkpoint_seconds
     kind, depth = store.meta.kind, store.meta.depth
     grid_shape = store.meta.grid_shape
     start_context = start_context_of(store)

@@ -62,3 +62,65 @@ def config() -> Config:
 @pytest.fixture
 def panel() -> Panel:
     return toy_panel()
+
+
+# ---------------------------------------------------------------- a tiny project for the CLI
+
+CLI_TOML = """\
+seed = 5
+
+[data]
+context = 12
+horizon = 6
+
+[data.synthetic]
+n_days = 400
+
+[model]
+hidden = 16
+embed_dim = 4
+latent_dim = 2
+
+[train]
+epochs = 1
+batch_size = 64
+threads = 1
+
+[sampler]
+n_folds = 2
+
+[tree]
+depth = {depth}
+n_samples = 32
+
+[engine]
+backend = "inline"
+batch_size = 25
+checkpoint_seconds = 0
+
+[store]
+chunk_nodes = 25
+marginal_bins = 64
+"""
+
+
+def backfill_cmd(*args) -> list[str]:
+    """`backfill ARGS` as a subprocess command line (this interpreter, this checkout)."""
+    import sys
+
+    return [sys.executable, "-m", "engine.cli", *map(str, args)]
+
+
+def cli_project(directory: Path, depth: int) -> tuple[Path, Path]:
+    """A tiny config (synthetic market of 400 days, M = 32, tasks of 25 nodes, chunks of 25
+    rows, a checkpoint after every task) and a model trained for it: (config, model)."""
+    import subprocess
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = directory / "tiny.toml"
+    cfg.write_text(CLI_TOML.format(depth=depth))
+    model = directory / "model.pt"
+    r = subprocess.run(backfill_cmd("train", "--config", cfg, "--out", model),
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cfg, model

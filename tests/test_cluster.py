@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.store import ScenarioStore
+from tests.conftest import backfill_cmd, cli_project
+from tests.test_driver import assert_same_bytes
+
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 LOCAL_SH = CLUSTER / "local.sh"
 
@@ -261,6 +265,21 @@ def test_local_sh_starts_a_real_three_node_cluster_and_tears_it_down():
 
         status = sh("status", timeout=30)
         assert status.returncode == 0 and "Active:" in status.stdout, status.stderr
+
+        # the engine on this cluster: `backfill run --address auto`, depth 5, gives the
+        # inline backend's store bit for bit
+        cfg, model = cli_project(Path(root) / "project", depth=5)
+        stores = {b: Path(root) / f"{b}.zarr" for b in ("inline", "ray")}
+        for backend, path in stores.items():
+            extra = ["--address", "auto"] if backend == "ray" else []
+            r = subprocess.run(backfill_cmd("run", "--config", cfg, "--model", model,
+                                            "--store", path, "--depth", 5,
+                                            "--backend", backend, *extra),
+                               check=False, env={**env, **driver_env}, capture_output=True,
+                               text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+        assert ScenarioStore.open(stores["ray"]).levels_complete == 5
+        assert_same_bytes(stores["inline"], stores["ray"])
     finally:
         down = sh("down", timeout=40)
         left = _marked_pids(f"BACKFILL_RAY_CLUSTER={root}")

@@ -98,3 +98,55 @@ def test_a_killed_actor_is_restarted_and_its_tasks_retried(inline_store, tmp_pat
     make_run(tmp_path / "killed.zarr", cfg, after_chunk=kill_once)
     assert killed
     assert_same_bytes(inline_store, tmp_path / "killed.zarr")
+
+
+# ---------------------------------------------------------------- kill -9 of an actor process
+
+DEEP = {"tree.depth": 6, "engine.batch_size": 25, "store.chunk_nodes": 125}
+
+
+@pytest.fixture(scope="module")
+def inline_depth_6(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inline6") / "run.zarr"
+    make_run(path, run_config(**DEEP))
+    return path
+
+
+@pytest.mark.parametrize("victim", ["knn", "decoder"])
+def test_kill_9_of_an_actor_process_mid_depth_6_run_gives_the_clean_store(
+        inline_depth_6, tmp_path, monkeypatch, victim):
+    """SIGKILL, from outside Ray, of one actor's worker process while level 4's tasks are in
+    flight: Ray restarts the actor, its tasks are retried, the store is the clean one."""
+    import signal
+
+    import psutil
+
+    pools, pids, killed = [], {}, []
+    make_executor = driver._executor
+
+    def capture(sampler, engine):
+        pool = make_executor(sampler, engine)
+        pools.append(pool)
+        pids["knn"] = ray.get(pool.knn[0].shared_info.remote())["pid"]
+        pids["decoder"] = ray.get(pool.decoders[0].shared_info.remote())["pid"]
+        return pool
+
+    monkeypatch.setattr(driver, "_executor", capture)
+
+    def kill_in_level_4(level, chunk):
+        if level == 4 and not killed:
+            assert pools[0].pending() > 0  # tasks in flight on the actors
+            os.kill(pids[victim], signal.SIGKILL)
+            killed.append((chunk, pids[victim]))
+        elif killed and level == 5 and len(killed) == 1:
+            # by the next level the killed process is gone (or a reaped-soon zombie)
+            pid = killed[0][1]
+            gone = not psutil.pid_exists(pid) or \
+                psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            killed.append(gone)
+
+    cfg = run_config(**DEEP, **{"engine.backend": "ray", "engine.n_decoders": 1,
+                                "engine.n_knn": 1, "engine.max_in_flight": 3})
+    make_run(tmp_path / "killed.zarr", cfg, after_chunk=kill_in_level_4)
+    assert len(killed) == 2 and killed[1] is True, killed
+    assert_same_bytes(inline_depth_6, tmp_path / "killed.zarr")
