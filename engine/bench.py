@@ -29,9 +29,12 @@ bench changed. What each number is:
 ``zarr_write_mb_s`` / ``plain_write_mb_s``
     The same bytes, a level of random-walk float32 paths plus its parent / branch / weight
     columns (~256 MB; 8 MB with --quick), written through ``ScenarioStore.create_level`` +
-    ``write_chunk`` one chunk of ``store.chunk_nodes`` rows at a time (as the engine writes),
+    ``write_chunk`` one chunk of ``store.chunk_nodes`` rows at a time (as the engine writes;
+    after one untimed warm-up chunk into a scratch store),
     and as one sequential ``open(.., 'wb').write`` per array to a file in the same
-    directory; both fsync'd before the clock stops (``"fsync": true``). MB = 10^6 bytes.
+    directory; both fsync'd before the clock stops (``"fsync": true``); three times each,
+    alternating, and the median time of each (every run's MB/s in ``details.write``).
+    MB = 10^6 bytes.
     ``details.write_no_fsync``: the same pair without fsync (the page cache's speed).
 ``peak_rss_mb`` {"6", "8", "9"}
     Peak resident memory of a fresh driver process (``python -c``, inline backend) that
@@ -335,8 +338,10 @@ def knn_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
             "batch": batch, "same_ids": agree}
 
 
-def write_throughput(fitted: _Fitted, mb: float, workdir: Path, fsync: bool = True) -> dict:
-    """The same bytes through ScenarioStore (chunk by chunk) and through one plain file."""
+def write_throughput(fitted: _Fitted, mb: float, workdir: Path, fsync: bool = True,
+                     repeats: int = 3) -> dict:
+    """The same bytes through ScenarioStore (chunk by chunk) and through one plain file,
+    ``repeats`` times each, alternating; MB/s of the median time of each."""
     from engine.store import ScenarioStore, business_days_after
     from engine.tree import stride_days
 
@@ -358,41 +363,54 @@ def write_throughput(fitted: _Fitted, mb: float, workdir: Path, fsync: bool = Tr
     days = business_days_after(fitted.inputs.start_date, s)
     tmp = Path(tempfile.mkdtemp(prefix="write-", dir=workdir))
     try:
-        store = _open(fitted, tmp / "run.zarr", cfg)
-        if fsync:
-            _fsync_tree(store.path)
-        t0 = time.perf_counter()
-        store.create_level(1, n, days, grid)
-        for lo in range(0, n, c):
-            hi = min(n, lo + c)
-            store.write_chunk(1, lo, paths[lo:hi], parent[lo:hi], branch[lo:hi], weight[lo:hi])
-        if fsync:
-            _fsync_tree(store.path)
-        zarr_s = time.perf_counter() - t0
-        on_disk = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
-        check = ScenarioStore.open(store.path).read_level(1, 0, min(n, c))["paths"]
-        if not np.array_equal(check, paths[: len(check)]):
-            raise AssertionError("the store did not give back the bytes written")  # a bug
-        shutil.rmtree(store.path)
-        t0 = time.perf_counter()
-        with open(tmp / "plain.bin", "wb") as f:
-            f.writelines(memoryview(a).cast("B") for a in (paths, parent, branch, weight))
+        # warm-up, untimed: one chunk through a scratch store (zarr's event loop, codec
+        # buffers), as the other micro-benchmarks warm up before the clock starts
+        scratch = _open(fitted, tmp / "warmup.zarr", cfg)
+        scratch.create_level(1, c, days, grid)
+        scratch.write_chunk(1, 0, paths[:c], parent[:c], branch[:c], np.full(c, 1.0 / c))
+        shutil.rmtree(scratch.path)
+        zarr_runs, plain_runs = [], []
+        for _ in range(repeats):  # alternating, so both see the same state of the disk
+            store = _open(fitted, tmp / "run.zarr", cfg)
             if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        plain_s = time.perf_counter() - t0
+                _fsync_tree(store.path)
+            t0 = time.perf_counter()
+            store.create_level(1, n, days, grid)
+            for lo in range(0, n, c):
+                hi = min(n, lo + c)
+                store.write_chunk(1, lo, paths[lo:hi], parent[lo:hi], branch[lo:hi],
+                                  weight[lo:hi])
+            if fsync:
+                _fsync_tree(store.path)
+            zarr_runs.append(time.perf_counter() - t0)
+            on_disk = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
+            check = ScenarioStore.open(store.path).read_level(1, 0, min(n, c))["paths"]
+            if not np.array_equal(check, paths[: len(check)]):
+                raise AssertionError("the store did not give back the bytes written")  # a bug
+            shutil.rmtree(store.path)
+            t0 = time.perf_counter()
+            with open(tmp / "plain.bin", "wb") as f:
+                f.writelines(memoryview(a).cast("B") for a in (paths, parent, branch, weight))
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            if fsync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            plain_runs.append(time.perf_counter() - t0)
+            (tmp / "plain.bin").unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    zarr_s, plain_s = float(np.median(zarr_runs)), float(np.median(plain_runs))
     return {"bytes": total, "rows": n, "chunk_nodes": c, "n_chunks": -(-n // c),
             "zarr_seconds": zarr_s, "plain_seconds": plain_s,
             "zarr_mb_s": total / MB / zarr_s, "plain_mb_s": total / MB / plain_s,
-            "zarr_bytes_on_disk": on_disk, "fsync": fsync}
+            "zarr_bytes_on_disk": on_disk, "fsync": fsync, "repeats": repeats,
+            "zarr_mb_s_each": [total / MB / t for t in zarr_runs],
+            "plain_mb_s_each": [total / MB / t for t in plain_runs]}
 
 
 def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:

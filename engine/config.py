@@ -159,7 +159,8 @@ class EngineConfig(_Section):
 class StoreConfig(_Section):
     """The Zarr v3 scenario store."""
 
-    chunk_nodes: int = Field(256, ge=1, description="Nodes per chunk of a level's arrays.")
+    chunk_nodes: int = Field(2048, ge=1, description="Nodes per chunk of a level's arrays (one "
+                             "file per array and chunk: bigger chunks write faster).")
     marginal_bins: int = Field(2048, ge=64, description="Histogram bins per (day, grid point).")
 
 

@@ -59,7 +59,7 @@ def kill_in_level_4(run: list[str], path: Path) -> int:
     """Start ``run`` and kill -9 it once level 4 has a checkpoint (at least one task done) and
     a few chunks written; returns how many of level 4's chunks were on disk. A 2-core box can
     stall the watcher until level 4 is over: then it tries again from a fresh store."""
-    done = path / "level_04" / "done" / "c"  # one file per chunk of level 4 written
+    done = path / "level_04" / "done"  # one file c.<i> per chunk of level 4 written
     ckpt = Path(str(path) + ".partial") / "level_04.npz"  # saved after each task
     for _ in range(3):
         proc = subprocess.Popen(run + ["--overwrite"], stdout=subprocess.DEVNULL,
@@ -67,7 +67,7 @@ def kill_in_level_4(run: list[str], path: Path) -> int:
         deadline = time.monotonic() + 240
         try:
             while proc.poll() is None and time.monotonic() < deadline:
-                if ckpt.is_file() and len(os.listdir(done)) >= 7:
+                if ckpt.is_file() and len(list(done.glob("c.*"))) >= 7:
                     os.kill(proc.pid, signal.SIGKILL)
                     break
                 time.sleep(0.001)
@@ -77,7 +77,7 @@ def kill_in_level_4(run: list[str], path: Path) -> int:
             proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGKILL, "the driver was not killed"
         if ScenarioStore.open(path).levels_complete == 3:  # killed inside level 4
-            return len(os.listdir(done))
+            return len(list(done.glob("c.*")))
     pytest.fail("three tries could not kill the driver inside level 4")
 
 
