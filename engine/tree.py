@@ -747,6 +747,14 @@ MASS_LIMIT = 2 << MASS_BITS
 # exact in float64, whatever order bincount adds in.
 _HALF_BITS = 30
 _MAX_SAMPLES = 1 << 22
+# Moment sums: a node's samples are summed as integers, iv in units of 2^-_IV_Q and iv^2 of
+# 2^-_IV2_Q (each term < 2^47, so _MAX_M = 2^16 of them fit int64), then scaled once per node
+# by its sample mass: 2^(_NODE_SHIFT) = 2^(IV_BITS - MASS_BITS - _IV_Q) = 2^(IV2_BITS -
+# MASS_BITS - _IV2_Q).
+_MAX_M = 1 << 16
+_IV_Q, _IV2_Q = 42, 37
+_NODE_SHIFT = IV_BITS - MASS_BITS - _IV_Q
+assert _NODE_SHIFT == IV2_BITS - MASS_BITS - _IV2_Q
 _STATE = ("counts", "under", "over", "vmin", "vmax", "total", "sum_iv", "sum_iv2")
 
 
@@ -760,10 +768,12 @@ class MarginalAccumulator:
     Quantiles interpolate linearly in log-IV within a bin, clipped to the exact min and max.
 
     Every sum is int64 fixed point (units and bounds above ``MarginalAccumulator``): a sample's
-    mass is round(node_weight / M * 2^60), its moment terms round(mass * iv * 2^-4) and
-    round(mass * iv^2 * 2^-9). The sums are therefore exactly associative: ``add`` in any
-    batches and ``merge`` in any order give the same bytes, which the driver's "same store for
-    any batch size, actor count or completion order" promise rests on. Node weights are
+    mass is round(node_weight / M * 2^60); a node's moment terms are round(mass * S1 * 2^-46)
+    and round(mass * S2 * 2^-46), with S1 = sum over its samples of round(iv * 2^42) and S2 of
+    round(iv^2 * 2^37), integers (M <= 2^16). Each term is a function of one node alone and the sums are
+    exactly associative: ``add`` in any batches and ``merge`` in any order give the same bytes,
+    which the driver's "same store for any batch size, actor count or completion order"
+    promise rests on. Node weights are
     probabilities: more than MASS_LIMIT = 2 in total is refused (it could overflow).
     std uses E[x^2] - E[x]^2, which loses about log10((mean/std)^2) of 16 digits (2-3 for vols):
     fine for reporting.
@@ -819,51 +829,62 @@ class MarginalAccumulator:
         if s and int(self.total[sl].max()) + block_mass > MASS_LIMIT:
             raise DataError("node weights add up to more than probability 2 in the marginals; "
                             "pass probabilities (a level's weights sum to 1)")
+        if m > _MAX_M:
+            raise DataError(f"{m} samples per node; at most {_MAX_M} can be added exactly")
         g = self.counts.shape[1]
-        x = x.reshape(n * m, s, g)
-        mass = np.repeat(unit, m)  # (N*M,)
-        # blocks of at most _MAX_SAMPLES samples and ~_ADD_CHUNK values, whatever N, M and S
-        r_step = max(1, min(_MAX_SAMPLES, _ADD_CHUNK // g))
-        for r0 in range(0, n * m, r_step):
-            r1 = min(n * m, r0 + r_step)
-            d_step = max(1, _ADD_CHUNK // ((r1 - r0) * g))
+        x = x.reshape(n, m, s, g)
+        # blocks of whole nodes (at most _MAX_SAMPLES samples) and ~_ADD_CHUNK values
+        d_step = s if m * s * g <= _ADD_CHUNK else max(1, _ADD_CHUNK // (m * g))
+        n_step = max(1, min(_MAX_SAMPLES // m, _ADD_CHUNK // (m * d_step * g)))
+        for n0 in range(0, n, n_step):
+            n1 = min(n, n0 + n_step)
             for d0 in range(0, s, d_step):
                 d1 = min(s, d0 + d_step)
-                lx = np.moveaxis(x[r0:r1, d0:d1], 1, 0)  # (S', rows, G)
-                lx = lx.astype(np.float64) if log else np.log(lx.astype(np.float64))
-                if not np.all(np.isfinite(lx)):
-                    raise DataError("paths hold NaN or inf; pass finite log-IV (or positive iv)")
-                self._add_block(day_offset + d0, lx, mass[r0:r1])
+                lx = x[n0:n1, :, d0:d1].astype(np.float64)
+                if not log:
+                    np.log(lx, out=lx)
+                self._add_block(day_offset + d0, lx, unit[n0:n1])
         return self
 
-    def _add_block(self, day0: int, lx: np.ndarray, mass: np.ndarray) -> None:
-        s, _, g = lx.shape
+    def _add_block(self, day0: int, lx: np.ndarray, unit: np.ndarray) -> None:
+        """lx (nodes, M, days, G) log-IV, unit (nodes,) the mass of each of a node's samples."""
+        _, m, s, g = lx.shape
         sl = slice(day0, day0 + s)
+        lo_v, hi_v = lx.min(axis=(0, 1)), lx.max(axis=(0, 1))
+        if not (np.all(np.isfinite(lo_v)) and np.all(np.isfinite(hi_v))):  # NaN propagates
+            raise DataError("paths hold NaN or inf; pass finite log-IV (or positive iv)")
+        np.minimum(self.vmin[sl], lo_v, out=self.vmin[sl])
+        np.maximum(self.vmax[sl], hi_v, out=self.vmax[sl])
+        # moments: each node's samples summed in integers, then one rounding per node
+        # (a function of that node alone), so the sums stay exact in any order
         iv = np.minimum(np.exp(lx), IV_CAP)
-        mcol = mass[None, :, None]
-        fm = mcol.astype(np.float64)
-        self.total[sl] += mass.sum()
-        self.sum_iv[sl] += np.rint(iv * fm * 2.0 ** (IV_BITS - MASS_BITS)).astype(np.int64).sum(1)
-        self.sum_iv2[sl] += np.rint(iv * iv * fm * 2.0 ** (IV2_BITS - MASS_BITS)
-                                    ).astype(np.int64).sum(1)
-        self.vmin[sl] = np.minimum(self.vmin[sl], lx.min(axis=1))
-        self.vmax[sl] = np.maximum(self.vmax[sl], lx.max(axis=1))
-        under = lx < self.lo
-        over = lx >= self.hi
-        self.under[sl] += np.where(under, mcol, 0).sum(1)
-        self.over[sl] += np.where(over, mcol, 0).sum(1)
-        inside = ~(under | over)
-        b = np.clip((lx - self.lo) / self.bin_width, 0, self.bins - 1).astype(np.int64)
-        flat = (np.arange(s)[:, None, None] * g + np.arange(g)[None, None, :]) * self.bins + b
-        cells = flat[inside]
-        mass_in = np.broadcast_to(mcol, lx.shape)[inside]
-        size = s * g * self.bins
-        high = np.bincount(cells, weights=(mass_in >> _HALF_BITS).astype(np.float64),
-                           minlength=size)
-        low = np.bincount(cells, weights=(mass_in & ((1 << _HALF_BITS) - 1)).astype(np.float64),
-                          minlength=size)
-        added = (high.astype(np.int64) << _HALF_BITS) + low.astype(np.int64)
-        self.counts[sl] += added.reshape(s, g, self.bins)
+        fu = unit.astype(np.float64)[:, None, None] * 2.0 ** _NODE_SHIFT
+        q1 = np.rint(iv * 2.0 ** _IV_Q).astype(np.int64).sum(axis=1)  # (nb, s, g)
+        self.sum_iv[sl] += np.rint(q1 * fu).astype(np.int64).sum(axis=0)
+        np.multiply(iv, iv, out=iv)
+        q2 = np.rint(iv * 2.0 ** _IV2_Q).astype(np.int64).sum(axis=1)
+        self.sum_iv2[sl] += np.rint(q2 * fu).astype(np.int64).sum(axis=0)
+        self.total[sl] += int(unit.sum()) * m
+        # histogram: cell 0 = below lo, 1..bins = the bins, bins + 1 = at or above hi
+        t = np.subtract(lx, self.lo, out=iv)
+        np.divide(t, self.bin_width, out=t)
+        np.floor(t, out=t)
+        np.clip(t, -1, self.bins - 1, out=t)
+        cell = t.astype(np.int64)
+        cell[lx >= self.hi] = self.bins
+        width = self.bins + 2
+        cell += (np.arange(s * g, dtype=np.int64) * width + 1).reshape(s, g)
+        per_node = m * s * g
+        size = s * g * width
+        high = np.bincount(cell.ravel(), minlength=size,
+                           weights=np.repeat((unit >> _HALF_BITS).astype(np.float64), per_node))
+        low = np.bincount(cell.ravel(), minlength=size, weights=np.repeat(
+            (unit & ((1 << _HALF_BITS) - 1)).astype(np.float64), per_node))
+        added = ((high.astype(np.int64) << _HALF_BITS) + low.astype(np.int64)).reshape(s, g,
+                                                                                        width)
+        self.counts[sl] += added[..., 1:-1]
+        self.under[sl] += added[..., 0]
+        self.over[sl] += added[..., -1]
 
     def merge(self, other: MarginalAccumulator) -> MarginalAccumulator:
         """Add another accumulator of the same days, grid and bins (in place; returns self).
