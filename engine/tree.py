@@ -755,7 +755,7 @@ _MAX_M = 1 << 16
 _IV_Q, _IV2_Q = 42, 37
 _NODE_SHIFT = IV_BITS - MASS_BITS - _IV_Q
 assert _NODE_SHIFT == IV2_BITS - MASS_BITS - _IV2_Q
-_STATE = ("counts", "under", "over", "vmin", "vmax", "total", "sum_iv", "sum_iv2")
+_STATE = ("mass", "vmin", "vmax", "total", "sum_iv", "sum_iv2")
 
 
 class MarginalAccumulator:
@@ -790,9 +790,8 @@ class MarginalAccumulator:
         self.lo, self.hi = float(lo), float(hi)
         g = math.prod(self.grid_shape)
         shape = (self.n_days, g)
-        self.counts = np.zeros(shape + (self.bins,), np.int64)  # (D, G, bins) mass, 2^-60
-        self.under = np.zeros(shape, np.int64)  # mass below lo
-        self.over = np.zeros(shape, np.int64)  # mass above hi
+        # (D, G, bins + 2) mass, 2^-60: cell 0 below lo, 1..bins the bins, bins + 1 at or above hi
+        self.mass = np.zeros(shape + (self.bins + 2,), np.int64)
         self.vmin = np.full(shape, np.inf)  # log-IV
         self.vmax = np.full(shape, -np.inf)
         self.total = np.zeros(shape, np.int64)  # mass, 2^-60
@@ -802,6 +801,21 @@ class MarginalAccumulator:
     @property
     def bin_width(self) -> float:
         return (self.hi - self.lo) / self.bins
+
+    @property
+    def counts(self) -> np.ndarray:
+        """(D, G, bins) mass in each bin (a view)."""
+        return self.mass[..., 1:-1]
+
+    @property
+    def under(self) -> np.ndarray:
+        """(D, G) mass below lo (a view)."""
+        return self.mass[..., 0]
+
+    @property
+    def over(self) -> np.ndarray:
+        """(D, G) mass at or above hi (a view)."""
+        return self.mass[..., -1]
 
     def add(self, day_offset: int, paths: ArrayLike, node_weights: ArrayLike,
             log: bool = True) -> MarginalAccumulator:
@@ -831,7 +845,7 @@ class MarginalAccumulator:
                             "pass probabilities (a level's weights sum to 1)")
         if m > _MAX_M:
             raise DataError(f"{m} samples per node; at most {_MAX_M} can be added exactly")
-        g = self.counts.shape[1]
+        g = self.mass.shape[1]
         x = x.reshape(n, m, s, g)
         # blocks of whole nodes (at most _MAX_SAMPLES samples) and ~_ADD_CHUNK values
         d_step = s if m * s * g <= _ADD_CHUNK else max(1, _ADD_CHUNK // (m * g))
@@ -848,43 +862,44 @@ class MarginalAccumulator:
 
     def _add_block(self, day0: int, lx: np.ndarray, unit: np.ndarray) -> None:
         """lx (nodes, M, days, G) log-IV, unit (nodes,) the mass of each of a node's samples."""
-        _, m, s, g = lx.shape
+        import torch
+
+        nb, m, s, g = lx.shape
         sl = slice(day0, day0 + s)
-        lo_v, hi_v = lx.min(axis=(0, 1)), lx.max(axis=(0, 1))
+        # (days, G, nodes, M): the samples of one (day, grid point) side by side, so the
+        # reductions run along contiguous memory and the histogram adds hit one row of bins
+        x = np.ascontiguousarray(lx.transpose(2, 3, 0, 1))
+        lo_v, hi_v = x.min(axis=(2, 3)), x.max(axis=(2, 3))
         if not (np.all(np.isfinite(lo_v)) and np.all(np.isfinite(hi_v))):  # NaN propagates
             raise DataError("paths hold NaN or inf; pass finite log-IV (or positive iv)")
         np.minimum(self.vmin[sl], lo_v, out=self.vmin[sl])
         np.maximum(self.vmax[sl], hi_v, out=self.vmax[sl])
         # moments: each node's samples summed in integers, then one rounding per node
         # (a function of that node alone), so the sums stay exact in any order
-        iv = np.minimum(np.exp(lx), IV_CAP)
-        fu = unit.astype(np.float64)[:, None, None] * 2.0 ** _NODE_SHIFT
-        q1 = np.rint(iv * 2.0 ** _IV_Q).astype(np.int64).sum(axis=1)  # (nb, s, g)
-        self.sum_iv[sl] += np.rint(q1 * fu).astype(np.int64).sum(axis=0)
+        iv = np.minimum(np.exp(x), IV_CAP)
+        fu = unit.astype(np.float64) * 2.0 ** _NODE_SHIFT  # (nodes,)
+        q1 = np.rint(iv * 2.0 ** _IV_Q).astype(np.int64).sum(axis=3)  # (s, g, nodes)
+        self.sum_iv[sl] += np.rint(q1 * fu).astype(np.int64).sum(axis=2)
         np.multiply(iv, iv, out=iv)
-        q2 = np.rint(iv * 2.0 ** _IV2_Q).astype(np.int64).sum(axis=1)
-        self.sum_iv2[sl] += np.rint(q2 * fu).astype(np.int64).sum(axis=0)
+        q2 = np.rint(iv * 2.0 ** _IV2_Q).astype(np.int64).sum(axis=3)
+        self.sum_iv2[sl] += np.rint(q2 * fu).astype(np.int64).sum(axis=2)
         self.total[sl] += int(unit.sum()) * m
-        # histogram: cell 0 = below lo, 1..bins = the bins, bins + 1 = at or above hi
-        t = np.subtract(lx, self.lo, out=iv)
+        # histogram: the cell of every sample (0 below lo, bins + 1 at or above hi), and its
+        # mass added there in int64 (exact, in any order) by torch's index_add_, straight
+        # into this accumulator's memory
+        t = np.subtract(x, self.lo, out=iv)
         np.divide(t, self.bin_width, out=t)
         np.floor(t, out=t)
         np.clip(t, -1, self.bins - 1, out=t)
         cell = t.astype(np.int64)
-        cell[lx >= self.hi] = self.bins
+        cell[x >= self.hi] = self.bins
         width = self.bins + 2
-        cell += (np.arange(s * g, dtype=np.int64) * width + 1).reshape(s, g)
-        per_node = m * s * g
-        size = s * g * width
-        high = np.bincount(cell.ravel(), minlength=size,
-                           weights=np.repeat((unit >> _HALF_BITS).astype(np.float64), per_node))
-        low = np.bincount(cell.ravel(), minlength=size, weights=np.repeat(
-            (unit & ((1 << _HALF_BITS) - 1)).astype(np.float64), per_node))
-        added = ((high.astype(np.int64) << _HALF_BITS) + low.astype(np.int64)).reshape(s, g,
-                                                                                        width)
-        self.counts[sl] += added[..., 1:-1]
-        self.under[sl] += added[..., 0]
-        self.over[sl] += added[..., -1]
+        cell += (np.arange(s * g, dtype=np.int64) * width + 1).reshape(s, g, 1, 1)
+        mass = np.empty_like(cell)
+        mass[...] = np.repeat(unit, m).reshape(1, 1, nb, m)
+        target = torch.from_numpy(self.mass[sl].reshape(-1))  # a view: the rows of these days
+        target.index_add_(0, torch.from_numpy(cell.reshape(-1)),
+                          torch.from_numpy(mass.reshape(-1)))
 
     def merge(self, other: MarginalAccumulator) -> MarginalAccumulator:
         """Add another accumulator of the same days, grid and bins (in place; returns self).
@@ -896,7 +911,7 @@ class MarginalAccumulator:
         if np.any(self.total > MASS_LIMIT - other.total):
             raise DataError("merged marginals would hold more than probability 2; merge "
                             "accumulators of disjoint nodes of one level")
-        for name in ("counts", "under", "over", "total", "sum_iv", "sum_iv2"):
+        for name in ("mass", "total", "sum_iv", "sum_iv2"):
             getattr(self, name).__iadd__(getattr(other, name))
         np.minimum(self.vmin, other.vmin, out=self.vmin)
         np.maximum(self.vmax, other.vmax, out=self.vmax)
@@ -947,7 +962,7 @@ class MarginalAccumulator:
         if np.any((q < 0) | (q > 1)):
             raise DataError(f"quantile levels must lie in [0, 1], got {q}")
         d, g, nb = self.counts.shape
-        imass = np.concatenate([self.under[..., None], self.counts, self.over[..., None]], -1)
+        imass = self.mass
         cum = np.cumsum(imass, axis=-1).astype(np.float64)  # (D, G, nb + 2), exact then rounded
         mass = imass.astype(np.float64)
         tot = cum[..., -1:]
