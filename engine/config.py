@@ -131,7 +131,7 @@ class TreeConfig(_Section):
     depth: int = Field(4, ge=1, le=64)
     branching: int = Field(5, ge=2, le=64, description="K representative paths per node.")
     n_samples: int = Field(512, ge=8, le=1 << 16, description="M sampled paths per node.")
-    selection: Literal["quantize", "quantiles"] = "quantize"
+    selection: Literal["quantize", "quadrature", "quantiles"] = "quantize"
     weights: Literal["equal", "stratum", "moment"] = Field(
         "moment", description="Weights for selection='quantiles'."
     )

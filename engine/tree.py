@@ -11,9 +11,13 @@ One step of the tree, from the M sampled paths of each node (log-IV, ``(N, M, H,
   2. K real sample paths chosen from the score distribution (``selection``):
      ``"quantize"``  optimal 1-D quantization (Lloyd-Max) into K contiguous cells; the path
                      nearest each cell's centroid represents the cell;
+     ``"quadrature"`` the paths nearest the nodes of the K-point Gaussian quadrature rule of
+                     the node's score distribution (exact for polynomials of degree 2K - 1:
+                     the tails reach further than quantization cells);
      ``"quantiles"`` the seed's fixed levels (q10, q25, q50, q75, q90 for K = 5);
   3. conditional weights (``weights``): ``"equal"`` 1/K; ``"stratum"`` the probability of the
-     cell (quantize) or of the stratum between midpoints of the levels (quantiles);
+     cell (quantize), the rule's weight (quadrature) or of the stratum between midpoints of
+     the levels (quantiles);
      ``"moment"`` the stratum weights changed as little as possible (least squares) so that the
      K-point distribution keeps the node's sample mean and variance of the score, with every
      weight at least ``weight_floor`` (see ``project_weights``; the floor applies to
@@ -277,6 +281,60 @@ def _select_quantize(scores: np.ndarray, mean: np.ndarray, sd: np.ndarray, k: in
     return order, pos, np.diff(edges, axis=1) / m
 
 
+def _gauss_rule(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The K-point Gaussian quadrature rule of each row's empirical distribution (z (N, M),
+    equal masses): nodes (N, K) ascending, weights (N, K), and which rows have one (at least
+    K distinct values). Lanczos on diag(z) from the constant vector, fully re-orthogonalised,
+    gives the Jacobi matrix; its eigenvalues are the nodes, the squared first components of
+    its eigenvectors the weights. The rule integrates polynomials of degree 2K - 1 exactly."""
+    n, m = z.shape
+    q = np.full((n, m), 1.0 / math.sqrt(m))
+    basis, alpha, beta = [q], [], []
+    ok = np.ones(n, bool)
+    for j in range(k):
+        v = z * basis[j]
+        alpha.append((basis[j] * v).sum(axis=1))
+        for b in basis:  # full re-orthogonalisation (twice is enough)
+            v = v - (b * v).sum(axis=1, keepdims=True) * b
+        for b in basis:
+            v = v - (b * v).sum(axis=1, keepdims=True) * b
+        if j == k - 1:
+            break
+        nb = np.sqrt((v * v).sum(axis=1))
+        ok &= nb > 1e-8
+        beta.append(np.where(ok, nb, 1.0))
+        basis.append(v / beta[-1][:, None])
+    jac = np.zeros((n, k, k))
+    idx = np.arange(k)
+    jac[:, idx, idx] = np.stack(alpha, axis=1)
+    if k > 1:
+        off = np.stack(beta, axis=1)
+        jac[:, idx[:-1], idx[1:]] = off
+        jac[:, idx[1:], idx[:-1]] = off
+    nodes, vecs = np.linalg.eigh(jac)
+    return nodes, vecs[:, 0, :] ** 2, ok
+
+
+def _select_quadrature(scores: np.ndarray, mean: np.ndarray, sd: np.ndarray, k: int):
+    """Sorted order, positions and weights: the real samples nearest to the nodes of the
+    node's Gaussian quadrature rule (``_gauss_rule``), with its weights. Rows without a rule
+    (fewer than K distinct scores) fall back to quantization."""
+    n, m = scores.shape
+    z, flat = _standardise(scores, mean, sd)
+    nodes, w, ok = _gauss_rule(z, k)
+    order, pos, w_stratum = _select_quantize(scores, mean, sd, k)
+    use = ok & ~flat
+    if use.any():
+        s = np.take_along_axis(scores, order, axis=1)
+        t = mean[:, None] + sd[:, None] * nodes
+        qpos = _nearest_position(s, t, np.zeros((n, k), np.int64), np.full((n, k), m - 1),
+                                 _tie_tol(mean, sd))
+        qpos = _strictly_increasing(qpos, m)
+        pos = np.where(use[:, None], qpos, pos)
+        w_stratum = np.where(use[:, None], w / w.sum(axis=1, keepdims=True), w_stratum)
+    return order, pos, w_stratum
+
+
 def _select_quantiles(scores: np.ndarray, mean: np.ndarray, sd: np.ndarray, k: int):
     n, m = scores.shape
     order = np.argsort(scores, axis=1, kind="stable")
@@ -321,6 +379,8 @@ def select_children(log_paths: ArrayLike, cfg: TreeConfig,
     k = cfg.branching
     if cfg.selection == "quantize":
         order, pos, w_stratum = _select_quantize(scores, mean, sd, k)
+    elif cfg.selection == "quadrature":
+        order, pos, w_stratum = _select_quadrature(scores, mean, sd, k)
     else:
         order, pos, w_stratum = _select_quantiles(scores, mean, sd, k)
     return _finish(scores, order, pos, w_stratum, mean, sd, cfg, project_weights)
@@ -368,6 +428,9 @@ def select_children_loop(log_paths: ArrayLike, cfg: TreeConfig,
                 a, b = edges[j], edges[j + 1]
                 pos[i, j] = a + nearest(si[a:b], cent[j])
                 w_stratum[i, j] = (b - a) / m
+        elif cfg.selection == "quadrature":  # row by row (the rule itself is tested apart)
+            _, p_i, w_i = _select_quadrature(scores[i:i + 1], mean[i:i + 1], sd[i:i + 1], k)
+            pos[i], w_stratum[i] = p_i[0], w_i[0]
         else:
             targets = np.quantile(si, levels)
             prev = -1

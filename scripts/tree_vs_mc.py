@@ -120,6 +120,7 @@ def save(name: str, obj) -> None:
 TREE_KINDS = {
     "quantize+moment": {},
     "quantiles+equal": {"tree.selection": "quantiles", "tree.weights": "equal"},
+    "quadrature+moment": {"tree.selection": "quadrature"},
 }
 
 
@@ -182,7 +183,7 @@ def part_compare(args):
     days = (90, 180, 270)
     starts = start_indices(args.starts)[: args.max_starts or None]
     acc = {v: {d: {k: [] for k in ("std_ratio", "q01", "q99", "mean")} for d in days}
-           for v in ("quantize+moment", "quantiles+equal", "children")}
+           for v in (*TREE_KINDS, "children")}
     for i in starts:
         mc = ScenarioStore.open(args.root / f"mc3_{args.paths}_{i}").read_marginals()
         mc = {k: np.asarray(v, dtype=np.float64) if k in ("quantiles", "mean", "std") else v

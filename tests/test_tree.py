@@ -132,7 +132,7 @@ def test_quantize_moment_is_exact_in_the_usual_cases():
 
 @settings(max_examples=40, deadline=None)
 @given(kind=st.sampled_from(KINDS), m=st.integers(10, 300), n=st.integers(1, 5),
-       k=st.integers(2, 8), selection=st.sampled_from(["quantize", "quantiles"]),
+       k=st.integers(2, 8), selection=st.sampled_from(["quantize", "quadrature", "quantiles"]),
        weights=st.sampled_from(["equal", "stratum", "moment"]),
        floor=st.sampled_from([0.0, 0.02, 0.1]), stride=st.integers(0, 4),
        seed=st.integers(0, 2**31 - 1))
@@ -153,6 +153,40 @@ def test_batched_step_equals_per_node_loop(kind, m, n, k, selection, weights, fl
         one = tree.select_children(x[i:i + 1], cfg)
         np.testing.assert_array_equal(one.index[0], fast.index[i])
         np.testing.assert_array_equal(one.weight[0], fast.weight[i])
+
+
+@pytest.mark.parametrize("kind", ["normal", "uniform", "bimodal"])
+def test_gauss_rule_integrates_polynomials_to_degree_2k_minus_1(kind):
+    rng = np.random.default_rng(3)
+    scores = _scores(kind, 3, 512, rng)
+    z = (scores - scores.mean(1, keepdims=True)) / scores.std(1, keepdims=True)
+    for k in (2, 5, 7):
+        nodes, w, ok = tree._gauss_rule(z, k)
+        assert ok.all() and np.all(np.diff(nodes, axis=1) > 0)
+        np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-12)
+        for p in range(2 * k):
+            np.testing.assert_allclose((w * nodes ** p).sum(1), (z ** p).mean(1), rtol=1e-7,
+                                       atol=1e-9)
+    # fewer distinct values than K: no rule (the selection falls back to quantization)
+    assert not tree._gauss_rule(np.tile([-1.0, 1.0], (1, 50)), 3)[2].any()
+
+
+def test_quadrature_selection_reaches_further_into_the_tails_and_keeps_moments():
+    rng = np.random.default_rng(4)
+    scores = rng.standard_normal((20, 512))
+    quad = tree.select_children(_as_paths(scores), TreeConfig(selection="quadrature"))
+    quant = tree.select_children(_as_paths(scores), TreeConfig())
+    assert quad.exact.all()
+    z_quad, z_quant = _standardised(scores, quad), _standardised(scores, quant)
+    assert np.all(z_quad[:, -1] > z_quant[:, -1]) and np.all(z_quad[:, 0] < z_quant[:, 0])
+    for sel, z in ((quad, z_quad), (quant, z_quant)):
+        np.testing.assert_allclose((sel.weight * z).sum(1), 0.0, atol=1e-9)
+        np.testing.assert_allclose((sel.weight * z ** 2).sum(1), 1.0, rtol=1e-9)
+    # the fourth moment (tails) is kept far better by the quadrature rule
+    kurt = (((scores - scores.mean(1, keepdims=True)) / scores.std(1, keepdims=True)) ** 4).mean(1)
+    err_quad = np.abs((quad.weight * z_quad ** 4).sum(1) - kurt)
+    err_quant = np.abs((quant.weight * z_quant ** 4).sum(1) - kurt)
+    assert np.median(err_quad) < 0.5 * np.median(err_quant)
 
 
 def test_score_is_the_last_kept_day_and_configurable():
