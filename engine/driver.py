@@ -91,7 +91,7 @@ PRUNE_STREAM = PRUNE
 QUANTILE_LEVELS = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 # Sampled values per draw call inside a task (float64: 128 MB), so a batch of 256 nodes with
 # M = 512 paths of 90 days x 25 points (2.4 GB at once) is drawn a few nodes at a time.
-_DRAW_VALUES = 1 << 24
+_DRAW_VALUES = 1 << 20
 _ATTR_START_CONTEXT = "start_context"
 _ATTR_N_PATHS = "n_paths"
 

@@ -798,26 +798,16 @@ def weighted_quantile(values: ArrayLike, weights: ArrayLike, levels: ArrayLike) 
 #            is accepted per (day, grid point), so it never exceeds 2^61;
 #   sum iv   units of 2^-56; iv counts at most IV_CAP = 32, so sum w iv <= 2 * 32 = 2^6 -> 2^62;
 #   sum iv^2 units of 2^-51; sum w iv^2 <= 2 * 32^2 = 2^11 -> 2^62.
-# Resolution: each sample's contribution is rounded to the nearest unit, i.e. to 8.7e-19 of
+# Resolution: each node's contribution is rounded to the nearest unit, i.e. to 8.7e-19 of
 # probability, 6.9e-18 (iv) and 2.2e-16 (iv^2) absolute in the weighted sums, below float64's
 # own rounding of sums of vols near 0.2. Vols above IV_CAP (3200%) count as IV_CAP in mean and std
 # only; the histogram (overflow mass) and the exact maximum still see them.
 MASS_BITS, IV_BITS, IV2_BITS = 60, 56, 51
 IV_CAP = 32.0
 MASS_LIMIT = 2 << MASS_BITS
-# Histogram mass goes through np.bincount (float64) in two 30-bit halves of the per-sample
-# mass: with at most 2^22 samples per call, every partial sum is an integer below 2^53 and so
-# exact in float64, whatever order bincount adds in.
-_HALF_BITS = 30
+# Histogram mass is added in int64 (torch scatter_add_: exact in any order); at most 2^22
+# samples per node.
 _MAX_SAMPLES = 1 << 22
-# Moment sums: a node's samples are summed as integers, iv in units of 2^-_IV_Q and iv^2 of
-# 2^-_IV2_Q (each term < 2^47, so _MAX_M = 2^16 of them fit int64), then scaled once per node
-# by its sample mass: 2^(_NODE_SHIFT) = 2^(IV_BITS - MASS_BITS - _IV_Q) = 2^(IV2_BITS -
-# MASS_BITS - _IV2_Q).
-_MAX_M = 1 << 16
-_IV_Q, _IV2_Q = 42, 37
-_NODE_SHIFT = IV_BITS - MASS_BITS - _IV_Q
-assert _NODE_SHIFT == IV2_BITS - MASS_BITS - _IV2_Q
 _STATE = ("mass", "vmin", "vmax", "total", "sum_iv", "sum_iv2")
 
 
@@ -831,9 +821,9 @@ class MarginalAccumulator:
     Quantiles interpolate linearly in log-IV within a bin, clipped to the exact min and max.
 
     Every sum is int64 fixed point (units and bounds above ``MarginalAccumulator``): a sample's
-    mass is round(node_weight / M * 2^60); a node's moment terms are round(mass * S1 * 2^-46)
-    and round(mass * S2 * 2^-46), with S1 = sum over its samples of round(iv * 2^42) and S2 of
-    round(iv^2 * 2^37), integers (M <= 2^16). Each term is a function of one node alone and the sums are
+    mass is round(node_weight / M * 2^60); a node's moment terms are round(mass * S1 * 2^-4)
+    and round(mass * S2 * 2^-9), with S1 and S2 its samples' sums of iv and iv^2 (float64,
+    summed along one contiguous row, so the same whatever else is in the block). Each term is a function of one node alone and the sums are
     exactly associative: ``add`` in any batches and ``merge`` in any order give the same bytes,
     which the driver's "same store for any batch size, actor count or completion order"
     promise rests on. Node weights are
@@ -906,8 +896,8 @@ class MarginalAccumulator:
         if s and int(self.total[sl].max()) + block_mass > MASS_LIMIT:
             raise DataError("node weights add up to more than probability 2 in the marginals; "
                             "pass probabilities (a level's weights sum to 1)")
-        if m > _MAX_M:
-            raise DataError(f"{m} samples per node; at most {_MAX_M} can be added exactly")
+        if m > _MAX_SAMPLES:
+            raise DataError(f"{m} samples per node; at most {_MAX_SAMPLES} can be added exactly")
         g = self.mass.shape[1]
         x = x.reshape(n, m, s, g)
         # blocks of whole nodes (at most _MAX_SAMPLES samples) and ~_ADD_CHUNK values
@@ -917,52 +907,53 @@ class MarginalAccumulator:
             n1 = min(n, n0 + n_step)
             for d0 in range(0, s, d_step):
                 d1 = min(s, d0 + d_step)
-                lx = x[n0:n1, :, d0:d1].astype(np.float64)
-                if not log:
-                    np.log(lx, out=lx)
-                self._add_block(day_offset + d0, lx, unit[n0:n1])
+                self._add_block(day_offset + d0, x[n0:n1, :, d0:d1], unit[n0:n1], log)
         return self
 
-    def _add_block(self, day0: int, lx: np.ndarray, unit: np.ndarray) -> None:
-        """lx (nodes, M, days, G) log-IV, unit (nodes,) the mass of each of a node's samples."""
+    def _add_block(self, day0: int, paths: np.ndarray, unit: np.ndarray, log: bool) -> None:
+        """paths (nodes, M, days, G) log-IV (or iv: ``log`` False), unit (nodes,) the mass of
+        each of a node's samples."""
         import torch
 
-        nb, m, s, g = lx.shape
+        nb, m, s, g = paths.shape
         sl = slice(day0, day0 + s)
-        # (days, G, nodes, M): the samples of one (day, grid point) side by side, so the
-        # reductions run along contiguous memory and the histogram adds hit one row of bins
-        x = np.ascontiguousarray(lx.transpose(2, 3, 0, 1))
+        # (days, G, nodes, M) float64: the samples of one (day, grid point) side by side, so
+        # the reductions run along contiguous memory and the histogram adds hit one row of bins
+        x = np.array(paths.transpose(2, 3, 0, 1), dtype=np.float64, order="C")  # a copy
+        if not log:
+            np.log(x, out=x)
         lo_v, hi_v = x.min(axis=(2, 3)), x.max(axis=(2, 3))
         if not (np.all(np.isfinite(lo_v)) and np.all(np.isfinite(hi_v))):  # NaN propagates
             raise DataError("paths hold NaN or inf; pass finite log-IV (or positive iv)")
         np.minimum(self.vmin[sl], lo_v, out=self.vmin[sl])
         np.maximum(self.vmax[sl], hi_v, out=self.vmax[sl])
-        # moments: each node's samples summed in integers, then one rounding per node
-        # (a function of that node alone), so the sums stay exact in any order
+        # moments: each node's M samples summed in float64 along one contiguous row (the
+        # same order whatever else is in the block), then one rounding per node to int64
+        # fixed point: a function of that node alone, so the int64 sums are exact in any order
         iv = np.minimum(np.exp(x), IV_CAP)
-        fu = unit.astype(np.float64) * 2.0 ** _NODE_SHIFT  # (nodes,)
-        q1 = np.rint(iv * 2.0 ** _IV_Q).astype(np.int64).sum(axis=3)  # (s, g, nodes)
-        self.sum_iv[sl] += np.rint(q1 * fu).astype(np.int64).sum(axis=2)
+        fu = unit.astype(np.float64)  # (nodes,)
+        s1 = iv.sum(axis=3)  # (s, g, nodes)
+        self.sum_iv[sl] += np.rint(s1 * fu * 2.0 ** (IV_BITS - MASS_BITS)).astype(np.int64
+                                                                                ).sum(axis=2)
         np.multiply(iv, iv, out=iv)
-        q2 = np.rint(iv * 2.0 ** _IV2_Q).astype(np.int64).sum(axis=3)
-        self.sum_iv2[sl] += np.rint(q2 * fu).astype(np.int64).sum(axis=2)
+        s2 = iv.sum(axis=3)
+        self.sum_iv2[sl] += np.rint(s2 * fu * 2.0 ** (IV2_BITS - MASS_BITS)).astype(np.int64
+                                                                                  ).sum(axis=2)
         self.total[sl] += int(unit.sum()) * m
-        # histogram: the cell of every sample (0 below lo, bins + 1 at or above hi), and its
-        # mass added there in int64 (exact, in any order) by torch's index_add_, straight
-        # into this accumulator's memory
+        # histogram: each sample's cell in its (day, grid point) row (0 below lo, bins + 1 at
+        # or above hi), and its mass added there in int64 (exact, in any order) by torch's
+        # scatter_add_, straight into this accumulator's memory
         t = np.subtract(x, self.lo, out=iv)
         np.divide(t, self.bin_width, out=t)
         np.floor(t, out=t)
         np.clip(t, -1, self.bins - 1, out=t)
         cell = t.astype(np.int64)
-        cell[x >= self.hi] = self.bins
+        cell += 1
+        cell[x >= self.hi] = self.bins + 1
         width = self.bins + 2
-        cell += (np.arange(s * g, dtype=np.int64) * width + 1).reshape(s, g, 1, 1)
-        mass = np.empty_like(cell)
-        mass[...] = np.repeat(unit, m).reshape(1, 1, nb, m)
-        target = torch.from_numpy(self.mass[sl].reshape(-1))  # a view: the rows of these days
-        target.index_add_(0, torch.from_numpy(cell.reshape(-1)),
-                          torch.from_numpy(mass.reshape(-1)))
+        target = torch.from_numpy(self.mass[sl].reshape(s * g, width))  # a view
+        src = torch.from_numpy(np.repeat(unit, m)).expand(s * g, nb * m)
+        target.scatter_add_(1, torch.from_numpy(cell.reshape(s * g, nb * m)), src)
 
     def merge(self, other: MarginalAccumulator) -> MarginalAccumulator:
         """Add another accumulator of the same days, grid and bins (in place; returns self).

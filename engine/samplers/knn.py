@@ -84,10 +84,13 @@ class KnnResidualSampler(ConditionalSampler):
              rngs: list[np.random.Generator]) -> np.ndarray:
         ids, w = self.neighbours(keys)
         res = self.residual_draw(ids, w, n_samples, rngs)
-        return point[:, None] + self.adjust(res, ids, w)
+        out = self.adjust(res, ids, w)
+        out += point[:, None]  # in place: these arrays are (B, n_samples, H, ...) float64
+        return out
 
     def adjust(self, res: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Hook for calibration (identity here)."""
+        """Hook for calibration (identity here); may work in place on ``res``, the draw's own
+        float64 array."""
         return res
 
     def _sample(self, log_contexts, n_samples, rngs):

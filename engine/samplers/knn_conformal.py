@@ -89,4 +89,7 @@ class KnnConformalSampler(KnnResidualSampler):
         # Scaling about the mixture's weighted mean leaves the sample mean where it was.
         mu = np.einsum("bk,bkhg->bhg", weights, nb).reshape(B, 1, *res.shape[2:])
         scale = self.scale_.reshape(1, 1, H, *([1] * (res.ndim - 3)))
-        return mu + scale * (res - mu)
+        res -= mu  # in place (res is the draw's own float64 copy): mu + scale * (res - mu)
+        res *= scale
+        res += mu
+        return res
