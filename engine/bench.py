@@ -298,6 +298,35 @@ def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
     return out
 
 
+def decoder_resident(fitted: _Fitted, n: int, min_seconds: float) -> dict:
+    """p50 forecasts per second with inputs and outputs left on the model's device (one
+    fixed-shape call per ``micro_rows`` rows, synchronised before the clock stops): what the
+    decoder itself does, without the copies to and from numpy that ``CVAE.median`` makes."""
+    import torch
+
+    from engine.model import micro_rows
+
+    panel, c, h = fitted.prep.panel, fitted.config.data.context, fitted.config.data.horizon
+    model = fitted.model
+    device = model.loc.device
+    micro = micro_rows(device)
+    anchors = np.resize(np.arange(c - 1, panel.n_days - h), n)
+    x = torch.as_tensor(panel.contexts_at(anchors, c), dtype=torch.float32, device=device)
+    med = model.cfg.quantiles.index(0.5)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @torch.no_grad()
+    def call():
+        for i in range(0, n, micro):
+            model._at_prior_mean(x[i: i + micro])[:, med]
+        sync()
+
+    model.eval()
+    out = _rate(call, n, min_seconds, max_reps=50)
+    out["device"] = str(device)
+    return out
+
+
 def _bank_keys(fitted: _Fitted) -> tuple[np.ndarray, int]:
     index = getattr(fitted.sampler, "index_", None)
     if index is not None:
@@ -490,6 +519,9 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
             decoder[str(n)] = decoder_throughput(fitted, n, 1.0)
             say(f"decoder, batch {n}: {decoder[str(n)]['per_s']:,.0f} forecasts/s")
         if str(fitted.model.loc.device) != "cpu":
+            decoder["65536_resident"] = decoder_resident(fitted, 65536, 1.0)
+            say(f"decoder, batch 65536, output left on the device: "
+                f"{decoder['65536_resident']['per_s']:,.0f} forecasts/s")
             cpu = replace(fitted, model=copy.deepcopy(fitted.model).to("cpu"))
             decoder["4096_cpu"] = decoder_throughput(cpu, 4096, 1.0)
             say(f"decoder on the CPU, batch 4096: {decoder['4096_cpu']['per_s']:,.0f}/s")
