@@ -288,3 +288,24 @@ def test_local_sh_starts_a_real_three_node_cluster_and_tears_it_down():
     assert left == [], f"processes of the test cluster left running: {left}"
     for p in (port, port + 100, port + 200, port + 300):  # GCS, then each node manager
         assert _port_free(p), f"port {p} of the test cluster is still open"
+
+
+# ---------------------------------------------------------------- cluster/gpu_bench.sh
+
+def test_gpu_bench_sh_parses_and_needs_a_cuda_torch(tmp_path):
+    script = CLUSTER / "gpu_bench.sh"
+    assert os.access(script, os.X_OK), "chmod +x cluster/gpu_bench.sh"
+    if shutil.which("shellcheck"):
+        r = subprocess.run(["shellcheck", str(script)], check=False, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stdout
+    import torch
+
+    r = subprocess.run(["bash", str(script), str(tmp_path / "out")], check=False,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHON": sys.executable,
+                            "BACKFILL_SITE": str(tmp_path / "site")})
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: the script would run the whole GPU bench")
+    assert r.returncode == 2 and "no CUDA device" in r.stderr, r.stderr
+    assert not (tmp_path / "site").exists()  # it stopped before installing anything
