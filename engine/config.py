@@ -146,8 +146,10 @@ class EngineConfig(_Section):
 
     backend: Literal["ray", "inline"] = "ray"
     address: str | None = Field(None, description="None starts a local Ray; 'auto' joins one.")
-    n_decoders: int = Field(1, ge=1)
-    n_knn: int = Field(1, ge=1)
+    n_decoders: int = Field(1, ge=1, description="Decoder actors (the CVAE's forward pass; "
+                            "a GPU each where the cluster has them).")
+    n_knn: int = Field(2, ge=1, description="kNN-residual actors: the draw, the children and "
+                       "the marginal sums, most of a node's time; about one per free core.")
     batch_size: int = Field(256, ge=1, description="Frontier nodes per task.")
     max_in_flight: int = Field(4, ge=1, description="Tasks in flight per actor.")
     num_cpus: int = Field(2, ge=1, description="CPUs of a local Ray started by the engine.")
