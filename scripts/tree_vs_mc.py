@@ -14,6 +14,7 @@ be rerun after a crash. The sampler is fitted once on the whole synthetic panel 
     python scripts/tree_vs_mc.py --part oracle --starts 20         # depth 4 vs the oracle
     python scripts/tree_vs_mc.py --part determinism
     python scripts/tree_vs_mc.py --part integrity
+    python scripts/tree_vs_mc.py --part scale                      # depth 7, M = 512
 """
 
 from __future__ import annotations
@@ -344,6 +345,36 @@ def part_determinism(args):
     save("determinism", result)
 
 
+def part_scale(args):
+    """A full depth-7 tree (19,531 expansions, 78,125 terminal paths, 630 days) at the default
+    M = 512 from the last day, inline then Ray (local, engine defaults); wall time, nodes/s."""
+    samp = sampler()
+    i = prep().panel.n_days - 1
+    result = {}
+    for backend in ("inline", "ray"):
+        cfg = config({"tree.depth": 7, "engine.backend": backend})
+        path = args.root / f"scale7_{backend}"
+        shutil.rmtree(path, ignore_errors=True)
+        from engine.driver import open_store, run_inputs, run_store
+
+        inp = run_inputs(prep(), start_date(i))
+        st = open_store(path, kind="tree", config=cfg, fingerprint=inp.fingerprint,
+                        start_date=inp.start_date, grid=inp.grid,
+                        start_context=inp.start_context, overwrite=True)
+        t0 = time.perf_counter()
+        stats = run_store(st, samp, cfg)
+        wall = time.perf_counter() - t0
+        nodes, sec = sum(x.nodes for x in stats), sum(x.seconds for x in stats)
+        result[backend] = {"wall_s": wall, "nodes": nodes, "level_seconds": sec,
+                           "nodes_per_s": nodes / sec, "terminal": st.level_size(7),
+                           "days": int(len(st.level_days(1)) * 7)}
+        print(f"{backend}: {nodes} nodes in {wall:.0f}s ({nodes / sec:.1f} nodes/s)", flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+    result["ray_over_inline"] = result["ray"]["nodes_per_s"] / result["inline"]["nodes_per_s"]
+    print(f"ray / inline: {result['ray_over_inline']:.2f}")
+    save("scale7", result)
+
+
 def check_store(path: Path) -> dict:
     import xarray as xr
 
@@ -392,7 +423,7 @@ def part_integrity(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", required=True, choices=("fit", "tree", "mc", "compare", "oracle",
-                                                      "determinism", "integrity"))
+                                                      "determinism", "integrity", "scale"))
     ap.add_argument("--starts", type=int, default=8, help="start dates, 10%%..95%% of the data")
     ap.add_argument("--max-starts", type=int, default=0, help="use only the first n (0: all)")
     ap.add_argument("--paths", type=int, default=20000, help="Monte Carlo paths")
@@ -402,7 +433,7 @@ def main():
     t0 = time.perf_counter()
     {"fit": lambda a: sampler(), "tree": part_tree, "mc": part_mc, "compare": part_compare,
      "oracle": part_oracle, "determinism": part_determinism,
-     "integrity": part_integrity}[args.part](args)
+     "integrity": part_integrity, "scale": part_scale}[args.part](args)
     print(f"part {args.part}: {time.perf_counter() - t0:.0f}s")
 
 
