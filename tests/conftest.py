@@ -67,7 +67,7 @@ def panel() -> Panel:
 # ---------------------------------------------------------------- a tiny project for the CLI
 
 CLI_TOML = """\
-seed = 5
+seed = {seed}
 
 [data]
 context = 12
@@ -95,13 +95,21 @@ n_samples = 32
 
 [engine]
 backend = "inline"
-batch_size = 25
-checkpoint_seconds = 0
+batch_size = {batch}
+checkpoint_seconds = {checkpoint}
 
 [store]
-chunk_nodes = 25
+chunk_nodes = {chunk}
 marginal_bins = 64
 """
+
+
+def cli_toml(depth: int, seed: int = 5, batch: int = 25, chunk: int = 25,
+             checkpoint: float = 0) -> str:
+    """CLI_TOML filled in: by default tasks of 25 nodes, chunks of 25 rows and a checkpoint
+    after every task."""
+    return CLI_TOML.format(depth=depth, seed=seed, batch=batch, chunk=chunk,
+                           checkpoint=checkpoint)
 
 
 def backfill_cmd(*args) -> list[str]:
@@ -118,7 +126,7 @@ def cli_project(directory: Path, depth: int) -> tuple[Path, Path]:
 
     directory.mkdir(parents=True, exist_ok=True)
     cfg = directory / "tiny.toml"
-    cfg.write_text(CLI_TOML.format(depth=depth))
+    cfg.write_text(cli_toml(depth))
     model = directory / "model.pt"
     r = subprocess.run(backfill_cmd("train", "--config", cfg, "--out", model),
                        capture_output=True, text=True, timeout=300, check=False)

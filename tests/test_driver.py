@@ -25,7 +25,7 @@ from engine.errors import ConfigError, StoreError
 from engine.samplers import make_sampler
 from engine.store import ScenarioStore
 from engine.train import train_model
-from tests.conftest import tiny_config, toy_panel
+from tests.conftest import cli_toml, tiny_config, toy_panel
 
 DEPTH, M, K, CHUNK = 3, 32, 5, 4
 
@@ -346,41 +346,7 @@ def test_weighted_var_es_matches_sorting():
 
 # ---------------------------------------------------------------------------- the CLI
 
-TOML = """\
-seed = 3
-
-[data]
-context = 12
-horizon = 6
-
-[data.synthetic]
-n_days = 400
-
-[model]
-hidden = 16
-embed_dim = 4
-latent_dim = 2
-
-[train]
-epochs = 1
-batch_size = 64
-threads = 1
-
-[sampler]
-n_folds = 2
-
-[tree]
-depth = 2
-n_samples = 32
-
-[engine]
-backend = "inline"
-batch_size = 7
-
-[store]
-chunk_nodes = 4
-marginal_bins = 64
-"""
+TOML = cli_toml(depth=2, seed=3, batch=7, chunk=4, checkpoint=30)
 
 
 def _invoke(args: list[str]):
