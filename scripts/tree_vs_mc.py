@@ -15,6 +15,7 @@ be rerun after a crash. The sampler is fitted once on the whole synthetic panel 
     python scripts/tree_vs_mc.py --part determinism
     python scripts/tree_vs_mc.py --part integrity
     python scripts/tree_vs_mc.py --part scale                      # depth 7, M = 512
+    python scripts/tree_vs_mc.py --part oracle --starts 20 --default-market
 """
 
 from __future__ import annotations
@@ -427,8 +428,15 @@ def main():
     ap.add_argument("--starts", type=int, default=8, help="start dates, 10%%..95%% of the data")
     ap.add_argument("--max-starts", type=int, default=0, help="use only the first n (0: all)")
     ap.add_argument("--paths", type=int, default=20000, help="Monte Carlo paths")
-    ap.add_argument("--root", type=Path, default=OUT / "stores")
+    ap.add_argument("--root", type=Path, default=None, help="stores (default: OUT/stores)")
+    ap.add_argument("--default-market", action="store_true",
+                    help="the default synthetic market and model (6000 days, 25 epochs, 5 "
+                         "folds) instead of the smaller BASE; results under /tmp/acc4_default")
     args = ap.parse_args()
+    global OUT, BASE
+    if args.default_market:
+        OUT, BASE = Path("/tmp/acc4_default"), {"train.threads": 1}
+    args.root = args.root or OUT / "stores"
     _threads()
     t0 = time.perf_counter()
     {"fit": lambda a: sampler(), "tree": part_tree, "mc": part_mc, "compare": part_compare,
