@@ -951,6 +951,8 @@ class MarginalAccumulator:
         cell += 1
         cell[x >= self.hi] = self.bins + 1
         width = self.bins + 2
+        if not (self.mass.flags.c_contiguous and self.mass.flags.writeable):
+            self.mass = np.array(self.mass, order="C")  # reshape below must be a view
         target = torch.from_numpy(self.mass[sl].reshape(s * g, width))  # a view
         src = torch.from_numpy(np.repeat(unit, m)).expand(s * g, nb * m)
         target.scatter_add_(1, torch.from_numpy(cell.reshape(s * g, nb * m)), src)
