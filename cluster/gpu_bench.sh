@@ -29,7 +29,11 @@ if [ -d "$wheels" ] && compgen -G "$wheels/*.whl" >/dev/null; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" "$wheels"/*.whl
 else
-    "$python" -m pip install -q --no-compile --upgrade --target "$site" "${needs[@]}"
+    # keep this interpreter's numpy (its torch was built against it)
+    pins=$(mktemp)
+    "$python" -c 'import numpy; print("numpy==" + numpy.__version__)' >"$pins"
+    "$python" -m pip install -q --no-compile --upgrade --target "$site" -c "$pins" "${needs[@]}"
+    rm -f "$pins"
 fi
 export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1

@@ -58,7 +58,10 @@ from zarr.errors import ZarrUserWarning
 
 from engine.errors import StoreError
 
-SCHEMA_VERSION = 1
+# 2: flat chunk keys, LZ4 paths, the node coordinate written once per level (1: per chunk).
+# Version 1 stores are still read; only version 2 ones are resumed (check_compatible).
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KINDS = ("tree", "mc")
 MARGINALS = "marginals"
 # Sections of the config that cannot change the bytes of a run (where and how
@@ -193,10 +196,10 @@ class StoreMeta:
             raise StoreError(f"{origin} has no 'schema_version' attribute, so it is not a "
                              "backfill scenario store; pass the path of a store made by backfill")
         version = d["schema_version"]
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreError(f"{origin} has schema version {version} but this backfill reads "
-                             f"version {SCHEMA_VERSION}; use the backfill that wrote it or "
-                             "recreate the store")
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))}; use the "
+                             "backfill that wrote it or recreate the store")
         missing = [f for f in cls.__dataclass_fields__ if f not in d and f != "created_by"]
         if missing:
             raise StoreError(f"{origin} lacks attributes {missing}; the store is corrupt, "

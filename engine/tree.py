@@ -882,6 +882,8 @@ class MarginalAccumulator:
             raise DataError(f"paths must be (N, M, S, {', '.join(map(str, self.grid_shape))}), "
                             f"got {x.shape}")
         n, m, s = x.shape[:3]
+        if not 1 <= m <= _MAX_SAMPLES:
+            raise DataError(f"{m} samples per node; 1 to {_MAX_SAMPLES} can be added exactly")
         if nw.shape != (n,) or not 0 <= day_offset <= self.n_days - s:
             raise DataError(f"node_weights must be ({n},) (got {nw.shape}) and days "
                             f"{day_offset}..{day_offset + s - 1} must lie in 0..{self.n_days - 1}")
@@ -896,8 +898,8 @@ class MarginalAccumulator:
         if s and int(self.total[sl].max()) + block_mass > MASS_LIMIT:
             raise DataError("node weights add up to more than probability 2 in the marginals; "
                             "pass probabilities (a level's weights sum to 1)")
-        if m > _MAX_SAMPLES:
-            raise DataError(f"{m} samples per node; at most {_MAX_SAMPLES} can be added exactly")
+        if n == 0 or s == 0:
+            return self
         g = self.mass.shape[1]
         x = x.reshape(n, m, s, g)
         # blocks of whole nodes (at most _MAX_SAMPLES samples) and ~_ADD_CHUNK values

@@ -301,11 +301,11 @@ def test_gpu_bench_sh_parses_and_needs_a_cuda_torch(tmp_path):
         assert r.returncode == 0, r.stdout
     import torch
 
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: the script would install packages and run the GPU bench")
     r = subprocess.run(["bash", str(script), str(tmp_path / "out")], check=False,
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHON": sys.executable,
                             "BACKFILL_SITE": str(tmp_path / "site")})
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA machine: the script would run the whole GPU bench")
     assert r.returncode == 2 and "no CUDA device" in r.stderr, r.stderr
     assert not (tmp_path / "site").exists()  # it stopped before installing anything

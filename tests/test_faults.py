@@ -75,7 +75,9 @@ def kill_in_level_4(run: list[str], path: Path) -> int:
             if proc.poll() is None and time.monotonic() >= deadline:
                 proc.kill()
             proc.wait(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, "the driver was not killed"
+        if proc.returncode == 0:  # the watcher stalled past level 4: try again
+            continue
+        assert proc.returncode == -signal.SIGKILL, f"the driver failed ({proc.returncode})"
         if ScenarioStore.open(path).levels_complete == 3:  # killed inside level 4
             return len(list(done.glob("c.*")))
     pytest.fail("three tries could not kill the driver inside level 4")
@@ -87,7 +89,7 @@ def test_kill_9_of_the_driver_in_level_4_then_resume_gives_the_clean_store(proje
     path = tmp_path / "killed.zarr"
     run = backfill_cmd("run", "--config", cfg, "--model", model, "--store", path)
     chunks_written = kill_in_level_4(run, path)
-    assert 7 <= chunks_written < K ** 4 // 25  # level 4: 625 rows in chunks of 25
+    assert 7 <= chunks_written <= K ** 4 // 25  # level 4: 625 rows in chunks of 25
 
     r = subprocess.run(run + ["--resume"], capture_output=True, text=True, timeout=300,
                        check=False)

@@ -330,9 +330,20 @@ def test_check_compatible_names_what_differs(tree_store, config, fingerprint, se
 
 def test_check_compatible_names_the_schema(tree_store, monkeypatch):
     store, _ = tree_store
-    monkeypatch.setattr("engine.store.SCHEMA_VERSION", 2)
-    with pytest.raises(StoreError, match="schema version 1 in the store, 2 now"):
+    monkeypatch.setattr("engine.store.SCHEMA_VERSION", 3)
+    with pytest.raises(StoreError, match="schema version 2 in the store, 3 now"):
         store.check_compatible(CONFIG, "fp-abc", 3)
+
+
+def test_a_version_1_store_is_read_but_not_resumed(tree_store):
+    """Version 1 wrote the node coordinate chunk by chunk and nested chunk keys: still
+    readable, but resuming one with this version would leave new chunks without node ids."""
+    store, _ = tree_store
+    zarr.open_group(store.path, mode="r+", use_consolidated=False).attrs["schema_version"] = 1
+    old = ScenarioStore.open(store.path)
+    assert old.meta.schema_version == 1 and old.read_level(1)["paths"].shape[0] > 0
+    with pytest.raises(StoreError, match="schema version 1 in the store, 2 now"):
+        old.check_compatible(CONFIG, "fp-abc", 3)
 
 
 # ----------------------------------------------------------------------------- chunks / markers
