@@ -279,7 +279,7 @@ def tree_throughput(fitted: _Fitted, depth: int, backend: str, workdir: Path) ->
 
 def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
     """p50 forecasts per second of the CVAE on ``n`` real contexts at once."""
-    from engine.model import micro_rows
+    from engine.model import MICRO
 
     panel, c, h = fitted.prep.panel, fitted.config.data.context, fitted.config.data.horizon
     anchors = np.arange(c - 1, panel.n_days - h)
@@ -291,7 +291,7 @@ def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
         model.median(log_ctx)
 
     def warmup():
-        model.median(log_ctx[:micro_rows(model.loc.device)])
+        model.median(log_ctx[:MICRO])
 
     out = _rate(call, n, min_seconds, max_reps=20, warmup=warmup)
     out["device"] = str(model.loc.device)
@@ -300,16 +300,15 @@ def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
 
 def decoder_resident(fitted: _Fitted, n: int, min_seconds: float) -> dict:
     """p50 forecasts per second with inputs and outputs left on the model's device (one
-    fixed-shape call per ``micro_rows`` rows, synchronised before the clock stops): what the
+    fixed-shape call per MICRO rows, synchronised before the clock stops): what the
     decoder itself does, without the copies to and from numpy that ``CVAE.median`` makes."""
     import torch
 
-    from engine.model import micro_rows
+    from engine.model import MICRO
 
     panel, c, h = fitted.prep.panel, fitted.config.data.context, fitted.config.data.horizon
     model = fitted.model
     device = model.loc.device
-    micro = micro_rows(device)
     anchors = np.resize(np.arange(c - 1, panel.n_days - h), n)
     x = torch.as_tensor(panel.contexts_at(anchors, c), dtype=torch.float32, device=device)
     med = model.cfg.quantiles.index(0.5)
@@ -317,8 +316,8 @@ def decoder_resident(fitted: _Fitted, n: int, min_seconds: float) -> dict:
 
     @torch.no_grad()
     def call():
-        for i in range(0, n, micro):
-            model._at_prior_mean(x[i: i + micro])[:, med]
+        for i in range(0, n, MICRO):
+            model._at_prior_mean(x[i: i + MICRO])[:, med]
         sync()
 
     model.eval()
@@ -447,10 +446,10 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
     the data as frontier nodes (level 1, M = ``n_samples``): the decoder half
     (``decode_batch``: p50 forecasts + kNN keys, on the model's device), the kNN half
     (``sampler.draw``: FAISS search, residual draw, calibration) and the tree half
-    (``_branch``: children by quantization, their weights, marginal sums). The same
-    functions as ``expand_batch``, in the same slices; nothing is written."""
+    (``_branch``: children by quantization, their weights, marginal sums), as
+    ``expand_batch`` times them; nothing is written."""
     from engine import driver
-    from engine.tree import MarginalAccumulator, stride_days
+    from engine.tree import stride_days
 
     cfg = fitted.config
     panel, c = fitted.prep.panel, cfg.data.context
@@ -467,21 +466,7 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
         return {"split": False}
     driver.decode_batch(sampler, contexts[: min(n_nodes, 64)])  # warm-up
     t = {"decode": 0.0, "draw": 0.0, "branch": 0.0}
-    t0 = time.perf_counter()
-    point_keys = driver.decode_batch(sampler, contexts)
-    t["decode"] = time.perf_counter() - t0
-    rngs = driver.node_rngs(plan, nodes)
-    per_node = n_samples * sampler.horizon * int(np.prod(plan.grid_shape))
-    step = max(1, driver._DRAW_VALUES // per_node)
-    acc = MarginalAccumulator(s, plan.grid_shape, plan.bins)
-    for i in range(0, n_nodes, step):
-        sl = slice(i, min(n_nodes, i + step))
-        t0 = time.perf_counter()
-        log_paths = driver._draw(sampler, batch, sl, n_samples, rngs, point_keys)
-        t1 = time.perf_counter()
-        driver._branch(np.asarray(log_paths), batch, sl, plan, acc)
-        t["draw"] += t1 - t0
-        t["branch"] += time.perf_counter() - t1
+    driver.expand_batch(sampler, batch, plan, timings=t)
     total = sum(t.values())
     return {"split": True, "nodes": n_nodes, "n_samples": n_samples,
             "seconds": t, "ms_per_node": {k: 1e3 * v / n_nodes for k, v in t.items()},

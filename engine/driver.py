@@ -89,8 +89,9 @@ __all__ = [
 MC_STREAM = MC
 PRUNE_STREAM = PRUNE
 QUANTILE_LEVELS = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-# Sampled values per draw call inside a task (float64: 128 MB), so a batch of 256 nodes with
-# M = 512 paths of 90 days x 25 points (2.4 GB at once) is drawn a few nodes at a time.
+# Sampled values per draw call inside a task (float64: 8 MB, which stays in cache better than
+# bigger slices), so a batch of 256 nodes with M = 512 paths of 90 days x 25 points (2.4 GB at
+# once) is drawn a node or a few at a time.
 _DRAW_VALUES = 1 << 20
 _ATTR_START_CONTEXT = "start_context"
 _ATTR_N_PATHS = "n_paths"
@@ -209,17 +210,23 @@ def _branch(log_paths: np.ndarray, batch: Batch, sl: slice, plan: LevelPlan,
 
 
 def expand_batch(sampler, batch: Batch, plan: LevelPlan,
-                 point_keys: tuple[np.ndarray, np.ndarray] | None = None) -> BatchResult:
+                 point_keys: tuple[np.ndarray, np.ndarray] | None = None,
+                 timings: dict[str, float] | None = None) -> BatchResult:
     """Expand a batch of frontier nodes: the one code path, inline or inside an actor.
 
     ``point_keys``: the decoder's half, already computed (by a decoder actor) for this batch;
     else it is computed here (split samplers) or the sampler's own ``sample`` is used.
     Nodes are drawn a few at a time (``_DRAW_VALUES``) so memory stays bounded; every node
-    uses only its own stream, so the slicing never changes a byte.
+    uses only its own stream, so the slicing never changes a byte. ``timings``: seconds of
+    each stage ("decode", "draw", "branch") are added to it (``backfill bench``).
     """
+    clock = time.perf_counter
+    t = timings if timings is not None else {}
     n = len(batch)
     if point_keys is None and is_split(sampler):
+        t0 = clock()
         point_keys = decode_batch(sampler, batch.contexts)
+        t["decode"] = t.get("decode", 0.0) + clock() - t0
     rngs = node_rngs(plan, batch.nodes)
     horizon = sampler.horizon
     per_node = plan.n_samples * horizon * math.prod(plan.grid_shape)
@@ -229,8 +236,12 @@ def expand_batch(sampler, batch: Batch, plan: LevelPlan,
     parts = []
     for i in range(0, n, step):
         sl = slice(i, min(n, i + step))
+        t0 = clock()
         log_paths = _draw(sampler, batch, sl, plan.n_samples, rngs, point_keys)
+        t1 = clock()
         parts.append(_branch(np.asarray(log_paths), batch, sl, plan, acc))
+        t["draw"] = t.get("draw", 0.0) + t1 - t0
+        t["branch"] = t.get("branch", 0.0) + clock() - t1
     paths, parent, branch, weight = (np.concatenate(c) for c in zip(*parts, strict=True))
     return BatchResult(batch.index, batch.first_child, paths, parent, branch, weight, acc,
                        batch.marginal.copy(), n)

@@ -29,16 +29,11 @@ from engine.config import Config, ModelConfig
 from engine.errors import CheckpointError
 
 CHECKPOINT_VERSION = 1
-MICRO = 256  # rows per decoder call: a fixed shape keeps results batch-independent
-# The same on a GPU. Measured on an H200: 256-row calls decode the engine's 256-node tasks at
-# 52k forecasts/s (1024-row calls 32k, 8192-row calls 1k: the padding), and big batches are
-# bound by the copy back to numpy (~65k/s) whatever the call size.
-MICRO_CUDA = 256
-
-
-def micro_rows(device: torch.device | str) -> int:
-    """Rows per decoder call on ``device`` (fixed per device: see ``CVAE._batched``)."""
-    return MICRO if torch.device(device).type == "cpu" else MICRO_CUDA
+# Rows per decoder call, on every device: a fixed shape keeps results batch-independent.
+# Measured on an H200: 256-row calls decode the engine's 256-node tasks at 52k forecasts/s
+# (1024-row calls 32k, 8192-row calls 1k: the padding), and big batches are bound by the copy
+# back to numpy (~65k/s) whatever the call size.
+MICRO = 256
 
 
 def mlp(n_in: int, n_hidden: int, n_out: int, dropout: float) -> nn.Sequential:
@@ -137,8 +132,7 @@ class CVAE(nn.Module):
     # --- numpy in, numpy out (batched, no grad) ---------------------------------------------
     @torch.no_grad()
     def _batched(self, fn, log_ctx: np.ndarray) -> np.ndarray:
-        """Apply ``fn`` in micro-batches of exactly ``micro_rows(device)`` rows (the last one
-        padded).
+        """Apply ``fn`` in micro-batches of exactly MICRO rows (the last one padded).
 
         Matrix kernels may round differently for different batch shapes; with one fixed
         shape a context's output never depends on the batch it arrived in, which the
@@ -146,13 +140,12 @@ class CVAE(nn.Module):
         """
         self.eval()
         device = self.loc.device
-        micro = micro_rows(device)
         outs = []
-        for i in range(0, len(log_ctx), micro):
-            chunk = np.ascontiguousarray(log_ctx[i : i + micro])
+        for i in range(0, len(log_ctx), MICRO):
+            chunk = np.ascontiguousarray(log_ctx[i : i + MICRO])
             n = len(chunk)
-            if n < micro:
-                chunk = np.concatenate([chunk, np.repeat(chunk[:1], micro - n, axis=0)])
+            if n < MICRO:
+                chunk = np.concatenate([chunk, np.repeat(chunk[:1], MICRO - n, axis=0)])
             x = torch.as_tensor(chunk, dtype=torch.float32, device=device)
             outs.append(fn(x)[:n].cpu().numpy().astype(np.float64))
         return np.concatenate(outs) if outs else np.zeros((0,))

@@ -257,7 +257,6 @@ class _Level:
     parent: zarr.Array
     branch: zarr.Array
     weight: zarr.Array
-    node: zarr.Array
     done: zarr.Array
 
     @property
@@ -511,8 +510,7 @@ class ScenarioStore:
         if missing:
             raise StoreError(f"{self.path}/{name} lacks arrays {missing}; resume the run so "
                              "create_level can finish it")
-        lv = _Level(group, *(group[a] for a in ("paths", "parent", "branch", "weight", "node",
-                                                 "done")))
+        lv = _Level(group, *(group[a] for a in ("paths", "parent", "branch", "weight", "done")))
         self._levels[level] = lv
         return lv
 

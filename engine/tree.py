@@ -294,10 +294,9 @@ def _gauss_rule(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     for j in range(k):
         v = z * basis[j]
         alpha.append((basis[j] * v).sum(axis=1))
-        for b in basis:  # full re-orthogonalisation (twice is enough)
-            v = v - (b * v).sum(axis=1, keepdims=True) * b
-        for b in basis:
-            v = v - (b * v).sum(axis=1, keepdims=True) * b
+        for _ in range(2):  # full re-orthogonalisation (twice is enough)
+            for b in basis:
+                v = v - (b * v).sum(axis=1, keepdims=True) * b
         if j == k - 1:
             break
         nb = np.sqrt((v * v).sum(axis=1))
@@ -322,16 +321,15 @@ def _select_quadrature(scores: np.ndarray, mean: np.ndarray, sd: np.ndarray, k: 
     n, m = scores.shape
     z, flat = _standardise(scores, mean, sd)
     nodes, w, ok = _gauss_rule(z, k)
-    order, pos, w_stratum = _select_quantize(scores, mean, sd, k)
     use = ok & ~flat
-    if use.any():
-        s = np.take_along_axis(scores, order, axis=1)
-        t = mean[:, None] + sd[:, None] * nodes
-        qpos = _nearest_position(s, t, np.zeros((n, k), np.int64), np.full((n, k), m - 1),
-                                 _tie_tol(mean, sd))
-        qpos = _strictly_increasing(qpos, m)
-        pos = np.where(use[:, None], qpos, pos)
-        w_stratum = np.where(use[:, None], w / w.sum(axis=1, keepdims=True), w_stratum)
+    order = np.argsort(scores, axis=1, kind="stable")
+    s = np.take_along_axis(scores, order, axis=1)
+    t = mean[:, None] + sd[:, None] * nodes
+    pos = _strictly_increasing(_nearest_position(s, t, np.zeros((n, k), np.int64),
+                                                 np.full((n, k), m - 1), _tie_tol(mean, sd)), m)
+    w_stratum = w / w.sum(axis=1, keepdims=True)
+    if not use.all():  # quantize only the rows without a rule (row-wise: same bytes)
+        _, pos[~use], w_stratum[~use] = _select_quantize(scores[~use], mean[~use], sd[~use], k)
     return order, pos, w_stratum
 
 
@@ -823,10 +821,10 @@ class MarginalAccumulator:
     Every sum is int64 fixed point (units and bounds above ``MarginalAccumulator``): a sample's
     mass is round(node_weight / M * 2^60); a node's moment terms are round(mass * S1 * 2^-4)
     and round(mass * S2 * 2^-9), with S1 and S2 its samples' sums of iv and iv^2 (float64,
-    summed along one contiguous row, so the same whatever else is in the block). Each term is a function of one node alone and the sums are
-    exactly associative: ``add`` in any batches and ``merge`` in any order give the same bytes,
-    which the driver's "same store for any batch size, actor count or completion order"
-    promise rests on. Node weights are
+    summed along one contiguous row, so the same whatever else is in the block). Each term is
+    a function of one node alone and the sums are exactly associative: ``add`` in any batches
+    and ``merge`` in any order give the same bytes, which the driver's "same store for any
+    batch size, actor count or completion order" promise rests on. Node weights are
     probabilities: more than MASS_LIMIT = 2 in total is refused (it could overflow).
     std uses E[x^2] - E[x]^2, which loses about log10((mean/std)^2) of 16 digits (2-3 for vols):
     fine for reporting.
@@ -1020,9 +1018,8 @@ class MarginalAccumulator:
         if np.any((q < 0) | (q > 1)):
             raise DataError(f"quantile levels must lie in [0, 1], got {q}")
         d, g, nb = self.counts.shape
-        imass = self.mass
-        cum = np.cumsum(imass, axis=-1).astype(np.float64)  # (D, G, nb + 2), exact then rounded
-        mass = imass.astype(np.float64)
+        cum = np.cumsum(self.mass, axis=-1).astype(np.float64)  # (D, G, nb + 2), exact, rounded
+        mass = self.mass.astype(np.float64)
         tot = cum[..., -1:]
         # cell c covers [left_c, left_c + width_c): underflow, bins, overflow
         left = np.concatenate([[0.0], self.lo + self.bin_width * np.arange(nb), [self.hi]])

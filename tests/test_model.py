@@ -12,7 +12,7 @@ import engine.train
 from engine.config import Config
 from engine.data.panel import make_splits
 from engine.errors import CheckpointError
-from engine.model import CVAE, load_checkpoint, save_checkpoint
+from engine.model import CVAE, MICRO, load_checkpoint, save_checkpoint
 from engine.train import holdout_tail, train_model, validation_pinball
 from tests.conftest import tiny_config, toy_panel
 
@@ -240,15 +240,13 @@ def test_no_validation_keeps_last_epoch():
 # --- the decoder on a GPU (skipped where torch has no CUDA device) ----------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_decoder_is_batch_independent_and_close_to_the_cpu():
-    from engine.model import MICRO_CUDA
-
     model = fresh_model(tiny_config(), (7, 6))
     rng = np.random.default_rng(0)
-    log_ctx = np.log(0.2) + 0.05 * rng.standard_normal((MICRO_CUDA + 300, C, 7, 6))
+    log_ctx = np.log(0.2) + 0.05 * rng.standard_normal((MICRO + 300, C, 7, 6))
     cpu = model.median(log_ctx[:300])
     model.to("cuda")
     whole = model.median(log_ctx)  # two fixed-shape calls, the second padded
-    for lo, hi in ((0, 1), (0, 300), (MICRO_CUDA - 5, MICRO_CUDA + 7)):
+    for lo, hi in ((0, 1), (0, 300), (MICRO - 5, MICRO + 7)):
         np.testing.assert_array_equal(model.median(log_ctx[lo:hi]), whole[lo:hi])
     np.testing.assert_allclose(whole[:300], cpu, rtol=0, atol=1e-4)
     assert model.embed(log_ctx[:3]).shape == (3, tiny_config().model.embed_dim)
