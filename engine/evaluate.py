@@ -196,10 +196,18 @@ class EvalWindows:
         return len(self.anchors)
 
 
+def window_stride(prep: Prepared) -> int:
+    """``evaluate.window_stride``, or the smallest stride within ``evaluate.max_windows``."""
+    ev = prep.config.evaluate
+    if ev.window_stride:
+        return ev.window_stride
+    return max(1, -(-len(prep.splits.anchors("test")) // ev.max_windows))
+
+
 def evaluation_windows(prep: Prepared) -> EvalWindows:
     cfg = prep.config
     C, H = cfg.data.context, cfg.data.horizon
-    anchors = prep.splits.anchors("test", stride=cfg.evaluate.window_stride)
+    anchors = prep.splits.anchors("test", stride=window_stride(prep))
     panel = prep.panel
     contexts = panel.contexts_at(anchors, C, log=False)
     realised = panel.targets_at(anchors, H, log=False)
@@ -406,7 +414,7 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
     out = Path(out)
     set_threads(cfg)
     horizons, notes = check_horizons(cfg)
-    prep = prepare(cfg)
+    prep = prepare(cfg, evaluation=True)
     panel = prep.panel
     specs, skip_notes = resolve_methods(cfg, panel.market is not None)
     notes += skip_notes
@@ -414,21 +422,26 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
         _say(console, f"note: {note}")
     windows = evaluation_windows(prep)
     M = cfg.evaluate.n_samples
-    _say(console, f"data {panel.source}: {panel.n_days} days, grid {panel.grid_shape[0]}x"
-                  f"{panel.grid_shape[1]}, fingerprint {panel.fingerprint}; fit history "
-                  f"{prep.splits.pre_test_stop()} days, {windows.n} test windows, {M} samples")
+    extra = panel.n_days - panel.history_days
+    _say(console, f"data {panel.source}: {panel.history_days} days"
+                  f"{f' + {extra} simulated test days' if extra else ''}, grid "
+                  f"{panel.grid_shape[0]}x{panel.grid_shape[1]}, fingerprint "
+                  f"{panel.history_fingerprint}; fit history {prep.splits.pre_test_stop()} days, "
+                  f"{windows.n} test windows (every {window_stride(prep)} days), {M} samples")
 
     t0 = time.perf_counter()
     model = get_model(prep, model_path, console) if needs_model(specs) else None
     model_seconds = time.perf_counter() - t0
 
     report: dict = {
-        "data": {"source": panel.source, "fingerprint": panel.fingerprint,
-                 "grid": panel.grid_dict(), "n_days": panel.n_days},
+        "data": {"source": panel.source, "fingerprint": panel.history_fingerprint,
+                 "grid": panel.grid_dict(), "n_days": panel.history_days,
+                 "test_extension_days": panel.n_days - panel.history_days,
+                 "test_extension_fingerprint": panel.fingerprint},
         "split": {**prep.splits.to_dict(), "fit_days": prep.splits.pre_test_stop(),
                   "test_first_anchor": str(panel.dates[windows.anchors[0]]),
                   "test_last_anchor": str(panel.dates[windows.anchors[-1]]),
-                  "window_stride": cfg.evaluate.window_stride},
+                  "window_stride": window_stride(prep)},
         "n_windows": windows.n, "n_samples": M, "horizons": horizons,
         "seed": cfg.seed, "notes": notes,
         "model": {"path": str(model_path) if model_path else None,

@@ -26,8 +26,9 @@ class Prepared:
         return self.panel.slice_days(0, self.splits.pre_test_stop())
 
 
-def prepare(config: Config) -> Prepared:
-    panel = load_panel(config.data)
+def prepare(config: Config, evaluation: bool = False) -> Prepared:
+    """Load and split the data; ``evaluation`` adds the synthetic market's test extension."""
+    panel = load_panel(config.data, evaluation=evaluation)
     return Prepared(config, panel, make_splits(panel, config.data))
 
 
@@ -53,10 +54,10 @@ def check_model_matches(model: CVAE, meta: dict, prep: Prepared, path: Path) -> 
         raise CheckpointError(f"{path} has context {model.context} / horizon {model.horizon} but "
                               f"the config asks for {C} / {H}; retrain or match data.context / "
                               "data.horizon")
-    if meta.get("fingerprint") != prep.panel.fingerprint:
+    if meta.get("fingerprint") != prep.panel.history_fingerprint:
         raise CheckpointError(f"{path} was trained on data {meta.get('fingerprint')} but "
-                              f"{prep.panel.source} has fingerprint {prep.panel.fingerprint}; "
-                              "train a model on this data")
+                              f"{prep.panel.source} has fingerprint "
+                              f"{prep.panel.history_fingerprint}; train a model on this data")
 
 
 def p50_errors(model: CVAE, prep: Prepared, horizons=(1, 30, 90)) -> dict:

@@ -85,6 +85,12 @@ def evaluation_markdown(report: dict) -> str:
                  f"windows (anchors {split['test_first_anchor']} .. "
                  f"{split['test_last_anchor']}, stride {split['window_stride']}) with "
                  f"{report['n_samples']} samples each, seed {report['seed']}")
+    if data.get("test_extension_days"):
+        parts.append(f"- the synthetic market runs on for {data['test_extension_days']} days after "
+                     f"its {data['n_days']}-day history (fingerprint of the whole "
+                     f"`{data['test_extension_fingerprint']}`); the test split runs through them, "
+                     "so the scores average over many independent futures (compare the oracle's "
+                     "row: the truth's own coverage on this test span)")
     for note in report.get("notes", []):
         parts.append(f"- note: {note}")
     parts.append("")

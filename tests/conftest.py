@@ -23,7 +23,7 @@ def shared_file(name: str) -> Path:
 def tiny_config(**overrides) -> Config:
     """Context 12, horizon 6, a small model that trains in seconds."""
     d = {
-        "data": {"context": 12, "horizon": 6},
+        "data": {"context": 12, "horizon": 6, "synthetic": {"test_days": 0}},
         "model": {"hidden": 16, "embed_dim": 4, "latent_dim": 2},
         "train": {"epochs": 2, "batch_size": 64, "threads": 1},
         "sampler": {"n_folds": 3},
@@ -75,6 +75,7 @@ horizon = 6
 
 [data.synthetic]
 n_days = 400
+test_days = 0
 
 [model]
 hidden = 16

@@ -235,6 +235,32 @@ def test_oracle_is_skipped_with_a_note_on_real_data(tmp_path):
         run_evaluation(only_oracle, tmp_path / "out2")
 
 
+def test_synthetic_test_split_runs_on_through_the_extension(setup, tmp_path):
+    """On the synthetic market ``evaluate`` scores ``data.synthetic.test_days`` more days: the
+    fit history, the train split and the model's fingerprint check are those of the history;
+    the test split reaches the end of the extension with the automatic window stride."""
+    _, prep, _, model_path = setup
+    long_cfg = eval_config(**{"data.synthetic.test_days": 900, "evaluate.max_windows": 40,
+                              "evaluate.methods": ["oracle", "hist-bootstrap", "knn"],
+                              "evaluate.n_samples": 20})
+    long = prepare(long_cfg, evaluation=True)
+    assert long.panel.n_days == prep.panel.n_days + 900
+    assert long.fit_panel().fingerprint == prep.fit_panel().fingerprint
+    for name in ("train", "calibration"):
+        np.testing.assert_array_equal(long.splits.anchors(name), prep.splits.anchors(name))
+    assert long.splits.ranges["test"] == (prep.splits.ranges["test"][0], prep.panel.n_days + 900)
+    windows = evaluation_windows(long)
+    n_all = len(long.splits.anchors("test"))
+    assert 30 < windows.n <= 40 and windows.anchors[-1] > prep.panel.n_days
+    assert np.diff(windows.anchors).tolist() == [-(-n_all // 40)] * (windows.n - 1)
+    report = run_evaluation(long_cfg, tmp_path / "out", model_path=model_path)  # no refusal
+    assert report["data"]["test_extension_days"] == 900
+    assert report["data"]["fingerprint"] == prep.panel.fingerprint
+    assert report["n_windows"] == windows.n and report["split"]["window_stride"] > 1
+    assert "runs on for 900 days" in (tmp_path / "out" / "report.md").read_text()
+    assert not (prepare(long_cfg).panel.n_days - prep.panel.n_days)  # other commands: history
+
+
 def test_method_names_and_horizons_are_validated():
     cfg = eval_config(**{"evaluate.methods": ["knn", "knn-conformal-pca", "knn-pca"]})
     specs, notes = resolve_methods(cfg, has_market=True)

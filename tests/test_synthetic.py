@@ -85,6 +85,27 @@ def test_deterministic_per_seed():
     assert a.fingerprint == b.fingerprint != c.fingerprint
 
 
+def test_test_extension_continues_the_history_unchanged():
+    """``extra_days`` (evaluate's test extension) leave the history's bytes alone and carry on
+    from its last hidden state, not from a fresh start."""
+    cfg = SyntheticConfig(n_days=400, seed=3)
+    plain = SyntheticMarket(cfg).panel()
+    long = SyntheticMarket(cfg, extra_days=600).panel()
+    assert (plain.n_days, long.n_days, long.history_days) == (400, 1000, 400)
+    assert long.surface[:400].tobytes() == plain.surface.tobytes()
+    assert long.history_fingerprint == plain.fingerprint == plain.history_fingerprint
+    assert long.fingerprint != plain.fingerprint
+    np.testing.assert_array_equal(long.dates[:400], plain.dates)
+    assert (np.diff(long.dates).astype(int) > 0).all()
+    # The seam is an ordinary day: its level move is within the spread of the others.
+    moves = np.abs(np.diff(long.log_surface[:, ATM, SHORT]))
+    assert moves[399] < np.quantile(moves, 0.999)
+    m = long.market
+    assert len(m.regime_) == len(m.log_vol_) == len(m.factors_) == 1000
+    # One step from day 399's state reaches day 400's factors with an ordinary shock.
+    assert np.abs(m.factors_[400] - m.factors_[399]).max() < 0.5
+
+
 def test_panel():
     market = SyntheticMarket(SyntheticConfig(n_days=250, start_date="2001-06-01"))
     panel = market.panel()

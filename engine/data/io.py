@@ -22,12 +22,17 @@ MAX_GRID = 10
 IV_MAX = 5.0
 
 
-def load_panel(data_cfg) -> Panel:
-    """The panel named by ``data.source``: 'synthetic' or a file path."""
+def load_panel(data_cfg, evaluation: bool = False) -> Panel:
+    """The panel named by ``data.source``: 'synthetic' or a file path.
+
+    ``evaluation``: the synthetic market goes on for ``data.synthetic.test_days`` beyond
+    its history (the test split of ``backfill evaluate``); a file is read as it is.
+    """
     if data_cfg.source == "synthetic":
         from engine.data.synthetic import SyntheticMarket
 
-        return SyntheticMarket(data_cfg.synthetic).panel()
+        extra = data_cfg.synthetic.test_days if evaluation else 0
+        return SyntheticMarket(data_cfg.synthetic, extra_days=extra).panel()
     return read_panel(data_cfg.source)
 
 

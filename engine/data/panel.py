@@ -51,6 +51,18 @@ class Panel:
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()[:16]
 
+    @property
+    def history_days(self) -> int:
+        """Days before any evaluation-only extension of a synthetic market (all days of a file)."""
+        return self.n_days if self.market is None else min(self.market.history_days, self.n_days)
+
+    @property
+    def history_fingerprint(self) -> str:
+        """The fingerprint of the history alone: what a model trained on it recorded."""
+        if self.history_days == self.n_days:
+            return self.fingerprint
+        return self.slice_days(0, self.history_days).fingerprint
+
     def grid_dict(self) -> dict:
         return {"moneyness": [float(m) for m in self.moneyness],
                 "maturity_days": [float(t) for t in self.maturity_days]}
@@ -129,10 +141,10 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
         if not cal < tst:
             raise DataError(f"data.calibration_start ({data_cfg.calibration_start}) must come "
                             f"before data.test_start ({data_cfg.test_start})")
-    else:
+    else:  # the shares cut the history; a synthetic test extension joins the test split
         f_train, f_cal, _ = data_cfg.split_fractions
-        cal = round(f_train * T)
-        tst = round((f_train + f_cal) * T)
+        cal = round(f_train * panel.history_days)
+        tst = round((f_train + f_cal) * panel.history_days)
     ranges = {"train": (0, cal), "calibration": (cal + E, tst), "test": (tst + E, T)}
     splits = Splits(C, H, E, ranges)
     for name in SPLITS:

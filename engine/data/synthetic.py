@@ -117,22 +117,47 @@ def factor_surface(p: MarketParams, factors: np.ndarray) -> np.ndarray:
     return p.base + np.tensordot(factors, p.loadings, axes=([-1], [0]))
 
 
+def _chain(p: MarketParams, state, u: np.ndarray, z: np.ndarray, burn_in: int):
+    """Run one path of the hidden state over the days of ``u`` / ``z`` from ``state``;
+    returns (regimes, log_vols, factors) of the days after the first ``burn_in``."""
+    regime, log_vol, factors = state
+    T = len(u) - burn_in
+    regimes, log_vols, factor_path = np.empty(T, dtype=np.int8), np.empty(T), np.empty((T, 3))
+    for s in range(len(u)):
+        regime, log_vol, factors = transition(p, regime, log_vol, factors, u[s:s + 1], z[s:s + 1])
+        t = s - burn_in
+        if t >= 0:
+            regimes[t], log_vols[t], factor_path[t] = regime[0], log_vol[0], factors[0]
+    return regimes, log_vols, factor_path
+
+
 class SyntheticMarket:
     """A simulated history of 5x5 surfaces whose hidden state is kept for the oracle."""
 
     moneyness = MONEYNESS
     maturity_days = MATURITY_DAYS
 
-    def __init__(self, cfg: SyntheticConfig, params: MarketParams | None = None):
+    def __init__(self, cfg: SyntheticConfig, params: MarketParams | None = None,
+                 extra_days: int = 0):
         self.cfg = cfg
         self.params = params if params is not None else MarketParams()
+        self.extra_days = int(extra_days)
+
+    @property
+    def history_days(self) -> int:
+        """The ``n_days`` history: the same bytes whatever ``extra_days`` follow it."""
+        return self.cfg.n_days
 
     @property
     def n_days(self) -> int:
-        return self.cfg.n_days
+        return self.cfg.n_days + self.extra_days
 
     def simulate(self) -> SyntheticMarket:
-        """Simulate the history once; sets regime_, log_vol_, factors_, log_surface_."""
+        """Simulate the history once; sets regime_, log_vol_, factors_, log_surface_.
+
+        ``extra_days`` continue the same chain from the history's last state with a
+        stream of their own, so the history is unchanged by them.
+        """
         if hasattr(self, "log_surface_"):
             return self
         p, T = self.params, self.cfg.n_days
@@ -141,22 +166,18 @@ class SyntheticMarket:
         u = rng.random(n_steps)
         z = rng.standard_normal((n_steps, 4))
         noise = rng.standard_normal((T, 5, 5))
-        regime = np.zeros(1, dtype=np.int8)
-        log_vol = np.zeros(1)
-        factors = p.factor_mean[0][None, :].copy()
-        regimes = np.empty(T, dtype=np.int8)
-        log_vols = np.empty(T)
-        factor_path = np.empty((T, 3))
-        for s in range(n_steps):
-            regime, log_vol, factors = transition(p, regime, log_vol, factors, u[s:s + 1],
-                                                  z[s:s + 1])
-            t = s - BURN_IN
-            if t >= 0:
-                regimes[t], log_vols[t], factor_path[t] = regime[0], log_vol[0], factors[0]
-        self.regime_ = regimes
-        self.log_vol_ = log_vols
-        self.factors_ = factor_path
-        self.log_surface_ = factor_surface(p, factor_path) + p.noise * noise
+        state = (np.zeros(1, dtype=np.int8), np.zeros(1), p.factor_mean[0][None, :].copy())
+        parts = [_chain(p, state, u, z, BURN_IN)]
+        surfaces = [factor_surface(p, parts[0][2]) + p.noise * noise]
+        if self.extra_days:
+            rng = np.random.default_rng(np.random.SeedSequence([int(self.cfg.seed), 0x5E7, 1]))
+            E = self.extra_days
+            u, z, noise = rng.random(E), rng.standard_normal((E, 4)), rng.standard_normal((E, 5, 5))
+            last = tuple(a[-1:] for a in parts[0])
+            parts.append(_chain(p, last, u, z, 0))
+            surfaces.append(factor_surface(p, parts[1][2]) + p.noise * noise)
+        self.regime_, self.log_vol_, self.factors_ = (np.concatenate(a) for a in zip(*parts))
+        self.log_surface_ = np.concatenate(surfaces)
         return self
 
     def panel(self) -> Panel:
