@@ -190,6 +190,7 @@ class EvalWindows:
     regime: np.ndarray  # (W,) quartile 0..3 of level
     fan_rows: np.ndarray  # (3,) windows with the lowest, median and highest level
     atm: tuple[int, int]  # grid index of moneyness nearest 1, shortest maturity
+    year: np.ndarray  # (W,) calendar year of the anchor
 
     @property
     def n(self) -> int:
@@ -217,7 +218,9 @@ def evaluation_windows(prep: Prepared) -> EvalWindows:
     by_level = np.argsort(level, kind="stable")
     fan_rows = by_level[[0, len(by_level) // 2, len(by_level) - 1]]
     atm = (int(np.argmin(np.abs(panel.moneyness - 1.0))), int(np.argmin(panel.maturity_days)))
-    return EvalWindows(anchors, contexts, realised, level, regime.astype(np.int64), fan_rows, atm)
+    year = panel.dates[anchors].astype("datetime64[Y]").astype(np.int64) + 1970
+    return EvalWindows(anchors, contexts, realised, level, regime.astype(np.int64), fan_rows, atm,
+                       year)
 
 
 def check_horizons(config: Config) -> tuple[list[int], list[str]]:
@@ -336,7 +339,8 @@ def score_draws(draws: Draws, windows: EvalWindows, horizons: list[int],
     real = windows.realised.reshape(W, windows.realised.shape[1], G)
     out: dict = {k: {} for k in ("coverage90", "coverage50", "width90", "width50", "crps",
                                  "energy", "marginal_std_ratio", "within_var_share",
-                                 "between_var_share")}
+                                 "between_var_share", "coverage90_by_year")}
+    years = np.unique(windows.year)
     pits = np.empty((len(horizons), W, G))
     inside90 = np.zeros(W)  # per-window covered share, summed over horizons
     for j, h in enumerate(horizons):
@@ -349,7 +353,10 @@ def score_draws(draws: Draws, windows: EvalWindows, horizons: list[int],
             out[f"coverage{tag}"][key] = float(inside.mean())
             out[f"width{tag}"][key] = float((hi - lo).mean())
             if level == 0.9:
-                inside90 += inside.mean(axis=1)
+                share = inside.mean(axis=1)  # (W,)
+                inside90 += share
+                out["coverage90_by_year"][key] = {
+                    str(y): float(share[windows.year == y].mean()) for y in years}
         out["crps"][key] = float(metrics.crps_ensemble(s, y).mean())
         out["energy"][key] = float(metrics.energy_score(s, y).mean())
         out["marginal_std_ratio"][key] = metrics.marginal_std_ratio(s, y)

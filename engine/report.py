@@ -100,6 +100,24 @@ def evaluation_markdown(report: dict) -> str:
             continue
         parts += [f"## {title}", ""] + ([f"_{note}_", ""] if note else []) + [body, ""]
 
+    by_year = {n: m["coverage90_by_year"] for n, m in methods.items() if m.get("coverage90_by_year")}
+    if by_year:
+        n_years = max(len(v) for m in by_year.values() for v in m.values())
+        parts += ["## Coverage of the 90% band by test year", "",
+                  (f"_how much one stretch of history moves the score: lowest / median / "
+                   f"highest coverage over the {n_years} calendar years of the test windows "
+                   "(the oracle's spread is the luck of the span alone; see "
+                   "coverage_by_year.png)_"), ""]
+        rows = []
+        for name, per_h in by_year.items():
+            row = [name]
+            for h in horizons:
+                v = np.array([x for x in per_h.get(str(h), {}).values() if x is not None])
+                row.append("–" if v.size == 0 else
+                           f"{v.min():.2f} / {np.median(v):.2f} / {v.max():.2f}")
+            rows.append(row)
+        parts += [table(["method"] + [f"{h}d" for h in horizons], rows), ""]
+
     parts += ["## Scalar scores", "",
               ("_roughness: std of daily changes along sample paths / along realised paths "
               "(target 1); PIT KS: pooled over horizons (0 = uniform); calendar: share of "
@@ -143,7 +161,8 @@ def evaluation_markdown(report: dict) -> str:
     t = report.get("timings", {})
     parts += [(f"model: {fmt(t.get('model_seconds'), '.1f')} s; total wall time "
               f"{fmt(t.get('total_seconds'), '.1f')} s"), ""]
-    parts += ["## Plots", "", "![coverage](coverage.png)", "", "![PIT](pit.png)", "",
+    parts += ["## Plots", "", "![coverage](coverage.png)", "",
+              "![coverage by year](coverage_by_year.png)", "", "![PIT](pit.png)", "",
               "![fans](fans.png)", ""]
     return "\n".join(parts)
 
@@ -164,6 +183,32 @@ def plot_coverage(report: dict, path: Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_coverage_by_year(report: dict, path: Path) -> Path:
+    """Coverage of the 90% band per test year, at the shortest and the longest horizon."""
+    plt = _pyplot()
+    horizons = report["horizons"]
+    shown = sorted({horizons[0], horizons[-1]})
+    fig, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4), squeeze=False)
+    for ax, h in zip(axes[0], shown, strict=True):
+        for name, m in report["methods"].items():
+            per = m.get("coverage90_by_year", {}).get(str(h), {})
+            years = sorted(per, key=int)
+            ys = [np.nan if per[y] is None else per[y] for y in years]
+            ax.plot([int(y) for y in years], ys, marker=".", linewidth=1, label=name,
+                    linestyle="-" if name != "oracle" else "--")
+        ax.axhline(0.9, color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"{h}-day horizon", fontsize=10)
+        ax.set_xlabel("year of the forecast's anchor")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("coverage of the 90% band")
+    axes[0, 0].legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -247,6 +292,7 @@ def write_evaluation_report(report: dict, plots, windows, out: Path, dates: np.n
     md = out / "report.md"
     md.write_text(evaluation_markdown(report))
     files = [md, plot_coverage(report, out / "coverage.png"),
+             plot_coverage_by_year(report, out / "coverage_by_year.png"),
              plot_pit(plots.pits, report, out / "pit.png")]
     chosen = pick_fan_methods(list(plots.fans), fan_methods)
     files.append(plot_fans({n: plots.fans[n] for n in chosen}, windows, dates,

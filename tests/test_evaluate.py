@@ -118,10 +118,11 @@ def test_report_has_the_required_shape_and_valid_numbers(evaluated):
     # The raw CVAE is over-confident, the calibrated kNN is not (even at this tiny size).
     cov = {n: np.mean(list(m["coverage90"].values())) for n, m in report["methods"].items()}
     assert cov["cvae-prior"] < 0.5 < cov["knn-conformal"]
-    for name in ("report.md", "coverage.png", "pit.png", "fans.png"):
+    for name in ("report.md", "coverage.png", "coverage_by_year.png", "pit.png", "fans.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
     assert "Coverage of the 90% band" in md and "knn-conformal" in md and "Timings" in md
+    assert "Coverage of the 90% band by test year" in md
 
 
 def test_scores_equal_metrics_recomputed_from_the_samples(setup, evaluated):
@@ -148,6 +149,16 @@ def test_scores_equal_metrics_recomputed_from_the_samples(setup, evaluated):
         assert scored["within_var_share"][key] == pytest.approx(
             metrics.variance_budget(s, y)["within_var_share"], rel=1e-10)
         inside.append(metrics.coverage_by_group(s, y, 0.9, w.regime, 4))
+        # By the anchor's calendar year; the windows of the years make up all the windows.
+        years = np.array([int(str(d)[:4]) for d in prep.panel.dates[w.anchors]])
+        per_year = scored["coverage90_by_year"][key]
+        assert sorted(per_year) == [str(y) for y in np.unique(years)]
+        for year, v in per_year.items():
+            sel = years == int(year)
+            assert v == pytest.approx(metrics.coverage(s[sel], y[sel], 0.9)), year
+        counts = np.array([(years == int(y)).sum() for y in per_year])
+        assert np.dot(counts, list(per_year.values())) / counts.sum() == pytest.approx(
+            scored["coverage90"][key])
     pooled = np.mean(inside, axis=0)
     assert [scored["regime_coverage90"][f"q{q + 1}"] for q in range(4)] == pytest.approx(pooled)
     # Roughness is scored on daily log-IV changes (see evaluate.sample_windows).
