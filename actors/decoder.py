@@ -16,26 +16,29 @@ from engine.driver import decode_batch
 
 
 def move_models(obj, device: str, depth: int = 2) -> int:
-    """Move every torch module among ``obj``'s attributes (``depth`` levels down) to
-    ``device``; returns how many moved (the CVAE is shared by the point forecast and keys)."""
+    """Move every torch module among ``obj``'s attributes and their lists (``depth`` levels
+    down) to ``device``; returns how many moved (each once: the keys' CVAE and the fold
+    models may be reached along several paths)."""
     import torch
 
     seen: set[int] = set()
 
-    def walk(o, d: int) -> int:
+    def walk(values, d: int) -> int:
         moved = 0
-        for value in vars(o).values() if hasattr(o, "__dict__") else ():
+        for value in values:
             if id(value) in seen:
                 continue
             seen.add(id(value))
             if isinstance(value, torch.nn.Module):
                 value.to(device)
                 moved += 1
+            elif isinstance(value, (list, tuple)):
+                moved += walk(value, d)
             elif d > 0 and hasattr(value, "__dict__") and not isinstance(value, type):
-                moved += walk(value, d - 1)
+                moved += walk(vars(value).values(), d - 1)
         return moved
 
-    return walk(obj, depth)
+    return walk(vars(obj).values() if hasattr(obj, "__dict__") else (), depth)
 
 
 def shared_info(ref, sampler) -> dict:
@@ -62,7 +65,8 @@ class DecoderActor:
             move_models(self.sampler, "cuda")
 
     def point_and_keys(self, contexts):
-        """contexts (n, C, n_m, n_tau) iv -> point (n, H, n_m, n_tau) log-IV, keys (n, D)."""
+        """contexts (n, C, n_m, n_tau) iv -> point (n, F, H, n_m, n_tau) log-IV (one path per
+        fold model), keys (n, D)."""
         return decode_batch(self.sampler, contexts)
 
     def shared_info(self) -> dict:

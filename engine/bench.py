@@ -232,7 +232,7 @@ def _fit(config: Config, workdir: Path, console) -> _Fitted:
                            prep.panel.grid_dict())
     sampler = driver.fit_for_run(prep, inputs, ckpt, console)
     # the decoder bench uses the very weights the sampler holds, where it holds a CVAE
-    held = getattr(sampler, "point_model_", None)
+    held = next(iter(getattr(sampler, "point_models_", [])), None)
     if held is None or not hasattr(held, "median"):
         held = getattr(getattr(sampler, "keys_", None), "model", None)
     if held is None or not hasattr(held, "median"):

@@ -164,7 +164,8 @@ def is_split(sampler) -> bool:
 
 
 def decode_batch(sampler, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The decoder's half: point forecast (n, H, n_m, n_tau) log-IV and kNN keys (n, D)."""
+    """The decoder's half: point forecasts (n, F, H, n_m, n_tau) log-IV, one per fold model,
+    and kNN keys (n, D)."""
     return sampler.point_and_keys(np.log(np.asarray(contexts, dtype=np.float64)))
 
 

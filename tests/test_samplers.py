@@ -136,6 +136,39 @@ def test_bank_residuals_are_out_of_sample():
     assert np.isfinite(bank.residuals).all() and np.abs(bank.residuals).max() > 0
 
 
+@pytest.mark.parametrize("point", ["cvae", "pca-ar"])
+def test_each_residual_rides_on_the_fold_model_that_made_it(point):
+    """CV+: a residual drawn for a context is added to the forecast of the model that made it,
+    so a bank window's own context with its own residual gives back its realised path
+    exactly; and every drawn sample is its fold model's forecast plus its residual."""
+    embedding = "cvae" if point == "cvae" else "features"
+    config = tiny_config(**{"sampler.point": point, "sampler.embedding": embedding,
+                            "sampler.n_folds": 3})
+    panel = toy_panel()
+    model = trained_model(config, panel) if point == "cvae" else None
+    sampler = make_sampler("knn", config).fit(panel, model)
+    bank, C, H = sampler.bank_, config.data.context, config.data.horizon
+    assert len(sampler.point_models_) == len(np.unique(bank.fold)) == 3
+    rows = np.array([0, len(bank.anchors) // 2, len(bank.anchors) - 1])
+    ctx = panel.contexts_at(bank.anchors[rows], C)
+    fc = sampler.point_forecast(ctx)  # (3, F, H, n_m, n_tau)
+    assert fc.shape == (3, 3, H, *panel.grid_shape)
+    own = fc[np.arange(3), bank.fold[rows]] + bank.residuals[rows]
+    np.testing.assert_allclose(own, panel.targets_at(bank.anchors[rows], H), atol=1e-5)
+    assert np.abs(fc[:, 0] - fc[:, 1]).max() > 0  # the folds' models differ
+    # A draw: sample = its fold's forecast + its residual (knn's adjust is the identity).
+    keys = sampler.keys_(ctx)
+    rngs = [np.random.default_rng(i) for i in range(3)]
+    out = sampler.draw(fc, keys, 16, rngs)
+    ids, w = sampler.neighbours(keys)
+    picks, res = sampler.residual_draw(ids, w, 16, [np.random.default_rng(i) for i in range(3)])
+    np.testing.assert_allclose(out, fc[np.arange(3)[:, None], bank.fold[picks]] + res)
+    if point == "cvae":
+        from actors.decoder import move_models
+
+        assert move_models(sampler, "cpu") == 3 + 1  # the fold models and the keys' CVAE
+
+
 def test_context_features_shape_and_constants():
     panel = toy_panel()
     ctx = panel.contexts_at(np.array([30, 60, 90]), 20)

@@ -1,10 +1,11 @@
 """kNN residual bootstrap: borrow variance from similar contexts.
 
-For a context: its point forecast (the CVAE's p50, or the pca-ar mean), its key in
-the kNN space, the K nearest contexts of the cross-fitted residual bank (FAISS), and
-``n_samples`` of their residual *paths*, drawn with distance-kernel weights and added
-to the point forecast. Residual paths are real errors, so samples keep the roughness
-and the cross-grid correlation of real surfaces.
+For a context: its key in the kNN space, the K nearest contexts of the cross-fitted
+residual bank (FAISS), and ``n_samples`` of their residual *paths*, drawn with
+distance-kernel weights, each added to the point forecast (the CVAE's p50, or the
+pca-ar mean) of the fold model that made that residual (CV+: see ``bank``). Residual
+paths are real errors, so samples keep the roughness and the cross-grid correlation of
+real surfaces.
 
 The work splits in two so that the engine can place each half on its own actor:
 ``point_and_keys`` (the decoder's part) and ``draw`` (the kNN part).
@@ -17,9 +18,8 @@ import numpy as np
 from engine.data.panel import Panel
 from engine.errors import ConfigError
 from engine.knn import KnnIndex, kernel_weights
-from engine.samplers.bank import KeySpace, build_bank
+from engine.samplers.bank import KeySpace, build_bank, point_forecast
 from engine.samplers.base import ConditionalSampler
-from engine.samplers.pca_ar import PcaArSampler
 
 
 class KnnResidualSampler(ConditionalSampler):
@@ -50,17 +50,12 @@ class KnnResidualSampler(ConditionalSampler):
         # A quarter of the episodes: local, yet >= 20 so a 90% band has two draws per tail.
         self.k_ = cfg.k if cfg.k else int(np.clip(n_episodes // 4, 20, 100))
         self.k_ = min(self.k_, n_episodes)
-        if cfg.point == "cvae":
-            self.point_model_ = model
-        else:
-            self.point_model_ = PcaArSampler(self.config).fit(panel)
+        self.point_models_ = list(self.bank_.models)
 
     # --- the decoder's half -------------------------------------------------------------------
     def point_forecast(self, log_ctx: np.ndarray) -> np.ndarray:
-        """(B, H, n_m, n_tau) log-IV."""
-        if self.config.sampler.point == "cvae":
-            return self.point_model_.median(log_ctx)
-        return self.point_model_.mean_path(log_ctx)
+        """(B, F, H, n_m, n_tau) log-IV: the point path of each of the F fold models."""
+        return np.stack([point_forecast(m, log_ctx) for m in self.point_models_], axis=1)
 
     def point_and_keys(self, log_ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.point_forecast(log_ctx), self.keys_(log_ctx)
@@ -74,18 +69,22 @@ class KnnResidualSampler(ConditionalSampler):
         return ids, kernel_weights(d2, self.config.sampler.kernel)
 
     def residual_draw(self, ids: np.ndarray, weights: np.ndarray, n_samples: int,
-                      rngs: list[np.random.Generator]) -> np.ndarray:
-        """Residual paths (B, n_samples, H, n_m, n_tau); row b draws with rngs[b] only."""
+                      rngs: list[np.random.Generator]) -> tuple[np.ndarray, np.ndarray]:
+        """Bank rows drawn (B, n_samples) and their residual paths (B, n_samples, H, n_m,
+        n_tau); row b draws with rngs[b] only."""
         picks = np.stack([ids[b, rngs[b].choice(ids.shape[1], n_samples, p=weights[b])]
                           for b in range(len(ids))])
-        return self.bank_.residuals[picks].astype(np.float64)
+        return picks, self.bank_.residuals[picks].astype(np.float64)
 
     def draw(self, point: np.ndarray, keys: np.ndarray, n_samples: int,
              rngs: list[np.random.Generator]) -> np.ndarray:
+        """point (B, F, H, n_m, n_tau) from ``point_forecast``, keys (B, D) -> log-IV paths
+        (B, n_samples, H, n_m, n_tau)."""
         ids, w = self.neighbours(keys)
-        res = self.residual_draw(ids, w, n_samples, rngs)
+        picks, res = self.residual_draw(ids, w, n_samples, rngs)
         out = self.adjust(res, ids, w)
-        out += point[:, None]  # in place: these arrays are (B, n_samples, H, ...) float64
+        rows = np.arange(len(picks))[:, None]
+        out += point[rows, self.bank_.fold[picks]]  # each residual on its own fold's forecast
         return out
 
     def adjust(self, res: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
