@@ -190,25 +190,32 @@ def plot_coverage(report: dict, path: Path) -> Path:
 
 
 def plot_coverage_by_year(report: dict, path: Path) -> Path:
-    """Coverage of the 90% band per test year, at the shortest and the longest horizon."""
+    """Per method, the spread over test years of the 90% band's coverage (a box, and each
+    year as a dot), at the shortest and the longest horizon."""
     plt = _pyplot()
     horizons = report["horizons"]
     shown = sorted({horizons[0], horizons[-1]})
-    fig, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4), squeeze=False)
+    names = list(report["methods"])
+    fig, axes = plt.subplots(1, len(shown), figsize=(max(6.0, 0.9 * len(names) + 2) * len(shown)
+                                                      / 1.6, 4.2), squeeze=False)
+    rng = np.random.default_rng(0)  # dot jitter only
     for ax, h in zip(axes[0], shown, strict=True):
-        for name, m in report["methods"].items():
-            per = m.get("coverage90_by_year", {}).get(str(h), {})
-            years = sorted(per, key=int)
-            ys = [np.nan if per[y] is None else per[y] for y in years]
-            ax.plot([int(y) for y in years], ys, marker=".", linewidth=1, label=name,
-                    linestyle="-" if name != "oracle" else "--")
+        per_method = []
+        for name in names:
+            per = report["methods"][name].get("coverage90_by_year", {}).get(str(h), {})
+            per_method.append(np.array([v for v in per.values() if v is not None], float))
+        ax.boxplot([v if v.size else [np.nan] for v in per_method], widths=0.55,
+                   showfliers=False)
+        for i, v in enumerate(per_method, start=1):
+            ax.plot(i + rng.uniform(-0.18, 0.18, v.size), v, ".", color="tab:blue", alpha=0.5,
+                    markersize=4)
         ax.axhline(0.9, color="black", linestyle="--", linewidth=1)
-        ax.set_title(f"{h}-day horizon", fontsize=10)
-        ax.set_xlabel("year of the forecast's anchor")
+        n_years = max((v.size for v in per_method), default=0)
+        ax.set_title(f"{h}-day horizon, {n_years} test years", fontsize=10)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("coverage of the 90% band")
-    axes[0, 0].legend(fontsize=7, loc="lower left", ncol=2)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].set_ylabel("coverage of the 90% band in one year")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
