@@ -546,7 +546,7 @@ def render_gpu_table(result: dict):
         table.add_column(col, justify=just)
     for key, rate in result["decoder_forecasts_per_s"].items():
         n, _, where = key.partition("_")
-        table.add_row("decoder p50 forecasts", f"batch {n}, {where or result['device']['torch_device']}",
+        table.add_row("decoder p50 forecasts, 1 model", f"batch {n}, {where or result['device']['torch_device']}",
                       _fmt(rate), "forecasts/s")
     for m, prof in result["stage_profile"].items():
         if prof.get("split"):
@@ -832,7 +832,7 @@ def render_table(result: dict):
             table.add_row(f"tree expansions, {backend}" if key == TREE_KEYS[0] else "",
                           f"full tree, depth {tree_d[key]}", value, "nodes/s")
     det = result["details"]
-    table.add_row("decoder p50 forecasts", f"batch {det['decoder']['items']}, "
+    table.add_row("decoder p50 forecasts, 1 model", f"batch {det['decoder']['items']}, "
                   f"{det['decoder']['device']}", _fmt(result["decoder_forecasts_per_s"]),
                   "forecasts/s")
     knn = result["knn_queries_per_s"]

@@ -25,8 +25,8 @@ class SyntheticConfig(_Section):
 
     n_days: int = Field(
         6000, ge=200, le=200_000,
-        description="Business days to simulate. Long enough that a 20% test split holds "
-        "several stress episodes (one every ~1.6 years), so scores on it are representative.")
+        description="Business days of history to simulate (one stress episode every ~1.6 "
+        "years); `backfill evaluate` scores a longer test span: see test_days.")
     seed: int = Field(7, ge=0, description="Seed of the simulated history.")
     test_days: int = Field(
         24000, ge=0, le=1_000_000,

@@ -7,9 +7,9 @@ windows in batches and score them. Window w's randomness is
 ``node_rng(seed, 0, anchor_w, EVALUATION)``, so every method sees reproducible draws that
 do not depend on the batch a window sits in.
 
-Memory: W windows x M samples x H days x G grid points is several GB on the default
-synthetic run (~420 x 1000 x 90 x 25), so a batch of windows is sampled, reduced to
-what the scores need, and dropped:
+Memory: W windows x M samples x H days x G grid points is tens of GB on the default
+synthetic run (1192 x 1000 x 90 x 25), so a batch of windows is sampled, reduced to
+what the scores need (``kept`` is about 0.8 GB there), and dropped:
 
     kept      (n_h, W, M, G) float32   the samples at the requested horizons
     var_pnl   {h: (W, M)}              vega P&L at the VaR horizons (1 and 10 days)
@@ -356,7 +356,7 @@ def score_draws(draws: Draws, windows: EvalWindows, horizons: list[int],
                 share = inside.mean(axis=1)  # (W,)
                 inside90 += share
                 out["coverage90_by_year"][key] = {
-                    str(y): float(share[windows.year == y].mean()) for y in years}
+                    str(yr): float(share[windows.year == yr].mean()) for yr in years}
         out["crps"][key] = float(metrics.crps_ensemble(s, y).mean())
         out["energy"][key] = float(metrics.energy_score(s, y).mean())
         out["marginal_std_ratio"][key] = metrics.marginal_std_ratio(s, y)
@@ -453,6 +453,8 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
         "seed": cfg.seed, "notes": notes,
         "model": {"path": str(model_path) if model_path else None,
                   "trained_here": model is not None and model_path is None},
+        "test_year_windows": {str(y): int(n) for y, n in
+                              zip(*np.unique(windows.year, return_counts=True), strict=True)},
         "regime_levels": {f"q{q + 1}": float(windows.level[windows.regime == q].mean())
                           for q in range(N_REGIMES) if (windows.regime == q).any()},
         "methods": {},

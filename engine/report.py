@@ -101,18 +101,22 @@ def evaluation_markdown(report: dict) -> str:
         parts += [f"## {title}", ""] + ([f"_{note}_", ""] if note else []) + [body, ""]
 
     by_year = {n: m["coverage90_by_year"] for n, m in methods.items() if m.get("coverage90_by_year")}
-    if by_year:
-        n_years = max(len(v) for m in by_year.values() for v in m.values())
+    years = full_years(report)
+    if by_year and years:
+        left_out = len(report.get("test_year_windows", {})) - len(years)
         parts += ["## Coverage of the 90% band by test year", "",
                   (f"_how much one stretch of history moves the score: lowest / median / "
-                   f"highest coverage over the {n_years} calendar years of the test windows "
-                   "(the oracle's spread is the luck of the span alone; see "
+                   f"highest coverage over the {len(years)} calendar years of the test windows"
+                   + (f" ({left_out} partial year{'s' if left_out > 1 else ''} with under half "
+                      "the usual windows left out)" if left_out else "")
+                   + " (the oracle's spread is the luck of the span alone; see "
                    "coverage_by_year.png)_"), ""]
         rows = []
         for name, per_h in by_year.items():
             row = [name]
             for h in horizons:
-                v = np.array([x for x in per_h.get(str(h), {}).values() if x is not None])
+                per = per_h.get(str(h), {})
+                v = np.array([per[y] for y in years if per.get(y) is not None])
                 row.append("–" if v.size == 0 else
                            f"{v.min():.2f} / {np.median(v):.2f} / {v.max():.2f}")
             rows.append(row)
@@ -189,6 +193,16 @@ def plot_coverage(report: dict, path: Path) -> Path:
     return path
 
 
+def full_years(report: dict) -> list[str]:
+    """Test years holding at least half the median year's windows (a span's first and last
+    years are often partial, and a handful of windows is no year's score)."""
+    counts = report.get("test_year_windows") or {}
+    if not counts:
+        return []
+    half = 0.5 * float(np.median(list(counts.values())))
+    return [y for y, n in counts.items() if n >= half]
+
+
 def plot_coverage_by_year(report: dict, path: Path) -> Path:
     """Per method, the spread over test years of the 90% band's coverage (a box, and each
     year as a dot), at the shortest and the longest horizon."""
@@ -196,6 +210,7 @@ def plot_coverage_by_year(report: dict, path: Path) -> Path:
     horizons = report["horizons"]
     shown = sorted({horizons[0], horizons[-1]})
     names = list(report["methods"])
+    years = full_years(report)
     fig, axes = plt.subplots(1, len(shown), figsize=(max(6.0, 0.9 * len(names) + 2) * len(shown)
                                                       / 1.6, 4.2), squeeze=False)
     rng = np.random.default_rng(0)  # dot jitter only
@@ -203,7 +218,8 @@ def plot_coverage_by_year(report: dict, path: Path) -> Path:
         per_method = []
         for name in names:
             per = report["methods"][name].get("coverage90_by_year", {}).get(str(h), {})
-            per_method.append(np.array([v for v in per.values() if v is not None], float))
+            per_method.append(np.array([per[y] for y in years if per.get(y) is not None],
+                                       float))
         ax.boxplot([v if v.size else [np.nan] for v in per_method], widths=0.55,
                    showfliers=False)
         for i, v in enumerate(per_method, start=1):

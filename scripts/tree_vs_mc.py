@@ -65,7 +65,10 @@ def sampler():
     path = OUT / "sampler.pkl"
     if path.is_file():
         with path.open("rb") as f:
-            return pickle.load(f)
+            cached = pickle.load(f)
+        if hasattr(cached, "point_models_"):  # fitted before CV+: refit
+            return cached
+        print(f"{path} predates the CV+ sampler: refitting")
     from engine.driver import fit_for_run, run_inputs
 
     p = prep()

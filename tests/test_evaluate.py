@@ -21,7 +21,7 @@ from engine.cli import app
 from engine.config import to_toml
 from engine.data.panel import Panel
 from engine.diagnose import run_diagnose
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DataError
 from engine.evaluate import (
     check_horizons,
     evaluation_windows,
@@ -269,6 +269,12 @@ def test_synthetic_test_split_runs_on_through_the_extension(setup, tmp_path):
     assert report["data"]["fingerprint"] == prep.panel.fingerprint
     assert report["n_windows"] == windows.n and report["split"]["window_stride"] > 1
     assert "runs on for 900 days" in (tmp_path / "out" / "report.md").read_text()
+    assert sum(report["test_year_windows"].values()) == windows.n
+    # Split dates must lie in the history: the extension is for scoring only.
+    beyond = eval_config(**{"data.synthetic.test_days": 900, "data.calibration_start": "2000-06-01",
+                            "data.test_start": str(long.panel.dates[prep.panel.n_days + 10])})
+    with pytest.raises(DataError, match="after the last date of the history"):
+        prepare(beyond, evaluation=True)
     assert not (prepare(long_cfg).panel.n_days - prep.panel.n_days)  # other commands: history
 
 

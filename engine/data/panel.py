@@ -138,6 +138,10 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
                             "(then data.split_fractions is used)")
         cal = _first_on_or_after(panel, data_cfg.calibration_start, "data.calibration_start")
         tst = _first_on_or_after(panel, data_cfg.test_start, "data.test_start")
+        if tst >= panel.history_days:  # a date in a synthetic test extension: not history
+            raise DataError(f"data.test_start = {data_cfg.test_start} is after the last date of "
+                            f"the history ({panel.dates[panel.history_days - 1]}); pick a date "
+                            "inside it")
         if not cal < tst:
             raise DataError(f"data.calibration_start ({data_cfg.calibration_start}) must come "
                             f"before data.test_start ({data_cfg.test_start})")

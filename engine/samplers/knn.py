@@ -26,15 +26,17 @@ class KnnResidualSampler(ConditionalSampler):
     name = "knn"
 
     @property
-    def uses_model(self) -> bool:  # the pca-ar point with hand-made keys needs no CVAE
-        cfg = self.config.sampler
-        return cfg.point == "cvae" or cfg.embedding == "cvae"
+    def uses_model(self) -> bool:
+        """Only the CVAE embedding needs the main CVAE: the point forecasts come from the
+        bank's own fold models (CV+), which it trains itself."""
+        return self.config.sampler.embedding == "cvae"
 
     progress = None  # a rich Progress for the cross-fitting, set by the caller if wanted
 
     def _fit(self, panel: Panel, model) -> None:
         cfg = self.config.sampler
-        if cfg.point == "cvae" and (model.context, model.horizon) != (self.context, self.horizon):
+        if cfg.embedding == "cvae" and (model.context, model.horizon) != (self.context,
+                                                                          self.horizon):
             raise ConfigError(f"model has context/horizon {model.context}/{model.horizon}, the "
                               f"config {self.context}/{self.horizon}; retrain the model")
         self.bank_ = build_bank(panel, self.config, cfg.point, progress=self.progress)
