@@ -115,8 +115,7 @@ def evaluation_markdown(report: dict) -> str:
         for name, per_h in by_year.items():
             row = [name]
             for h in horizons:
-                per = per_h.get(str(h), {})
-                v = np.array([per[y] for y in years if per.get(y) is not None])
+                v = yearly_coverage(per_h, h, years)
                 row.append("–" if v.size == 0 else
                            f"{v.min():.2f} / {np.median(v):.2f} / {v.max():.2f}")
             rows.append(row)
@@ -203,6 +202,12 @@ def full_years(report: dict) -> list[str]:
     return [y for y, n in counts.items() if n >= half]
 
 
+def yearly_coverage(by_year: dict, h: int, years: list[str]) -> np.ndarray:
+    """One method's coverage at horizon ``h`` in each of ``years`` that it scored."""
+    per = by_year.get(str(h), {})
+    return np.array([per[y] for y in years if per.get(y) is not None], dtype=float)
+
+
 def plot_coverage_by_year(report: dict, path: Path) -> Path:
     """Per method, the spread over test years of the 90% band's coverage (a box, and each
     year as a dot), at the shortest and the longest horizon."""
@@ -217,9 +222,8 @@ def plot_coverage_by_year(report: dict, path: Path) -> Path:
     for ax, h in zip(axes[0], shown, strict=True):
         per_method = []
         for name in names:
-            per = report["methods"][name].get("coverage90_by_year", {}).get(str(h), {})
-            per_method.append(np.array([per[y] for y in years if per.get(y) is not None],
-                                       float))
+            per_method.append(yearly_coverage(
+                report["methods"][name].get("coverage90_by_year", {}), h, years))
         ax.boxplot([v if v.size else [np.nan] for v in per_method], widths=0.55,
                    showfliers=False)
         for i, v in enumerate(per_method, start=1):

@@ -5,10 +5,11 @@ lies from the neighbour mixture's weighted mean, in units of that mixture's half
 ``s = (y - mu) / (hi - mu)`` above the mean, ``(mu - y) / (mu - lo)`` below, with
 lo / hi the (1 -/+ coverage) / 2 quantiles of the K neighbours' weighted residuals. The
 factor ``c_h`` is the conformal quantile of s over windows and grid points; sampling
-then widens (or narrows) each draw about the mean: ``mu + c_h * (r - mu)``, so the residuals' band is the calibrated band. Each residual
-then rides on the forecast of its own fold model (CV+, see ``bank``); the spread between
-the folds' forecasts is not in the scores and widens the band somewhat (on the
-synthetic market's long test span the result still covers 0.87-0.90, not more).
+then widens (or narrows) each draw about the mean: ``mu + c_h * (r - mu)``, so the
+residuals' band is the calibrated band. Each residual then rides on the forecast of its
+own fold model (CV+, see ``bank``); the spread between the folds' forecasts is not in the
+scores and widens the band somewhat (on the synthetic market's long test span the result
+still covers 0.87-0.90, not more).
 
 Scored leave-one-out on the cross-fitted bank: a window may not borrow residuals from
 windows whose targets share a day with its own (within one horizon), so no window is
