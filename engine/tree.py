@@ -649,6 +649,10 @@ def _project(w0, z, f, flat, newton: bool):
             continue
         if newton:
             free, ok = _newton_project(w0[idx], z[idx], f, rows[idx])
+            stalled = np.flatnonzero(~ok)  # rare (a hypothesis test found one in a K = 3 node)
+            if stalled.size:  # Newton stalled on a feasible node: the enumeration decides
+                j = idx[stalled]
+                free[stalled], ok[stalled] = _enumerate_project(w0[j], z[j], f, rows[j])
         else:
             free, ok = _enumerate_project(w0[idx], z[idx], f, rows[idx])
         wi, _, ok2 = _solve_free_set(w0[idx], z[idx], f, rows[idx], free)
