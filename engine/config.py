@@ -128,6 +128,14 @@ class SamplerConfig(_Section):
     )
     n_folds: int = Field(5, ge=2, le=50, description="Time blocks of the cross-fitted bank.")
     coverage: float = Field(0.9, gt=0, lt=1, description="Nominal band the conformal step targets.")
+    conformal: Literal["split", "online"] = Field(
+        "split", description="knn-conformal's scale: 'split' = one conformal quantile per "
+        "horizon over all history; 'online' = a weighted conformal quantile of the scores "
+        "realised so far, recent ones weighted up (see online_memory_days).")
+    online_memory_days: float = Field(250.0, gt=0, description="e-folding age, in days, of a "
+                                      "realised score's extra weight in the online scale.")
+    online_prior_episodes: float = Field(1.0, ge=0, description="Weight of all past scores "
+                                         "pooled, as this many fresh horizon-long episodes.")
     ewma_lambda: float = Field(0.94, gt=0, lt=1, description="EWMA decay of fhs.")
     n_factors: int = Field(3, ge=1, le=20, description="PCA factors of pca-ar.")
 
@@ -177,7 +185,8 @@ class EvalConfig(_Section):
     """`backfill evaluate`."""
 
     methods: list[str] = Field(
-        ["cvae-prior", "cvae-scaled", "knn", "knn-conformal", "knn-conformal-pca",
+        ["cvae-prior", "cvae-scaled", "knn", "knn-conformal", "knn-conformal-online",
+         "knn-conformal-pca",
          "hist-bootstrap", "fhs", "pca-ar", "oracle"],
         description="Methods scored; 'oracle' only on the synthetic market.",
     )

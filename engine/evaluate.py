@@ -38,11 +38,13 @@ from engine.samplers.knn import KnnResidualSampler
 from engine.samplers.knn_conformal import KnnConformalSampler
 from engine.train import progress_bar
 
-# Report name -> (registry sampler, point forecast override): the kNN samplers around the
-# pca-ar mean path next to the CVAE p50, so the report shows both point forecasts.
-ALIASES: dict[str, tuple[str, str]] = {
-    "knn-pca": ("knn", "pca-ar"),
-    "knn-conformal-pca": ("knn-conformal", "pca-ar"),
+# Report name -> (registry sampler, sampler-config overrides): the kNN samplers around the
+# pca-ar mean path next to the CVAE p50, so the report shows both point forecasts, and the
+# online conformal scale next to the split one.
+ALIASES: dict[str, tuple[str, dict]] = {
+    "knn-pca": ("knn", {"point": "pca-ar"}),
+    "knn-conformal-pca": ("knn-conformal", {"point": "pca-ar"}),
+    "knn-conformal-online": ("knn-conformal", {"conformal": "online"}),
 }
 FAN_METHODS = ("knn-conformal", "cvae-prior", "hist-bootstrap", "oracle")
 VAR_HORIZONS = (1, 10)
@@ -93,11 +95,11 @@ def resolve_methods(config: Config, has_market: bool) -> tuple[list[MethodSpec],
             notes.append("oracle skipped: the data is not the synthetic market, so there is "
                          "no hidden state to draw the true conditional law from")
             continue
-        sampler, point = ALIASES.get(name, (name, None))
+        sampler, overrides = ALIASES.get(name, (name, None))
         cfg = config
-        if point is not None:
+        if overrides:
             cfg = config.model_copy(update={"sampler": config.sampler.model_copy(
-                update={"point": point})})
+                update=overrides)})
         specs.append(MethodSpec(name, sampler, cfg))
     if not specs:
         raise ConfigError("evaluate.methods leaves no method to score on this data; add one of "
@@ -114,7 +116,7 @@ def uncalibrated(conformal: KnnConformalSampler) -> KnnResidualSampler:
     ``knn`` would (tests/test_evaluate.py checks it).
     """
     knn = KnnResidualSampler(conformal.config)
-    conformal_only = {"scale_", "calibration_scores_"}
+    conformal_only = {"scale_", "split_scale_", "scale_path_", "calibration_scores_"}
     knn.__dict__.update({k: v for k, v in vars(conformal).items()
                          if k.endswith("_") and k not in conformal_only})
     return knn
@@ -143,7 +145,10 @@ def fit_methods(prep: Prepared, model, specs: list[MethodSpec], progress=None,
         group = spec.knn_group
         if group in group_fit:
             owner, base = group_fit[group]
-            sampler = base if spec.sampler == base.name else uncalibrated(base)
+            if spec.sampler == base.name:
+                sampler = base.recalibrated(spec.config, panel)
+            else:
+                sampler = uncalibrated(base)
             fitted[spec.name] = FittedMethod(sampler, 0.0, shared_with=owner)
             _say(console, f"{spec.name}: shares the fit of {owner}")
             continue
@@ -298,7 +303,8 @@ def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples
     for start in range(0, W, step):
         sl = slice(start, min(W, start + step))
         rngs = [node_rng(seed, 0, int(a), EVALUATION) for a in windows.anchors[sl]]
-        paths = sampler.sample(windows.contexts[sl], n_samples, rngs)  # (b, M, H, n_m, n_tau)
+        paths = sampler.sample(windows.contexts[sl], n_samples, rngs,
+                               days=windows.anchors[sl])  # (b, M, H, n_m, n_tau)
         b = paths.shape[0]
         flat = paths.reshape(b, n_samples, H, G)
         for j, h in enumerate(horizons):
@@ -466,6 +472,7 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
         fitted = fit_methods(prep, model, specs, progress=progress, console=say)
         for spec in specs:
             fm = fitted[spec.name]
+            fm.sampler.observe(panel)  # an online sampler sees the test days as they realise
             draws = sample_windows(fm.sampler, windows, horizons, M, cfg.seed, progress,
                                    spec.name)
             t0 = time.perf_counter()

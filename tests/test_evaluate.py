@@ -182,11 +182,17 @@ def test_sampling_is_batch_independent(setup, monkeypatch):
 # ----------------------------------------------------------------------------- shared fits
 
 
-def test_derived_knn_equals_a_separately_fitted_knn(setup):
+def _fit_together(setup, methods: list[str]) -> dict:
+    """fit_methods over ``methods``, as `evaluate` runs it (kNN members share one fit)."""
     cfg, prep, model, _ = setup
     specs, _ = resolve_methods(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
-        update={"methods": ["knn", "knn-conformal"]})}), has_market=True)
-    fitted = fit_methods(prep, model, specs)
+        update={"methods": methods})}), has_market=True)
+    return fit_methods(prep, model, specs)
+
+
+def test_derived_knn_equals_a_separately_fitted_knn(setup):
+    cfg, prep, model, _ = setup
+    fitted = _fit_together(setup, ["knn", "knn-conformal"])
     derived, conformal = fitted["knn"].sampler, fitted["knn-conformal"].sampler
     assert fitted["knn"].shared_with == "knn-conformal"
     assert derived.bank_ is conformal.bank_  # shared, not refitted or copied
@@ -347,3 +353,28 @@ def test_diagnose_through_the_cli(setup, tmp_path):
                                    "--out", str(tmp_path / "d")])
     assert res.exit_code == 0, res.stderr
     assert Path(tmp_path / "d" / "diagnose.json").is_file()
+
+
+def test_online_variant_shares_the_split_fit_and_equals_an_online_fit(setup):
+    """`knn-conformal-online` reuses knn-conformal's bank; its end-of-history scale is that of
+    a sampler fitted with sampler.conformal = 'online', and after observe() each test window
+    gets its own day's scale."""
+    cfg, prep, model, _ = setup
+    fitted = _fit_together(setup, ["knn-conformal", "knn-conformal-online"])
+    split, online = fitted["knn-conformal"].sampler, fitted["knn-conformal-online"].sampler
+    assert fitted["knn-conformal-online"].shared_with == "knn-conformal"
+    assert online.bank_ is split.bank_ and online.config.sampler.conformal == "online"
+    assert split.config.sampler.conformal == "split"
+    online_cfg = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(
+        update={"conformal": "online"})})
+    separate = make_sampler("knn-conformal", online_cfg).fit(prep.fit_panel(), model)
+    np.testing.assert_array_equal(online.scale_, separate.scale_)
+    ctx, rngs = _some_windows(prep)
+    np.testing.assert_array_equal(online.sample(ctx, 40, rngs()),
+                                  separate.sample(ctx, 40, rngs()))
+    for s in (online, split):
+        s.observe(prep.panel)
+        assert s.scale_path_.shape == (prep.panel.n_days, cfg.data.horizon)
+    last = evaluation_windows(prep).anchors[-1]
+    assert not np.array_equal(online.scale_path_[last], online.split_scale_)
+    assert np.array_equal(split.scale_path_[last], split.split_scale_)

@@ -181,12 +181,107 @@ def test_conformal_widens_an_overconfident_mixture():
     config = tiny_config(**{"sampler.point": "pca-ar", "sampler.embedding": "features"})
     panel = toy_panel(n_days=500)
     s = make_sampler("knn-conformal", config).fit(panel)
-    assert s.scale_.shape == (config.data.horizon,)
-    assert np.isfinite(s.scale_).all() and (s.scale_ > 0).all()
-    # Leave-one-out coverage with the fitted factors is nominal on the bank itself.
+    for scale in (s.scale_, s.split_scale_):
+        assert scale.shape == (config.data.horizon,)
+        assert np.isfinite(scale).all() and (scale > 0).all()
+    # Leave-one-out coverage with the split factors is nominal on the bank itself.
     sc = s.scores_.transpose(1, 0, 2).reshape(config.data.horizon, -1)
-    cover = (sc <= s.scale_[:, None]).mean(axis=1)
+    cover = (sc <= s.split_scale_[:, None]).mean(axis=1)
     assert (cover >= config.sampler.coverage - 1e-9).all()
+
+
+# --- the online conformal scale -----------------------------------------------------------------
+
+
+def _online_fixture(n_days=500, **over):
+    config = tiny_config(**{"sampler.point": "pca-ar", "sampler.embedding": "features",
+                            "sampler.conformal": "online", **over})
+    return config, toy_panel(n_days=n_days)
+
+
+def test_online_scale_is_the_weighted_conformal_quantile_of_realised_scores():
+    """Each day's scale against a direct computation: exact weights over every score realised
+    by that day (recent ones exp(-age/tau), all of them a pooled mass of n0*h windows, the new
+    window at +inf), within the histogram's bin width."""
+    config, panel = _online_fixture(**{"sampler.online_memory_days": 30.0,
+                                       "sampler.online_prior_episodes": 2.0})
+    s = make_sampler("knn-conformal", config).fit(panel)
+    scores = s.window_scores(panel)
+    path = s._online_path(panel, scores)
+    a0, H, G = int(s.bank_.anchors[0]), config.data.horizon, scores.shape[2]
+    anchors = a0 + np.arange(len(scores))
+    for t in (a0 + 40, 250, panel.n_days - 1):
+        for h in (1, 3, H):
+            real = anchors + h <= t
+            age = (t - anchors[real] - h).astype(float)
+            w = np.exp(-age / 30.0) + 2.0 * h / real.sum()
+            vals = scores[real, h - 1].ravel()
+            wts = np.repeat(w, G)
+            order = np.argsort(vals)
+            cum = np.cumsum(wts[order])
+            ref = vals[order][np.argmax(cum >= 0.9 * (cum[-1] + G))]
+            assert ref <= path[t, h - 1] <= ref * 1.012 + 1e-3, (t, h)
+    assert np.array_equal(path[-1], s.scale_)
+    # before one h-day episode has realised, the split scale stands in
+    assert np.array_equal(path[a0], s.split_scale_)
+
+
+def test_online_scale_never_looks_ahead():
+    """The scale issued on day t is the same whatever the days after t hold."""
+    config, panel = _online_fixture(n_days=520)
+    s = make_sampler("knn-conformal", config).fit(panel.slice_days(0, 400))
+    s.observe(panel)
+    other = panel.surface.copy()
+    other[460:] *= np.exp(0.3 * np.random.default_rng(1).standard_normal(other[460:].shape))
+    from engine.data.panel import Panel
+
+    changed = Panel(other, panel.dates, panel.moneyness, panel.maturity_days, source="toy")
+    s2 = make_sampler("knn-conformal", config).fit(changed.slice_days(0, 400))
+    s2.observe(changed)
+    assert np.array_equal(s.scale_path_[:460], s2.scale_path_[:460])
+    assert not np.array_equal(s.scale_path_[460:], s2.scale_path_[460:])
+    # a panel that does not start with the fitted history is refused
+    from engine.errors import DataError
+
+    with pytest.raises(DataError, match="starts with the 400 days"):
+        s.observe(changed.slice_days(1, 520))
+
+
+def test_online_scale_follows_a_calmer_or_wilder_recent_past():
+    """Scores that shrink (or grow) threefold over the last 200 windows: the online scale
+    ends below (above) the pooled quantile of all of them, and nearer the recent one."""
+    config, panel = _online_fixture(n_days=700, **{"sampler.online_memory_days": 40.0})
+    s = make_sampler("knn-conformal", config).fit(panel)
+    base = np.abs(np.random.default_rng(0).standard_normal(s.window_scores(panel).shape))
+    for factor in (1 / 3, 3.0):
+        scores = base.copy()
+        scores[-200:] *= factor
+        end = s._online_path(panel, scores.astype(np.float32))[-1]
+        pooled = np.quantile(scores.transpose(1, 0, 2).reshape(len(end), -1), 0.9, axis=1)
+        recent = np.quantile(scores[-200:].transpose(1, 0, 2).reshape(len(end), -1), 0.9,
+                             axis=1)
+        assert (np.abs(np.log(end / recent)) < np.abs(np.log(pooled / recent)) / 2).all()
+
+
+def test_sampling_at_days_uses_each_days_scale():
+    config, panel = _online_fixture()
+    s = make_sampler("knn-conformal", config).fit(panel.slice_days(0, 420))
+    s.observe(panel)
+    days = np.array([430, 480])
+    ctx = panel.contexts_at(days, config.data.context, log=False)
+    rngs = lambda: [np.random.default_rng(i) for i in range(2)]
+    got = s.sample(ctx, 64, rngs(), days=days)
+    for row, day in enumerate(days):
+        fixed = s.recalibrated(config, panel.slice_days(0, 420))
+        fixed.scale_ = s.scale_path_[day]
+        want = fixed.sample(ctx[row : row + 1], 64, [rngs()[row]])
+        np.testing.assert_allclose(got[row], want[0], rtol=1e-12)
+    split = s.recalibrated(config.model_copy(update={"sampler": config.sampler.model_copy(
+        update={"conformal": "split"})}), panel.slice_days(0, 420))
+    assert np.array_equal(split.scale_, s.split_scale_)
+    split.observe(panel)
+    np.testing.assert_array_equal(split.sample(ctx, 64, rngs(), days=days),
+                                  split.sample(ctx, 64, rngs()))
 
 
 def test_cvae_prior_is_overconfident_and_scaled_is_wider():

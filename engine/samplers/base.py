@@ -5,7 +5,10 @@ panel before the test split and its embargo), so no test information can leak.
 ``sample`` takes contexts (B, C, n_m, n_tau) in iv units and returns paths
 (B, n_samples, H, n_m, n_tau) in iv units, positive (the work happens in log-IV).
 ``rng`` is one Generator / seed, or one Generator per context row: rows drawn with
-their own generator give the same values whatever the batch they sit in.
+their own generator give the same values whatever the batch they sit in. ``days``
+(optional, one per row) are the rows' anchor days in the panel last given to
+``observe``: an online-calibrated sampler uses the state it had on each day; the others
+ignore them.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class ConditionalSampler(ABC):
         return hasattr(self, "grid_")
 
     def sample(self, contexts: np.ndarray, n_samples: int,
-               rng: SeedLike | Sequence[np.random.Generator] = None) -> np.ndarray:
+               rng: SeedLike | Sequence[np.random.Generator] = None,
+               days: np.ndarray | None = None) -> np.ndarray:
         if not self.is_fitted():
             raise not_fitted(self)
         contexts = np.asarray(contexts, dtype=np.float64)
@@ -64,8 +68,23 @@ class ConditionalSampler(ABC):
         if not (np.isfinite(contexts).all() and (contexts > 0).all()):
             raise DataError("contexts must be finite and > 0 (iv units)")
         rngs = row_rngs(rng, contexts.shape[0])
-        log_paths = self._sample(np.log(contexts), int(n_samples), rngs)
+        if days is None:
+            log_paths = self._sample(np.log(contexts), int(n_samples), rngs)
+        else:
+            days = np.asarray(days, dtype=np.int64)
+            if days.shape != (contexts.shape[0],):
+                raise DataError(f"days has shape {days.shape}; it needs one anchor day per "
+                                f"context ({contexts.shape[0]},)")
+            log_paths = self._sample_at(np.log(contexts), int(n_samples), rngs, days)
         return np.exp(log_paths)
+
+    def observe(self, panel: Panel) -> None:
+        """Show the sampler the days after its fit (online samplers adapt; default: nothing)."""
+
+    def _sample_at(self, log_contexts: np.ndarray, n_samples: int,
+                   rngs: list[np.random.Generator], days: np.ndarray) -> np.ndarray:
+        """``_sample`` for rows anchored at ``days``; samplers without a time state ignore them."""
+        return self._sample(log_contexts, n_samples, rngs)
 
     @abstractmethod
     def _fit(self, panel: Panel, model) -> None:

@@ -79,12 +79,12 @@ class KnnResidualSampler(ConditionalSampler):
         return picks, self.bank_.residuals[picks].astype(np.float64)
 
     def draw(self, point: np.ndarray, keys: np.ndarray, n_samples: int,
-             rngs: list[np.random.Generator]) -> np.ndarray:
+             rngs: list[np.random.Generator], **adjust_args) -> np.ndarray:
         """point (B, F, H, n_m, n_tau) from ``point_forecast``, keys (B, D) -> log-IV paths
         (B, n_samples, H, n_m, n_tau)."""
         ids, w = self.neighbours(keys)
         picks, res = self.residual_draw(ids, w, n_samples, rngs)
-        out = self.adjust(res, ids, w)
+        out = self.adjust(res, ids, w, **adjust_args)
         rows = np.arange(len(picks))[:, None]
         out += point[rows, self.bank_.fold[picks]]  # each residual on its own fold's forecast
         return out
