@@ -63,7 +63,7 @@ def main() -> None:
         covered = (s <= c).mean(axis=2)  # (n_h, n)
         out = {"coverage90": covered.mean(axis=1).round(3).tolist(),
                "interval_score": (2 * c + (2 / alpha) * np.maximum(s - c, 0)).mean(
-                   axis=(1, 2)).round(3).tolist()}
+                   axis=(1, 2), dtype=np.float64).round(3).tolist()}
         n = covered.shape[1] // SPAN
         if n >= 10:
             spans = covered[:, : n * SPAN].reshape(len(hz), n, SPAN).mean(axis=2)
