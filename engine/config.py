@@ -147,6 +147,9 @@ class TreeConfig(_Section):
     branching: int = Field(5, ge=2, le=64, description="K representative paths per node.")
     n_samples: int = Field(512, ge=8, le=1 << 16, description="M sampled paths per node.")
     selection: Literal["quantize", "quadrature", "quantiles"] = "quantize"
+    score: Literal["last_day_mean", "kept_mean"] = Field(
+        "last_day_mean", description="The scalar a node's paths are selected by: mean log-IV "
+        "over the grid on the last kept day, or over every kept day.")
     weights: Literal["equal", "stratum", "moment"] = Field(
         "moment", description="Weights for selection='quantiles'."
     )

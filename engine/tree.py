@@ -368,11 +368,11 @@ def select_children(log_paths: ArrayLike, cfg: TreeConfig,
     """K representative real sample paths per node and their conditional weights (batched).
 
     log_paths: (N, M, H, n_m, n_tau) log-IV. ``score``: a name from ``SCORES``, a callable on the
-    kept paths (N, M, S, n_m, n_tau) -> (N, M), or None for mean log-IV on day S-1. A node's
+    kept paths (N, M, S, n_m, n_tau) -> (N, M), or None for ``cfg.score``. A node's
     result does not depend on the other nodes of the batch (same bytes for any batch size).
     """
     x, s = _check_log_paths(log_paths, cfg)
-    scores = _node_scores(x, s, score)
+    scores = _node_scores(x, s, cfg.score if score is None else score)
     mean, sd = _score_moments(scores)
     k = cfg.branching
     if cfg.selection == "quantize":
@@ -392,7 +392,7 @@ def select_children_loop(log_paths: ArrayLike, cfg: TreeConfig,
     flags agree exactly with the batched path whenever both identify the same cells and active
     set (always, bar exact ties)."""
     x, s = _check_log_paths(log_paths, cfg)
-    scores = _node_scores(x, s, score)
+    scores = _node_scores(x, s, cfg.score if score is None else score)
     mean, sd = _score_moments(scores)
     n, m = scores.shape
     k = cfg.branching

@@ -126,7 +126,14 @@ TREE_KINDS = {
     "quantize+moment": {},
     "quantiles+equal": {"tree.selection": "quantiles", "tree.weights": "equal"},
     "quadrature+moment": {"tree.selection": "quadrature"},
+    "quantize+kept_mean": {"tree.score": "kept_mean"},
 }
+
+
+def store_tag(kind: str) -> str:
+    """A tree kind's store name part: its selection, or selection_score for another score."""
+    selection, rest = kind.split("+")
+    return f"{selection}_kept" if rest == "kept_mean" else selection
 
 
 def part_tree(args):
@@ -136,7 +143,7 @@ def part_tree(args):
         cfg = config({"tree.depth": 3, "tree.n_samples": 512, "engine.backend": "inline",
                       **extra})
         for i in start_indices(args.starts):
-            tag = kind.split("+")[0]
+            tag = store_tag(kind)
             _, sec = make_store(args.root / f"tree3_{tag}_{i}", "tree", cfg, start_date(i), samp)
             print(f"tree {kind} start {i} ({start_date(i)}): "
                   f"{'reused' if sec is None else f'{sec:.1f}s'}")
@@ -194,7 +201,7 @@ def part_compare(args):
         mc = {k: np.asarray(v, dtype=np.float64) if k in ("quantiles", "mean", "std") else v
               for k, v in mc.items()}
         for kind in TREE_KINDS:
-            st = ScenarioStore.open(args.root / f"tree3_{kind.split('+')[0]}_{i}")
+            st = ScenarioStore.open(args.root / f"tree3_{store_tag(kind)}_{i}")
             tm = {k: np.asarray(v, dtype=np.float64) for k, v in st.read_marginals().items()
                   if k in ("quantiles", "mean", "std")}
             for d in days:

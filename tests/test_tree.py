@@ -201,6 +201,10 @@ def test_score_is_the_last_kept_day_and_configurable():
     named = tree.select_children(x, cfg, score="kept_mean")
     own = tree.select_children(x, cfg, score=lambda kept: kept.mean(axis=(2, 3, 4)))
     np.testing.assert_array_equal(named.index, own.index)
+    by_config = tree.select_children(x, cfg.model_copy(update={"score": "kept_mean"}))
+    np.testing.assert_array_equal(by_config.index, named.index)
+    np.testing.assert_array_equal(by_config.weight, named.weight)
+    assert not np.array_equal(by_config.index, by_default.index)
     with pytest.raises(ConfigError, match="unknown path score"):
         tree.select_children(x, cfg, score="nope")
     with pytest.raises(ConfigError, match="stride"):
