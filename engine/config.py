@@ -132,7 +132,7 @@ class SamplerConfig(_Section):
         "split", description="knn-conformal's scale: 'split' = one conformal quantile per "
         "horizon over all history; 'online' = a weighted conformal quantile of the scores "
         "realised so far, recent ones weighted up (see online_memory_days).")
-    online_memory_days: float = Field(250.0, gt=0, description="e-folding age, in days, of a "
+    online_memory_days: float = Field(250.0, ge=10, description="e-folding age, in days, of a "
                                       "realised score's extra weight in the online scale.")
     online_prior_episodes: float = Field(1.0, ge=0, description="Weight of all past scores "
                                          "pooled, as this many fresh horizon-long episodes.")

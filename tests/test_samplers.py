@@ -219,6 +219,7 @@ def test_online_scale_is_the_weighted_conformal_quantile_of_realised_scores():
             wts = np.repeat(w, G)
             order = np.argsort(vals)
             cum = np.cumsum(wts[order])
+            assert cum[-1] >= 0.9 * (cum[-1] + G)  # the level is reached: a finite quantile
             ref = vals[order][np.argmax(cum >= 0.9 * (cum[-1] + G))]
             assert ref <= path[t, h - 1] <= ref * 1.012 + 1e-3, (t, h)
     assert np.array_equal(path[-1], s.scale_)
@@ -245,6 +246,21 @@ def test_online_scale_never_looks_ahead():
 
     with pytest.raises(DataError, match="starts with the 400 days"):
         s.observe(changed.slice_days(1, 520))
+    with pytest.raises(DataError, match="is the 400 days"):
+        s.recalibrated(config, panel)  # the whole panel, not the fitted history
+
+
+def test_online_scale_keeps_the_split_one_until_its_level_can_be_reached():
+    """With little weighted mass (a short memory and no pooled prior) the 90% level lies past
+    every realised score: the scale stays the split one, never a huge finite stand-in."""
+    config, panel = _online_fixture(**{"sampler.online_memory_days": 10.0,
+                                       "sampler.online_prior_episodes": 0.0})
+    s = make_sampler("knn-conformal", config).fit(panel)
+    path = s._online_path(panel)
+    assert np.isfinite(path).all() and path.max() < 100
+    starts = int(s.bank_.anchors[0]) + np.arange(1, config.data.horizon + 1)
+    for h, t in enumerate(starts, start=1):
+        np.testing.assert_array_equal(path[t, h - 1], s.split_scale_[h - 1])
 
 
 def test_online_scale_follows_a_calmer_or_wilder_recent_past():

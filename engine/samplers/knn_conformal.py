@@ -151,7 +151,10 @@ class KnnConformalSampler(KnnResidualSampler):
             days = a[:, None] + np.arange(1, H + 1)[None, :]
             realised = x[np.minimum(days, T - 1)].reshape(len(a), H, -1)
             realised[days > T - 1] = np.nan
-            usable = self.fold_last_train_[None, :] < (a[:, None] - H)  # (b, F)
+            # a fold model is out of sample when its training targets end an embargo before
+            # this window's first target day (as in the bank's own cross-fitting)
+            E = self.config.data.embargo_days
+            usable = self.fold_last_train_[None, :] + H < (a[:, None] + 1 - E)  # (b, F)
             if not usable.any(axis=1).all():
                 raise DataError("a window after the residual bank has no out-of-sample fold "
                                 "model to score it; refit the sampler on this history")
@@ -207,16 +210,29 @@ class KnnConformalSampler(KnnResidualSampler):
             # the new window itself enters at +inf with weight one per grid point
             level = (1 - alpha) * (cum[:, -1] + G)
             i = np.minimum(np.argmax(cum >= level[:, None], axis=1), len(SCORE_EDGES) - 1)
-            q = np.where(cum[:, -1] >= level, SCORE_EDGES[i], SCORE_EDGES[-1])  # else: +inf
-            out[t] = np.where(n_real >= hs, q, out[t])
+            # too little mass to reach the level (the quantile is +inf): keep the split scale
+            out[t] = np.where((n_real >= hs) & (cum[:, -1] >= level), SCORE_EDGES[i], out[t])
         return out
+
+    def _check_history(self, panel, exact: bool) -> None:
+        """``panel`` is the fitted history (``exact``) or starts with it."""
+        if not self.is_fitted():
+            raise not_fitted(self)
+        n, digest = self.history_
+        if panel.n_days < n or (exact and panel.n_days != n) or \
+                _digest(panel.log_surface[:n]) != digest:
+            what = "is" if exact else "starts with"
+            raise DataError(f"this needs a panel that {what} the {n} days the sampler was fitted "
+                            "on; pass the same data" + ("" if exact else ", extended"))
 
     def recalibrated(self, config, panel) -> KnnConformalSampler:
         """This fitted sampler under ``config`` (same bank, index and scores; only the
         conformal settings may differ), without refitting; ``panel`` is the fit history."""
         same = ("point", "embedding", "k", "episode_days", "kernel", "n_folds", "coverage")
-        if any(getattr(config.sampler, f) != getattr(self.config.sampler, f) for f in same):
+        if config.data != self.config.data or any(
+                getattr(config.sampler, f) != getattr(self.config.sampler, f) for f in same):
             raise ConfigError("recalibrated() may change only the conformal settings")
+        self._check_history(panel, exact=True)
         other = copy.copy(self)
         other.config = config
         other.__dict__.pop("scale_path_", None)
@@ -227,12 +243,7 @@ class KnnConformalSampler(KnnResidualSampler):
     def observe(self, panel) -> None:
         """Run the online scale on through ``panel`` (the fitted history, then later days):
         ``sample(..., days=...)`` then uses the scale issued at each row's anchor day."""
-        if not self.is_fitted():
-            raise not_fitted(self)
-        n, digest = self.history_
-        if panel.n_days < n or _digest(panel.log_surface[:n]) != digest:
-            raise DataError(f"observe() needs a panel that starts with the {n} days the sampler "
-                            "was fitted on; pass the same data, extended")
+        self._check_history(panel, exact=False)
         if self.config.sampler.conformal == "online":
             self.scale_path_ = self._online_path(panel)
         else:
