@@ -411,3 +411,29 @@ def test_cli_run_mc_and_exports(tmp_path):
         result = _invoke(args)
         assert result.exit_code == 2, (args, result.output)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _run_with(path: Path, cfg: Config, sampler) -> None:
+    panel, _ = fitted_sampler()
+    c, i = cfg.data.context, panel.n_days - 1
+    store = driver.open_store(path, kind="tree", config=cfg, fingerprint=panel.fingerprint,
+                              start_date=str(panel.dates[i]), grid=panel.grid_dict(),
+                              start_context=panel.surface[i - c + 1: i + 1], overwrite=True)
+    driver.run_store(store, sampler, cfg)
+
+
+def test_an_online_calibrated_sampler_runs_the_tree(tmp_path):
+    """sampler.conformal = 'online': the tree samples with the scale issued on the start day
+    (the end of the history), byte for byte the same for any batch size."""
+    panel, split = fitted_sampler()
+    cfg = run_config(**{"tree.depth": 2, "sampler.conformal": "online"})
+    online = split.recalibrated(cfg, panel)
+    assert not np.array_equal(online.scale_, split.scale_)
+    _run_with(tmp_path / "a.zarr", cfg, online)
+    _run_with(tmp_path / "b.zarr", cfg.model_copy(update={"engine": cfg.engine.model_copy(
+        update={"batch_size": 2})}), online)
+    assert_same_bytes(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    split_cfg = run_config(**{"tree.depth": 2})
+    _run_with(tmp_path / "split.zarr", split_cfg, split)
+    a, s = store_arrays(tmp_path / "a.zarr"), store_arrays(tmp_path / "split.zarr")
+    assert not np.array_equal(a["level_01/paths"], s["level_01/paths"])
