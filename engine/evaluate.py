@@ -116,7 +116,7 @@ def uncalibrated(conformal: KnnConformalSampler) -> KnnResidualSampler:
     ``knn`` would (tests/test_evaluate.py checks it).
     """
     knn = KnnResidualSampler(conformal.config)
-    conformal_only = {"scale_", "split_scale_", "scale_path_", "calibration_scores_"}
+    conformal_only = {"scale_", "split_scale_", "scale_path_"}
     knn.__dict__.update({k: v for k, v in vars(conformal).items()
                          if k.endswith("_") and k not in conformal_only})
     return knn

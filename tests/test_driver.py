@@ -52,9 +52,11 @@ def fitted_sampler(method: str = "knn-conformal"):
 
 def make_run(path: Path, cfg: Config, kind: str = "tree", method: str = "knn-conformal",
              n_paths: int | None = None, resume: bool = False, overwrite: bool = True,
-             **kwargs) -> ScenarioStore:
-    """Open (or resume) a store for the toy panel's last day and expand it."""
-    panel, sampler = fitted_sampler(method)
+             sampler=None, **kwargs) -> ScenarioStore:
+    """Open (or resume) a store for the toy panel's last day and expand it (with ``method``'s
+    session sampler, or ``sampler``)."""
+    panel, fitted = fitted_sampler(method)
+    sampler = fitted if sampler is None else sampler
     c = cfg.data.context
     i = panel.n_days - 1
     store = driver.open_store(path, kind=kind, config=cfg, fingerprint=panel.fingerprint,
@@ -413,15 +415,6 @@ def test_cli_run_mc_and_exports(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def _run_with(path: Path, cfg: Config, sampler) -> None:
-    panel, _ = fitted_sampler()
-    c, i = cfg.data.context, panel.n_days - 1
-    store = driver.open_store(path, kind="tree", config=cfg, fingerprint=panel.fingerprint,
-                              start_date=str(panel.dates[i]), grid=panel.grid_dict(),
-                              start_context=panel.surface[i - c + 1: i + 1], overwrite=True)
-    driver.run_store(store, sampler, cfg)
-
-
 def test_an_online_calibrated_sampler_runs_the_tree(tmp_path):
     """sampler.conformal = 'online': the tree samples with the scale issued on the start day
     (the end of the history), byte for byte the same for any batch size."""
@@ -429,11 +422,11 @@ def test_an_online_calibrated_sampler_runs_the_tree(tmp_path):
     cfg = run_config(**{"tree.depth": 2, "sampler.conformal": "online"})
     online = split.recalibrated(cfg, panel)
     assert not np.array_equal(online.scale_, split.scale_)
-    _run_with(tmp_path / "a.zarr", cfg, online)
-    _run_with(tmp_path / "b.zarr", cfg.model_copy(update={"engine": cfg.engine.model_copy(
-        update={"batch_size": 2})}), online)
+    make_run(tmp_path / "a.zarr", cfg, sampler=online)
+    make_run(tmp_path / "b.zarr", cfg.model_copy(update={"engine": cfg.engine.model_copy(
+        update={"batch_size": 2})}), sampler=online)
     assert_same_bytes(tmp_path / "a.zarr", tmp_path / "b.zarr")
     split_cfg = run_config(**{"tree.depth": 2})
-    _run_with(tmp_path / "split.zarr", split_cfg, split)
+    make_run(tmp_path / "split.zarr", split_cfg)
     a, s = store_arrays(tmp_path / "a.zarr"), store_arrays(tmp_path / "split.zarr")
     assert not np.array_equal(a["level_01/paths"], s["level_01/paths"])

@@ -142,6 +142,7 @@ class KnnConformalSampler(KnnResidualSampler):
         sharing a target day with this one (all of them on a test span; at the end of the
         history, the last fold's)."""
         C, H, T = self.context, self.horizon, panel.n_days
+        E = self.config.data.embargo_days
         bank_anchors = self.bank_.anchors
         x = panel.log_surface
         out = []
@@ -153,7 +154,6 @@ class KnnConformalSampler(KnnResidualSampler):
             realised[days > T - 1] = np.nan
             # a fold model is out of sample when its training targets end an embargo before
             # this window's first target day (as in the bank's own cross-fitting)
-            E = self.config.data.embargo_days
             usable = self.fold_last_train_[None, :] + H < (a[:, None] + 1 - E)  # (b, F)
             if not usable.any(axis=1).all():
                 raise DataError("a window after the residual bank has no out-of-sample fold "
