@@ -24,10 +24,15 @@ class KnnResidualActor:
         self._ref = shared["sampler"]  # passed nested, so this is the ObjectRef itself
         self.sampler = ray.get(self._ref)
 
-    def expand(self, batch: Batch, plan: LevelPlan, point_keys) -> BatchResult:
+    def expand(self, batch: Batch, plan: LevelPlan, point_keys, decoder=None) -> BatchResult:
         """``point_keys``: the decoder actor's output for this batch (Ray resolves the ref),
-        or None for a generic sampler (then ``batch.contexts`` are sampled from)."""
-        return expand_batch(self.sampler, batch, plan, point_keys)
+        or None for a generic sampler (then ``batch.contexts`` are sampled from).
+        ``decoder``: a decoder actor that decodes the tree's lookahead candidates."""
+        decode = None
+        if decoder is not None:
+            def decode(contexts):
+                return ray.get(decoder.point_and_keys.remote(contexts))
+        return expand_batch(self.sampler, batch, plan, point_keys, decode=decode)
 
     def shared_info(self) -> dict:
         return shared_info(self._ref, self.sampler)

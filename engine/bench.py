@@ -51,6 +51,7 @@ to the depth actually run and ``"quick"`` says so. ``--no-ray`` skips the Ray ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -445,7 +446,8 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
     """Seconds per node of each stage of a node expansion, on ``n_nodes`` real contexts of
     the data as frontier nodes (level 1, M = ``n_samples``): the decoder half
     (``decode_batch``: p50 forecasts + kNN keys, on the model's device), the kNN half
-    (``sampler.draw``: FAISS search, residual draw, calibration) and the tree half
+    (``sampler.draw``: FAISS search, residual draw, calibration), the lookahead (the
+    candidates' decode and draws, their marginal sums) and the tree half
     (``_branch``: children by quantization, their weights, marginal sums), as
     ``expand_batch`` times them; nothing is written."""
     from engine import driver
@@ -456,8 +458,9 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
     anchors = np.resize(np.arange(c - 1, panel.n_days), n_nodes)
     contexts = np.exp(panel.contexts_at(anchors, c))
     s = stride_days(cfg.tree.stride, cfg.data.horizon)
-    plan = driver.LevelPlan("tree", 1, cfg.seed, n_samples, s, cfg.store.marginal_bins,
-                            panel.grid_shape, cfg.tree)
+    # level 1 of a deeper tree: with the lookahead when the config has one
+    plan = dataclasses.replace(driver.level_plan("tree", 1, max(2, cfg.tree.depth), cfg, s,
+                                                 panel.grid_shape), n_samples=n_samples)
     nodes = np.arange(n_nodes, dtype=np.int64)
     batch = driver.Batch(0, 0, nodes, np.zeros(n_nodes, np.int64), np.full(n_nodes, 1 / n_nodes),
                          np.ones(n_nodes, bool), contexts)
@@ -465,7 +468,7 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
     if not driver.is_split(sampler):
         return {"split": False}
     driver.decode_batch(sampler, contexts[: min(n_nodes, 64)])  # warm-up
-    t = {"decode": 0.0, "draw": 0.0, "branch": 0.0}
+    t = {"decode": 0.0, "draw": 0.0, "lookahead": 0.0, "branch": 0.0}
     driver.expand_batch(sampler, batch, plan, timings=t)
     total = sum(t.values())
     return {"split": True, "nodes": n_nodes, "n_samples": n_samples,
@@ -565,7 +568,13 @@ def render_gpu_table(result: dict):
 
 def rss_child(spec_path: str) -> None:
     """The body of a peak-RSS child process (``python -c``): expand one tree, inline."""
+    import torch
+
     from engine import driver
+
+    # two children run at once on the machine's cores: one torch thread each, or the
+    # decoder's threads oversubscribe the cores (the lookahead decodes ~20 contexts a node)
+    torch.set_num_threads(1)
 
     with open(spec_path, "rb") as f:
         spec = pickle.load(f)

@@ -157,6 +157,16 @@ class TreeConfig(_Section):
     weight_floor: float = Field(0.02, ge=0, lt=0.2, description="Floor of a child's share.")
     max_frontier: int = Field(0, ge=0, description="Resample frontiers above this; 0 = never.")
     min_weight: float = Field(0.0, ge=0, description="Drop nodes below this probability.")
+    lookahead: int = Field(
+        20, ge=0, le=1024, description="Lookahead candidates per node (0 = off): the node's "
+        "distinct sampled paths (or as many score strata when it has more), each drawn one "
+        "level on from its own context; their draws make the next level's marginals, and "
+        "each quantization cell is represented by its path with the most typical next-level "
+        "law.")
+    lookahead_samples: int = Field(
+        0, ge=0, le=1 << 16, description="Paths drawn from each lookahead candidate's law; 0 = "
+        "branching x n_samples / lookahead (at least 8): as many as the K children would draw "
+        "(128 at the defaults).")
 
 
 class EngineConfig(_Section):

@@ -9,6 +9,17 @@ Expanding level k-1 into level k, for each frontier node (after pruning):
                       keeps the first S days (``stride``) and weighs parent weight * its share
     marginals         the node's FULL M-sample distribution over those S days, with the node's
                       weight, into an exact (int64) ``MarginalAccumulator``
+With ``tree.lookahead`` = L > 0 (the default), between the draw and the choice:
+    lookahead         the node's candidate children (its distinct kept paths, or L score strata
+                      when it has more than L) each draw ``lookahead_samples`` paths one level
+                      on, from the context the child would have (stream LOOKAHEAD, sub-stream:
+                      the candidate's number); the candidates of a whole batch are decoded in
+                      one call. The K children are the cells' paths with the most typical
+                      next-level law, and the candidates' draws (weight: node weight x the
+                      candidate's share) are level k+1's marginals, so level k's come from level
+                      k-2's nodes: the full mixture over the parent's candidates, not over the K
+                      children alone (level 1's: the root's own draws; the last level adds none).
+                      Measured against a 20,000-path Monte Carlo (scripts/acceptance_issue4.md).
 
 Child rows are node-major (row = frontier position * K + branch) and go to the store in whole
 chunks. A child's context (for level k+1) is the last C days of (start context + its ancestors'
@@ -53,14 +64,16 @@ import numpy as np
 
 from engine.config import Config, EngineConfig, TreeConfig
 from engine.errors import BackfillError, ConfigError, DataError, StoreError
-from engine.rng import MC, PRUNE, TREE, node_rng
+from engine.rng import LOOKAHEAD, MC, PRUNE, TREE, node_rng
 from engine.store import ScenarioStore, business_days_after, parse_start_date
 from engine.tree import (
     MarginalAccumulator,
+    child_contexts,
     child_weights,
     kept_paths,
     prune_min_weight,
     resample_frontier,
+    resolve_score,
     select_children,
     stride_days,
 )
@@ -77,6 +90,7 @@ __all__ = [
     "expand_batch",
     "fit_for_run",
     "is_split",
+    "level_plan",
     "node_rngs",
     "open_store",
     "run_store",
@@ -93,6 +107,8 @@ QUANTILE_LEVELS = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 # bigger slices), so a batch of 256 nodes with M = 512 paths of 90 days x 25 points (2.4 GB at
 # once) is drawn a node or a few at a time.
 _DRAW_VALUES = 1 << 20
+# Lookahead contexts per decoder call (whole micro-batches of the CVAE's 256 rows).
+_DECODE_ROWS = 1024
 _ATTR_START_CONTEXT = "start_context"
 _ATTR_N_PATHS = "n_paths"
 
@@ -112,10 +128,42 @@ class LevelPlan:
     bins: int  # marginal histogram bins
     grid_shape: tuple[int, int]
     tree: TreeConfig
+    own: bool = True  # the nodes' own draws are this level's marginals
+    look: bool = False  # lookahead: the candidates' draws are the next level's marginals
 
     @property
     def branching(self) -> int:
         return self.tree.branching if self.kind == "tree" else 1
+
+    @property
+    def marginal_days(self) -> int:
+        """Days of marginals one expansion of this level adds to (0: none)."""
+        return self.stride * (int(self.own) + int(self.look))
+
+    @property
+    def marginal_day0(self) -> int:
+        """The run's first marginal day they are (day 0: the first day after the start)."""
+        return (self.level - (1 if self.own else 0)) * self.stride
+
+
+def lookahead_samples(tree: TreeConfig) -> int:
+    """Paths drawn per lookahead candidate: ``tree.lookahead_samples``, or by default as many
+    in all as the K children would draw (K x M / L, at least 8)."""
+    if tree.lookahead_samples:
+        return tree.lookahead_samples
+    return max(8, -(-tree.branching * tree.n_samples // max(1, tree.lookahead)))
+
+
+def level_plan(kind: str, level: int, depth: int, config: Config, stride: int,
+               grid_shape: tuple[int, int]) -> LevelPlan:
+    """What expanding ``level`` does. With ``tree.lookahead`` the marginals of level k >= 2
+    come from the lookahead of level k - 2's nodes, so level 1 adds its own days and the
+    next level's, later levels the next level's only, the last level none."""
+    tree = config.tree
+    look = kind == "tree" and tree.lookahead > 0 and level < depth
+    own = kind == "mc" or tree.lookahead == 0 or level == 1
+    return LevelPlan(kind, level, config.seed, tree.n_samples if kind == "tree" else 1, stride,
+                     config.store.marginal_bins, grid_shape, tree, own, look)
 
 
 @dataclass
@@ -178,20 +226,132 @@ def _draw(sampler, batch: Batch, sl: slice, n_samples: int, rngs: list,
     return np.log(sampler.sample(batch.contexts[sl], n_samples, rngs[sl]))
 
 
-def _branch(log_paths: np.ndarray, batch: Batch, sl: slice, plan: LevelPlan,
-            acc: MarginalAccumulator | None):
-    """Children of nodes ``sl`` of a batch from their sampled paths; their samples go into
-    ``acc`` (the batch's marginal partial sums) where ``batch.marginal`` says so."""
-    s, k = plan.stride, plan.branching
-    if log_paths.ndim != 5 or log_paths.shape[1] != plan.n_samples or log_paths.shape[2] < s \
-            or log_paths.shape[3:] != plan.grid_shape:
-        raise DataError(f"the sampler returned paths {log_paths.shape}; the tree needs "
-                        f"(n, {plan.n_samples}, >= {s}, {plan.grid_shape[0]}, "
+def _candidates(kept: np.ndarray, scores: np.ndarray, n_max: int):
+    """One node's lookahead candidates from its kept paths (M, S, n_m, n_tau): its distinct
+    paths with their shares when there are at most ``n_max``, else ``n_max`` equal strata of
+    the score, each represented by its middle path. Returns the candidates' sample indices
+    (distinct paths: in the order first drawn), their probabilities and each sample's
+    candidate (M,)."""
+    m = kept.shape[0]
+    flat = np.ascontiguousarray(kept).reshape(m, -1)
+    rows = flat.view(np.dtype((np.void, flat.dtype.itemsize * flat.shape[1]))).ravel()
+    _, first, member, counts = np.unique(rows, return_index=True, return_inverse=True,
+                                         return_counts=True)
+    if len(first) <= n_max:
+        by_first = np.argsort(first, kind="stable")
+        rank = np.empty_like(by_first)
+        rank[by_first] = np.arange(len(first))
+        return (first[by_first].astype(np.int64), counts[by_first] / m,
+                rank[member.reshape(-1)].astype(np.int64))
+    order = np.argsort(scores, kind="stable")
+    member = np.empty(m, np.int64)
+    index, prob = [], []
+    for j, pos in enumerate(np.array_split(np.arange(m), n_max)):
+        member[order[pos]] = j
+        index.append(order[pos[len(pos) // 2]])
+        prob.append(len(pos) / m)
+    return np.asarray(index, np.int64), np.asarray(prob), member
+
+
+@dataclass
+class _Candidates:
+    """A batch's lookahead candidates (rows = candidates, node-major)."""
+
+    owner: np.ndarray  # (c,) position of its node in the batch
+    sub: np.ndarray  # (c,) its number within the node (its random stream)
+    prob: np.ndarray  # (c,) its share of the node's samples
+    paths: np.ndarray  # (c, S, n_m, n_tau) float32 iv: its kept days, as the store keeps them
+    member: np.ndarray  # (n, M) each sample's candidate (a row of this table)
+
+
+def _find_candidates(log_paths: np.ndarray, plan: LevelPlan, first_row: int):
+    """Candidates of a slice of nodes (``_candidates`` per node); rows numbered from
+    ``first_row``. Returns (owner within the slice, sub, prob, paths, member)."""
+    s = plan.stride
+    kept = log_paths[:, :, :s]
+    scores = np.asarray(resolve_score(plan.tree.score)(kept), dtype=np.float64)
+    n, m = scores.shape
+    out, member, row = [], np.empty((n, m), np.int64), first_row
+    for b in range(n):
+        i, p, mem = _candidates(kept[b], scores[b], plan.tree.lookahead)
+        member[b] = mem + row
+        row += len(i)
+        out.append((np.full(len(i), b), np.arange(len(i)), p,
+                    np.exp(kept[b, i]).astype(np.float32)))
+    owner, sub, prob, paths = (np.concatenate(x) for x in zip(*out, strict=True))
+    return owner, sub, prob, paths, member
+
+
+def _lookahead(sampler, batch: Batch, plan: LevelPlan, cand: _Candidates, decode: Callable,
+               acc: MarginalAccumulator | None) -> np.ndarray:
+    """Draw one level on from every candidate of the batch (decoded in one call: the decoder
+    works in fixed-size micro-batches); the draws go into ``acc`` (days S..2S-1 of level 1's
+    accumulator, else 0..S-1) with weight node weight x candidate share, for the nodes
+    ``batch.marginal`` marks. Returns (c,) the mean score of each candidate's draws."""
+    s, tree = plan.stride, plan.tree
+    score = resolve_score(tree.score)
+    contexts = child_contexts(batch.contexts[cand.owner], cand.paths[:, None])
+    rngs = [node_rng(plan.seed, plan.level - 1, int(batch.nodes[o]), LOOKAHEAD, int(j))
+            for o, j in zip(cand.owner, cand.sub, strict=True)]
+    n_look = lookahead_samples(tree)
+    step = max(1, _DRAW_VALUES // (n_look * sampler.horizon * math.prod(plan.grid_shape)))
+    decode_rows = max(step, _DECODE_ROWS)
+    offset = s if plan.own else 0
+    n_c = len(cand.owner)
+    mean_next = np.empty(n_c)
+    split = is_split(sampler)
+    for d0 in range(0, n_c, decode_rows):
+        d1 = min(n_c, d0 + decode_rows)
+        if split:
+            point, keys = decode(contexts[d0:d1])
+        for c0 in range(d0, d1, step):
+            c = slice(c0, min(d1, c0 + step))
+            if split:
+                draws = sampler.draw(point[c0 - d0: c.stop - d0], keys[c0 - d0: c.stop - d0],
+                                     n_look, rngs[c])
+            else:
+                draws = np.log(sampler.sample(contexts[c], n_look, rngs[c]))
+            draws = np.asarray(draws)[:, :, :s]
+            if not np.all(np.isfinite(draws)):
+                raise DataError(f"level {plan.level}: lookahead draws are not finite (the "
+                                "sampler diverged); check the sampler and the data")
+            mean_next[c] = np.asarray(score(draws), dtype=np.float64).mean(axis=1)
+            owner = cand.owner[c]
+            take = batch.marginal[owner]
+            if acc is not None and take.any():
+                acc.add(offset, draws[take], batch.weights[owner][take] * cand.prob[c][take])
+    return mean_next
+
+
+def _checked(log_paths, plan: LevelPlan) -> np.ndarray:
+    x = np.asarray(log_paths)
+    if x.ndim != 5 or x.shape[1] != plan.n_samples or x.shape[2] < plan.stride \
+            or x.shape[3:] != plan.grid_shape:
+        raise DataError(f"the sampler returned paths {x.shape}; the tree needs "
+                        f"(n, {plan.n_samples}, >= {plan.stride}, {plan.grid_shape[0]}, "
                         f"{plan.grid_shape[1]})")
+    return x
+
+
+def _add_own(log_paths: np.ndarray, batch: Batch, sl: slice, acc: MarginalAccumulator,
+             s: int) -> None:
+    """Nodes ``sl``'s own samples' first ``s`` days into the batch's marginal partial sums
+    (days 0..s-1), where ``batch.marginal`` says so."""
+    mask = batch.marginal[sl]
+    if mask.any():
+        x = log_paths[:, :, :s] if mask.all() else log_paths[mask][:, :, :s]
+        acc.add(0, x, batch.weights[sl][mask])
+
+
+def _branch(log_paths: np.ndarray, batch: Batch, sl: slice, plan: LevelPlan,
+            next_scores: np.ndarray | None = None):
+    """Children of nodes ``sl`` of a batch from their sampled paths (``next_scores``: the
+    lookahead's, for ``select_children``)."""
+    s, k = plan.stride, plan.branching
     weights = batch.weights[sl]
     n = len(weights)
     if plan.kind == "tree":
-        sel = select_children(log_paths, plan.tree)
+        sel = select_children(log_paths, plan.tree, next_scores=next_scores)
         kept = kept_paths(log_paths, sel, s)  # (n, K, S, n_m, n_tau)
         weight = child_weights(weights, sel)
     else:  # Monte Carlo: the one path, fed back with its own weight
@@ -201,10 +361,6 @@ def _branch(log_paths: np.ndarray, batch: Batch, sl: slice, plan: LevelPlan,
     if not np.all(np.isfinite(paths)) or np.any(paths <= 0):
         raise DataError(f"level {plan.level}: sampled vols are not finite and positive (the "
                         "sampler diverged); check the sampler and the data")
-    mask = batch.marginal[sl]
-    if mask.any():
-        x = log_paths[:, :, :s] if mask.all() else log_paths[mask][:, :, :s]
-        acc.add(0, x, weights[mask])
     parent = np.repeat(batch.parents[sl].astype(np.int64), k)
     branch = np.tile(np.arange(k, dtype=np.int8), n)
     return paths, parent, branch, weight
@@ -212,14 +368,17 @@ def _branch(log_paths: np.ndarray, batch: Batch, sl: slice, plan: LevelPlan,
 
 def expand_batch(sampler, batch: Batch, plan: LevelPlan,
                  point_keys: tuple[np.ndarray, np.ndarray] | None = None,
-                 timings: dict[str, float] | None = None) -> BatchResult:
+                 timings: dict[str, float] | None = None,
+                 decode: Callable | None = None) -> BatchResult:
     """Expand a batch of frontier nodes: the one code path, inline or inside an actor.
 
     ``point_keys``: the decoder's half, already computed (by a decoder actor) for this batch;
     else it is computed here (split samplers) or the sampler's own ``sample`` is used.
     Nodes are drawn a few at a time (``_DRAW_VALUES``) so memory stays bounded; every node
     uses only its own stream, so the slicing never changes a byte. ``timings``: seconds of
-    each stage ("decode", "draw", "branch") are added to it (``backfill bench``).
+    each stage ("decode", "draw", "lookahead", "branch") are added to it (``backfill bench``).
+    ``decode(contexts)``: the decoder's half for the lookahead candidates (a decoder actor's,
+    under Ray); default ``decode_batch`` in-process.
     """
     clock = time.perf_counter
     t = timings if timings is not None else {}
@@ -232,15 +391,43 @@ def expand_batch(sampler, batch: Batch, plan: LevelPlan,
     horizon = sampler.horizon
     per_node = plan.n_samples * horizon * math.prod(plan.grid_shape)
     step = max(1, _DRAW_VALUES // per_node)
-    acc = MarginalAccumulator(plan.stride, plan.grid_shape, plan.bins) \
-        if batch.marginal.any() else None
+    acc = MarginalAccumulator(plan.marginal_days, plan.grid_shape, plan.bins) \
+        if plan.marginal_days and batch.marginal.any() else None
+    if decode is None:
+        def decode(contexts):
+            return decode_batch(sampler, contexts)
+    next_scores = None
+    if plan.look:  # pass 1: each node's candidates; then one lookahead for the whole batch
+        found, row = [], 0
+        for i in range(0, n, step):
+            sl = slice(i, min(n, i + step))
+            t0 = clock()
+            log_paths = _checked(_draw(sampler, batch, sl, plan.n_samples, rngs, point_keys), plan)
+            t1 = clock()
+            if plan.own and acc is not None:
+                _add_own(log_paths, batch, sl, acc, plan.stride)
+            owner, sub, prob, kept, member = _find_candidates(log_paths, plan, row)
+            found.append((owner + i, sub, prob, kept, member))
+            row += len(owner)
+            t["draw"] = t.get("draw", 0.0) + t1 - t0
+            t["lookahead"] = t.get("lookahead", 0.0) + clock() - t1
+        owner, sub, prob, kept, member = (np.concatenate(x) for x in zip(*found, strict=True))
+        t0 = clock()
+        mean_next = _lookahead(sampler, batch, plan, _Candidates(owner, sub, prob, kept, member),
+                               decode, acc)
+        next_scores = mean_next[member]
+        t["lookahead"] = t.get("lookahead", 0.0) + clock() - t0
+        rngs = node_rngs(plan, batch.nodes)  # pass 2 draws the same paths again
     parts = []
     for i in range(0, n, step):
         sl = slice(i, min(n, i + step))
         t0 = clock()
-        log_paths = _draw(sampler, batch, sl, plan.n_samples, rngs, point_keys)
+        log_paths = _checked(_draw(sampler, batch, sl, plan.n_samples, rngs, point_keys), plan)
         t1 = clock()
-        parts.append(_branch(np.asarray(log_paths), batch, sl, plan, acc))
+        parts.append(_branch(log_paths, batch, sl, plan,
+                             None if next_scores is None else next_scores[sl]))
+        if plan.own and not plan.look and acc is not None:
+            _add_own(log_paths, batch, sl, acc, plan.stride)
         t["draw"] = t.get("draw", 0.0) + t1 - t0
         t["branch"] = t.get("branch", 0.0) + clock() - t1
     paths, parent, branch, weight = (np.concatenate(c) for c in zip(*parts, strict=True))
@@ -467,7 +654,11 @@ class _RayPool:
         if self.split:
             dec = self.decoders[self._submitted % len(self.decoders)]
             point_keys = dec.point_and_keys.remote(batch.contexts)
-            ref = self.knn[a].expand.remote(replace(batch, contexts=None), plan, point_keys)
+            # the lookahead builds its candidates' contexts from the nodes' own and has the
+            # decoder actor decode them; otherwise the kNN actor needs no contexts
+            ref = self.knn[a].expand.remote(batch if plan.look else
+                                            replace(batch, contexts=None), plan, point_keys,
+                                            dec if plan.look else None)
         else:
             ref = self.knn[a].expand.remote(batch, plan, None)
         self._submitted += 1
@@ -658,10 +849,13 @@ def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: _Front
     n_rows = n_front * k
     store.create_level(level, n_rows, days, plan.grid_shape)
     done = store.chunks_done(level)
-    acc = MarginalAccumulator(s, plan.grid_shape, plan.bins)
     ckpt = _Checkpoint(store.path, level)
-    loaded = ckpt.load(n_front, acc)
-    acc, included = loaded if loaded is not None else (acc, np.zeros(n_front, bool))
+    if plan.marginal_days:
+        acc = MarginalAccumulator(plan.marginal_days, plan.grid_shape, plan.bins)
+        loaded = ckpt.load(n_front, acc)
+        acc, included = loaded if loaded is not None else (acc, np.zeros(n_front, bool))
+    else:  # no marginals to add (the last level under lookahead): only chunks count
+        acc, included = None, np.ones(n_front, bool)
     c, bsize = store.meta.chunk_nodes, config.engine.batch_size
 
     def needed(b: int) -> bool:
@@ -706,22 +900,25 @@ def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: _Front
                 included[p0: p0 + res.n_nodes] |= res.marginal_nodes
                 writer.add(res)
                 progress.advance(task, res.n_nodes)
-            if time.perf_counter() - last_save >= checkpoint_seconds:
+            if acc is not None and time.perf_counter() - last_save >= checkpoint_seconds:
                 ckpt.save(acc, included)
                 last_save = time.perf_counter()
     except BaseException:
-        with contextlib.suppress(Exception):  # keep what is done for --resume
-            ckpt.save(acc, included)
+        if acc is not None:
+            with contextlib.suppress(Exception):  # keep what is done for --resume
+                ckpt.save(acc, included)
         raise
     seconds = time.perf_counter() - t0
     if not done.all() or not included.all():
         raise StoreError(f"level {level}: {int((~done).sum())} chunks unwritten after every "
                          "task returned; resume the run")  # a bug, not a user error
-    marg = acc.finalize(QUANTILE_LEVELS)
-    if not np.allclose(marg["weight"], 1.0, rtol=0, atol=1e-6):  # as mark_level_complete
-        raise StoreError(f"level {level}: marginal mass {marg['weight'].min()!r}, required 1; "
-                         "the level's weights do not sum to 1")
-    store.write_marginal_days((level - 1) * s, marg["quantiles"], marg["mean"], marg["std"])
+    if acc is not None:
+        marg = acc.finalize(QUANTILE_LEVELS)
+        if not np.allclose(marg["weight"], 1.0, rtol=0, atol=1e-6):  # as mark_level_complete
+            raise StoreError(f"level {level}: marginal mass {marg['weight'].min()!r}, required "
+                             "1; the level's weights do not sum to 1")
+        store.write_marginal_days(plan.marginal_day0, marg["quantiles"], marg["mean"],
+                                  marg["std"])
     store.mark_level_complete(level)
     ckpt.remove()
     return LevelStats(level, n_todo, n_rows, seconds)
@@ -774,9 +971,7 @@ def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
     try:
         with _progress(console) as progress:
             for level in range(store.levels_complete + 1, depth + 1):
-                plan = LevelPlan(kind, level, config.seed,
-                                 config.tree.n_samples if kind == "tree" else 1, s,
-                                 config.store.marginal_bins, grid_shape, config.tree)
+                plan = level_plan(kind, level, depth, config, s, grid_shape)
                 frontier = _frontier(store, level, kind, config, n_paths)
                 stats.append(_run_level(store, executor, plan, frontier, start_context,
                                         days[(level - 1) * s: level * s], config, progress,

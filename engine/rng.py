@@ -18,12 +18,17 @@ SeedLike = int | np.random.Generator | None
 TREE, EVALUATION, CALIBRATION = 0, 1, 2
 # The brute-force Monte Carlo's paths and the once-per-level frontier resampling.
 MC, PRUNE = 3, 4
+# The tree's lookahead: draws from the laws of a node's candidate children.
+LOOKAHEAD = 5
 
 
-def node_rng(seed: int, level: int, node: int, stream: int = TREE) -> np.random.Generator:
-    """The stream of one tree node (level, node), or of window ``node`` for another purpose."""
-    return np.random.default_rng(np.random.SeedSequence([int(stream), int(seed), int(level),
-                                                         int(node)]))
+def node_rng(seed: int, level: int, node: int, stream: int = TREE,
+             sub: int | None = None) -> np.random.Generator:
+    """The stream of one tree node (level, node), or of window ``node`` for another purpose;
+    ``sub``: one of several streams of that node (its lookahead candidates)."""
+    key = [int(stream), int(seed), int(level), int(node)]
+    return np.random.default_rng(np.random.SeedSequence(key if sub is None else
+                                                        key + [int(sub)]))
 
 
 def as_generator(seed: SeedLike) -> np.random.Generator:

@@ -26,6 +26,14 @@ One step of the tree, from the M sampled paths of each node (log-IV, ``(N, M, H,
 The long-horizon marginals are not read off the K children: ``MarginalAccumulator`` mixes, with
 the node probabilities, the FULL M-sample distributions drawn at each level.
 
+Lookahead (``tree.lookahead``, the driver's part): before choosing, each node draws one level on
+from each of its candidate children (its distinct sampled paths: a kNN law has only about k of
+them; or score strata), and ``select_children(..., next_scores=...)`` then represents each
+quantization cell by the path whose next-level law is most typical of the cell (its mean score
+nearest the cell's mean) instead of the path nearest the centroid; those draws also make the
+next level's marginals. Why: a cell's paths lead to different next-level laws, and the child
+nearest the centroid can lead to an untypical one.
+
 Randomness: only ``resample_frontier`` draws; the driver passes it a stream derived from
 ``engine.rng.node_rng`` and the whole frontier's weights, so the draw never depends on batching.
 """
@@ -270,15 +278,34 @@ def _quantize_edges(s: np.ndarray, mean: np.ndarray, tol: np.ndarray,
     return edges, cent
 
 
-def _select_quantize(scores: np.ndarray, mean: np.ndarray, sd: np.ndarray, k: int):
+def _select_quantize(scores: np.ndarray, mean: np.ndarray, sd: np.ndarray, k: int,
+                     next_scores: np.ndarray | None = None):
     """Sorted order (N, M), chosen sorted positions (N, K), stratum weights (N, K)."""
     m = scores.shape[1]
     tol = _tie_tol(mean, sd)
     order = np.argsort(scores, axis=1, kind="stable")
     s = np.take_along_axis(scores, order, axis=1)
     edges, cent = _quantize_edges(s, mean, tol, k)
-    pos = _nearest_position(s, cent, edges[:, :-1], edges[:, 1:] - 1, tol)
+    if next_scores is None:
+        pos = _nearest_position(s, cent, edges[:, :-1], edges[:, 1:] - 1, tol)
+    else:
+        pos = _typical_next(np.take_along_axis(next_scores, order, axis=1), edges)
     return order, pos, np.diff(edges, axis=1) / m
+
+
+def _typical_next(nx: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Per cell [edges_j, edges_j+1) of sorted rows, the first position whose next-level score
+    nx (N, M) is nearest the cell's mean of nx (within a tie tolerance)."""
+    n, m = nx.shape
+    posn = np.arange(m)
+    pos = np.zeros((n, edges.shape[1] - 1), np.int64)
+    tol = 1e-9 * (1.0 + np.abs(nx).max(axis=1))
+    for j in range(edges.shape[1] - 1):
+        inside = (posn >= edges[:, j:j + 1]) & (posn < edges[:, j + 1:j + 2])
+        target = np.where(inside, nx, 0.0).sum(axis=1) / inside.sum(axis=1)
+        d = np.where(inside, np.abs(nx - target[:, None]), np.inf)
+        pos[:, j] = np.argmax(d <= d.min(axis=1, keepdims=True) + tol[:, None], axis=1)
+    return pos
 
 
 def _gauss_rule(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -363,20 +390,35 @@ def _finish(scores, order, pos, w_stratum, mean, sd, cfg: TreeConfig,
     return Selection(index=index, weight=weight, exact=exact)
 
 
+def _check_next(next_scores, shape) -> np.ndarray | None:
+    if next_scores is None:
+        return None
+    nx = np.asarray(next_scores, dtype=np.float64)
+    if nx.shape != shape or not np.all(np.isfinite(nx)):
+        raise DataError(f"next_scores must be finite and (N, M) = {shape}, got {nx.shape}")
+    return nx
+
+
 def select_children(log_paths: ArrayLike, cfg: TreeConfig,
-                    score: str | ScoreFn | None = None) -> Selection:
+                    score: str | ScoreFn | None = None,
+                    next_scores: ArrayLike | None = None) -> Selection:
     """K representative real sample paths per node and their conditional weights (batched).
 
     log_paths: (N, M, H, n_m, n_tau) log-IV. ``score``: a name from ``SCORES``, a callable on the
-    kept paths (N, M, S, n_m, n_tau) -> (N, M), or None for ``cfg.score``. A node's
-    result does not depend on the other nodes of the batch (same bytes for any batch size).
+    kept paths (N, M, S, n_m, n_tau) -> (N, M), or None for ``cfg.score``. ``next_scores``
+    (N, M), quantize only: the mean score of each sample's own next-level law (the driver's
+    lookahead); a cell is then represented by its path whose next-level law is most typical
+    of the cell's (nearest the cell's mean of next_scores) instead of the path nearest the
+    centroid. A node's result does not depend on the other nodes of the batch (same bytes
+    for any batch size).
     """
     x, s = _check_log_paths(log_paths, cfg)
     scores = _node_scores(x, s, cfg.score if score is None else score)
+    nx = _check_next(next_scores, scores.shape)
     mean, sd = _score_moments(scores)
     k = cfg.branching
     if cfg.selection == "quantize":
-        order, pos, w_stratum = _select_quantize(scores, mean, sd, k)
+        order, pos, w_stratum = _select_quantize(scores, mean, sd, k, nx)
     elif cfg.selection == "quadrature":
         order, pos, w_stratum = _select_quadrature(scores, mean, sd, k)
     else:
@@ -385,7 +427,8 @@ def select_children(log_paths: ArrayLike, cfg: TreeConfig,
 
 
 def select_children_loop(log_paths: ArrayLike, cfg: TreeConfig,
-                         score: str | ScoreFn | None = None) -> Selection:
+                         score: str | ScoreFn | None = None,
+                         next_scores: ArrayLike | None = None) -> Selection:
     """Slow per-node reference of ``select_children``: plain Lloyd and searches per node, and
     ``project_weights_loop`` (active sets by enumeration). Shares only the score function, the
     score moments and the final linear solve on the identified free set, so indices, weights and
@@ -393,6 +436,7 @@ def select_children_loop(log_paths: ArrayLike, cfg: TreeConfig,
     set (always, bar exact ties)."""
     x, s = _check_log_paths(log_paths, cfg)
     scores = _node_scores(x, s, cfg.score if score is None else score)
+    nx = _check_next(next_scores, scores.shape)
     mean, sd = _score_moments(scores)
     n, m = scores.shape
     k = cfg.branching
@@ -424,7 +468,13 @@ def select_children_loop(log_paths: ArrayLike, cfg: TreeConfig,
                 cent = np.array([si[edges[j]:edges[j + 1]].mean() for j in range(k)])
             for j in range(k):
                 a, b = edges[j], edges[j + 1]
-                pos[i, j] = a + nearest(si[a:b], cent[j])
+                if nx is None:
+                    pos[i, j] = a + nearest(si[a:b], cent[j])
+                else:
+                    cell = nx[i, order[i, a:b]]
+                    d = np.abs(cell - cell.mean())
+                    tol_n = 1e-9 * (1.0 + np.abs(nx[i]).max())
+                    pos[i, j] = a + int(np.flatnonzero(d <= d.min() + tol_n)[0])
                 w_stratum[i, j] = (b - a) / m
         elif cfg.selection == "quadrature":  # row by row (the rule itself is tested apart)
             _, p_i, w_i = _select_quadrature(scores[i:i + 1], mean[i:i + 1], sd[i:i + 1], k)

@@ -122,27 +122,34 @@ def save(name: str, obj) -> None:
 # ============================================================================ part 1
 
 
+# kind -> (store tag, config overrides). The default tree draws a lookahead (tree.lookahead
+# = 20); the "/no-lookahead" kinds switch it off (their stores predate it, same code path).
 TREE_KINDS = {
-    "quantize+moment": {},
-    "quantiles+equal": {"tree.selection": "quantiles", "tree.weights": "equal"},
-    "quadrature+moment": {"tree.selection": "quadrature"},
-    "quantize+kept_mean": {"tree.score": "kept_mean"},
+    "quantize+moment": ("quantize_la", {}),
+    "quantiles+equal": ("quantiles_la", {"tree.selection": "quantiles", "tree.weights": "equal"}),
+    "quantize+moment/look512": ("quantize_la512", {"tree.lookahead_samples": 512}),
+    "quantize+moment/no-lookahead": ("quantize", {"tree.lookahead": 0}),
+    "quantiles+equal/no-lookahead": ("quantiles", {"tree.selection": "quantiles",
+                                                   "tree.weights": "equal", "tree.lookahead": 0}),
+    "quadrature+moment/no-lookahead": ("quadrature", {"tree.selection": "quadrature",
+                                                      "tree.lookahead": 0}),
+    "quantize+kept_mean/no-lookahead": ("quantize_kept", {"tree.score": "kept_mean",
+                                                          "tree.lookahead": 0}),
 }
 
 
 def store_tag(kind: str) -> str:
-    """A tree kind's store name part: its selection, or selection_score for another score."""
-    selection, rest = kind.split("+")
-    return f"{selection}_kept" if rest == "kept_mean" else selection
+    """A tree kind's store name part."""
+    return TREE_KINDS[kind][0]
 
 
 def part_tree(args):
     samp = sampler()
     times = {}
-    for kind, extra in TREE_KINDS.items():
+    for kind, (_, extra) in TREE_KINDS.items():
         cfg = config({"tree.depth": 3, "tree.n_samples": 512, "engine.backend": "inline",
                       **extra})
-        for i in start_indices(args.starts):
+        for i in start_indices(args.starts)[: args.max_starts or None]:
             tag = store_tag(kind)
             _, sec = make_store(args.root / f"tree3_{tag}_{i}", "tree", cfg, start_date(i), samp)
             print(f"tree {kind} start {i} ({start_date(i)}): "

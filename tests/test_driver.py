@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from engine import driver, tree
 from engine.cli import app
-from engine.config import Config
+from engine.config import Config, TreeConfig
 from engine.errors import ConfigError, StoreError
+from engine.rng import LOOKAHEAD, TREE, node_rng
 from engine.samplers import make_sampler
 from engine.store import ScenarioStore
 from engine.train import train_model
@@ -76,9 +77,14 @@ def store_arrays(path: Path) -> dict[str, np.ndarray]:
 def assert_same_bytes(a: Path, b: Path) -> None:
     x, y = store_arrays(a), store_arrays(b)
     assert x.keys() == y.keys()
-    for key in x:
+    differ = {}
+    for key in sorted(x):
         assert x[key].dtype == y[key].dtype, key
-        assert x[key].tobytes() == y[key].tobytes(), key
+        if x[key].tobytes() != y[key].tobytes():
+            rows = (x[key] != y[key]).reshape(len(x[key]), -1).any(axis=1) \
+                if x[key].ndim else np.ones(1, bool)
+            differ[key] = np.flatnonzero(rows)[:8].tolist()
+    assert not differ, f"arrays that differ (first rows): {differ}"
 
 
 @pytest.fixture(scope="module")
@@ -280,11 +286,14 @@ def test_generic_sampler_uses_the_same_path(tmp_path):
     assert_same_bytes(tmp_path / "hb.zarr", tmp_path / "hb3.zarr")
 
 
-def test_expand_batch_equals_a_per_node_loop():
-    """The slow reference: each node alone (its own batch of one) gives the batch's rows."""
+@pytest.mark.parametrize("look", [False, True])
+def test_expand_batch_equals_a_per_node_loop(look):
+    """The slow reference: each node alone (its own batch of one) gives the batch's rows,
+    with the lookahead too (its marginals: the next level's days)."""
     panel, sampler = fitted_sampler()
     cfg = run_config()
-    plan = driver.LevelPlan("tree", 2, cfg.seed, M, 6, 64, (2, 3), cfg.tree)
+    plan = driver.LevelPlan("tree", 2, cfg.seed, M, 6, 64, (2, 3), cfg.tree, own=not look,
+                            look=look)
     rng = np.random.default_rng(0)
     n = 9
     ctx = panel.surface[rng.integers(11, 380, n)[:, None] + np.arange(-11, 1)[None]]
@@ -303,6 +312,95 @@ def test_expand_batch_equals_a_per_node_loop():
         acc.merge(one.marginal)
     for name in ("counts", "total", "sum_iv", "sum_iv2", "vmin", "vmax"):
         np.testing.assert_array_equal(getattr(acc, name), getattr(whole.marginal, name))
+
+
+def test_lookahead_candidates_are_distinct_paths_or_score_strata():
+    # by default the candidates draw as many paths in all as the K children would
+    assert driver.lookahead_samples(TreeConfig()) == 5 * 512 // 20
+    assert driver.lookahead_samples(TreeConfig(n_samples=64)) == 16
+    assert driver.lookahead_samples(TreeConfig(n_samples=8, branching=2)) == 8  # the floor
+    assert driver.lookahead_samples(TreeConfig(lookahead_samples=40)) == 40
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((4, 3, 2, 3))
+    pick = np.array([2, 0, 2, 1, 0, 2, 3, 2])
+    kept = base[pick]  # 4 distinct paths, drawn 1..4 times
+    scores = kept[:, -1].mean(axis=(1, 2))
+    index, prob, member = driver._candidates(kept, scores, 4)
+    np.testing.assert_array_equal(index, [0, 1, 3, 6])  # in the order first drawn
+    np.testing.assert_array_equal(prob, np.array([4, 2, 1, 1]) / 8)
+    np.testing.assert_array_equal(member, [0, 1, 0, 2, 1, 0, 3, 0])
+    # more distinct paths than allowed: equal strata of the score, each its middle path
+    kept = rng.standard_normal((40, 3, 2, 3))
+    scores = kept[:, -1].mean(axis=(1, 2))
+    index, prob, member = driver._candidates(kept, scores, 8)
+    np.testing.assert_array_equal(prob, np.full(8, 5 / 40))
+    order = np.argsort(scores)
+    for j in range(8):
+        stratum = order[5 * j: 5 * j + 5]
+        assert index[j] == stratum[2]
+        np.testing.assert_array_equal(member[stratum], j)
+
+
+def test_lookahead_marginals_and_children_follow_the_candidates_draws(tmp_path):
+    """A depth-2 tree, rebuilt by hand from the sampler's public halves: level 1's marginals
+    are the root's M draws; level 2's are the draws of the root's distinct paths (each one
+    level on from its own context, its own stream, weighted by its share); the children are
+    the cells' paths with the most typical next-level law."""
+    cfg = run_config(**{"tree.depth": 2, "tree.lookahead": 64, "tree.lookahead_samples": 16})
+    store = make_run(tmp_path / "look.zarr", cfg)
+    panel, sampler = fitted_sampler()
+    c, s = cfg.data.context, 6
+    i = panel.n_days - 1
+    ctx = panel.surface[i - c + 1: i + 1].astype(np.float64)
+    point, keys = sampler.point_and_keys(np.log(ctx)[None])
+    root = sampler.draw(point, keys, M, [node_rng(cfg.seed, 0, 0, TREE)])[0]  # (M, H, 2, 3)
+    kept = root[:, :s]
+    first: dict[bytes, int] = {}
+    for j in range(M):
+        first.setdefault(kept[j].tobytes(), j)
+    assert 1 < len(first) < M  # the kNN law is discrete: repeated paths
+    acc1 = tree.MarginalAccumulator(s, (2, 3), 64).add(0, kept[None], np.ones(1))
+    acc2 = tree.MarginalAccumulator(s, (2, 3), 64)
+    mean_next = {}
+    for sub, (key, j) in enumerate(first.items()):
+        share = sum(kept[q].tobytes() == key for q in range(M)) / M
+        child = np.concatenate([ctx[s:], np.exp(kept[j]).astype(np.float32)])
+        p, k = sampler.point_and_keys(np.log(child)[None])
+        draws = sampler.draw(p, k, 16, [node_rng(cfg.seed, 0, 0, LOOKAHEAD, sub)])[:, :, :s]
+        acc2.add(0, draws, np.array([share]))
+        mean_next[key] = tree.resolve_score(cfg.tree.score)(draws).mean()
+    got = store.read_marginals()
+    for acc, days in ((acc1, slice(0, s)), (acc2, slice(s, 2 * s))):
+        want = acc.finalize(driver.QUANTILE_LEVELS)
+        for name in ("quantiles", "mean", "std"):
+            np.testing.assert_array_equal(got[name][days], want[name].astype(np.float32))
+    nxt = np.array([[mean_next[kept[q].tobytes()] for q in range(M)]])
+    sel = tree.select_children(root[None], cfg.tree, next_scores=nxt)
+    level1 = store.read_level(1)
+    np.testing.assert_array_equal(level1["paths"],
+                                  np.exp(kept[sel.index[0]]).astype(np.float32))
+    np.testing.assert_array_equal(level1["weight"], sel.weight[0])
+    # without the lookahead, level 2's marginals are the children's own draws: they differ
+    plain = make_run(tmp_path / "plain.zarr", run_config(**{"tree.depth": 2,
+                                                            "tree.lookahead": 0}))
+    other = plain.read_marginals()
+    np.testing.assert_array_equal(other["mean"][:s], got["mean"][:s])
+    assert not np.array_equal(other["mean"][s:], got["mean"][s:])
+
+
+def test_lookahead_with_a_short_stride_and_pruning(tmp_path):
+    """Children keeping 2 of 6 days, a pruned frontier and quadrature selection (no cells:
+    the lookahead makes only the marginals): every marginal day is written, and the bytes
+    do not depend on the batch size."""
+    over = {"tree.stride": 2, "tree.depth": 3, "tree.max_frontier": 12,
+            "tree.selection": "quadrature"}
+    a = make_run(tmp_path / "a.zarr", run_config(**over))
+    make_run(tmp_path / "b.zarr", run_config(**over, **{"engine.batch_size": 2}))
+    assert_same_bytes(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    m = a.read_marginals()
+    assert m["mean"].shape[0] == 3 * 2
+    assert np.all(np.isfinite(m["quantiles"])) and np.all(m["std"] > 0)
+    assert np.all(np.diff(m["quantiles"], axis=1) >= 0)
 
 
 def test_marginal_sums_are_exact_for_any_partition_and_merge_order():

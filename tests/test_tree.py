@@ -136,24 +136,55 @@ def test_quantize_moment_is_exact_in_the_usual_cases():
        k=st.integers(2, 8), selection=st.sampled_from(["quantize", "quadrature", "quantiles"]),
        weights=st.sampled_from(["equal", "stratum", "moment"]),
        floor=st.sampled_from([0.0, 0.02, 0.1]), stride=st.integers(0, 4),
-       seed=st.integers(0, 2**31 - 1))
+       lookahead=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_batched_step_equals_per_node_loop(kind, m, n, k, selection, weights, floor, stride,
-                                           seed):
+                                           lookahead, seed):
     rng = np.random.default_rng(seed)
     x = _scores(kind, n, m, rng)[:, :, None, None, None] + \
         0.05 * rng.standard_normal((n, m, 4, 2, 3))
     cfg = TreeConfig(branching=k, n_samples=8, selection=selection, weights=weights,
                      weight_floor=floor, stride=stride)
-    fast = tree.select_children(x, cfg)
-    slow = tree.select_children_loop(x, cfg)
+    # next-level scores with ties (samples sharing a lookahead candidate share one)
+    nxt = rng.integers(0, 6, (n, m)) * 0.25 + 1.0 if lookahead else None
+    fast = tree.select_children(x, cfg, next_scores=nxt)
+    slow = tree.select_children_loop(x, cfg, next_scores=nxt)
     np.testing.assert_array_equal(fast.index, slow.index)
     np.testing.assert_array_equal(fast.weight, slow.weight)
     np.testing.assert_array_equal(fast.exact, slow.exact)
     # one node's bytes do not depend on the batch around it
     for i in range(n):
-        one = tree.select_children(x[i:i + 1], cfg)
+        one = tree.select_children(x[i:i + 1], cfg,
+                                   next_scores=None if nxt is None else nxt[i:i + 1])
         np.testing.assert_array_equal(one.index[0], fast.index[i])
         np.testing.assert_array_equal(one.weight[0], fast.weight[i])
+
+
+def test_lookahead_represents_each_cell_by_its_most_typical_next_level_law():
+    """With next_scores, quantize keeps its cells and weights but each cell's child is the
+    sample whose next-level mean score is nearest the cell's mean of them; next_scores equal
+    to the scores give back the centroid rule."""
+    rng = np.random.default_rng(11)
+    n, m = 6, 400
+    scores = rng.standard_normal((n, m))
+    x = _as_paths(scores)
+    nxt = 0.5 * scores + rng.standard_normal((n, m))  # related to the score, not a function
+    cfg = TreeConfig()
+    plain = tree.select_children(x, cfg)
+    look = tree.select_children(x, cfg, next_scores=nxt)
+    assert np.any(look.index != plain.index)
+    stratum = tree.select_children(x, TreeConfig(weights="stratum"))  # the cells' sizes
+    for i in range(n):
+        order = np.argsort(scores[i], kind="stable")
+        cut = np.r_[0, np.cumsum(np.rint(stratum.weight[i] * m).astype(int))]
+        for j in range(cfg.branching):
+            members = order[cut[j]:cut[j + 1]]  # cell j: a block of the sorted samples
+            best = members[np.argmin(np.abs(nxt[i, members] - nxt[i, members].mean()))]
+            assert look.index[i, j] == best
+    same = tree.select_children(x, cfg, next_scores=scores)
+    np.testing.assert_array_equal(same.index, plain.index)
+    np.testing.assert_array_equal(same.weight, plain.weight)
+    with pytest.raises(DataError, match="next_scores"):
+        tree.select_children(x, cfg, next_scores=nxt[:, :5])
 
 
 @pytest.mark.parametrize("kind", ["normal", "uniform", "bimodal"])
