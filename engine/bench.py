@@ -446,9 +446,10 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
     """Seconds per node of each stage of a node expansion, on ``n_nodes`` real contexts of
     the data as frontier nodes (level 1, M = ``n_samples``): the decoder half
     (``decode_batch``: p50 forecasts + kNN keys, on the model's device), the kNN half
-    (``sampler.draw``: FAISS search, residual draw, calibration), the lookahead (the
-    candidates' decode and draws, their marginal sums) and the tree half
-    (``_branch``: children by quantization, their weights, marginal sums), as
+    (``sampler.draw``: FAISS search, residual draw, calibration; with the lookahead, both
+    of its passes), the lookahead (the candidates: found, decoded, drawn, and every marginal
+    sum of the level) and the tree half (``_branch``: children by quantization, their
+    weights; without the lookahead, the marginal sums too), as
     ``expand_batch`` times them; nothing is written."""
     from engine import driver
     from engine.tree import stride_days
@@ -459,8 +460,9 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
     contexts = np.exp(panel.contexts_at(anchors, c))
     s = stride_days(cfg.tree.stride, cfg.data.horizon)
     # level 1 of a deeper tree: with the lookahead when the config has one
-    plan = dataclasses.replace(driver.level_plan("tree", 1, max(2, cfg.tree.depth), cfg, s,
-                                                 panel.grid_shape), n_samples=n_samples)
+    plan = driver.level_plan("tree", 1, max(2, cfg.tree.depth), cfg, s, panel.grid_shape)
+    plan = dataclasses.replace(plan, n_samples=n_samples,
+                               tree=cfg.tree.model_copy(update={"n_samples": n_samples}))
     nodes = np.arange(n_nodes, dtype=np.int64)
     batch = driver.Batch(0, 0, nodes, np.zeros(n_nodes, np.int64), np.full(n_nodes, 1 / n_nodes),
                          np.ones(n_nodes, bool), contexts)

@@ -13,8 +13,8 @@ With ``tree.lookahead`` = L > 0 (the default), between the draw and the choice:
     lookahead         the node's candidate children (its distinct kept paths, or L score strata
                       when it has more than L) each draw ``lookahead_samples`` paths one level
                       on, from the context the child would have (stream LOOKAHEAD, sub-stream:
-                      the candidate's number); the candidates of a whole batch are decoded in
-                      one call. The K children are the cells' paths with the most typical
+                      the candidate's number); the candidates of a whole batch are decoded
+                      together (1,024 contexts a call). The K children are the cells' paths with the most typical
                       next-level law, and the candidates' draws (weight: node weight x the
                       candidate's share) are level k+1's marginals, so level k's come from level
                       k-2's nodes: the full mixture over the parent's candidates, not over the K
@@ -284,15 +284,12 @@ def _find_candidates(log_paths: np.ndarray, plan: LevelPlan, first_row: int):
 
 def _lookahead(sampler, batch: Batch, plan: LevelPlan, cand: _Candidates, decode: Callable,
                acc: MarginalAccumulator | None) -> np.ndarray:
-    """Draw one level on from every candidate of the batch (decoded in one call: the decoder
-    works in fixed-size micro-batches); the draws go into ``acc`` (days S..2S-1 of level 1's
+    """Draw one level on from every candidate of the batch (decoded ``_DECODE_ROWS`` at a
+    time, across nodes: the decoder works in fixed-size micro-batches); the draws go into ``acc`` (days S..2S-1 of level 1's
     accumulator, else 0..S-1) with weight node weight x candidate share, for the nodes
     ``batch.marginal`` marks. Returns (c,) the mean score of each candidate's draws."""
     s, tree = plan.stride, plan.tree
     score = resolve_score(tree.score)
-    contexts = child_contexts(batch.contexts[cand.owner], cand.paths[:, None])
-    rngs = [node_rng(plan.seed, plan.level - 1, int(batch.nodes[o]), LOOKAHEAD, int(j))
-            for o, j in zip(cand.owner, cand.sub, strict=True)]
     n_look = lookahead_samples(tree)
     step = max(1, _DRAW_VALUES // (n_look * sampler.horizon * math.prod(plan.grid_shape)))
     decode_rows = max(step, _DECODE_ROWS)
@@ -300,17 +297,21 @@ def _lookahead(sampler, batch: Batch, plan: LevelPlan, cand: _Candidates, decode
     n_c = len(cand.owner)
     mean_next = np.empty(n_c)
     split = is_split(sampler)
-    for d0 in range(0, n_c, decode_rows):
+    for d0 in range(0, n_c, decode_rows):  # contexts and streams a block at a time
         d1 = min(n_c, d0 + decode_rows)
+        owners = cand.owner[d0:d1]
+        contexts = child_contexts(batch.contexts[owners], cand.paths[d0:d1, None])
+        rngs = [node_rng(plan.seed, plan.level - 1, int(batch.nodes[o]), LOOKAHEAD, int(j))
+                for o, j in zip(owners, cand.sub[d0:d1], strict=True)]
         if split:
-            point, keys = decode(contexts[d0:d1])
+            point, keys = decode(contexts)
         for c0 in range(d0, d1, step):
             c = slice(c0, min(d1, c0 + step))
+            r = slice(c0 - d0, c.stop - d0)
             if split:
-                draws = sampler.draw(point[c0 - d0: c.stop - d0], keys[c0 - d0: c.stop - d0],
-                                     n_look, rngs[c])
+                draws = sampler.draw(point[r], keys[r], n_look, rngs[r])
             else:
-                draws = np.log(sampler.sample(contexts[c], n_look, rngs[c]))
+                draws = np.log(sampler.sample(contexts[r], n_look, rngs[r]))
             draws = np.asarray(draws)[:, :, :s]
             if not np.all(np.isfinite(draws)):
                 raise DataError(f"level {plan.level}: lookahead draws are not finite (the "

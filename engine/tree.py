@@ -289,22 +289,27 @@ def _select_quantize(scores: np.ndarray, mean: np.ndarray, sd: np.ndarray, k: in
     if next_scores is None:
         pos = _nearest_position(s, cent, edges[:, :-1], edges[:, 1:] - 1, tol)
     else:
-        pos = _typical_next(np.take_along_axis(next_scores, order, axis=1), edges)
+        pos = _typical_next(np.take_along_axis(next_scores, order, axis=1), edges, s, cent, tol)
     return order, pos, np.diff(edges, axis=1) / m
 
 
-def _typical_next(nx: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Per cell [edges_j, edges_j+1) of sorted rows, the first position whose next-level score
-    nx (N, M) is nearest the cell's mean of nx (within a tie tolerance)."""
+def _typical_next(nx: np.ndarray, edges: np.ndarray, s: np.ndarray, cent: np.ndarray,
+                  tol: np.ndarray) -> np.ndarray:
+    """Per cell [edges_j, edges_j+1) of sorted rows, the position whose next-level score nx
+    (N, M) is nearest the cell's mean of nx; ties (samples sharing a lookahead stratum share
+    its score) go to the one nearest the cell's centroid ``cent`` (N, K) of the sorted scores
+    s, then to the first."""
     n, m = nx.shape
     posn = np.arange(m)
     pos = np.zeros((n, edges.shape[1] - 1), np.int64)
-    tol = 1e-9 * (1.0 + np.abs(nx).max(axis=1))
+    tol_n = 1e-9 * (1.0 + np.abs(nx).max(axis=1))
     for j in range(edges.shape[1] - 1):
         inside = (posn >= edges[:, j:j + 1]) & (posn < edges[:, j + 1:j + 2])
         target = np.where(inside, nx, 0.0).sum(axis=1) / inside.sum(axis=1)
         d = np.where(inside, np.abs(nx - target[:, None]), np.inf)
-        pos[:, j] = np.argmax(d <= d.min(axis=1, keepdims=True) + tol[:, None], axis=1)
+        best = d <= d.min(axis=1, keepdims=True) + tol_n[:, None]
+        dc = np.where(best, np.abs(s - cent[:, j:j + 1]), np.inf)
+        pos[:, j] = np.argmax(dc <= dc.min(axis=1, keepdims=True) + tol[:, None], axis=1)
     return pos
 
 
@@ -408,8 +413,8 @@ def select_children(log_paths: ArrayLike, cfg: TreeConfig,
     kept paths (N, M, S, n_m, n_tau) -> (N, M), or None for ``cfg.score``. ``next_scores``
     (N, M), quantize only: the mean score of each sample's own next-level law (the driver's
     lookahead); a cell is then represented by its path whose next-level law is most typical
-    of the cell's (nearest the cell's mean of next_scores) instead of the path nearest the
-    centroid. A node's result does not depend on the other nodes of the batch (same bytes
+    of the cell's (nearest the cell's mean of next_scores; among ties, the one nearest the
+    centroid) instead of the path nearest the centroid. A node's result does not depend on the other nodes of the batch (same bytes
     for any batch size).
     """
     x, s = _check_log_paths(log_paths, cfg)
@@ -470,11 +475,12 @@ def select_children_loop(log_paths: ArrayLike, cfg: TreeConfig,
                 a, b = edges[j], edges[j + 1]
                 if nx is None:
                     pos[i, j] = a + nearest(si[a:b], cent[j])
-                else:
+                else:  # the most typical next-level law; ties: nearest the centroid
                     cell = nx[i, order[i, a:b]]
                     d = np.abs(cell - cell.mean())
                     tol_n = 1e-9 * (1.0 + np.abs(nx[i]).max())
-                    pos[i, j] = a + int(np.flatnonzero(d <= d.min() + tol_n)[0])
+                    best = np.flatnonzero(d <= d.min() + tol_n)
+                    pos[i, j] = a + int(best[nearest(si[a:b][best], cent[j])])
                 w_stratum[i, j] = (b - a) / m
         elif cfg.selection == "quadrature":  # row by row (the rule itself is tested apart)
             _, p_i, w_i = _select_quadrature(scores[i:i + 1], mean[i:i + 1], sd[i:i + 1], k)

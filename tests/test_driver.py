@@ -287,9 +287,10 @@ def test_generic_sampler_uses_the_same_path(tmp_path):
 
 
 @pytest.mark.parametrize("look", [False, True])
-def test_expand_batch_equals_a_per_node_loop(look):
+def test_expand_batch_equals_a_per_node_loop(look, monkeypatch):
     """The slow reference: each node alone (its own batch of one) gives the batch's rows,
-    with the lookahead too (its marginals: the next level's days)."""
+    with the lookahead too (its marginals: the next level's days), also when the draws and
+    the lookahead's decoding are cut into the smallest slices."""
     panel, sampler = fitted_sampler()
     cfg = run_config()
     plan = driver.LevelPlan("tree", 2, cfg.seed, M, 6, 64, (2, 3), cfg.tree, own=not look,
@@ -301,6 +302,15 @@ def test_expand_batch_equals_a_per_node_loop(look):
     w = np.full(n, 1.0 / n)
     whole = driver.expand_batch(sampler, driver.Batch(0, 0, nodes, nodes, w,
                                                       np.ones(n, bool), ctx), plan)
+    monkeypatch.setattr(driver, "_DRAW_VALUES", 1000)  # one node a slice, 3 candidates a draw
+    monkeypatch.setattr(driver, "_DECODE_ROWS", 4)
+    sliced = driver.expand_batch(sampler, driver.Batch(0, 0, nodes, nodes, w,
+                                                       np.ones(n, bool), ctx), plan)
+    assert sliced.paths.tobytes() == whole.paths.tobytes()
+    assert sliced.weight.tobytes() == whole.weight.tobytes()
+    for name in ("counts", "total", "sum_iv", "sum_iv2", "vmin", "vmax"):
+        np.testing.assert_array_equal(getattr(sliced.marginal, name),
+                                      getattr(whole.marginal, name))
     acc = tree.MarginalAccumulator(6, (2, 3), 64)
     for i in range(n):
         one = driver.expand_batch(sampler, driver.Batch(i, i * K, nodes[i:i + 1],
@@ -376,6 +386,7 @@ def test_lookahead_marginals_and_children_follow_the_candidates_draws(tmp_path):
             np.testing.assert_array_equal(got[name][days], want[name].astype(np.float32))
     nxt = np.array([[mean_next[kept[q].tobytes()] for q in range(M)]])
     sel = tree.select_children(root[None], cfg.tree, next_scores=nxt)
+    assert np.any(sel.index != tree.select_children(root[None], cfg.tree).index)
     level1 = store.read_level(1)
     np.testing.assert_array_equal(level1["paths"],
                                   np.exp(kept[sel.index[0]]).astype(np.float32))
@@ -392,11 +403,12 @@ def test_lookahead_with_a_short_stride_and_pruning(tmp_path):
     """Children keeping 2 of 6 days, a pruned frontier and quadrature selection (no cells:
     the lookahead makes only the marginals): every marginal day is written, and the bytes
     do not depend on the batch size."""
-    over = {"tree.stride": 2, "tree.depth": 3, "tree.max_frontier": 12,
+    over = {"tree.stride": 2, "tree.depth": 3, "tree.max_frontier": 3,  # level 2: 5 -> 3
             "tree.selection": "quadrature"}
     a = make_run(tmp_path / "a.zarr", run_config(**over))
     make_run(tmp_path / "b.zarr", run_config(**over, **{"engine.batch_size": 2}))
     assert_same_bytes(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    assert a.level_size(3) == 3 * K  # level 2's five nodes were resampled to three
     m = a.read_marginals()
     assert m["mean"].shape[0] == 3 * 2
     assert np.all(np.isfinite(m["quantiles"])) and np.all(m["std"] > 0)

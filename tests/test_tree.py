@@ -180,6 +180,18 @@ def test_lookahead_represents_each_cell_by_its_most_typical_next_level_law():
             members = order[cut[j]:cut[j + 1]]  # cell j: a block of the sorted samples
             best = members[np.argmin(np.abs(nxt[i, members] - nxt[i, members].mean()))]
             assert look.index[i, j] == best
+    # tied next scores (samples of one lookahead stratum): the tied path nearest the centroid
+    tied = np.round(nxt)
+    look = tree.select_children(x, cfg, next_scores=tied)
+    for i in range(n):
+        order = np.argsort(scores[i], kind="stable")
+        cut = np.r_[0, np.cumsum(np.rint(stratum.weight[i] * m).astype(int))]
+        for j in range(cfg.branching):
+            members = order[cut[j]:cut[j + 1]]
+            d = np.abs(tied[i, members] - tied[i, members].mean())
+            best = members[d == d.min()]
+            cent = scores[i, members].mean()
+            assert look.index[i, j] == best[np.argmin(np.abs(scores[i, best] - cent))]
     same = tree.select_children(x, cfg, next_scores=scores)
     np.testing.assert_array_equal(same.index, plain.index)
     np.testing.assert_array_equal(same.weight, plain.weight)
