@@ -14,8 +14,9 @@ With ``tree.lookahead`` = L > 0 (the default), between the draw and the choice:
                       when it has more than L) each draw ``lookahead_samples`` paths one level
                       on, from the context the child would have (stream LOOKAHEAD, sub-stream:
                       the candidate's number); the candidates of a whole batch are decoded
-                      together (1,024 contexts a call). The K children are the cells' paths with the most typical
-                      next-level law, and the candidates' draws (weight: node weight x the
+                      together (1,024 contexts a call). The K children are the cells' paths
+                      with the most typical next-level law, and the candidates' draws (weight:
+                      node weight x the
                       candidate's share) are level k+1's marginals, so level k's come from level
                       k-2's nodes: the full mixture over the parent's candidates, not over the K
                       children alone (level 1's: the root's own draws; the last level adds none).
@@ -57,7 +58,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -261,12 +262,13 @@ class _Candidates:
     sub: np.ndarray  # (c,) its number within the node (its random stream)
     prob: np.ndarray  # (c,) its share of the node's samples
     paths: np.ndarray  # (c, S, n_m, n_tau) float32 iv: its kept days, as the store keeps them
-    member: np.ndarray  # (n, M) each sample's candidate (a row of this table)
 
 
-def _find_candidates(log_paths: np.ndarray, plan: LevelPlan, first_row: int):
-    """Candidates of a slice of nodes (``_candidates`` per node); rows numbered from
-    ``first_row``. Returns (owner within the slice, sub, prob, paths, member)."""
+def _find_candidates(log_paths: np.ndarray, plan: LevelPlan, first_node: int,
+                     first_row: int) -> tuple[_Candidates, np.ndarray]:
+    """Candidates of a slice of nodes (``_candidates`` per node), the slice's first node
+    being batch position ``first_node``; rows numbered from ``first_row``. Returns them and
+    (n, M) each sample's candidate row."""
     s = plan.stride
     kept = log_paths[:, :, :s]
     scores = np.asarray(resolve_score(plan.tree.score)(kept), dtype=np.float64)
@@ -276,18 +278,18 @@ def _find_candidates(log_paths: np.ndarray, plan: LevelPlan, first_row: int):
         i, p, mem = _candidates(kept[b], scores[b], plan.tree.lookahead)
         member[b] = mem + row
         row += len(i)
-        out.append((np.full(len(i), b), np.arange(len(i)), p,
+        out.append((np.full(len(i), first_node + b), np.arange(len(i)), p,
                     np.exp(kept[b, i]).astype(np.float32)))
-    owner, sub, prob, paths = (np.concatenate(x) for x in zip(*out, strict=True))
-    return owner, sub, prob, paths, member
+    return _Candidates(*(np.concatenate(x) for x in zip(*out, strict=True))), member
 
 
 def _lookahead(sampler, batch: Batch, plan: LevelPlan, cand: _Candidates, decode: Callable,
                acc: MarginalAccumulator | None) -> np.ndarray:
     """Draw one level on from every candidate of the batch (decoded ``_DECODE_ROWS`` at a
-    time, across nodes: the decoder works in fixed-size micro-batches); the draws go into ``acc`` (days S..2S-1 of level 1's
-    accumulator, else 0..S-1) with weight node weight x candidate share, for the nodes
-    ``batch.marginal`` marks. Returns (c,) the mean score of each candidate's draws."""
+    time, across nodes: the decoder works in fixed-size micro-batches); the draws go into
+    ``acc`` (days S..2S-1 of level 1's accumulator, else 0..S-1) with weight node weight x
+    candidate share, for the nodes ``batch.marginal`` marks. Returns (c,) the mean score of
+    each candidate's draws."""
     s, tree = plan.stride, plan.tree
     score = resolve_score(tree.score)
     n_look = lookahead_samples(tree)
@@ -399,24 +401,26 @@ def expand_batch(sampler, batch: Batch, plan: LevelPlan,
             return decode_batch(sampler, contexts)
     next_scores = None
     if plan.look:  # pass 1: each node's candidates; then one lookahead for the whole batch
-        found, row = [], 0
+        found, members, row = [], [], 0
         for i in range(0, n, step):
             sl = slice(i, min(n, i + step))
             t0 = clock()
-            log_paths = _checked(_draw(sampler, batch, sl, plan.n_samples, rngs, point_keys), plan)
+            log_paths = _checked(_draw(sampler, batch, sl, plan.n_samples, rngs, point_keys),
+                                 plan)
             t1 = clock()
             if plan.own and acc is not None:
                 _add_own(log_paths, batch, sl, acc, plan.stride)
-            owner, sub, prob, kept, member = _find_candidates(log_paths, plan, row)
-            found.append((owner + i, sub, prob, kept, member))
-            row += len(owner)
+            cand, member = _find_candidates(log_paths, plan, i, row)
+            found.append(cand)
+            members.append(member)
+            row += len(cand.owner)
             t["draw"] = t.get("draw", 0.0) + t1 - t0
             t["lookahead"] = t.get("lookahead", 0.0) + clock() - t1
-        owner, sub, prob, kept, member = (np.concatenate(x) for x in zip(*found, strict=True))
+        cand = _Candidates(*(np.concatenate([getattr(c, f.name) for c in found])
+                             for f in fields(_Candidates)))
         t0 = clock()
-        mean_next = _lookahead(sampler, batch, plan, _Candidates(owner, sub, prob, kept, member),
-                               decode, acc)
-        next_scores = mean_next[member]
+        next_scores = _lookahead(sampler, batch, plan, cand, decode, acc)[
+            np.concatenate(members)]
         t["lookahead"] = t.get("lookahead", 0.0) + clock() - t0
         rngs = node_rngs(plan, batch.nodes)  # pass 2 draws the same paths again
     parts = []

@@ -414,8 +414,8 @@ def select_children(log_paths: ArrayLike, cfg: TreeConfig,
     (N, M), quantize only: the mean score of each sample's own next-level law (the driver's
     lookahead); a cell is then represented by its path whose next-level law is most typical
     of the cell's (nearest the cell's mean of next_scores; among ties, the one nearest the
-    centroid) instead of the path nearest the centroid. A node's result does not depend on the other nodes of the batch (same bytes
-    for any batch size).
+    centroid) instead of the path nearest the centroid. A node's result does not depend on
+    the other nodes of the batch (same bytes for any batch size).
     """
     x, s = _check_log_paths(log_paths, cfg)
     scores = _node_scores(x, s, cfg.score if score is None else score)
