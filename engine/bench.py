@@ -250,32 +250,56 @@ def _open(fitted: _Fitted, path: Path, cfg: Config):
                              start_context=inp.start_context, overwrite=True)
 
 
-def _tree_config(config: Config, depth: int, backend: str) -> Config:
+def _tree_config(config: Config, depth: int, backend: str, threads: int | None = None,
+                 ) -> Config:
     d = config.to_dict()
     d["tree"].update(depth=depth, max_frontier=0, min_weight=0.0)
     d["engine"]["backend"] = backend
+    if threads is not None:
+        d["engine"]["threads"] = threads
     return Config.from_dict(d)
 
 
-def tree_throughput(fitted: _Fitted, depth: int, backend: str, workdir: Path) -> dict:
-    """Expand a full tree of ``depth`` into a fresh temporary store; nodes/s from LevelStats."""
+def store_digest(path: Path) -> str:
+    """sha256 over every array of a store (name, dtype, shape and bytes, in name order)."""
+    import hashlib
+
+    import zarr
+
+    h = hashlib.sha256()
+    root = zarr.open_group(path, mode="r", use_consolidated=False)
+    arrays = {f"{g}/{a}": arr for g, group in root.groups() for a, arr in group.arrays()}
+    for name in sorted(arrays):
+        x = np.ascontiguousarray(arrays[name][:])
+        h.update(f"{name} {x.dtype} {x.shape}".encode())
+        h.update(x.tobytes())
+    return h.hexdigest()
+
+
+def tree_throughput(fitted: _Fitted, depth: int, backend: str, workdir: Path,
+                    threads: int | None = None, digest: bool = False) -> dict:
+    """Expand a full tree of ``depth`` into a fresh temporary store; nodes/s from LevelStats.
+    ``threads``: the inline backend's ``engine.threads`` (default: the config's);
+    ``digest``: also the store's ``store_digest`` (computed after the clock stops)."""
     from engine import driver
 
-    cfg = _tree_config(fitted.config, depth, backend)
+    cfg = _tree_config(fitted.config, depth, backend, threads)
     tmp = Path(tempfile.mkdtemp(prefix=f"tree-{backend}-{depth}-", dir=workdir))
     try:
         store = _open(fitted, tmp / "run.zarr", cfg)
         t0 = time.perf_counter()
         stats = driver.run_store(store, fitted.sampler, cfg, console=None)
         wall = time.perf_counter() - t0
+        sha = store_digest(tmp / "run.zarr") if digest else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     nodes = sum(s.nodes for s in stats)
     seconds = sum(s.seconds for s in stats)
-    return {"backend": backend, "depth": depth, "nodes": nodes, "seconds": seconds,
+    return {"backend": backend, "depth": depth, "threads": cfg.engine.threads,
+            "nodes": nodes, "seconds": seconds,
             "nodes_per_s": nodes / seconds, "run_store_seconds": wall,
             "levels": [{"level": s.level, "nodes": s.nodes, "seconds": s.seconds}
-                       for s in stats]}
+                       for s in stats], "digest": sha}
 
 
 def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
@@ -479,15 +503,18 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
 
 
 def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
-                  depths: tuple[int, ...] = (5, 6), workdir: Path | None = None,
-                  console=None) -> dict:
+                  depths: tuple[int, ...] = (5, 6), threads: tuple[int, ...] | None = None,
+                  workdir: Path | None = None, console=None) -> dict:
     """The GPU part (``backfill bench --gpu``): the CVAE trained and decoding on the torch
     device (CUDA where present), decoder forecasts/s at several batch sizes (and on the
     CPU for comparison), the per-stage profile of a node expansion, and full inline trees
-    (the inline backend stands in for Ray) at each M of ``samples`` and each depth of
-    ``depths`` (the largest depth only at the smallest M, where it fits the time)."""
+    (the inline backend stands in for Ray) at each M of ``samples``, each depth of
+    ``depths`` and each ``engine.threads`` of ``threads`` (default: 1 and one per core);
+    at the larger M only the first depth, with the most threads, so that it fits the time."""
     import copy
     from dataclasses import replace
+
+    from engine import driver
 
     base = Path(workdir) if workdir is not None else None
     if base is not None:
@@ -515,22 +542,29 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
             cpu = replace(fitted, model=copy.deepcopy(fitted.model).to("cpu"))
             decoder["4096_cpu"] = decoder_throughput(cpu, 4096, 1.0)
             say(f"decoder on the CPU, batch 4096: {decoder['4096_cpu']['per_s']:,.0f}/s")
+        threads = tuple(sorted(set(threads or (1, driver.usable_cores()))))
+        depths = tuple(dict.fromkeys(depths))
         profile, trees = {}, []
         for m in samples:
             cfg_m, _ = bench_config(config, m)
             fm = replace(fitted, config=cfg_m)
-            profile[str(m)] = stage_profile(fm, 1024 if m <= 64 else 256, m)
+            profile[str(m)] = stage_profile(fm, 256 if m <= 64 else 128, m)
             say(f"stage profile, M = {m}: {profile[str(m)].get('ms_per_node')}")
-            for depth in depths if m == min(samples) else depths[:1]:
-                r = tree_throughput(fm, depth, "inline", work)
-                r["n_samples"] = m
-                r["nodes_per_s_from_level_2"] = _warm_rate(r)
-                trees.append(r)
-                say(f"inline tree, M = {m}, depth {depth}: {r['nodes_per_s']:,.0f} nodes/s")
+            small = m == min(samples)
+            for depth in depths if small else depths[:1]:
+                for n_threads in threads if small else (max(threads),):
+                    r = tree_throughput(fm, depth, "inline", work, threads=n_threads,
+                                        digest=True)
+                    r["n_samples"] = m
+                    r["nodes_per_s_from_level_2"] = _warm_rate(r)
+                    trees.append(r)
+                    say(f"inline tree, M = {m}, depth {depth}, {n_threads} thread(s): "
+                        f"{r['nodes_per_s']:,.0f} nodes/s")
         return {"part": "gpu", "decoder_forecasts_per_s": {k: v["per_s"]
                                                            for k, v in decoder.items()},
-                "inline_nodes_per_s": {f"M{r['n_samples']}_depth{r['depth']}": r["nodes_per_s"]
-                                       for r in trees},
+                "inline_nodes_per_s": {f"M{r['n_samples']}_depth{r['depth']}_threads"
+                                       f"{r['threads']}": r["nodes_per_s"] for r in trees},
+                "same_bytes_across_threads": same_bytes(trees),
                 "stage_profile": profile, "device": device_info(str(fitted.model.loc.device)),
                 "details": {"fit_seconds": fit_s, "decoder": decoder, "tree": trees,
                             "sampler": config.sampler.method,
@@ -539,6 +573,15 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
                 "config": config.to_dict()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def same_bytes(trees: list[dict]) -> dict[str, bool]:
+    """For each (M, depth) run at several thread counts: did every run write the same store?"""
+    groups: dict[str, set] = {}
+    for r in trees:
+        groups.setdefault(f"M{r['n_samples']}_depth{r['depth']}", set()).add(r["digest"])
+    return {key: len(d) == 1 for key, d in groups.items()
+            if sum(f"M{r['n_samples']}_depth{r['depth']}" == key for r in trees) > 1}
 
 
 def render_gpu_table(result: dict):
@@ -559,9 +602,13 @@ def render_gpu_table(result: dict):
             table.add_row("node expansion by stage", f"M = {m}", parts, "ms/node")
             table.add_row("", f"M = {m}, stages only", _fmt(prof["nodes_per_s"]), "nodes/s")
     for r in result["details"]["tree"]:
-        table.add_row("tree expansions, inline", f"M = {r['n_samples']}, depth {r['depth']}",
+        table.add_row("tree expansions, inline",
+                      f"M = {r['n_samples']}, depth {r['depth']}, {r['threads']} thread(s)",
                       f"{_fmt(r['nodes_per_s'])} ({_fmt(r['nodes_per_s_from_level_2'])} from "
                       "level 2)", "nodes/s")
+    for key, same in result.get("same_bytes_across_threads", {}).items():
+        table.add_row("same store bytes for every thread count", key.replace("_", ", "),
+                      "yes" if same else "NO", "")
     return table
 
 

@@ -361,6 +361,11 @@ def bench(config: ConfigOpt = None,
               "--gpu", help="The GPU part only: decoder on the torch device (CUDA where "
               "present), stage profile, inline trees at M = 64 and 512 "
               "(cluster/gpu_bench.sh).")] = False,
+          depths: Annotated[str | None, typer.Option(
+              help="--gpu: tree depths, comma-separated (default 5,6; 4,5 with --quick).")] = None,
+          threads: Annotated[str | None, typer.Option(
+              help="--gpu: engine.threads of the inline trees, comma-separated (default: 1 "
+              "and one per core).")] = None,
           ) -> None:
     """Throughput and memory: tree nodes/s (inline, ray), decoder, kNN, store writes, peak RSS."""
     import json
@@ -373,10 +378,25 @@ def bench(config: ConfigOpt = None,
         from engine.errors import ConfigError
 
         raise ConfigError(f"--n-samples {n_samples} is below 8 (tree.n_samples' minimum)")
+    depth_list = _csv(depths, int, "--depths")
+    thread_list = _csv(threads, int, "--threads")
+    if (depth_list is not None or thread_list is not None) and not gpu:
+        from engine.errors import ConfigError
+
+        raise ConfigError("--depths and --threads belong to --gpu; the full bench's depths "
+                          "are fixed, and its inline runs use engine.threads from --config")
+    for flag, values, low, high in (("--depths", depth_list, 1, 64),
+                                    ("--threads", thread_list, 1, 1024)):
+        if values is not None and (not values or min(values) < low or max(values) > high):
+            from engine.errors import ConfigError
+
+            raise ConfigError(f"{flag} needs integers from {low} to {high}, got {values}")
     cfg = _config(config, **{"data.source": data, "train.epochs": epochs})
     if gpu:
         samples = (n_samples,) if n_samples is not None else (64, 512)
-        result = run_gpu_bench(cfg, samples=samples, depths=(4, 5) if quick else (5, 6),
+        result = run_gpu_bench(cfg, samples=samples,
+                               depths=tuple(depth_list or ((4, 5) if quick else (5, 6))),
+                               threads=tuple(thread_list) if thread_list else None,
                                workdir=workdir, console=_console())
     else:
         result = run_bench(cfg, quick=quick, ray=not no_ray, n_samples=n_samples,

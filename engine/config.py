@@ -181,6 +181,9 @@ class EngineConfig(_Section):
     batch_size: int = Field(256, ge=1, description="Frontier nodes per task.")
     max_in_flight: int = Field(4, ge=1, description="Tasks in flight per actor.")
     num_cpus: int = Field(2, ge=1, description="CPUs of a local Ray started by the engine.")
+    threads: int = Field(1, ge=0, description="Inline backend: batches expanded at once, in "
+                         "threads of this process (a GPU machine without Ray); 0: one per core. "
+                         "Same bytes for any value.")
     checkpoint_seconds: float = Field(
         30.0, ge=0, description="Save the level in progress (done tasks, marginal sums) this "
         "often, so --resume after a hard kill reuses its finished chunks; 0: after every task.")

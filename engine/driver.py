@@ -55,6 +55,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -284,7 +285,7 @@ def _find_candidates(log_paths: np.ndarray, plan: LevelPlan, first_node: int,
 
 
 def _lookahead(sampler, batch: Batch, plan: LevelPlan, cand: _Candidates, decode: Callable,
-               acc: MarginalAccumulator | None) -> np.ndarray:
+               acc: MarginalAccumulator | None, stop=None) -> np.ndarray:
     """Draw one level on from every candidate of the batch (decoded ``_DECODE_ROWS`` at a
     time, across nodes: the decoder works in fixed-size micro-batches); the draws go into
     ``acc`` (days S..2S-1 of level 1's accumulator, else 0..S-1) with weight node weight x
@@ -308,6 +309,7 @@ def _lookahead(sampler, batch: Batch, plan: LevelPlan, cand: _Candidates, decode
         if split:
             point, keys = decode(contexts)
         for c0 in range(d0, d1, step):
+            _check_stop(stop)
             c = slice(c0, min(d1, c0 + step))
             r = slice(c0 - d0, c.stop - d0)
             if split:
@@ -372,7 +374,7 @@ def _branch(log_paths: np.ndarray, batch: Batch, sl: slice, plan: LevelPlan,
 def expand_batch(sampler, batch: Batch, plan: LevelPlan,
                  point_keys: tuple[np.ndarray, np.ndarray] | None = None,
                  timings: dict[str, float] | None = None,
-                 decode: Callable | None = None) -> BatchResult:
+                 decode: Callable | None = None, stop=None) -> BatchResult:
     """Expand a batch of frontier nodes: the one code path, inline or inside an actor.
 
     ``point_keys``: the decoder's half, already computed (by a decoder actor) for this batch;
@@ -381,7 +383,8 @@ def expand_batch(sampler, batch: Batch, plan: LevelPlan,
     uses only its own stream, so the slicing never changes a byte. ``timings``: seconds of
     each stage ("decode", "draw", "lookahead", "branch") are added to it (``backfill bench``).
     ``decode(contexts)``: the decoder's half for the lookahead candidates (a decoder actor's,
-    under Ray); default ``decode_batch`` in-process.
+    under Ray); default ``decode_batch`` in-process. ``stop``: a threading.Event; once it is
+    set the task gives up (raises) at its next slice (the threaded inline backend's close).
     """
     clock = time.perf_counter
     t = timings if timings is not None else {}
@@ -403,6 +406,7 @@ def expand_batch(sampler, batch: Batch, plan: LevelPlan,
     if plan.look:  # pass 1: each node's candidates; then one lookahead for the whole batch
         found, members, row = [], [], 0
         for i in range(0, n, step):
+            _check_stop(stop)
             sl = slice(i, min(n, i + step))
             t0 = clock()
             log_paths = _checked(_draw(sampler, batch, sl, plan.n_samples, rngs, point_keys),
@@ -419,12 +423,13 @@ def expand_batch(sampler, batch: Batch, plan: LevelPlan,
         cand = _Candidates(*(np.concatenate([getattr(c, f.name) for c in found])
                              for f in fields(_Candidates)))
         t0 = clock()
-        next_scores = _lookahead(sampler, batch, plan, cand, decode, acc)[
+        next_scores = _lookahead(sampler, batch, plan, cand, decode, acc, stop)[
             np.concatenate(members)]
         t["lookahead"] = t.get("lookahead", 0.0) + clock() - t0
         rngs = node_rngs(plan, batch.nodes)  # pass 2 draws the same paths again
     parts = []
     for i in range(0, n, step):
+        _check_stop(stop)
         sl = slice(i, min(n, i + step))
         t0 = clock()
         log_paths = _checked(_draw(sampler, batch, sl, plan.n_samples, rngs, point_keys), plan)
@@ -559,26 +564,75 @@ def frontier_contexts(store: ScenarioStore, level: int, rows: np.ndarray,
 # ============================================================================ backends
 
 
-class _Inline:
-    """Runs each task in-process when it is submitted."""
+def _one_thread_each() -> None:
+    """A pool thread's FAISS searches and torch CPU work run on that thread alone (their
+    OpenMP thread counts are per thread; the thread that made the pool keeps its own):
+    the pool, not OpenMP, spreads the work over the cores."""
+    import faiss
+    import torch
 
-    def __init__(self, sampler):
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+
+
+class _Stopped(Exception):
+    """A pool task gave up at its next slice because the run is stopping."""
+
+
+def _check_stop(stop) -> None:
+    if stop is not None and stop.is_set():
+        raise _Stopped()
+
+
+class _Inline:
+    """Runs the tasks in this process: each one when it is submitted, or with ``threads`` > 1
+    in a pool of that many threads (numpy's larger operations, FAISS and torch release the
+    GIL; the Python between them does not). Every task is a function of its batch alone and
+    the level's sums are exact, so the thread count never changes a byte. When the run
+    stops (an error, Ctrl-C), running tasks give up at their next slice of draws."""
+
+    def __init__(self, sampler, threads: int = 1):
         self.sampler = sampler
-        self.capacity = 1
+        self._pool = None
+        if threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="backfill-expand",
+                                            initializer=_one_thread_each)
+        self._stop = threading.Event()
+        # a second task per thread waits in the queue, so no thread idles while the driver
+        # writes; memory holds at most that many batches
+        self.workers = threads
+        self.capacity = 1 if self._pool is None else 2 * threads
         self._done: list[BatchResult] = []
+        self._running: list = []  # futures, in submission order
 
     def submit(self, batch: Batch, plan: LevelPlan) -> None:
-        self._done.append(expand_batch(self.sampler, batch, plan))
+        if self._pool is None:
+            self._done.append(expand_batch(self.sampler, batch, plan))
+        else:
+            self._running.append(self._pool.submit(expand_batch, self.sampler, batch, plan,
+                                                   stop=self._stop))
 
     def pending(self) -> int:
-        return len(self._done)
+        return len(self._done) + len(self._running)
 
     def collect(self) -> list[BatchResult]:
+        if self._running:
+            from concurrent.futures import FIRST_COMPLETED, wait
+
+            finished, _ = wait(self._running, return_when=FIRST_COMPLETED)
+            self._running = [f for f in self._running if f not in finished]
+            self._done += [f.result() for f in finished]  # a task's error is raised here
         out, self._done = self._done, []
         return out
 
     def close(self) -> None:
-        pass
+        if self._pool is not None:
+            self._stop.set()  # running tasks end at their next slice; queued ones never start
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._running = []
 
 
 def _start_local_ray(engine: EngineConfig):
@@ -649,6 +703,7 @@ class _RayPool:
         else:  # a generic sampler has no seam: one actor calls its `sample`
             self.decoders = []
             self.knn = [KnnResidualActor.remote(shared)]
+        self.workers = len(self.knn)
         self.capacity = engine.max_in_flight * len(self.knn)
         self._pending = {}  # ObjectRef -> kNN actor index
         self._load = [0] * len(self.knn)
@@ -700,9 +755,17 @@ class _RayPool:
             ray.shutdown()
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, where the platform tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _executor(sampler, engine: EngineConfig):
     if engine.backend == "inline":
-        return _Inline(sampler)
+        return _Inline(sampler, engine.threads or usable_cores())
     return _RayPool(sampler, engine)
 
 
@@ -861,7 +924,10 @@ def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: _Front
         acc, included = loaded if loaded is not None else (acc, np.zeros(n_front, bool))
     else:  # no marginals to add (the last level under lookahead): only chunks count
         acc, included = None, np.ones(n_front, bool)
-    c, bsize = store.meta.chunk_nodes, config.engine.batch_size
+    # a level smaller than a batch per worker is cut finer, so that every worker gets some
+    # (the batch size never changes a byte)
+    c = store.meta.chunk_nodes
+    bsize = min(config.engine.batch_size, max(1, -(-n_front // executor.workers)))
 
     def needed(b: int) -> bool:
         p0, p1 = b * bsize, min(n_front, (b + 1) * bsize)
@@ -888,6 +954,7 @@ def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: _Front
     t0 = last_save = time.perf_counter()
     queue = iter(todo)
     exhausted = False
+    consistent = True  # acc and included agree (False while one result is being added)
     try:
         while True:
             while not exhausted and executor.pending() < executor.capacity:
@@ -899,18 +966,22 @@ def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: _Front
             if executor.pending() == 0:
                 break
             for res in executor.collect():
+                consistent = False
                 if res.marginal is not None:
                     acc.merge(res.marginal)
                 p0 = res.index * bsize
                 included[p0: p0 + res.n_nodes] |= res.marginal_nodes
+                consistent = True
                 writer.add(res)
                 progress.advance(task, res.n_nodes)
             if acc is not None and time.perf_counter() - last_save >= checkpoint_seconds:
                 ckpt.save(acc, included)
                 last_save = time.perf_counter()
     except BaseException:
-        if acc is not None:
-            with contextlib.suppress(Exception):  # keep what is done for --resume
+        # keep what is done for --resume; half-added results (an interrupt between the merge
+        # and the mask) are not saved: the last checkpoint stands and those tasks rerun
+        if acc is not None and consistent:
+            with contextlib.suppress(Exception):
                 ckpt.save(acc, included)
         raise
     seconds = time.perf_counter() - t0

@@ -142,6 +142,28 @@ def test_table_without_ray_says_skipped(quick):
     assert console.export_text().count("skipped") == 3
 
 
+def test_gpu_bench_compares_the_stores_of_each_thread_count():
+    trees = [{"n_samples": 64, "depth": 5, "threads": 1, "digest": "a"},
+             {"n_samples": 64, "depth": 5, "threads": 16, "digest": "a"},
+             {"n_samples": 64, "depth": 6, "threads": 1, "digest": "b"},
+             {"n_samples": 64, "depth": 6, "threads": 16, "digest": "c"},
+             {"n_samples": 512, "depth": 5, "threads": 16, "digest": "d"}]  # alone: no verdict
+    assert bench.same_bytes(trees) == {"M64_depth5": True, "M64_depth6": False}
+
+
+@pytest.mark.parametrize("args, says", [(["--depths", "5"], "belong to --gpu"),
+                                        (["--gpu", "--depths", "0,5"], "from 1 to 64"),
+                                        (["--gpu", "--threads", "1,x"], "comma-separated")])
+def test_bench_refuses_bad_gpu_options_in_one_line(args, says):
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    result = CliRunner().invoke(app, ["bench", *args])
+    assert result.exit_code == 2
+    assert says in result.output and "Traceback" not in result.output
+
+
 def test_plans_keep_the_keys():
     cfg = load_config(None)
     full = bench.plan_for(cfg, quick=False, ray=True)

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from engine import driver, tree
 from engine.cli import app
 from engine.config import Config, TreeConfig
-from engine.errors import ConfigError, StoreError
+from engine.errors import ConfigError, DataError, StoreError
 from engine.rng import LOOKAHEAD, TREE, node_rng
 from engine.samplers import make_sampler
 from engine.store import ScenarioStore
@@ -214,6 +214,70 @@ def test_resume_after_a_crash_gives_the_same_bytes(reference, tmp_path, keep_che
     assert sum(lv == 2 for lv, _ in stats) == store.n_chunks(2) - 3  # done chunks not rewritten
     assert_same_bytes(reference, path)
     assert not partial.exists()
+
+
+class _FailingDraws:
+    """The session sampler, whose kNN half raises a DataError from its ``fail_at``-th call on
+    (from whichever thread makes it)."""
+
+    def __init__(self, sampler, fail_at: int):
+        import threading
+
+        self._sampler, self._fail_at, self._calls = sampler, fail_at, 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._sampler, name)
+
+    def draw(self, *args, **kwargs):
+        with self._lock:
+            self._calls += 1
+            fail = self._calls >= self._fail_at
+        if fail:
+            raise DataError("simulated bad draw")
+        return self._sampler.draw(*args, **kwargs)
+
+
+def test_inline_threads_give_the_same_bytes_and_a_failed_task_leaves_a_resumable_store(
+        reference, tmp_path):
+    """engine.threads > 1 expands several batches at once in this process: same bytes as one
+    at a time; a task that raises in a worker thread (in a level with marginals and a
+    lookahead) stops the run with that error, leaves the level's checkpoint, and the store
+    resumes (with another thread count and batch size) to the same bytes."""
+    make_run(tmp_path / "t3.zarr", run_config(**{"engine.threads": 3, "engine.batch_size": 2}))
+    assert_same_bytes(reference, tmp_path / "t3.zarr")
+    path = tmp_path / "fail.zarr"
+    _, sampler = fitted_sampler()
+    # draw calls: 3 in level 1, then 3 a task in level 2 (its own draws, the lookahead's,
+    # its own again): level 2's three 2-node tasks make calls 4..12
+    failing = _FailingDraws(sampler, fail_at=10)
+    cfg = run_config(**{"engine.threads": 2, "engine.batch_size": 2})
+    with pytest.raises(DataError, match="simulated bad draw"):
+        make_run(path, cfg, sampler=failing, checkpoint_seconds=0)
+    store = ScenarioStore.open(path)
+    assert store.levels_complete == 1 and not store.chunks_done(2).all()
+    assert (Path(str(path) + ".partial") / "level_02.npz").is_file()
+    make_run(path, run_config(**{"engine.threads": 4, "engine.batch_size": 3}), resume=True)
+    assert_same_bytes(reference, path)
+
+
+def test_a_stopped_task_gives_up_at_its_next_slice():
+    """The threaded backend's close() sets the stop event: a task then raises at its next
+    slice of draws instead of finishing its batch."""
+    import threading
+
+    panel, sampler = fitted_sampler()
+    cfg = run_config()
+    c = cfg.data.context
+    ctx = np.broadcast_to(panel.surface[-c:], (4, c) + panel.grid_shape).copy()
+    batch = driver.Batch(0, 0, np.arange(4), np.zeros(4, np.int64), np.full(4, 0.25),
+                         np.ones(4, bool), ctx)
+    plan = driver.level_plan("tree", 1, DEPTH, cfg, 6, panel.grid_shape)
+    stop = threading.Event()
+    assert driver.expand_batch(sampler, batch, plan, stop=stop).n_nodes == 4
+    stop.set()
+    with pytest.raises(driver._Stopped):
+        driver.expand_batch(sampler, batch, plan, stop=stop)
 
 
 def test_resume_skips_finished_tasks(tmp_path):
