@@ -183,7 +183,7 @@ class EngineConfig(_Section):
     num_cpus: int = Field(2, ge=1, description="CPUs of a local Ray started by the engine.")
     threads: int = Field(1, ge=0, description="Inline backend: batches expanded at once, in "
                          "threads of this process (a GPU machine without Ray); 0: one per core. "
-                         "Same bytes for any value.")
+                         "Same bytes for any value; memory holds up to two batches per thread.")
     checkpoint_seconds: float = Field(
         30.0, ge=0, description="Save the level in progress (done tasks, marginal sums) this "
         "often, so --resume after a hard kill reuses its finished chunks; 0: after every task.")
