@@ -128,12 +128,10 @@ def device_info(torch_device: str | None = None) -> dict:
     import faiss
     import torch
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count()
+    from engine.driver import usable_cores
+
     cuda = torch.cuda.is_available()
-    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": usable,
+    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": usable_cores(),
             "torch_device": torch_device or ("cuda" if cuda else "cpu"),
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if cuda else None,
@@ -577,11 +575,10 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
 
 def same_bytes(trees: list[dict]) -> dict[str, bool]:
     """For each (M, depth) run at several thread counts: did every run write the same store?"""
-    groups: dict[str, set] = {}
+    groups: dict[str, list] = {}
     for r in trees:
-        groups.setdefault(f"M{r['n_samples']}_depth{r['depth']}", set()).add(r["digest"])
-    return {key: len(d) == 1 for key, d in groups.items()
-            if sum(f"M{r['n_samples']}_depth{r['depth']}" == key for r in trees) > 1}
+        groups.setdefault(f"M{r['n_samples']}_depth{r['depth']}", []).append(r["digest"])
+    return {key: len(set(d)) == 1 for key, d in groups.items() if len(d) > 1}
 
 
 def render_gpu_table(result: dict):

@@ -373,23 +373,18 @@ def bench(config: ConfigOpt = None,
     from rich.console import Console
 
     from engine.bench import render_gpu_table, render_table, run_bench, run_gpu_bench
+    from engine.errors import ConfigError
 
     if n_samples is not None and n_samples < 8:
-        from engine.errors import ConfigError
-
         raise ConfigError(f"--n-samples {n_samples} is below 8 (tree.n_samples' minimum)")
     depth_list = _csv(depths, int, "--depths")
     thread_list = _csv(threads, int, "--threads")
     if (depth_list is not None or thread_list is not None) and not gpu:
-        from engine.errors import ConfigError
-
         raise ConfigError("--depths and --threads belong to --gpu; the full bench's depths "
                           "are fixed, and its inline runs use engine.threads from --config")
     for flag, values, low, high in (("--depths", depth_list, 1, 64),
                                     ("--threads", thread_list, 1, 1024)):
         if values is not None and (not values or min(values) < low or max(values) > high):
-            from engine.errors import ConfigError
-
             raise ConfigError(f"{flag} needs integers from {low} to {high}, got {values}")
     cfg = _config(config, **{"data.source": data, "train.epochs": epochs})
     if gpu:
