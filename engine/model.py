@@ -81,6 +81,12 @@ class Decoder(nn.Module):
         down = mid - _cumsum_last(F.softplus(raw[..., : self.median]).flip(-1)).flip(-1)
         return torch.cat([down, mid, up], dim=-1)  # (B, H, G, Q)
 
+    def p50(self, e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The median quantile alone, (B, H, G): ``forward(e, z)[..., median]`` to the bit,
+        without the other quantiles' softplus gaps."""
+        return self.net(torch.cat([e, z], dim=-1)).view(
+            -1, self.horizon, self.n_grid, self.n_q)[..., self.median]
+
 
 def _cumsum_last(t: torch.Tensor) -> torch.Tensor:
     """Cumulative sum over the last axis; a single gap (the default quantiles) is returned as
@@ -164,9 +170,15 @@ class CVAE(nn.Module):
         return self._batched(self._at_prior_mean, log_ctx)
 
     def median(self, log_ctx: np.ndarray) -> np.ndarray:
-        """The p50 path (B, H, n_m, n_tau) in log-IV (only it leaves the device)."""
-        med = self.cfg.quantiles.index(0.5)
-        return self._batched(lambda x: self._at_prior_mean(x)[:, med], log_ctx)
+        """The p50 path (B, H, n_m, n_tau) in log-IV (only it leaves the device): the
+        median of ``forecast``, to the bit, decoding no other quantile."""
+        def p50(x):
+            e = self.encode(x)
+            mu_p, _ = self.prior(e)
+            out = x[:, -1].flatten(1)[:, None, :] + self.decoder.p50(e, mu_p) * self.scale
+            return out.reshape(out.shape[0], self.horizon, *self.grid_shape)
+
+        return self._batched(p50, log_ctx)
 
     def decode_prior(self, log_ctx: np.ndarray, eps: np.ndarray, noise_scale: float = 1.0,
                      ) -> np.ndarray:
@@ -177,7 +189,6 @@ class CVAE(nn.Module):
         draw) rows are then decoded in fixed-shape micro-batches.
         """
         B, S, L = eps.shape
-        med = self.cfg.quantiles.index(0.5)
         G = self.grid_shape[0] * self.grid_shape[1]
 
         def encode(x):
@@ -192,7 +203,7 @@ class CVAE(nn.Module):
         def decode(x):
             e, mu, sd, last, z_eps = torch.split(x, [E, L, L, G, L], dim=-1)
             z = mu + noise_scale * sd * z_eps
-            delta = self.decoder(e, z)[..., med] * self.scale  # (rows, H, G)
+            delta = self.decoder.p50(e, z) * self.scale  # (rows, H, G)
             return last[:, None] + delta
 
         out = self._batched(decode, rows)  # (B*S, H, G)

@@ -77,6 +77,47 @@ def test_faiss_agrees_with_brute_force():
     assert all(len(set(groups[row])) == 10 for row in i_f)
 
 
+def _topk_by_definition(keys, queries, cand, k, exclude, groups=None):
+    """``_exact_topk`` as first written: one gather, a three-key sort for the groups."""
+    diff = keys[np.maximum(cand, 0)] - queries[:, None, :]
+    d2 = np.einsum("bcd,bcd->bc", diff, diff)
+    d2 = np.where(cand < 0, np.inf, d2)
+    if exclude is not None:
+        d2 = np.where(exclude, np.inf, d2)
+    if groups is not None:
+        g = groups[np.maximum(cand, 0)]
+        by_group = np.lexsort((cand, d2, g), axis=-1)  # within a group: nearest first
+        g_sorted = np.take_along_axis(g, by_group, 1)
+        first = np.ones_like(g_sorted, dtype=bool)
+        first[:, 1:] = g_sorted[:, 1:] != g_sorted[:, :-1]
+        keep = np.zeros_like(first)
+        np.put_along_axis(keep, by_group, first, 1)
+        d2 = np.where(keep, d2, np.inf)
+    order = np.lexsort((cand, d2), axis=-1)[:, :k]
+    return np.take_along_axis(d2, order, 1), np.take_along_axis(cand, order, 1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_topk_equals_its_definition_with_ties_gaps_and_groups(seed):
+    from engine.knn import _exact_topk
+
+    rng = np.random.default_rng(seed)
+    n, b, c = 300, 37, 120
+    keys = rng.integers(-2, 3, (n, 4)).astype(np.float64)  # integer keys: many exact ties
+    queries = rng.integers(-2, 3, (b, 4)).astype(np.float64)
+    cand = np.stack([rng.permutation(n)[:c] for _ in range(b)]).astype(np.int64)
+    cand[rng.random(cand.shape) < 0.05] = -1  # FAISS's "no more candidates"
+    exclude = rng.random(cand.shape) < (0.97 if seed % 2 else 0.2)  # odd seeds: rows run short
+    groups = (np.arange(n) // 7) if seed < 3 else rng.integers(0, 40_000, n)  # int16 or not
+    for k in (1, 10, 50, c + 5):
+        for ex in (None, exclude):
+            for gr in (None, groups):
+                want = _topk_by_definition(keys, queries, cand, k, ex, gr)
+                got = _exact_topk(keys, queries, cand, k, ex, gr)
+                np.testing.assert_array_equal(got[1], want[1])
+                np.testing.assert_array_equal(got[0], want[0])
+
+
 def test_search_is_batch_independent():
     rng = np.random.default_rng(1)
     keys, queries = rng.standard_normal((3000, 8)), rng.standard_normal((300, 8))
