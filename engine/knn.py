@@ -16,7 +16,8 @@ EXTRA_CANDIDATES = 8
 
 # Queries per block of the float64 re-ranking: a block's (queries, candidates, D) gather
 # stays in cache (about twice as fast as one big gather); each distance is the same einsum
-# over D whatever the block, so the block size never changes a bit.
+# over D whatever the block (numpy sums D in one buffer up to 8192 elements; embeddings are
+# at most 1024), so the block size never changes a bit.
 _RANK_ROWS = 16
 
 
@@ -48,20 +49,20 @@ def _exact_topk(keys: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int,
         return np.take_along_axis(d2, order, 1), np.take_along_axis(cand, order, 1)
     # in that order a group's first candidate is its nearest: keep it, drop the rest
     g = groups[np.maximum(np.take_along_axis(cand, order, 1), 0)]
-    if g.size and 0 <= g.min() and g.max() < 2**15:
+    if np.issubdtype(g.dtype, np.integer) and g.size and 0 <= g.min() and g.max() < 2**15:
         g = g.astype(np.int16)  # numpy's stable sort of 16-bit keys is a radix sort
     by_group = np.argsort(g, axis=1, kind="stable")  # stable: nearest first within a group
     g = np.take_along_axis(g, by_group, 1)
     first = np.ones_like(g, dtype=bool)
     first[:, 1:] = g[:, 1:] != g[:, :-1]
-    keep = np.zeros_like(first)  # (B, c) in ``order``'s positions
+    keep = np.zeros_like(first)  # (B, c) in ``order``'s positions: each group's nearest
     np.put_along_axis(keep, by_group, first, 1)
-    keep &= np.isfinite(np.take_along_axis(d2, order, 1))
-    # the first k kept candidates, still by (distance, id)
-    pick = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    near = keep & np.isfinite(np.take_along_axis(d2, order, 1))
+    # the first k kept finite candidates, still by (distance, id)
+    pick = np.argsort(~near, axis=1, kind="stable")[:, :k]
     out = np.take_along_axis(order, pick, 1)
-    short = keep.sum(axis=1) < min(k, cand.shape[1])
-    if short.any():  # too few kept: the rest rank at infinity, by id
+    short = near.sum(axis=1) < min(k, cand.shape[1])
+    if short.any():  # too few: the others rank at infinity by id (a group's NaN stays, last)
         kept = np.zeros_like(keep)
         np.put_along_axis(kept, order, keep, 1)  # back to the candidates' own positions
         d2f = np.where(kept[short], d2[short], np.inf)

@@ -108,7 +108,10 @@ def test_exact_topk_equals_its_definition_with_ties_gaps_and_groups(seed):
     cand = np.stack([rng.permutation(n)[:c] for _ in range(b)]).astype(np.int64)
     cand[rng.random(cand.shape) < 0.05] = -1  # FAISS's "no more candidates"
     exclude = rng.random(cand.shape) < (0.97 if seed % 2 else 0.2)  # odd seeds: rows run short
-    groups = (np.arange(n) // 7) if seed < 3 else rng.integers(0, 40_000, n)  # int16 or not
+    # groups of 7 (int16 inside), or colliding labels that int16 cannot hold
+    groups = (np.arange(n) // 7) if seed < 3 else rng.integers(0, 40, n) + 40_000
+    if seed == 5:
+        keys[rng.integers(0, n, 20)] = np.nan  # NaN distances rank last, as before
     for k in (1, 10, 50, c + 5):
         for ex in (None, exclude):
             for gr in (None, groups):
