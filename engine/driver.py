@@ -1106,6 +1106,7 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
     from engine.data.panel import make_splits
     from engine.pipeline import Prepared, get_model
     from engine.samplers import make_sampler
+    from engine.samplers.knn import KnnResidualSampler
     from engine.train import progress_bar
 
     cfg = prep.config
@@ -1131,6 +1132,10 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
         finally:
             if "progress" in vars(sampler):
                 del sampler.progress  # a rich Progress does not pickle (Ray ships the sampler)
+    if console is not None and isinstance(sampler, KnnResidualSampler):
+        console.print(sampler.bank_summary())
+        if (note := sampler.locality_note()) is not None:
+            console.print(f"note: {note}")
     return sampler
 
 

@@ -163,7 +163,12 @@ def fit_methods(prep: Prepared, model, specs: list[MethodSpec], progress=None,
         fitted[spec.name] = FittedMethod(sampler, seconds)
         if group is not None:
             group_fit[group] = (spec.name, sampler)
-        _say(console, f"{spec.name}: fitted in {seconds:.1f}s")
+        if isinstance(sampler, KnnResidualSampler):
+            _say(console, f"{spec.name}: fitted in {seconds:.1f}s ({sampler.bank_summary()})")
+            if (note := sampler.locality_note()) is not None:
+                _say(console, f"note: {note}")
+        else:
+            _say(console, f"{spec.name}: fitted in {seconds:.1f}s")
     return {s.name: fitted[s.name] for s in specs}
 
 

@@ -8,6 +8,8 @@ make a query's neighbours (and so its samples) depend on the batch it sits in.
 
 from __future__ import annotations
 
+import warnings
+
 import faiss
 import numpy as np
 
@@ -130,7 +132,11 @@ def kernel_weights(d2: np.ndarray, kernel: str) -> np.ndarray:
         w = finite.astype(np.float64)
     else:
         d = np.sqrt(np.where(finite, d2, 0.0))
-        h = np.median(np.where(finite, d, np.nan), axis=1, keepdims=True)
+        # the median over the row's real neighbours (ids FAISS or an exclusion left out are
+        # at infinity); a row without any keeps the fallback bandwidth below
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # numpy: "All-NaN slice"
+            h = np.nanmedian(np.where(finite, d, np.nan), axis=1, keepdims=True)
         h = np.where(np.isfinite(h) & (h > 0), h, 1.0)
         w = np.where(finite, np.exp(-0.5 * (d / h) ** 2), 0.0)
     total = w.sum(axis=1, keepdims=True)

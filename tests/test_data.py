@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pandas as pd
@@ -129,9 +130,15 @@ def test_real_spx_surface():
     np.testing.assert_allclose(panel.moneyness, [0.9, 0.95, 0.975, 1.0, 1.025, 1.05, 1.1])
     np.testing.assert_array_equal(panel.maturity_days, [61, 91, 182, 365, 548, 730])
     assert str(panel.dates[0]) == "2006-01-30" and str(panel.dates[-1]) == "2009-06-18"
-    # The default horizon (90) leaves the 20% calibration split without a complete window.
-    with pytest.raises(DataError, match="calibration split has no complete window"):
+    # The default horizon (90) leaves the 20% calibration split without a complete window;
+    # the error names shares that fit, and they do.
+    with pytest.raises(DataError, match="calibration split has no complete window") as info:
         make_splits(panel, tiny_config(**{"data.context": 60, "data.horizon": 90}).data)
+    shares = re.search(r"data.split_fractions = \[([\d., ]+)\]", str(info.value))
+    fractions = tuple(float(x) for x in shares.group(1).split(","))
+    splits = make_splits(panel, tiny_config(**{"data.context": 60, "data.horizon": 90,
+                                               "data.split_fractions": fractions}).data)
+    assert min(len(splits.anchors(name)) for name in SPLITS) >= 30
     make_splits(panel, tiny_config(**{"data.context": 60, "data.horizon": 30}).data)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine.data.panel import make_splits
+from engine.errors import DataError
 from engine.knn import KnnIndex, brute_knn, kernel_weights
 from engine.samplers import make_sampler
 from engine.samplers.bank import block_train_mask, build_bank, context_features
@@ -151,6 +152,23 @@ def test_kernel_weights_normalised_and_decreasing():
     np.testing.assert_allclose(kernel_weights(d2, "uniform")[0], 0.25)
 
 
+def test_kernel_bandwidth_is_the_median_of_the_real_neighbours_only():
+    # Neighbours an exclusion (or FAISS) left out sit at infinity: they get no weight and
+    # do not move the bandwidth, so the others weigh as in a row without them. (A NaN
+    # median once fell back to bandwidth 1: on a short history with wide embeddings the
+    # leave-one-out rows put all weight on one or two neighbours, the conformal scale
+    # reached 1e8 and the samples overflowed.)
+    rng = np.random.default_rng(0)
+    d2 = np.sort(rng.uniform(5.0, 150.0, size=(3, 9)), axis=1)
+    full = kernel_weights(d2, "gaussian")
+    padded = kernel_weights(np.concatenate([d2, np.full((3, 4), np.inf)], axis=1), "gaussian")
+    np.testing.assert_array_equal(padded[:, 9:], 0.0)
+    np.testing.assert_allclose(padded[:, :9], full, rtol=1e-12)
+    assert full.max() < 0.5  # spread over the row, not on its nearest key
+    none = kernel_weights(np.full((1, 4), np.inf), "gaussian")
+    np.testing.assert_array_equal(none, 0.0)
+
+
 def test_weighted_quantiles_match_a_loop():
     rng = np.random.default_rng(3)
     values = rng.standard_normal((4, 9, 3))
@@ -232,6 +250,26 @@ def test_conformal_widens_an_overconfident_mixture():
     sc = s.scores_.transpose(1, 0, 2).reshape(config.data.horizon, -1)
     cover = (sc <= s.split_scale_[:, None]).mean(axis=1)
     assert (cover >= config.sampler.coverage - 1e-9).all()
+
+
+def test_a_short_history_whose_neighbours_are_most_of_the_bank_is_flagged():
+    config = tiny_config(**{"sampler.point": "pca-ar", "sampler.embedding": "features"})
+    s = make_sampler("knn", config).fit(toy_panel(n_days=500))
+    assert 2 * s.k_ <= s.n_episodes and s.locality_note() is None
+    assert f"{s.n_episodes} episodes" in s.bank_summary() and f"k = {s.k_}" in s.bank_summary()
+    wide = tiny_config(**{"sampler.point": "pca-ar", "sampler.embedding": "features",
+                          "sampler.k": s.n_episodes // 2 + 1})
+    note = make_sampler("knn", wide).fit(toy_panel(n_days=500)).locality_note()
+    assert note is not None and f"out of only {s.n_episodes} episodes" in note
+
+
+def test_degenerate_neighbour_bands_are_refused_not_overflowed():
+    """With one neighbour the band is a point: no finite widening covers anything, so the
+    fit says so in one line instead of sampling overflowing paths."""
+    config = tiny_config(**{"sampler.point": "pca-ar", "sampler.embedding": "features",
+                            "sampler.k": 1})
+    with pytest.raises(DataError, match=r"degenerate.*k = 1 of \d+ episodes; raise sampler.k"):
+        make_sampler("knn-conformal", config).fit(toy_panel(n_days=500))
 
 
 # --- the online conformal scale -----------------------------------------------------------------

@@ -158,11 +158,35 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
             need = H if name != "train" else C + H
             span = (f" ({panel.dates[start]} .. {panel.dates[stop - 1]})" if n_days > 0 else "")
             after = f" after a {E}-day embargo" if name != "train" and E else ""
+            fit = _fractions_that_fit(panel.history_days, C, H, E)
+            if fit and not (data_cfg.calibration_start or data_cfg.test_start):
+                how = (f"set data.split_fractions = [{fit[0]:g}, {fit[1]:g}, {fit[2]:g}] (then "
+                       f"calibration and test hold {MIN_WINDOWS}+ windows each), shorten "
+                       "data.horizon, or give more history")
+            else:
+                how = ("shorten data.horizon, change data.split_fractions / the split dates, or "
+                       "give more history")
             raise DataError(
                 f"{name} split has no complete window: it holds {n_days} days{span}{after} and "
-                f"needs at least {need} (context {C}, horizon {H}); shorten data.horizon, "
-                "change data.split_fractions / the split dates, or give more history")
+                f"needs at least {need} (context {C}, horizon {H}); {how}")
     return splits
+
+
+MIN_WINDOWS = 30  # the windows per split that a suggested split_fractions leaves
+
+
+def _fractions_that_fit(n_days: int, C: int, H: int, E: int) -> tuple[float, ...] | None:
+    """Split shares, in steps of 0.05 (calibration = test), that leave calibration and test
+    MIN_WINDOWS complete windows each after their embargo, and train as many; None if no
+    such shares exist for this history."""
+    for step in range(4, 10):  # calibration and test shares 0.2 .. 0.45
+        f = step / 20
+        cal, tst = round((1 - 2 * f) * n_days), round((1 - f) * n_days)
+        splits = Splits(C, H, E, {"train": (0, cal), "calibration": (cal + E, tst),
+                                  "test": (tst + E, n_days)})
+        if all(len(splits.anchors(name)) >= MIN_WINDOWS for name in SPLITS):
+            return (round(1 - 2 * f, 2), f, f)
+    return None
 
 
 def _first_on_or_after(panel: Panel, date: str, key: str) -> int:

@@ -54,6 +54,23 @@ class KnnResidualSampler(ConditionalSampler):
         self.k_ = min(self.k_, n_episodes)
         self.point_models_ = list(self.bank_.models)
 
+    @property
+    def n_episodes(self) -> int:
+        return len(np.unique(self.groups_))
+
+    def bank_summary(self) -> str:
+        return (f"residual bank of {len(self.bank_.anchors)} windows in {self.n_episodes} "
+                f"episodes of {self.episode_} days, k = {self.k_} neighbours")
+
+    def locality_note(self) -> str | None:
+        """A warning when the neighbours are most of the bank (a short history): the law
+        is then close to the pooled one, not conditional on the context."""
+        if 2 * self.k_ <= self.n_episodes:
+            return None
+        return (f"{self.name} takes k = {self.k_} neighbours out of only {self.n_episodes} "
+                f"episodes of history, so they are hardly local and its law is close to the "
+                f"pooled one; more history, or a smaller sampler.k, makes it conditional")
+
     # --- the decoder's half -------------------------------------------------------------------
     def point_forecast(self, log_ctx: np.ndarray) -> np.ndarray:
         """(B, F, H, n_m, n_tau) log-IV: the point path of each of the F fold models."""

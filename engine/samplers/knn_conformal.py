@@ -81,6 +81,7 @@ class KnnConformalSampler(KnnResidualSampler):
         # days. (Its own episode is already one neighbour at most: see the knn sampler.)
         self.scores_ = self._scores(np.arange(len(self.bank_.anchors)), self.horizon)  # (N, H, G)
         self.split_scale_ = self._global_scale(self.scores_)
+        self._check_scale(self.split_scale_)
         self.fold_last_train_ = self._fold_last_train()
         self.history_ = (panel.n_days, _digest(panel.log_surface))
         if self.config.sampler.conformal == "online":
@@ -95,6 +96,20 @@ class KnnConformalSampler(KnnResidualSampler):
         n = s.shape[1]
         level = min(1.0, np.ceil((n + 1) * (1 - alpha)) / n)
         return np.quantile(s, level, axis=1, method="higher")
+
+    def _check_scale(self, scale: np.ndarray) -> None:
+        """Refuse a calibration that would widen the neighbours' band beyond SCORE_EDGES[-1]
+        (1000x): their bands are then degenerate (a point, or the mean outside them), which
+        happens with too few neighbour episodes, and the samples would overflow."""
+        bad = ~(scale <= SCORE_EDGES[-1])
+        if bad.any():
+            h = int(np.argmax(bad)) + 1
+            raise DataError(
+                f"knn-conformal's calibration found its neighbours' "
+                f"{self.config.sampler.coverage:.0%} bands degenerate: at "
+                f"horizon {h} the band must widen {float(scale[h - 1]):.3g}x to cover "
+                f"(required: at most {SCORE_EDGES[-1]:.0f}x) with k = {self.k_} of "
+                f"{len(np.unique(self.groups_))} episodes; raise sampler.k or give more history")
 
     def _score(self, keys: np.ndarray, y: np.ndarray, exclude, extra: int) -> np.ndarray:
         """Nonconformity (b, H, G) of residual paths ``y`` (b, H, G) against the neighbour
