@@ -165,7 +165,7 @@ def fit_methods(prep: Prepared, model, specs: list[MethodSpec], progress=None,
             group_fit[group] = (spec.name, sampler)
         if isinstance(sampler, KnnResidualSampler):
             _say(console, f"{spec.name}: fitted in {seconds:.1f}s ({sampler.bank_summary()})")
-            if (note := sampler.locality_note()) is not None:
+            if (note := sampler.locality_note(spec.name)) is not None:
                 _say(console, f"note: {note}")
         else:
             _say(console, f"{spec.name}: fitted in {seconds:.1f}s")

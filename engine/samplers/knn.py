@@ -62,12 +62,13 @@ class KnnResidualSampler(ConditionalSampler):
         return (f"residual bank of {len(self.bank_.anchors)} windows in {self.n_episodes} "
                 f"episodes of {self.episode_} days, k = {self.k_} neighbours")
 
-    def locality_note(self) -> str | None:
+    def locality_note(self, label: str | None = None) -> str | None:
         """A warning when the neighbours are most of the bank (a short history): the law
-        is then close to the pooled one, not conditional on the context."""
+        is then close to the pooled one, not conditional on the context. ``label`` names
+        the sampler in it (default: its name)."""
         if 2 * self.k_ <= self.n_episodes:
             return None
-        return (f"{self.name} takes k = {self.k_} neighbours out of only {self.n_episodes} "
+        return (f"{label or self.name} takes k = {self.k_} neighbours out of only {self.n_episodes} "
                 f"episodes of history, so they are hardly local and its law is close to the "
                 f"pooled one; more history, or a smaller sampler.k, makes it conditional")
 
