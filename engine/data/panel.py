@@ -158,8 +158,9 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
             need = H if name != "train" else C + H
             span = (f" ({panel.dates[start]} .. {panel.dates[stop - 1]})" if n_days > 0 else "")
             after = f" after a {E}-day embargo" if name != "train" and E else ""
-            fit = _fractions_that_fit(panel.history_days, C, H, E)
-            if fit and not (data_cfg.calibration_start or data_cfg.test_start):
+            by_dates = data_cfg.calibration_start or data_cfg.test_start
+            fit = None if by_dates else _fractions_that_fit(panel.history_days, C, H, E)
+            if fit is not None:
                 how = (f"set data.split_fractions = [{fit[0]:g}, {fit[1]:g}, {fit[2]:g}] (then "
                        f"calibration and test hold {MIN_WINDOWS}+ windows each), shorten "
                        "data.horizon, or give more history")

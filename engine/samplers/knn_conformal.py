@@ -109,7 +109,7 @@ class KnnConformalSampler(KnnResidualSampler):
                 f"{self.config.sampler.coverage:.0%} bands degenerate: at "
                 f"horizon {h} the band must widen {float(scale[h - 1]):.3g}x to cover "
                 f"(required: at most {SCORE_EDGES[-1]:.0f}x) with k = {self.k_} of "
-                f"{len(np.unique(self.groups_))} episodes; raise sampler.k or give more history")
+                f"{self.n_episodes} episodes; raise sampler.k or give more history")
 
     def _score(self, keys: np.ndarray, y: np.ndarray, exclude, extra: int) -> np.ndarray:
         """Nonconformity (b, H, G) of residual paths ``y`` (b, H, G) against the neighbour
