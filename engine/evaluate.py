@@ -261,7 +261,23 @@ class PooledMoments:
         if x.size == 0:
             return
         n_b, mean_b = x.size, float(x.mean())
-        m2_b = float(((x - mean_b) ** 2).sum())
+        d = x - mean_b
+        self._merge(n_b, mean_b, float(np.square(d, out=d).sum()))
+
+    def add_steps(self, paths: np.ndarray, axis: int) -> None:
+        """``add(np.diff(paths, axis=axis))`` in two passes over the steps instead of five:
+        their sum telescopes to last - first, and their squares are summed by one einsum."""
+        d = np.diff(paths, axis=axis)
+        if d.size == 0:
+            return
+        n_b = d.size
+        total = np.take(paths, -1, axis=axis) - np.take(paths, 0, axis=axis)
+        mean_b = float(total.sum()) / n_b
+        flat = d.reshape(-1)
+        m2_b = max(float(np.einsum("i,i->", flat, flat)) - n_b * mean_b * mean_b, 0.0)
+        self._merge(n_b, mean_b, m2_b)
+
+    def _merge(self, n_b: int, mean_b: float, m2_b: float) -> None:
         n = self.n + n_b
         delta = mean_b - self.mean
         self.m2 += m2_b + delta * delta * self.n * n_b / n
@@ -308,24 +324,26 @@ def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples
     for start in range(0, W, step):
         sl = slice(start, min(W, start + step))
         rngs = [node_rng(seed, 0, int(a), EVALUATION) for a in windows.anchors[sl]]
-        paths = sampler.sample(windows.contexts[sl], n_samples, rngs,
-                               days=windows.anchors[sl])  # (b, M, H, n_m, n_tau)
-        b = paths.shape[0]
-        flat = paths.reshape(b, n_samples, H, G)
+        # log-IV paths: only the days scored below are exponentiated (the same values as
+        # ``sample``'s, which exponentiates every day)
+        log_paths = sampler.sample_log(windows.contexts[sl], n_samples, rngs,
+                                       days=windows.anchors[sl])  # (b, M, H, n_m, n_tau)
+        b = log_paths.shape[0]
+        flat = log_paths.reshape(b, n_samples, H, G)
         for j, h in enumerate(horizons):
-            kept[j, sl] = flat[:, :, h - 1]
+            kept[j, sl] = np.exp(flat[:, :, h - 1])
         start_surface = windows.contexts[sl, -1].reshape(b, G)
         for h in var_h:
-            var_pnl[h][sl] = metrics.vega_pnl(start_surface, flat[:, :, h - 1])
+            var_pnl[h][sl] = metrics.vega_pnl(start_surface, np.exp(flat[:, :, h - 1]))
         if H >= 2:
             # Roughness in log-IV (the model's space): scale-free, and not dominated by the
             # few stressed paths whose iv-unit moves are largest.
-            rough.add(np.diff(np.log(flat), axis=2))
+            rough.add_steps(flat, axis=2)
         for w in range(sl.start, sl.stop):
             if w in fan_at:
-                atm_path = paths[w - sl.start, :, :, windows.atm[0], windows.atm[1]]  # (M, H)
-                fans[fan_at[w]] = np.quantile(atm_path, FAN_QUANTILES, axis=0).T
-        del paths, flat
+                atm = log_paths[w - sl.start, :, :, windows.atm[0], windows.atm[1]]  # (M, H)
+                fans[fan_at[w]] = np.quantile(np.exp(atm), FAN_QUANTILES, axis=0).T
+        del log_paths, flat
         if task is not None:
             progress.update(task, advance=b)
     return Draws(kept, var_pnl, rough, fans, time.perf_counter() - t0)

@@ -23,6 +23,7 @@ from engine.data.panel import Panel
 from engine.diagnose import run_diagnose
 from engine.errors import ConfigError, DataError
 from engine.evaluate import (
+    PooledMoments,
     check_horizons,
     evaluation_windows,
     fit_methods,
@@ -164,6 +165,23 @@ def test_scores_equal_metrics_recomputed_from_the_samples(setup, evaluated):
     # Roughness is scored on daily log-IV changes (see evaluate.sample_windows).
     assert scored["roughness_ratio"] == pytest.approx(
         metrics.roughness_ratio(np.log(flat), np.log(real)), rel=1e-9)
+
+
+def test_pooled_steps_equal_the_moments_of_the_differences():
+    rng = np.random.default_rng(5)
+    paths = [rng.normal(-1.5, 0.3, size=(b, 7, 12, 3)).cumsum(axis=2) for b in (4, 1, 9)]
+    fast, slow = PooledMoments(), PooledMoments()
+    for p in paths:
+        fast.add_steps(p, axis=2)
+        slow.add(np.diff(p, axis=2))
+    steps = np.concatenate([np.diff(p, axis=2).ravel() for p in paths])
+    assert fast.n == slow.n == steps.size
+    assert fast.mean == pytest.approx(steps.mean(), rel=1e-12)
+    assert fast.std == pytest.approx(steps.std(), rel=1e-12)
+    assert slow.std == pytest.approx(steps.std(), rel=1e-12)
+    empty = PooledMoments()
+    empty.add_steps(paths[0][:, :, :1], axis=2)  # one day: no step
+    assert empty.n == 0
 
 
 def test_sampling_is_batch_independent(setup, monkeypatch):

@@ -59,6 +59,13 @@ class ConditionalSampler(ABC):
     def sample(self, contexts: np.ndarray, n_samples: int,
                rng: SeedLike | Sequence[np.random.Generator] = None,
                days: np.ndarray | None = None) -> np.ndarray:
+        return np.exp(self.sample_log(contexts, n_samples, rng, days))
+
+    def sample_log(self, contexts: np.ndarray, n_samples: int,
+                   rng: SeedLike | Sequence[np.random.Generator] = None,
+                   days: np.ndarray | None = None) -> np.ndarray:
+        """``sample`` in log-IV (its log, without the exp and log round trip: a caller that
+        needs only some days in iv units exponentiates just those)."""
         if not self.is_fitted():
             raise not_fitted(self)
         contexts = np.asarray(contexts, dtype=np.float64)
@@ -76,7 +83,7 @@ class ConditionalSampler(ABC):
                 raise DataError(f"days has shape {days.shape}; it needs one anchor day per "
                                 f"context ({contexts.shape[0]},)")
             log_paths = self._sample_at(np.log(contexts), int(n_samples), rngs, days)
-        return np.exp(log_paths)
+        return log_paths
 
     def observe(self, panel: Panel) -> None:
         """Show the sampler the days after its fit (online samplers adapt; default: nothing)."""

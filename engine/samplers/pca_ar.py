@@ -58,8 +58,9 @@ def project(x: np.ndarray, basis: np.ndarray) -> np.ndarray:
     (small) for paths and G only for the (B, G) start scores.
     """
     out = x[..., 0, None] * basis[0]
+    term = np.empty_like(out) if basis.shape[0] > 1 else None
     for i in range(1, basis.shape[0]):
-        out += x[..., i, None] * basis[i]
+        out += np.multiply(x[..., i, None], basis[i], out=term)  # no new array per term
     return out
 
 
@@ -143,5 +144,7 @@ class PcaArSampler(ConditionalSampler):
         start = self._start_scores(log_contexts)[:, None]  # (B, 1, k)
         factors = ar1_paths(drive, start, self.phi_)  # (B, M, H, k)
         # (B, M, H, G)
-        paths = self.mean_ + project(factors, self.components_) + self.residuals_[resid_idx]
+        paths = project(factors, self.components_)
+        paths += self.mean_  # in place: the same sums as mean_ + project(...) + residuals
+        paths += self.residuals_[resid_idx]
         return paths.reshape(B, n_samples, H, *self.grid_)
