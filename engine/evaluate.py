@@ -163,12 +163,11 @@ def fit_methods(prep: Prepared, model, specs: list[MethodSpec], progress=None,
         fitted[spec.name] = FittedMethod(sampler, seconds)
         if group is not None:
             group_fit[group] = (spec.name, sampler)
-        if isinstance(sampler, KnnResidualSampler):
-            _say(console, f"{spec.name}: fitted in {seconds:.1f}s ({sampler.bank_summary()})")
-            if (note := sampler.locality_note(spec.name)) is not None:
-                _say(console, f"note: {note}")
-        else:
-            _say(console, f"{spec.name}: fitted in {seconds:.1f}s")
+        knn = isinstance(sampler, KnnResidualSampler)
+        bank = f" ({sampler.bank_summary()})" if knn else ""
+        _say(console, f"{spec.name}: fitted in {seconds:.1f}s{bank}")
+        if knn and (note := sampler.locality_note(spec.name)) is not None:
+            _say(console, f"note: {note}")
     return {s.name: fitted[s.name] for s in specs}
 
 
@@ -330,11 +329,12 @@ def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples
                                        days=windows.anchors[sl])  # (b, M, H, n_m, n_tau)
         b = log_paths.shape[0]
         flat = log_paths.reshape(b, n_samples, H, G)
+        surface = {h: np.exp(flat[:, :, h - 1]) for h in set(horizons) | set(var_h)}
         for j, h in enumerate(horizons):
-            kept[j, sl] = np.exp(flat[:, :, h - 1])
+            kept[j, sl] = surface[h]
         start_surface = windows.contexts[sl, -1].reshape(b, G)
         for h in var_h:
-            var_pnl[h][sl] = metrics.vega_pnl(start_surface, np.exp(flat[:, :, h - 1]))
+            var_pnl[h][sl] = metrics.vega_pnl(start_surface, surface[h])
         if H >= 2:
             # Roughness in log-IV (the model's space): scale-free, and not dominated by the
             # few stressed paths whose iv-unit moves are largest.
@@ -343,7 +343,7 @@ def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples
             if w in fan_at:
                 atm = log_paths[w - sl.start, :, :, windows.atm[0], windows.atm[1]]  # (M, H)
                 fans[fan_at[w]] = np.quantile(np.exp(atm), FAN_QUANTILES, axis=0).T
-        del log_paths, flat
+        del log_paths, flat, surface
         if task is not None:
             progress.update(task, advance=b)
     return Draws(kept, var_pnl, rough, fans, time.perf_counter() - t0)

@@ -73,8 +73,11 @@ class Decoder(nn.Module):
         self.net = mlp(cfg.embed_dim + cfg.latent_dim, cfg.hidden, horizon * n_grid * self.n_q,
                        cfg.dropout)
 
+    def _raw(self, e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([e, z], dim=-1)).view(-1, self.horizon, self.n_grid, self.n_q)
+
     def forward(self, e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        raw = self.net(torch.cat([e, z], dim=-1)).view(-1, self.horizon, self.n_grid, self.n_q)
+        raw = self._raw(e, z)
         mid = raw[..., self.median : self.median + 1]  # (B, H, G, 1)
         # Non-crossing by construction: quantiles step away from the median by softplus gaps.
         up = mid + _cumsum_last(F.softplus(raw[..., self.median + 1 :]))
@@ -84,8 +87,7 @@ class Decoder(nn.Module):
     def p50(self, e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The median quantile alone, (B, H, G): ``forward(e, z)[..., median]`` to the bit,
         without the other quantiles' softplus gaps."""
-        return self.net(torch.cat([e, z], dim=-1)).view(
-            -1, self.horizon, self.n_grid, self.n_q)[..., self.median]
+        return self._raw(e, z)[..., self.median]
 
 
 def _cumsum_last(t: torch.Tensor) -> torch.Tensor:

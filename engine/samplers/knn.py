@@ -48,10 +48,9 @@ class KnnResidualSampler(ConditionalSampler):
         # paths are near copies: one neighbour per episode (a block of `episode` days).
         self.episode_ = cfg.episode_days or max(1, self.horizon // 3)
         self.groups_ = self.bank_.anchors // self.episode_
-        n_episodes = len(np.unique(self.groups_))
         # A quarter of the episodes: local, yet >= 20 so a 90% band has two draws per tail.
-        self.k_ = cfg.k if cfg.k else int(np.clip(n_episodes // 4, 20, 100))
-        self.k_ = min(self.k_, n_episodes)
+        self.k_ = cfg.k if cfg.k else int(np.clip(self.n_episodes // 4, 20, 100))
+        self.k_ = min(self.k_, self.n_episodes)
         self.point_models_ = list(self.bank_.models)
 
     @property
