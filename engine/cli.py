@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +28,10 @@ def fail(message: str) -> None:
 
 
 def user_errors(fn):
-    """Turn BackfillError into one stderr line and exit 2; no traceback for user mistakes."""
+    """Turn BackfillError into one stderr line and exit 2; no traceback for user mistakes.
+
+    A file that cannot be read or written (OSError) and an allocation the machine cannot
+    hold (MemoryError) are one line too; BACKFILL_TRACEBACK=1 shows their traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -38,14 +42,73 @@ def user_errors(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as err:
+            if os.environ.get("BACKFILL_TRACEBACK"):
+                raise
+            where = f" {err.filename}" if err.filename else ""
+            fail(f"cannot access{where}: {err.strerror or err}; check the path and its "
+                 "permissions")
+        except MemoryError as err:
+            if os.environ.get("BACKFILL_TRACEBACK"):
+                raise
+            fail(f"out of memory ({str(err).strip() or 'MemoryError'}); lower the sizes "
+                 "asked for (tree.n_samples, tree.depth or tree.max_frontier, --n-paths, "
+                 "store.marginal_bins, evaluate.n_samples)")
 
     return wrapper
 
 
-def _config(config: Path | None, **overrides):
+def _writable_dir(folder: Path, flag: str) -> None:
+    """Prove, before any long work and without making anything, that ``folder`` (or the
+    nearest existing folder above it, where the command will make it) takes a new file."""
+    import tempfile
+
+    from engine.errors import ConfigError
+
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ConfigError(f"{flag}: {existing} is a file, not a folder; pass a path in a "
+                          "writable folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".backfill-probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{flag}: cannot write in folder {existing} ({err.strerror or err}); "
+                          "pass a path in a writable folder") from None
+
+
+def _out_file(out: Path, flag: str = "--out") -> Path:
+    """``out`` names a file this command will write: refuse now one that cannot be."""
+    from engine.errors import ConfigError
+
+    if out.is_dir():
+        raise ConfigError(f"{flag} {out} is a folder; pass a file path")
+    _writable_dir(out.parent, f"{flag} {out}")
+    return out
+
+
+def _out_dir(out: Path) -> Path:
+    """``out`` names a folder this command will write its files into."""
+    from engine.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a folder path (it is created)")
+    _writable_dir(out, f"--out {out}")
+    return out
+
+
+# the config key each command-line flag overrides (so a bad value names its flag)
+_FLAGS = {"data.source": "--data", "seed": "--seed", "tree.depth": "--depth",
+          "engine.backend": "--backend", "engine.address": "--address",
+          "train.epochs": "--epochs", "data.horizon": "--horizon",
+          "evaluate.n_samples": "--n-samples", "evaluate.methods": "--methods",
+          "evaluate.horizons": "--horizons"}
+
+
+def _config(config: Path | None, flags: dict[str, str] = _FLAGS, **overrides):
     from engine.config import load_config
 
-    return load_config(config, {k: v for k, v in overrides.items() if v is not None})
+    return load_config(config, {k: v for k, v in overrides.items() if v is not None}, flags)
 
 
 def _console():
@@ -75,6 +138,7 @@ def train(out: Annotated[Path, typer.Option("--out", help="Where to save the che
 
     cfg = _config(config, **{"data.source": data, "seed": seed, "train.epochs": epochs,
                              "data.horizon": horizon})
+    _out_file(out)
     ctx = prepare(cfg)
     train_and_report(ctx, out, console=_console())
 
@@ -88,7 +152,7 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
 
     defaults = DEMO_DEFAULTS if config is None else {}
     cfg = _config(config, **{**defaults, "data.source": "synthetic", "seed": seed})
-    run_demo(cfg, out, console=_console())
+    run_demo(cfg, _out_dir(out), console=_console())
 
 
 @app.command()
@@ -106,7 +170,7 @@ def evaluate(out: Annotated[Path, typer.Option("--out", help="Report folder.")],
         "data.source": data, "seed": seed, "evaluate.n_samples": n_samples,
         "evaluate.methods": _csv(methods, str, "--methods"),
         "evaluate.horizons": _csv(horizons, int, "--horizons")})
-    run_evaluation(cfg, out, model_path=model, console=_console())
+    run_evaluation(cfg, _out_dir(out), model_path=model, console=_console())
 
 
 @app.command()
@@ -118,7 +182,7 @@ def diagnose(out: Annotated[Path, typer.Option("--out", help="Report folder.")],
     from engine.diagnose import run_diagnose
 
     cfg = _config(config, **{"data.source": data, "seed": seed})
-    run_diagnose(cfg, out, model_path=model, console=_console())
+    run_diagnose(cfg, _out_dir(out), model_path=model, console=_console())
 
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="The scenario store (a Zarr directory).")]
@@ -146,15 +210,28 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
     console = _console()
     prep = prepare(cfg)
     inputs = driver.run_inputs(prep, start)
-    # open (or check) the store before any training: a wrong --resume fails in a second
-    scenario = driver.open_store(store, kind=kind, config=cfg, fingerprint=inputs.fingerprint,
+
+    def open_store():
+        return driver.open_store(store, kind=kind, config=cfg, fingerprint=inputs.fingerprint,
                                  start_date=inputs.start_date, grid=inputs.grid,
                                  start_context=inputs.start_context, n_paths=n_paths,
                                  resume=resume, overwrite=overwrite)
-    if scenario.levels_complete >= scenario.meta.depth:
-        console.print(f"{scenario.path} is complete ({scenario.meta.depth} levels)")
-        return
+
+    # Check the store (and a cluster address) before any training, so a wrong --resume or
+    # path fails in a second; but create it (and --overwrite delete the old one) only once
+    # the sampler is fitted: bad input found by the fit then leaves no stub behind.
+    if resume:
+        scenario = open_store()
+        if scenario.levels_complete >= scenario.meta.depth:
+            console.print(f"{scenario.path} is complete ({scenario.meta.depth} levels)")
+            return
+    else:
+        driver.check_run_target(store, kind=kind, n_paths=n_paths, overwrite=overwrite)
+    if cfg.engine.backend == "ray" and cfg.engine.address is not None:
+        driver.connect_ray(cfg.engine)
     sampler = driver.fit_for_run(prep, inputs, model, console)
+    if not resume:
+        scenario = open_store()
     console.print(f"{kind} from {inputs.start_date}: depth {cfg.tree.depth}, backend "
                   f"{cfg.engine.backend}, store {scenario.path}"
                   + (f" (resuming after level {scenario.levels_complete})" if resume else ""))
@@ -192,7 +269,9 @@ def mc(store: StoreOpt,
 def _open_store(store: Path):
     from engine.store import ScenarioStore
 
-    return ScenarioStore.open(store)
+    scenario = ScenarioStore.open(store)
+    scenario.check_intact()  # a lost chunk file would read as NaN, not fail
+    return scenario
 
 
 def _out_suffix(out: Path, allowed: tuple[str, ...]) -> str:
@@ -202,7 +281,7 @@ def _out_suffix(out: Path, allowed: tuple[str, ...]) -> str:
 
         raise ConfigError(f"--out {out} has suffix {suffix or '(none)'!r}; use one of "
                           f"{', '.join(allowed)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _out_file(out)
     return suffix
 
 
@@ -215,6 +294,7 @@ def marginals(store: StoreOpt,
 
     suffix = _out_suffix(out, (".parquet", ".csv"))
     frame = marginals_frame(_open_store(store))
+    out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".csv":
         frame.to_csv(out, index=False)
     else:
@@ -238,6 +318,7 @@ def paths(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="F.np
     lv = scenario.levels_complete if level is None else level
     days = np.concatenate([scenario.level_days(k) for k in range(1, lv + 1)])
     grid = scenario.meta.grid
+    out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npz":
         np.savez_compressed(out, paths=full, weight=weight, dates=days.astype("datetime64[D]"),
                             moneyness=np.asarray(grid["moneyness"]),
@@ -309,7 +390,11 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     import numpy as np
 
     from engine import driver
+    from engine.errors import ConfigError
 
+    if maturity is not None and not (np.isfinite(maturity) and maturity > 0):
+        raise ConfigError(f"--maturity {maturity} is not a maturity in days; pass a positive "
+                          "number (the nearest grid maturity is plotted)")
     _out_suffix(out, (".png", ".pdf", ".svg"))
     scenario = _open_store(store)
     m = scenario.read_marginals()
@@ -335,6 +420,7 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     ax.legend(loc="upper left")
     fig.autofmt_xdate()
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     _console().print(f"wrote {out}")
@@ -375,6 +461,8 @@ def bench(config: ConfigOpt = None,
     from engine.bench import render_gpu_table, render_table, run_bench, run_gpu_bench
     from engine.errors import ConfigError
 
+    if json_out is not None:
+        _out_file(json_out, "--json")
     if n_samples is not None and n_samples < 8:
         raise ConfigError(f"--n-samples {n_samples} is below 8 (tree.n_samples' minimum)")
     depth_list = _csv(depths, int, "--depths")
@@ -420,7 +508,25 @@ def _csv(text: str | None, kind, flag: str):
 
 
 def main() -> None:
-    app()
+    import sys
+
+    # typer's usage errors (click's, or its own copy of click's in typer >= 0.20): one line
+    # on stderr instead of a boxed usage message
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    no_args = getattr(sys.modules[usage_error.__module__], "NoArgsIsHelpError", ())
+    try:
+        code = app(standalone_mode=False)
+    except no_args:
+        code = 2  # `backfill` or `backfill config` alone: the help is printed already
+    except usage_error as err:  # a flag typo, a missing option, an unknown command
+        command = err.ctx.command_path if err.ctx is not None else "backfill"
+        message = " ".join(err.format_message().split()).rstrip(".")
+        typer.echo(f"error: {message}. See `{command} --help`.", err=True)
+        code = 2
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

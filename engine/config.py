@@ -8,16 +8,73 @@ output can be traced back to what made it.
 from __future__ import annotations
 
 import tomllib
+import types
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from engine.errors import ConfigError
 
+# Seeds go to numpy's SeedSequence and to torch.manual_seed (as seed + a small offset, e.g.
+# seed + 1000 + fold): both take them below 2**63 with room to spare, none at 2**64.
+MAX_SEED = 2**63 - 1
+
+
+def _check_seed(seed: int) -> int:
+    if seed > MAX_SEED:
+        raise ValueError(f"a seed must be at most 2**63 - 1 = {MAX_SEED} (numpy and torch take "
+                         "63-bit seeds); pick a smaller seed")
+    return seed
+
+
+Seed = Annotated[int, Field(ge=0), AfterValidator(_check_seed)]
+
+
+def _number_kind(annotation) -> str | None:
+    """'an integer' / 'a number' when a field holds ints / floats (alone, optional, or in a
+    list or tuple), else None."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, tuple):
+        kinds = {_number_kind(a) for a in typing.get_args(annotation) if a not in (type(None), ...)}
+        kinds.discard(None)
+        return "a number" if "a number" in kinds else (kinds.pop() if kinds else None)
+    if annotation is int:
+        return "an integer"
+    if annotation is float:
+        return "a number"
+    return None
+
+
+def _holds_bool(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_holds_bool(v) for v in value)
+    return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")  # numpy's too
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf / nan are refused in every float field: no setting means "infinite".
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_bool_numbers(cls, value, info: ValidationInfo):
+        # pydantic's lax mode reads true as 1 and false as 0 in int and float fields
+        kind = _number_kind(cls.model_fields[info.field_name].annotation)
+        if kind is not None and _holds_bool(value):
+            raise ValueError(f"found a boolean where {kind} is required; write {kind} "
+                             "instead of true / false")
+        return value
 
 
 class SyntheticConfig(_Section):
@@ -27,7 +84,7 @@ class SyntheticConfig(_Section):
         6000, ge=200, le=200_000,
         description="Business days of history to simulate (one stress episode every ~1.6 "
         "years); `backfill evaluate` scores a longer test span: see test_days.")
-    seed: int = Field(7, ge=0, description="Seed of the simulated history.")
+    seed: Seed = Field(7, description="Seed of the simulated history.")
     test_days: int = Field(
         24000, ge=0, le=1_000_000,
         description="Days simulated after the history for `backfill evaluate` only: its test "
@@ -99,7 +156,7 @@ class TrainConfig(_Section):
     """Training of the CVAE."""
 
     epochs: int = Field(25, ge=1, le=10_000)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, le=1 << 20)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     val_fraction: float = Field(
@@ -108,7 +165,8 @@ class TrainConfig(_Section):
         "stopping and the reported validation loss; 0 = none.")
     window_stride: int = Field(1, ge=1, description="Use every k-th training window.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default.")
+    threads: int = Field(0, ge=0, le=1024,
+                         description="torch CPU threads; 0 = torch's default.")
 
 
 class SamplerConfig(_Section):
@@ -156,7 +214,9 @@ class TreeConfig(_Section):
     stride: int = Field(0, ge=0, description="Days a child keeps; 0 = the whole horizon.")
     weight_floor: float = Field(0.02, ge=0, lt=0.2, description="Floor of a child's share.")
     max_frontier: int = Field(0, ge=0, description="Resample frontiers above this; 0 = never.")
-    min_weight: float = Field(0.0, ge=0, description="Drop nodes below this probability.")
+    min_weight: float = Field(
+        0.0, ge=0, lt=1, description="Drop nodes below this probability (0 = keep all; a "
+        "level whose nodes all fall below keeps its heaviest).")
     lookahead: int = Field(
         20, ge=0, le=1024, description="Lookahead candidates per node (0 = off): the node's "
         "distinct sampled paths (or as many score strata when it has more), each drawn one "
@@ -168,20 +228,32 @@ class TreeConfig(_Section):
         "branching x n_samples / lookahead (at least 8): as many as the K children would draw "
         "(128 at the defaults).")
 
+    @model_validator(mode="after")
+    def _check_branching(self) -> TreeConfig:
+        # a node's K children are K distinct paths out of its M draws (tree._check_log_paths)
+        if self.branching > self.n_samples:
+            raise ValueError(
+                f"tree.branching = {self.branching} exceeds tree.n_samples = {self.n_samples}: "
+                f"each node keeps {self.branching} of its {self.n_samples} sampled paths as "
+                f"children; raise tree.n_samples to at least {self.branching} or lower "
+                "tree.branching")
+        return self
+
 
 class EngineConfig(_Section):
     """Where and how the tree is computed."""
 
     backend: Literal["ray", "inline"] = "ray"
     address: str | None = Field(None, description="None starts a local Ray; 'auto' joins one.")
-    n_decoders: int = Field(1, ge=1, description="Decoder actors (the CVAE's forward pass; "
+    n_decoders: int = Field(1, ge=1, le=4096, description="Decoder actors (the CVAE's forward pass; "
                             "a GPU each where the cluster has them).")
-    n_knn: int = Field(2, ge=1, description="kNN-residual actors: the draw, the children and "
+    n_knn: int = Field(2, ge=1, le=4096, description="kNN-residual actors: the draw, the children and "
                        "the marginal sums, most of a node's time; about one per free core.")
-    batch_size: int = Field(256, ge=1, description="Frontier nodes per task.")
-    max_in_flight: int = Field(4, ge=1, description="Tasks in flight per actor.")
-    num_cpus: int = Field(2, ge=1, description="CPUs of a local Ray started by the engine.")
-    threads: int = Field(1, ge=0, description="Inline backend: batches expanded at once, in "
+    batch_size: int = Field(256, ge=1, le=1 << 16, description="Frontier nodes per task.")
+    max_in_flight: int = Field(4, ge=1, le=1024, description="Tasks in flight per actor.")
+    num_cpus: int = Field(2, ge=1, le=4096,
+                          description="CPUs of a local Ray started by the engine.")
+    threads: int = Field(1, ge=0, le=1024, description="Inline backend: batches expanded at once, in "
                          "threads of this process (a GPU machine without Ray); 0: one per core. "
                          "Same bytes for any value; memory holds up to two batches per thread.")
     checkpoint_seconds: float = Field(
@@ -192,9 +264,10 @@ class EngineConfig(_Section):
 class StoreConfig(_Section):
     """The Zarr v3 scenario store."""
 
-    chunk_nodes: int = Field(2048, ge=1, description="Nodes per chunk of a level's arrays (one "
+    chunk_nodes: int = Field(2048, ge=1, le=1 << 16, description="Nodes per chunk of a level's arrays (one "
                              "file per array and chunk: bigger chunks write faster).")
-    marginal_bins: int = Field(2048, ge=64, description="Histogram bins per (day, grid point).")
+    marginal_bins: int = Field(2048, ge=64, le=1 << 14,
+                               description="Histogram bins per (day, grid point).")
 
 
 class EvalConfig(_Section):
@@ -207,17 +280,17 @@ class EvalConfig(_Section):
         description="Methods scored; 'oracle' only on the synthetic market.",
     )
     horizons: list[int] = [1, 5, 10, 20, 30, 60, 90]
-    n_samples: int = Field(1000, ge=10)
+    n_samples: int = Field(1000, ge=10, le=1 << 16)
     window_stride: int = Field(
         0, ge=0, description="Score every k-th test window; 0 = the smallest stride that "
         "keeps at most `max_windows` windows.")
-    max_windows: int = Field(1250, ge=1, description="Cap of the automatic window stride.")
+    max_windows: int = Field(1250, ge=1, le=1_000_000, description="Cap of the automatic window stride.")
 
 
 class Config(_Section):
     """The whole configuration."""
 
-    seed: int = Field(0, ge=0, description="Run seed: every random stream derives from it.")
+    seed: Seed = Field(0, description="Run seed: every random stream derives from it.")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -235,33 +308,44 @@ class Config(_Section):
         return parse_config(d)
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
+def _format_validation_error(err: ValidationError, origin: str,
+                             flags: dict[str, str] | None = None) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+    if flags and loc in flags:  # set by a command-line flag: blame the flag, not the file
+        msg = first["msg"].removeprefix("Value error, ")
+        return f"{flags[loc]} {first.get('input')!r}: invalid value for '{loc}': {msg}"
     if first["type"] == "extra_forbidden":
         return (f"{origin}: unknown key '{loc}'; remove it or fix its spelling "
                 "(`backfill config show` lists every key)")
     msg = first["msg"].removeprefix("Value error, ")
-    return f"{origin}: invalid value for '{loc}': {msg} (got {first.get('input')!r})"
+    got = first.get("input")
+    if isinstance(got, dict | BaseModel):  # a check across a section's keys: the message names them
+        return f"{origin}: invalid value for '{loc}': {msg}"
+    return f"{origin}: invalid value for '{loc}': {msg} (got {got!r})"
 
 
-def parse_config(d: dict, origin: str = "config") -> Config:
-    """Validate a plain dict into a Config; any problem becomes one ConfigError line."""
+def parse_config(d: dict, origin: str = "config", flags: dict[str, str] | None = None) -> Config:
+    """Validate a plain dict into a Config; any problem becomes one ConfigError line (naming
+    the command-line flag, per ``flags`` {dotted key: flag}, where one set the bad value)."""
     try:
         return Config.model_validate(d)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, origin)) from None
+        raise ConfigError(_format_validation_error(err, origin, flags)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """Read a TOML file (or the defaults), then apply dotted-key overrides."""
+def load_config(path: str | Path | None = None, overrides: dict | None = None,
+                flags: dict[str, str] | None = None) -> Config:
+    """Read a TOML file (or the defaults), then apply dotted-key overrides (``flags``: the
+    command-line flag that set each override, for error messages)."""
     raw: dict = {}
     origin = "defaults"
     if path is not None:
         p = Path(path)
         origin = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file {p} not found; pass an existing TOML file to --config")
+            found = "not found" if not p.exists() else "not a regular file"
+            raise ConfigError(f"config file {p} {found}; pass an existing TOML file to --config")
         try:
             raw = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
@@ -274,7 +358,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return parse_config(raw, origin)
+    given = {k: f for k, f in (flags or {}).items() if (overrides or {}).get(k) is not None}
+    return parse_config(raw, origin, given)
 
 
 def to_toml(cfg: Config) -> str:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -88,6 +89,8 @@ __all__ = [
     "BatchResult",
     "LevelPlan",
     "LevelStats",
+    "check_run_target",
+    "connect_ray",
     "decode_batch",
     "expand_batch",
     "fit_for_run",
@@ -477,6 +480,22 @@ def _write_attrs(path: Path, **attrs) -> None:
         zarr.consolidate_metadata(root.store)
 
 
+MAX_MC_PATHS = 10**9  # 8 GB of weights alone; far beyond what a brute-force reference needs
+
+
+def check_run_target(path: str | Path, *, kind: str, n_paths: int | None = None,
+                     resume: bool = False, overwrite: bool = False) -> None:
+    """What ``open_store`` would refuse about a new store, checked without writing: the CLI
+    runs it before the long fit, so a refusal is quick and ``overwrite`` deletes nothing
+    until the run is ready to start. (A resumed store is opened and checked at once.)"""
+    if resume and overwrite:
+        raise ConfigError("--resume continues a store and --overwrite replaces it; pass one")
+    if kind == "mc" and (n_paths is None or not 1 <= n_paths <= MAX_MC_PATHS):
+        raise ConfigError(f"mc needs --n-paths in 1..{MAX_MC_PATHS:,}, got {n_paths}")
+    if not resume:
+        ScenarioStore.check_new(path, overwrite)
+
+
 def open_store(path: str | Path, *, kind: str, config: Config, fingerprint: str,
                start_date: str, grid: dict, start_context: np.ndarray,
                n_paths: int | None = None, resume: bool = False,
@@ -484,17 +503,15 @@ def open_store(path: str | Path, *, kind: str, config: Config, fingerprint: str,
     """A new store for a run (``kind`` 'tree' or 'mc'), or, with ``resume``, the interrupted
     store of the same run: config (but its engine section), seed, data fingerprint, start date
     and context must match, else StoreError says what differs."""
-    if resume and overwrite:
-        raise ConfigError("--resume continues a store and --overwrite replaces it; pass one")
+    check_run_target(path, kind=kind, n_paths=n_paths, resume=resume, overwrite=overwrite)
     start = str(parse_start_date(start_date))
     ctx = np.asarray(start_context, dtype=np.float64)
-    if kind == "mc" and (n_paths is None or n_paths < 1):
-        raise ConfigError(f"mc needs --n-paths >= 1, got {n_paths}")
     if resume:
         store = ScenarioStore.open(path, "r+")
         if store.meta.kind != kind:
+            command = "run" if store.meta.kind == "tree" else "mc"
             raise StoreError(f"{store.path} holds a {store.meta.kind} run, not {kind}; resume "
-                             f"it with `backfill {store.meta.kind}` or pass a new path")
+                             f"it with `backfill {command}` or pass a new path")
         store.check_compatible(config.to_dict(), fingerprint, config.seed)
         attrs = _read_attrs(store.path)
         problems = []
@@ -509,6 +526,7 @@ def open_store(path: str | Path, *, kind: str, config: Config, fingerprint: str,
             raise StoreError(f"cannot resume {store.path}: " + "; ".join(problems) + "; rerun "
                              "with the store's start date and settings, or pass a new path or "
                              "--overwrite")
+        store.check_intact()
         return store
     store = ScenarioStore.create(path, config=config.to_dict(), seed=config.seed, grid=grid,
                                  fingerprint=fingerprint, start_date=start, kind=kind,
@@ -653,6 +671,23 @@ def _start_local_ray(engine: EngineConfig):
              log_to_driver=False, configure_logging=False)
 
 
+def connect_ray(engine: EngineConfig) -> None:
+    """Join the Ray cluster at ``engine.address`` (no-op if this process already has)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        with warnings.catch_warnings():  # a failed join warns as well as raising
+            warnings.simplefilter("ignore")
+            ray.init(address=engine.address, log_to_driver=False,
+                     logging_level=logging.ERROR)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"cannot join the Ray cluster at {engine.address!r} "
+                          f"({str(err).strip().splitlines()[0]}); start it, fix "
+                          "--address, or leave it out for a local Ray") from None
+
+
 class _RayPool:
     """Decoder and kNN-residual actors sharing one fitted sampler through the object store.
 
@@ -672,12 +707,7 @@ class _RayPool:
             if engine.address is None:
                 _start_local_ray(engine)
             else:
-                try:
-                    ray.init(address=engine.address, log_to_driver=False)
-                except (ConnectionError, RuntimeError, ValueError) as err:
-                    raise ConfigError(f"cannot join the Ray cluster at {engine.address!r} "
-                                      f"({str(err).strip().splitlines()[0]}); start it, fix "
-                                      "--address, or leave it out for a local Ray") from None
+                connect_ray(engine)
             self._started = True
         try:
             self._start_actors(sampler, engine)
@@ -1177,6 +1207,12 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99)) -> list[dict]:
     P&L of a node at its level's last day T: sum over the grid of (iv_T - iv_start), in iv
     units (0.01 = one vol point per grid point); weights are the nodes' probabilities.
     """
+    levels = list(levels)
+    if not levels:
+        raise ConfigError("no VaR level given; pass levels in (0, 1), e.g. --levels 0.95,0.99")
+    if store.levels_complete < 1:
+        raise StoreError(f"{store.path} has no complete level yet; finish the run with "
+                         "`backfill run --resume`")
     start = start_context_of(store)[-1]  # (n_m, n_tau) the start day's surface
     rows = []
     for level in range(1, store.levels_complete + 1):

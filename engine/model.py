@@ -235,7 +235,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
     """Rebuild a model from the file alone; never unpickles arbitrary objects."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"model file {path} not found; train one with `backfill train "
+        found = "not found" if not path.exists() else "not a regular file"
+        raise CheckpointError(f"model file {path} {found}; train one with `backfill train "
                               "--out model.pt` or leave --model out")
     try:
         blob = torch.load(path, map_location=device, weights_only=True)

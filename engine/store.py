@@ -41,6 +41,7 @@ changes metadata; workers only write chunks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import warnings
@@ -266,6 +267,14 @@ class _Level:
 
 _LEVEL_ARRAYS = ("paths", "parent", "branch", "weight", "node", "done", "day", "moneyness",
                  "maturity")
+# what a finished level / finished marginals must have every chunk file of
+_LEVEL_DATA = ("paths", "parent", "branch", "weight", "node", "done")
+_MARGINAL_DATA = ("quantiles", "mean", "std", "quantile")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 class ScenarioStore:
@@ -285,15 +294,8 @@ class ScenarioStore:
     def create(cls, path: str | Path, *, config: dict, seed: int, grid: dict, fingerprint: str,
                start_date: str, kind: str, depth: int, chunk_nodes: int,
                overwrite: bool = False) -> ScenarioStore:
-        p = parse_store_path(path)
+        p = cls.check_new(path, overwrite)
         if p.exists() and any(p.iterdir()):
-            if not overwrite:
-                raise StoreError(f"{p} already exists and is not empty; pass --resume to continue "
-                                 "that run, or a new path, or --overwrite to replace it")
-            if not (p / "zarr.json").is_file():
-                # never rmtree a directory that is not a store (a typo could name $HOME)
-                raise StoreError(f"{p} exists and is not a Zarr store, so --overwrite will not "
-                                 "delete it; pass a new path")
             shutil.rmtree(p)
         if kind not in KINDS:
             raise StoreError(f"kind {kind!r} is not one of {KINDS}; pass 'tree' or 'mc'")
@@ -309,6 +311,21 @@ class ScenarioStore:
         store._consolidate()
         return store
 
+    @staticmethod
+    def check_new(path: str | Path, overwrite: bool = False) -> Path:
+        """The path ``create`` would write to, or StoreError if it may not (checked before
+        any long work, so a refusal costs nothing and nothing is deleted yet)."""
+        p = parse_store_path(path)
+        if p.exists() and any(p.iterdir()):
+            if not overwrite:
+                raise StoreError(f"{p} already exists and is not empty; pass --resume to continue "
+                                 "that run, or a new path, or --overwrite to replace it")
+            if not (p / "zarr.json").is_file():
+                # never rmtree a directory that is not a store (a typo could name $HOME)
+                raise StoreError(f"{p} exists and is not a Zarr store, so --overwrite will not "
+                                 "delete it; pass a new path")
+        return p
+
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> ScenarioStore:
         if mode not in ("r", "r+"):
@@ -316,13 +333,14 @@ class ScenarioStore:
         p = parse_store_path(path)
         if not (p / "zarr.json").is_file():
             what = "does not exist" if not p.exists() else "is not a Zarr store"
-            raise StoreError(f"{p} {what}; pass the path of a store made by `backfill tree`")
+            raise StoreError(f"{p} {what}; pass the path of a store made by `backfill run` or "
+                             "`backfill mc`")
         try:
             # never consolidated: a worker must see the metadata as it is now
             root = zarr.open_group(p, mode=mode, zarr_format=3, use_consolidated=False)
         except (ValueError, KeyError, TypeError, OSError) as err:  # zarr's errors are ValueErrors
-            raise StoreError(f"{p} is not a readable Zarr v3 group ({err}); pass the path of a "
-                             "store made by `backfill tree`") from None
+            raise StoreError(f"{p} is not a readable Zarr v3 group ({_first_line(err)}); pass "
+                             "the path of a store made by `backfill run` or `backfill mc`") from None
         meta = StoreMeta.from_dict(root.attrs.asdict(), origin=str(p))
         return cls(p, root, meta, mode)
 
@@ -363,6 +381,47 @@ class ScenarioStore:
         """The levels whose group exists (complete or not), in order."""
         names = [n for n, _ in self._root.groups() if n.startswith("level_")]
         return sorted(int(n.removeprefix("level_")) for n in names)
+
+    @contextlib.contextmanager
+    def _reading(self, what: str):
+        """Turn a chunk or metadata file that zarr cannot decode into one StoreError line."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- zarr and its codecs raise many kinds
+            raise StoreError(f"{self.path}/{what} cannot be read ({type(err).__name__}: "
+                             f"{_first_line(err)}); the store is damaged: rerun it into a new "
+                             "path or with --overwrite") from None
+
+    def damage(self) -> str | None:
+        """The first missing piece of what the store says is finished (each level marked
+        complete; the marginals once every level is), or None. Lists files, reads no chunk:
+        zarr reads a missing chunk file as its fill value, so a lost file would otherwise
+        pass for data (NaN paths)."""
+        wanted = [(_level_name(k), _LEVEL_DATA) for k in range(1, self.levels_complete + 1)]
+        if self.levels_complete >= self.meta.depth:
+            wanted.append((MARGINALS, _MARGINAL_DATA))
+        with self._reading("(metadata)"):
+            for name, arrays in wanted:
+                if name not in self._root:
+                    return f"{name} is missing"
+                group = self._root[name]
+                for a in arrays:
+                    if a not in group:
+                        return f"{name}/{a} is missing"
+                    arr = group[a]
+                    lost = arr.nchunks - arr.nchunks_initialized
+                    if lost:
+                        return f"{name}/{a} lacks {lost} of its {arr.nchunks} chunk files"
+        return None
+
+    def check_intact(self) -> None:
+        """StoreError if ``damage`` finds a finished part of the store missing."""
+        problem = self.damage()
+        if problem:
+            raise StoreError(f"{self.path} is damaged: {problem}; its data cannot be trusted: "
+                             "rerun it into a new path or with --overwrite")
 
     def to_dict(self) -> dict:
         out = self.meta.to_dict()
@@ -502,15 +561,18 @@ class ScenarioStore:
             return self._levels[level]
         self._check_level_number(level)
         name = _level_name(level)
-        if name not in self._root:
-            raise StoreError(f"{self.path} has no {name}; create_level({level}, ...) first "
-                             "(or resume the run)")
-        group = self._root[name]
-        missing = [a for a in _LEVEL_ARRAYS if a not in group]
-        if missing:
-            raise StoreError(f"{self.path}/{name} lacks arrays {missing}; resume the run so "
-                             "create_level can finish it")
-        lv = _Level(group, *(group[a] for a in ("paths", "parent", "branch", "weight", "done")))
+        damaged = level <= self.levels_complete  # a finished level must be whole
+        fix = ("the store is damaged: rerun it into a new path or with --overwrite" if damaged
+               else "resume the run (`backfill run --resume`) to write it")
+        with self._reading(name):
+            if name not in self._root:
+                raise StoreError(f"{self.path} has no {name} yet; {fix}")
+            group = self._root[name]
+            missing = [a for a in _LEVEL_ARRAYS if a not in group]
+            if missing:
+                raise StoreError(f"{self.path}/{name} lacks arrays {missing}; {fix}")
+            lv = _Level(group, *(group[a] for a in ("paths", "parent", "branch", "weight",
+                                                    "done")))
         self._levels[level] = lv
         return lv
 
@@ -573,7 +635,9 @@ class ScenarioStore:
         lv.done[start_node // c: -(-stop // c)] = True
 
     def chunks_done(self, level: int) -> np.ndarray:
-        return np.asarray(self._level(level).done[:], dtype=bool)
+        lv = self._level(level)
+        with self._reading(f"{_level_name(level)}/done"):
+            return np.asarray(lv.done[:], dtype=bool)
 
     def mark_level_complete(self, level: int) -> None:
         """Record ``levels_complete = level`` once every chunk of it is written."""
@@ -588,7 +652,7 @@ class ScenarioStore:
             missing = np.flatnonzero(~done)
             raise StoreError(f"level {level} has {missing.size} of {done.size} chunks unwritten "
                              f"(first: chunk {missing[0]}); write them before marking it complete")
-        total = float(np.sum(self._level(level).weight[:]))
+        total = float(np.sum(self.read_weights(level)))
         if abs(total - 1.0) > 1e-6:
             raise StoreError(f"level {level}: weights sum to {total!r}, required 1 (absolute "
                              "probabilities); fix the weights and rewrite the level")
@@ -597,7 +661,9 @@ class ScenarioStore:
 
     def _check_done(self, level: int, start: int, stop: int) -> None:
         c = self.meta.chunk_nodes
-        done = self._level(level).done[start // c: -(-stop // c)]
+        lv = self._level(level)
+        with self._reading(f"{_level_name(level)}/done"):
+            done = lv.done[start // c: -(-stop // c)]
         if not np.all(done):
             first = start // c + int(np.flatnonzero(~done)[0])
             raise StoreError(f"level {level} chunk {first} is not written yet; finish the run "
@@ -605,7 +671,9 @@ class ScenarioStore:
 
     def read_weights(self, level: int) -> np.ndarray:
         """The whole level's absolute weights (N,) float64, without reading its paths."""
-        return np.asarray(self._level(level).weight[:], dtype=np.float64)
+        lv = self._level(level)
+        with self._reading(f"{_level_name(level)}/weight"):
+            return np.asarray(lv.weight[:], dtype=np.float64)
 
     def read_level(self, level: int, start: int = 0, stop: int | None = None) -> dict:
         """Rows [start, stop) of a level as numpy: paths, parent, branch, weight."""
@@ -616,8 +684,9 @@ class ScenarioStore:
                              f"[0, {lv.n_nodes}); pass a range inside the level")
         self._check_done(level, start, stop)
         rows = slice(start, stop)
-        return {"paths": lv.paths[rows], "parent": lv.parent[rows], "branch": lv.branch[rows],
-                "weight": lv.weight[rows]}
+        with self._reading(_level_name(level)):
+            return {"paths": lv.paths[rows], "parent": lv.parent[rows],
+                    "branch": lv.branch[rows], "weight": lv.weight[rows]}
 
     def iter_chunks(self, level: int) -> Iterator[tuple[int, int, dict]]:
         """``(start, stop, read_level(level, start, stop))`` for each chunk, in order."""
@@ -710,16 +779,19 @@ class ScenarioStore:
 
     def _marginals_group(self) -> zarr.Group:
         if MARGINALS not in self._root:
-            raise StoreError(f"{self.path} has no marginals; call create_marginals first "
-                             "(or finish the run)")
+            fix = ("the store is damaged: rerun it into a new path or with --overwrite"
+                   if self.levels_complete >= self.meta.depth
+                   else "finish the run with `backfill run --resume` first")
+            raise StoreError(f"{self.path} has no marginals; {fix}")
         return self._root[MARGINALS]
 
     def read_marginals(self) -> dict:
         """``days`` (datetime64[D]), ``quantile`` levels, ``quantiles``, ``mean``, ``std``."""
         group = self._marginals_group()
-        return {"days": self._days_of(group), "quantile": group["quantile"][:],
-                "quantiles": group["quantiles"][:], "mean": group["mean"][:],
-                "std": group["std"][:]}
+        with self._reading(MARGINALS):
+            return {"days": self._days_of(group), "quantile": group["quantile"][:],
+                    "quantiles": group["quantiles"][:], "mean": group["mean"][:],
+                    "std": group["std"][:]}
 
 
 # ----------------------------------------------------------------------------- exports
@@ -746,9 +818,13 @@ def marginals_frame(store: ScenarioStore) -> pd.DataFrame:
 def terminal_paths(store: ScenarioStore, level: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every node of ``level`` (default: the deepest complete one) as its full path from
     day 0, rebuilt from parent pointers: paths (N, days, n_m, n_tau), weights (N,)."""
-    level = store.levels_complete if level is None else level
-    if level < 1:
-        raise StoreError(f"{store.path} has no complete level yet; finish the run with --resume "
-                         "or pass a level")
+    done = store.levels_complete
+    if done < 1:
+        raise StoreError(f"{store.path} has no complete level yet; finish the run with "
+                         "`backfill run --resume`")
+    level = done if level is None else level
+    if not isinstance(level, (int, np.integer)) or not 1 <= level <= done:
+        raise StoreError(f"level {level!r} is not a complete level of {store.path}; pass a "
+                         f"level in 1..{done}")
     n = store.level_size(level)
     return store.ancestor_paths(level, 0, n), store.read_level(level)["weight"]

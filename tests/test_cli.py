@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
+from engine.cli import app, main
 from engine.config import Config, load_config
 from engine.data.io import read_panel
 from engine.model import load_checkpoint
@@ -294,3 +294,27 @@ def test_train_spx_horizon_30(runs):
     assert_trained(proc, cwd / "spx30.pt")
     model, _ = load_checkpoint(cwd / "spx30.pt")
     assert (model.context, model.horizon, model.grid_shape) == (60, 30, (7, 6))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["frobnicate"], ["No such command", "backfill --help"]),
+    (["run", "--store", "x.zarr", "--depth", "two"], ["--depth", "backfill run --help"]),
+    (["marginals", "--out", "x.csv"], ["--store"]),
+    (["var", "--store", "x.zarr", "--bogus"], ["--bogus"]),
+])
+def test_usage_errors_are_one_line_exit_2(monkeypatch, capsys, argv, words):
+    """Through the installed entry point (``main``), not typer's boxed usage message."""
+    monkeypatch.setattr(sys, "argv", ["backfill", *argv])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in words), err
+
+
+def test_help_exits_0(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["backfill", "var", "--help"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 0 and "--levels" in capsys.readouterr().out

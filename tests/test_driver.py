@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -531,17 +532,25 @@ def _invoke(args: list[str]):
     return result
 
 
-def test_cli_run_mc_and_exports(tmp_path):
-    cfg = tmp_path / "tiny.toml"
+@pytest.fixture(scope="module")
+def cli_stores(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(config, tree store, mc store) made by `backfill run` and `backfill mc`."""
+    root = tmp_path_factory.mktemp("cli")
+    cfg = root / "tiny.toml"
     cfg.write_text(TOML)
-    run, mc = tmp_path / "run.zarr", tmp_path / "mc.zarr"
+    run, mc = root / "run.zarr", root / "mc.zarr"
     result = _invoke(["run", "--config", cfg, "--store", run, "--start", "2001-06-30"])
     assert result.exit_code == 0, result.output
+    result = _invoke(["mc", "--config", cfg, "--store", mc, "--n-paths", "10", "--depth", "1"])
+    assert result.exit_code == 0, result.output
+    return cfg, run, mc
+
+
+def test_cli_run_mc_and_exports(cli_stores, tmp_path):
+    cfg, run, mc = cli_stores
     store = ScenarioStore.open(run)
     assert store.levels_complete == 2 and store.level_size(2) == 25
     assert store.meta.start_date == "2001-06-29"  # the last data day on or before (a Friday)
-    result = _invoke(["mc", "--config", cfg, "--store", mc, "--n-paths", "10", "--depth", "1"])
-    assert result.exit_code == 0, result.output
     assert ScenarioStore.open(mc).level_size(1) == 10
     # an existing store is neither overwritten nor resumed without being told
     result = _invoke(["run", "--config", cfg, "--store", run])
@@ -587,6 +596,71 @@ def test_cli_run_mc_and_exports(tmp_path):
         result = _invoke(args)
         assert result.exit_code == 2, (args, result.output)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _one_line_error(args: list, *words: str) -> str:
+    result = _invoke(args)
+    assert result.exit_code == 2, (args, result.output)
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert all(w in err for w in words), (words, err)
+    return err
+
+
+def test_cli_refuses_damaged_stores_and_unwritable_outputs(cli_stores, tmp_path):
+    cfg, run, _ = cli_stores
+    # a lost chunk file would read back as NaN paths: every reader and --resume refuse
+    lost = tmp_path / "lost.zarr"
+    shutil.copytree(run, lost)
+    (lost / "level_02" / "paths" / "c.0.0.0.0").unlink()
+    for args in (["paths", "--store", lost, "--out", tmp_path / "p.npz"],
+                 ["var", "--store", lost], ["marginals", "--store", lost, "--out",
+                                           tmp_path / "m.csv"],
+                 ["run", "--config", cfg, "--store", lost, "--resume", "--start", "2001-06-29"]):
+        _one_line_error(args, "damaged", "level_02/paths", "--overwrite")
+    assert not (tmp_path / "p.npz").exists() and not (tmp_path / "m.csv").exists()
+    # a chunk that does not decode, and lost marginals
+    garbled = tmp_path / "garbled.zarr"
+    shutil.copytree(run, garbled)
+    (garbled / "level_02" / "weight" / "c.0").write_bytes(b"not a chunk")
+    _one_line_error(["var", "--store", garbled], "cannot be read", "level_02")
+    shutil.rmtree(garbled / "marginals" / "quantiles")
+    _one_line_error(["plot", "--store", garbled, "--out", tmp_path / "f.png"],
+                    "damaged", "marginals/quantiles")
+    # bad flags and outputs that cannot be written, refused before any work
+    _one_line_error(["paths", "--store", run, "--out", tmp_path / "p.npz", "--level", "0"],
+                    "1..2")
+    _one_line_error(["var", "--store", run, "--levels", ""], "--levels")
+    _one_line_error(["plot", "--store", run, "--out", tmp_path / "f.png", "--maturity", "nan"],
+                    "--maturity")
+    _one_line_error(["marginals", "--store", run, "--out", cfg / "m.csv"], "is a file")
+    (tmp_path / "folder.csv").mkdir()
+    _one_line_error(["marginals", "--store", run, "--out", tmp_path / "folder.csv"], "folder")
+    _one_line_error(["run", "--config", cfg, "--store", tmp_path / "z.zarr", "--depth", "0"],
+                    "--depth 0", "tree.depth")
+    _one_line_error(["mc", "--config", cfg, "--store", tmp_path / "z.zarr", "--n-paths",
+                     str(10**14)], "--n-paths")
+    empty = ScenarioStore.create(tmp_path / "empty.zarr", config={}, seed=0,
+                                 grid={"moneyness": [1.0], "maturity_days": [30.0]},
+                                 fingerprint="x", start_date="2001-06-29", kind="tree",
+                                 depth=2, chunk_nodes=4)
+    _one_line_error(["var", "--store", empty.path], "no complete level")
+
+
+def test_cli_bad_input_found_by_the_fit_leaves_stores_alone(cli_stores, tmp_path):
+    """--overwrite deletes the old store only once the run is ready to start, and a new
+    store is made only then: a bad checkpoint leaves the old store whole and no stub."""
+    cfg, run, _ = cli_stores
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"")
+    kept = tmp_path / "kept.zarr"
+    shutil.copytree(run, kept)
+    _one_line_error(["run", "--config", cfg, "--store", kept, "--start", "2001-06-29",
+                     "--model", bad, "--overwrite"], "checkpoint")
+    assert_same_bytes(kept, run)
+    _one_line_error(["run", "--config", cfg, "--store", tmp_path / "new.zarr",
+                     "--model", bad], "checkpoint")
+    assert not (tmp_path / "new.zarr").exists()
 
 
 def test_an_online_calibrated_sampler_runs_the_tree(tmp_path):

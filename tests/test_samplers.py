@@ -272,6 +272,14 @@ def test_degenerate_neighbour_bands_are_refused_not_overflowed():
         make_sampler("knn-conformal", config).fit(toy_panel(n_days=500))
 
 
+def test_too_few_episodes_are_refused():
+    """Episodes as long as the history leave one residual path: no band to speak of."""
+    config = tiny_config(**{"sampler.point": "pca-ar", "sampler.embedding": "features",
+                            "sampler.episode_days": 100_000})
+    with pytest.raises(DataError, match=r"holds 1 episodes of 100000 days.*sampler.episode_days"):
+        make_sampler("knn", config).fit(toy_panel(n_days=500))
+
+
 # --- the online conformal scale -----------------------------------------------------------------
 
 

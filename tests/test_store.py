@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -473,3 +474,69 @@ def test_terminal_paths_follow_parents(tree_store):
 def test_terminal_paths_need_a_complete_level(tmp_path):
     with pytest.raises(StoreError, match="no complete level"):
         terminal_paths(make_store(tmp_path / "run.zarr"))
+    store, _ = tree_store_of(tmp_path / "two.zarr")
+    with pytest.raises(StoreError, match=r"level 0 is not a complete level.*1\.\.2"):
+        terminal_paths(store, level=0)
+
+
+def tree_store_of(path: Path) -> tuple[ScenarioStore, dict]:
+    store = make_store(path)
+    tree = tiny_tree()
+    days = business_days_after(START, 2 * H)
+    for level in (1, 2):
+        store.create_level(level, len(tree[level]["paths"]), days[(level - 1) * H: level * H],
+                           (3, 2))
+        write_level(store, level, tree[level])
+        store.mark_level_complete(level)
+    return store, tree
+
+
+def finished(path: Path) -> ScenarioStore:
+    """A complete two-level store with its marginals."""
+    store, _ = tree_store_of(path)
+    D = 2 * H
+    store.write_marginals(business_days_after(START, D), QUANTILES,
+                          np.ones((D, len(QUANTILES), 3, 2)), np.ones((D, 3, 2)),
+                          np.ones((D, 3, 2)))
+    return store
+
+
+def test_an_intact_store_has_no_damage(tmp_path):
+    store = finished(tmp_path / "run.zarr")
+    assert store.damage() is None
+    store.check_intact()
+    # an unfinished run is not damaged: its missing parts are still to come
+    partial = make_store(tmp_path / "partial.zarr")
+    partial.create_level(1, 3, business_days_after(START, H), (3, 2))
+    assert partial.damage() is None
+
+
+@pytest.mark.parametrize("lose, found", [
+    ("level_02/paths/c.1.0.0.0", "level_02/paths lacks 1 of its 3 chunk files"),
+    ("level_01/done/c.0", "level_01/done lacks 1"),
+    ("level_01/weight", "level_01/weight is missing"),
+    ("level_02", "level_02 is missing"),
+    ("marginals/std", "marginals/std is missing"),
+    ("marginals", "marginals is missing"),
+])
+def test_a_lost_file_of_a_finished_part_is_found(tmp_path, lose, found):
+    """zarr reads a missing chunk file as its fill value: NaN paths, not an error."""
+    store = finished(tmp_path / "run.zarr")
+    target = store.path / lose
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    reopened = ScenarioStore.open(store.path)
+    assert found in reopened.damage()
+    with pytest.raises(StoreError, match="is damaged.*--overwrite"):
+        reopened.check_intact()
+
+
+def test_an_undecodable_chunk_is_one_store_error(tmp_path):
+    store = finished(tmp_path / "run.zarr")
+    (store.path / "level_02" / "paths" / "c.0.0.0.0").write_bytes(b"garbage")
+    reopened = ScenarioStore.open(store.path)
+    assert reopened.damage() is None  # the file is there: only reading finds it
+    with pytest.raises(StoreError, match=r"level_02 cannot be read \(.*\); the store is damaged"):
+        reopened.read_level(2)
+    (store.path / "level_01" / "done" / "c.0").write_bytes(b"garbage")
+    with pytest.raises(StoreError, match="level_01/done cannot be read"):
+        ScenarioStore.open(store.path).chunks_done(1)

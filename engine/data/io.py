@@ -7,9 +7,13 @@ Every problem becomes one ``DataError`` line naming the date / column and the fi
 
 from __future__ import annotations
 
+import re
 import warnings
 import zipfile
+from collections import Counter
+from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -37,28 +41,51 @@ def load_panel(data_cfg, evaluation: bool = False) -> Panel:
 
 
 def read_panel(path: str | Path) -> Panel:
+    if isinstance(path, str) and not path.strip():  # Path("") would be ".", "not a file"
+        raise DataError("data path is empty; pass a CSV, Parquet or NPZ file, or 'synthetic'")
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file {p} not found; pass an existing CSV, Parquet or NPZ file, "
                         "or 'synthetic'")
     if p.is_dir() or not p.is_file():
         raise DataError(f"data path {p} is not a file; pass a CSV, Parquet or NPZ file")
+    kind = _format_of(p)
     if p.stat().st_size == 0:
         raise DataError(f"data file {p} is empty; it needs a header "
                         f"({', '.join(COLUMNS)}) and one row per date and grid point")
-    suffix = p.suffix.lower()
-    if suffix == ".npz":
+    if kind == "NPZ":
         return _read_npz(p)
     try:
-        if suffix in (".parquet", ".pq"):
-            df = pd.read_parquet(p)
-        else:
-            df = pd.read_csv(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reader warnings would be extra stderr lines
+            df = pd.read_parquet(p) if kind == "Parquet" else pd.read_csv(p)
     except Exception as err:  # noqa: BLE001 - any reader failure is the user's file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"cannot read {p} as {'Parquet' if suffix in ('.parquet', '.pq') else 'CSV'}"
-                        f" ({first}); check the file's format") from None
+        raise DataError(f"cannot read {p} as {kind} ({_first_line(err)}); check the file's "
+                        "format") from None
     return panel_from_frame(df, str(p))
+
+
+CSV_SUFFIXES = (".csv", ".txt")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst")  # pandas reads these CSVs
+
+
+def _format_of(p: Path) -> str:
+    """'CSV', 'Parquet' or 'NPZ' by the file's extension; any other extension is refused."""
+    suffixes = [x.lower() for x in p.suffixes[-2:]]
+    last = suffixes[-1] if suffixes else ""
+    if last == ".npz":
+        return "NPZ"
+    if last in PARQUET_SUFFIXES:
+        return "Parquet"
+    if last in CSV_SUFFIXES or (last in COMPRESSED_SUFFIXES and len(suffixes) == 2
+                                and suffixes[0] in CSV_SUFFIXES):
+        return "CSV"
+    found = f"extension '{p.suffix}'" if p.suffix else "no extension"
+    hint = ("; save the arrays with numpy.savez as an .npz (surface, dates, moneyness, "
+            "maturity_days)" if last == ".npy" else "; convert it, or rename it if it is one")
+    raise DataError(f"data file {p} has {found}, but the supported formats are .csv (tidy "
+                    f"table, also .csv.gz), .parquet (tidy table) and .npz (arrays){hint}")
 
 
 def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
@@ -71,27 +98,36 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
         raise DataError(f"{source}: missing column '{missing[0]}'; the required columns are "
                         f"{', '.join(COLUMNS)} (found {', '.join(map(str, df.columns))})")
     raw_dates = df["date"]
+    if pd.api.types.is_bool_dtype(raw_dates):
+        raise DataError(f"{source}: column 'date' is boolean (True/False); write dates as "
+                        "YYYY-MM-DD")
     if pd.api.types.is_numeric_dtype(raw_dates):
         # pandas reads numbers as nanoseconds since 1970; a number here means YYYYMMDD.
         raw_dates = raw_dates.map(lambda v: f"{v:.0f}" if np.isfinite(v) else "")
-    with warnings.catch_warnings():
-        # pandas warns on stderr when it cannot infer a format; the check below is the one line.
-        warnings.simplefilter("ignore", UserWarning)
-        dates = pd.to_datetime(raw_dates, errors="coerce")
-    bad = dates.isna()
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{source}: column 'date' has unreadable value {df['date'].iloc[row]!r} "
-                        f"at row {row + 2}; write dates as YYYY-MM-DD")
+    dates = _checked_dates(raw_dates, df["date"], f"{source}: column 'date'",
+                           lambda i: f"row {i + 2}", "write dates as YYYY-MM-DD")
     out = pd.DataFrame({"date": dates.dt.normalize()})
     for col in ("moneyness", "maturity_days", "iv"):
-        vals = pd.to_numeric(df[col], errors="coerce")
-        text_bad = vals.isna() & df[col].notna() & ~df[col].astype(str).str.strip().str.lower().isin(
-            ["nan", "inf", "-inf", "infinity", "-infinity", ""])
+        column = df[col]
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            column = column.astype(object)
+        kind = _non_numeric_kind(column.dtype)
+        if kind:
+            raise DataError(f"{source}: column '{col}' holds {kind} (dtype {column.dtype}) but "
+                            f"must hold real numbers; write {col} as numbers")
+        if column.dtype == object:  # Python objects: True would pass as 1.0, 1j as complex
+            odd = column.map(lambda v: isinstance(v, (bool, np.bool_, complex, np.complexfloating)))
+        else:
+            odd = pd.Series(False, index=column.index)
+        vals = pd.to_numeric(column.where(~odd), errors="coerce")
+        text_bad = odd | (vals.isna() & column.notna()
+                          & ~column.astype(str).str.strip().str.lower().isin(
+                              ["nan", "inf", "-inf", "infinity", "-infinity", ""]))
         if text_bad.any():
             row = int(np.flatnonzero(text_bad.to_numpy())[0])
-            raise DataError(f"{source}: column '{col}' has non-numeric value {df[col].iloc[row]!r} "
-                            f"on {out['date'].iloc[row].date()} (row {row + 2}); write a number")
+            raise DataError(f"{source}: column '{col}' has non-numeric value "
+                            f"{_plain(column.iloc[row])!r} on {out['date'].iloc[row].date()} "
+                            f"(row {row + 2}); write a number")
         out[col] = vals.astype(float)
     for col in ("moneyness", "maturity_days", "iv"):
         finite = np.isfinite(out[col].to_numpy())
@@ -120,21 +156,10 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
                         "one row per (date, moneyness, maturity_days)")
     moneyness = np.sort(out["moneyness"].unique())
     maturities = np.sort(out["maturity_days"].unique())
+    if (out.groupby("date").size() != len(moneyness) * len(maturities)).any():
+        _grid_error(out, source)
     if len(moneyness) > MAX_GRID or len(maturities) > MAX_GRID:
-        raise DataError(f"{source}: grid is {len(moneyness)} x {len(maturities)} (moneyness x "
-                        f"maturity) but at most {MAX_GRID} x {MAX_GRID} is supported; "
-                        "interpolate onto a coarser grid")
-    n_grid = len(moneyness) * len(maturities)
-    counts = out.groupby("date").size()
-    short = counts[counts < n_grid]
-    if len(short):
-        d = short.index[0]
-        have = out.loc[out["date"] == d, ["moneyness", "maturity_days"]]
-        have_set = set(map(tuple, have.to_numpy()))
-        gap = next((m, t) for m in moneyness for t in maturities if (m, t) not in have_set)
-        raise DataError(f"{source}: date {d.date()} has {short.iloc[0]} of {n_grid} grid points "
-                        f"(missing moneyness {gap[0]:g}, maturity {gap[1]:g} days); every date "
-                        "needs the full grid: drop that date or fill the point")
+        raise DataError(_too_big(source, len(moneyness), len(maturities)))
     out = out.sort_values(["date", "moneyness", "maturity_days"], kind="stable")
     T = out["date"].nunique()
     surface = out["iv"].to_numpy().reshape(T, len(moneyness), len(maturities))
@@ -148,25 +173,41 @@ def _read_npz(p: Path) -> Panel:
         raise DataError(f"cannot read {p} as NPZ (not a zip archive); write it with numpy.savez")
     try:
         z = np.load(p, allow_pickle=False)
-        keys = set(z.files)
     except Exception as err:  # noqa: BLE001
-        raise DataError(f"cannot read {p} as NPZ ({err}); check the file's format") from None
+        raise DataError(f"cannot read {p} as NPZ ({_first_line(err)}); check the file's "
+                        "format") from None
     need = ("surface", "dates", "moneyness", "maturity_days")
-    missing = [k for k in need if k not in keys]
-    if missing:
-        raise DataError(f"{p}: missing array '{missing[0]}'; an NPZ needs {', '.join(need)}")
-    try:
-        surface = np.asarray(z["surface"], dtype=float)
-        moneyness = np.asarray(z["moneyness"], dtype=float).reshape(-1)
-        maturities = np.asarray(z["maturity_days"], dtype=float).reshape(-1)
-    except Exception as err:  # noqa: BLE001 - object arrays, text, a corrupt member
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{p}: 'surface', 'moneyness' and 'maturity_days' must be numeric arrays "
-                        f"({first}); store them as float arrays") from None
-    try:
-        dates = np.asarray(z["dates"]).astype("datetime64[D]").reshape(-1)
-    except (ValueError, TypeError):
-        raise DataError(f"{p}: array 'dates' is not dates; store ISO strings or datetime64") from None
+    arrays = {}
+    with z:  # closed on every path: an open archive would warn (ResourceWarning) on stderr
+        missing = [k for k in need if k not in z.files]
+        if missing:
+            raise DataError(f"{p}: missing array '{missing[0]}'; an NPZ needs {', '.join(need)}")
+        for k in need:
+            try:
+                arrays[k] = np.asarray(z[k])
+            except Exception as err:  # noqa: BLE001 - object arrays, a corrupt member
+                what = "ISO date strings or datetime64" if k == "dates" else "a float array"
+                raise DataError(f"{p}: cannot load array '{k}' ({_first_line(err)}); store it "
+                                f"as {what}") from None
+    for k in ("surface", "moneyness", "maturity_days"):
+        dtype = arrays[k].dtype
+        if dtype.kind not in "iuf":  # bool would read as 0/1, complex would lose its imaginary part
+            raise DataError(f"{p}: array '{k}' holds {_npz_kind(dtype)} (dtype {dtype}) but must "
+                            "hold real numbers; store it as a float array")
+    surface = arrays["surface"].astype(np.float64)
+    moneyness = arrays["moneyness"].astype(np.float64).reshape(-1)
+    maturities = arrays["maturity_days"].astype(np.float64).reshape(-1)
+    raw = arrays["dates"].reshape(-1)
+    if raw.dtype.kind == "M":
+        dates = raw.astype("datetime64[D]")
+    elif raw.dtype.kind in "US":
+        strings = pd.Series(raw.astype(str))
+        parsed = _checked_dates(strings, strings, f"{p}: array 'dates'", lambda i: f"index {i}",
+                                "store ISO date strings (YYYY-MM-DD) or datetime64")
+        dates = parsed.dt.normalize().to_numpy().astype("datetime64[D]")
+    else:  # numbers would be days (or ns) since 1970: never what a user meant
+        raise DataError(f"{p}: array 'dates' holds {_npz_kind(raw.dtype)} (dtype {raw.dtype}), "
+                        "not dates; store ISO date strings (YYYY-MM-DD) or datetime64[D]")
     expect = (len(dates), len(moneyness), len(maturities))
     if surface.ndim != 3 or surface.shape != expect:
         raise DataError(f"{p}: 'surface' has shape {surface.shape} but dates x moneyness x "
@@ -183,4 +224,145 @@ def _read_npz(p: Path) -> Panel:
 
 
 def _point(r) -> str:
-    return f"moneyness {r['moneyness']:g}, maturity {r['maturity_days']:g} days"
+    return _pt((r["moneyness"], r["maturity_days"]))
+
+
+def _pt(point) -> str:
+    return f"moneyness {_num(point[0])}, maturity {_num(point[1])} days"
+
+
+def _num(x) -> str:
+    """A grid value short when it is short, else every digit (1.0000001 is not 1)."""
+    x = float(x)
+    short = f"{x:.10g}"
+    return short if float(short) == x or not np.isfinite(x) else repr(x)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _plain(v):
+    """A numpy scalar as the Python value, so a message shows 3, not np.int64(3)."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _too_big(source: str, n_m: int, n_tau: int) -> str:
+    return (f"{source}: grid is {n_m} x {n_tau} (moneyness x maturity) but at most {MAX_GRID} x "
+            f"{MAX_GRID} is supported; interpolate onto a coarser grid")
+
+
+def _grid_error(out: pd.DataFrame, source: str) -> NoReturn:
+    """Name the dates whose grid points differ from the grid most dates share."""
+    per_date = {d.date(): frozenset(zip(g["moneyness"].to_numpy(), g["maturity_days"].to_numpy()))
+                for d, g in out.groupby("date", sort=True)}
+    tally = Counter(per_date.values())
+    # The grid of most dates (on a tie, the larger one) is the one the others should match.
+    common = max(tally, key=lambda pts: (tally[pts], len(pts)))
+    m_c = sorted({m for m, _ in common})
+    t_c = sorted({t for _, t in common})
+    if len(m_c) > MAX_GRID or len(t_c) > MAX_GRID:
+        raise DataError(_too_big(source, len(m_c), len(t_c)))
+    off = [d for d, pts in per_date.items() if pts != common]
+    if not off:  # every date has the same points, but they are not a full rectangle
+        gap = next((m, t) for m in m_c for t in t_c if (m, t) not in common)
+        raise DataError(f"{source}: every date lacks {_pt(gap)}, so the {len(m_c)} x {len(t_c)} "
+                        "grid (moneyness x maturity) is not rectangular; every date needs the "
+                        "full grid: fill that point on every date or drop its moneyness / maturity")
+    d = off[0]
+    extra, missing = sorted(per_date[d] - common), sorted(common - per_date[d])
+    also = ""
+    if len(off) > 1:
+        shown = ", ".join(str(x) for x in off[:3]) + (", ..." if len(off) > 3 else "")
+        also = f" ({len(off)} of {len(per_date)} dates differ from that grid: {shown})"
+
+    def more(pts) -> str:
+        return f" and {len(pts) - 1} more" if len(pts) > 1 else ""
+
+    if extra and missing:
+        raise DataError(f"{source}: date {d} has {_pt(extra[0])}{more(extra)} where the other "
+                        f"dates have {_pt(missing[0])}{more(missing)}{also}; every date needs "
+                        "the same grid: fix those values or drop that date")
+    if extra:
+        raise DataError(f"{source}: date {d} has a grid point the other dates lack "
+                        f"({_pt(extra[0])}{more(extra)}){also}; every date needs the same grid: "
+                        "drop that row or add the point to every date")
+    raise DataError(f"{source}: date {d} has {len(per_date[d])} of {len(common)} grid points "
+                    f"(missing {_pt(missing[0])}{more(missing)}){also}; every date needs the "
+                    "full grid: drop that date or fill the point")
+
+
+# A UTC offset after a time of day ('2011-01-04T00:00:00Z', '... 09:30-05:00').
+_TZ_SUFFIX = re.compile(r"(\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|UTC|GMT|[+-]\d{2}(?::?\d{2})?)$",
+                        re.IGNORECASE)
+
+
+def _naive(v):
+    """A date without its time zone, keeping its own calendar date (not converted to UTC)."""
+    if isinstance(v, str):
+        return _TZ_SUFFIX.sub(r"\1", v.strip())
+    if isinstance(v, datetime) and v.tzinfo is not None:
+        return v.replace(tzinfo=None)
+    return v
+
+
+def _parse_dates(raw: pd.Series) -> pd.Series:
+    """Timestamps without time zone (NaT where unreadable); no warning reaches stderr."""
+    with warnings.catch_warnings():
+        # pandas / numpy warn on stderr (format inference, time zones); the caller's error is
+        # the one line.
+        warnings.simplefilter("ignore")
+        try:
+            dates = pd.to_datetime(raw, errors="coerce")
+        except (ValueError, TypeError, OverflowError):  # e.g. mixed UTC offsets
+            dates = None
+        if dates is None or not pd.api.types.is_datetime64_any_dtype(dates):
+            try:
+                dates = pd.to_datetime(raw.map(_naive), errors="coerce")
+            except (ValueError, TypeError, OverflowError):
+                dates = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns]")
+    if isinstance(dates.dtype, pd.DatetimeTZDtype):
+        dates = dates.dt.tz_localize(None)  # the local calendar date, as written
+    return dates
+
+
+def _parses_alone(v) -> bool:
+    if v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and np.isnan(v)):
+        return False
+    return bool(_parse_dates(pd.Series([v], dtype=object)).notna().iloc[0])
+
+
+def _checked_dates(raw: pd.Series, shown: pd.Series, what: str, where, fix: str) -> pd.Series:
+    """Parsed dates, or one DataError naming the value (and row) that is really the problem."""
+    dates = _parse_dates(raw)
+    bad = dates.isna().to_numpy()
+    if not bad.any():
+        return dates
+    i = int(np.flatnonzero(bad)[0])
+    value = _plain(shown.iloc[i])
+    ok = np.flatnonzero(~bad)
+    if len(ok) and _parses_alone(raw.iloc[i]):
+        # pandas takes the format of the first date; a later date in another format reads on
+        # its own, so the problem is the mix of formats, not that one value.
+        j = int(ok[0])
+        raise DataError(f"{what} mixes date formats: {_plain(shown.iloc[j])!r} ({where(j)}) and "
+                        f"{value!r} ({where(i)}); write every date in one format, YYYY-MM-DD")
+    raise DataError(f"{what} has unreadable value {value!r} at {where(i)}; {fix}")
+
+
+def _non_numeric_kind(dtype) -> str | None:
+    """What a column holds when its dtype is not real numbers (None: numbers, or text to parse)."""
+    if pd.api.types.is_bool_dtype(dtype):
+        return "booleans (True/False)"
+    if pd.api.types.is_complex_dtype(dtype):
+        return "complex numbers"
+    if pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype):
+        return "dates or durations"
+    return None
+
+
+def _npz_kind(dtype: np.dtype) -> str:
+    return _non_numeric_kind(dtype) or {"U": "text", "S": "text", "O": "Python objects",
+                                        "i": "integers", "u": "integers",
+                                        "f": "floats"}.get(dtype.kind, "non-numbers")

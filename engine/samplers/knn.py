@@ -16,10 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 from engine.data.panel import Panel
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DataError
 from engine.knn import KnnIndex, kernel_weights
 from engine.samplers.bank import KeySpace, build_bank, point_forecast
 from engine.samplers.base import ConditionalSampler
+
+# fewer distinct residual paths than this cannot hold both tails of a 90% band
+MIN_EPISODES = 10
 
 
 class KnnResidualSampler(ConditionalSampler):
@@ -51,6 +54,12 @@ class KnnResidualSampler(ConditionalSampler):
         # A quarter of the episodes: local, yet >= 20 so a 90% band has two draws per tail.
         self.k_ = cfg.k if cfg.k else int(np.clip(self.n_episodes // 4, 20, 100))
         self.k_ = min(self.k_, self.n_episodes)
+        if self.n_episodes < MIN_EPISODES:
+            raise DataError(
+                f"the history holds {self.n_episodes} episodes of {self.episode_} days "
+                f"(sampler.episode_days), too few for a kNN law: a 90% band needs at least "
+                f"{MIN_EPISODES} distinct residual paths; lower sampler.episode_days (0 = a "
+                "third of the horizon) or give more history")
         self.point_models_ = list(self.bank_.models)
 
     @property

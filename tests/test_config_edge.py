@@ -1,0 +1,256 @@
+"""Edge values of the config: each is refused up front with one clear line, not deep in a run.
+
+Seeds beyond 63 bits, booleans in number fields, a min_weight that is no probability,
+branching above n_samples, sizes that only allocate gigabytes, inf / nan.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import BaseModel
+
+from engine.config import MAX_SEED, Config, TreeConfig, _number_kind, load_config, parse_config
+from engine.errors import ConfigError
+from tests.test_cli import assert_one_line_error, invoke
+
+
+def _nested(dotted: str, value) -> dict:
+    *parents, leaf = dotted.split(".")
+    d: dict = {leaf: value}
+    for key in reversed(parents):
+        d = {key: d}
+    return d
+
+
+def _refused(dotted: str, value, *words: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_nested(dotted, value))
+    msg = str(err.value)
+    assert "\n" not in msg and f"'{dotted}" in msg, msg
+    for word in words:
+        assert word in msg, (word, msg)
+    return msg
+
+
+def _get(cfg: BaseModel, dotted: str):
+    for key in dotted.split("."):
+        cfg = getattr(cfg, key)
+    return cfg
+
+
+def _number_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted name, kind) of every int / float field of the config tree."""
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _number_fields(ann, f"{prefix}{name}.")
+        elif (kind := _number_kind(ann)) is not None:
+            out.append((f"{prefix}{name}", kind))
+    return out
+
+
+NUMBER_FIELDS = _number_fields()
+
+
+def test_the_walk_finds_the_number_fields():
+    names = dict(NUMBER_FIELDS)
+    assert names["tree.depth"] == "an integer" and names["train.lr"] == "a number"
+    assert names["seed"] == names["data.synthetic.seed"] == "an integer"
+    assert names["data.embargo"] == "an integer"  # int | None
+    assert names["model.quantiles"] == names["data.split_fractions"] == "a number"
+    assert names["evaluate.horizons"] == "an integer"
+    assert "engine.backend" not in names and "data.source" not in names
+    assert len(NUMBER_FIELDS) > 40
+
+
+# ----------------------------------------------------------------------------- 1. seeds
+
+
+@pytest.mark.parametrize("field", ["seed", "data.synthetic.seed"])
+@pytest.mark.parametrize("value", [2**63, 2**64 - 1, 2**64, 10**20])
+def test_seeds_beyond_63_bits_are_refused(field, value):
+    _refused(field, value, "2**63 - 1", str(MAX_SEED), "smaller seed", str(value))
+
+
+@pytest.mark.parametrize("field", ["seed", "data.synthetic.seed"])
+def test_seed_range_ends_are_accepted(field):
+    for value in (0, MAX_SEED):
+        assert _get(parse_config(_nested(field, value)), field) == value
+    _refused(field, -1, "greater than or equal to 0")
+
+
+def test_the_largest_seed_works_in_numpy_and_torch():
+    torch = pytest.importorskip("torch")
+    np.random.default_rng(np.random.SeedSequence([MAX_SEED, 0x5E7]))
+    # the fold models train with seed + 1000 + fold (fold < n_folds <= 50)
+    torch.manual_seed(MAX_SEED + 1000 + 50)
+    torch.Generator().manual_seed(MAX_SEED + 1000 + 50)
+
+
+def test_cli_override_seed_is_checked_too():
+    with pytest.raises(ConfigError, match="2\\*\\*63 - 1"):
+        load_config(None, {"seed": 2**64})
+
+
+# ----------------------------------------------------------------------------- 2. booleans
+
+
+@pytest.mark.parametrize(("field", "kind"), NUMBER_FIELDS)
+@pytest.mark.parametrize("value", [True, False])
+def test_booleans_are_refused_in_number_fields(field, kind, value):
+    default = _get(Config(), field)
+    bad = [value] * len(default) if isinstance(default, list | tuple) else value
+    _refused(field, bad, "boolean", kind, "true / false")
+
+
+def test_numpy_bool_is_refused():
+    _refused("tree.depth", np.True_, "boolean")
+
+
+def test_booleans_are_refused_on_assignment():
+    cfg = TreeConfig()
+    with pytest.raises(ValueError, match="boolean"):
+        cfg.depth = True
+    assert cfg.depth == 4
+
+
+def test_numbers_are_read_as_before():
+    cfg = parse_config({"train": {"lr": 1, "weight_decay": 0}, "tree": {"depth": 3.0},
+                        "model": {"beta": 1}, "data": {"split_fractions": [0.5, 0.25, 0.25]},
+                        "evaluate": {"horizons": [1, 5]}})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.tree.depth == 3 and isinstance(cfg.tree.depth, int)
+    assert cfg.model.beta == 1.0 and cfg.evaluate.horizons == [1, 5]
+    _refused("tree.depth", 2.5, "fractional")
+
+
+@pytest.mark.parametrize("field", ["train.lr", "model.beta", "engine.checkpoint_seconds",
+                                   "sampler.online_memory_days"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_inf_and_nan_are_refused(field, value):
+    _refused(field, value, "finite")
+
+
+# ----------------------------------------------------------------------------- 3. probabilities
+
+
+@pytest.mark.parametrize("value", [1.0, 2.0, 5])
+def test_min_weight_must_be_a_probability_below_one(value):
+    _refused("tree.min_weight", value, "less than 1")
+
+
+def test_min_weight_in_range_is_accepted():
+    for value in (0, 0.0, 0.001, 0.5, 0.999):
+        assert parse_config(_nested("tree.min_weight", value)).tree.min_weight == value
+    _refused("tree.min_weight", -0.1, "greater than or equal to 0")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("tree.weight_floor", 0.2), ("tree.weight_floor", 5), ("tree.weight_floor", -0.01),
+    ("sampler.coverage", 0), ("sampler.coverage", 1), ("sampler.ewma_lambda", 1.5),
+])
+def test_other_probabilities_keep_their_bounds(field, value):
+    _refused(field, value)
+
+
+# ----------------------------------------------------------------------------- 4. branching
+
+
+@pytest.mark.parametrize(("k", "m"), [(64, 8), (9, 8), (20, 16)])
+def test_branching_above_n_samples_is_refused(k, m):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"tree": {"branching": k, "n_samples": m}})
+    msg = str(err.value)
+    assert "\n" not in msg and "'tree'" in msg, msg
+    for word in (f"tree.branching = {k}", f"tree.n_samples = {m}", f"at least {k}",
+                 "lower tree.branching"):
+        assert word in msg, (word, msg)
+    assert "(got {" not in msg  # the section's dict is not echoed
+
+
+@pytest.mark.parametrize(("k", "m"), [(8, 8), (2, 8), (5, 512), (64, 64)])
+def test_branching_up_to_n_samples_is_accepted(k, m):
+    tree = parse_config({"tree": {"branching": k, "n_samples": m}}).tree
+    assert (tree.branching, tree.n_samples) == (k, m)
+
+
+def test_lookahead_settings_do_not_depend_on_branching():
+    # lookahead candidates are strata or distinct paths and their draws are only scored and
+    # added to the marginals: no K-of-M choice, so no constraint against branching
+    tree = parse_config({"tree": {"branching": 8, "n_samples": 8, "lookahead": 1,
+                                  "lookahead_samples": 1}}).tree
+    assert tree.lookahead == tree.lookahead_samples == 1
+
+
+def test_branching_above_n_samples_is_refused_on_assignment():
+    cfg = TreeConfig(n_samples=8, branching=8)
+    with pytest.raises(ValueError, match="exceeds tree.n_samples"):
+        cfg.branching = 9
+
+
+# ----------------------------------------------------------------------------- 5. sizes
+
+SIZE_BOUNDS = {
+    "store.marginal_bins": 1 << 14,
+    "store.chunk_nodes": 1 << 16,
+    "engine.batch_size": 1 << 16,
+    "engine.n_decoders": 4096,
+    "engine.n_knn": 4096,
+    "engine.num_cpus": 4096,
+    "engine.max_in_flight": 1024,
+    "engine.threads": 1024,
+    "train.batch_size": 1 << 20,
+    "train.threads": 1024,
+    "evaluate.n_samples": 1 << 16,
+    "evaluate.max_windows": 1_000_000,
+    # bounds that were there before
+    "tree.n_samples": 1 << 16,
+    "tree.lookahead": 1024,
+    "tree.lookahead_samples": 1 << 16,
+    "tree.branching": 64,
+    "tree.depth": 64,
+    "sampler.n_folds": 50,
+}
+
+
+@pytest.mark.parametrize(("field", "bound"), list(SIZE_BOUNDS.items()))
+def test_sizes_have_an_upper_bound(field, bound):
+    cfg = parse_config(_nested(field, bound))
+    assert _get(cfg, field) == bound
+    for value in (bound + 1, 10**12):
+        _refused(field, value, f"less than or equal to {bound}", str(value))
+
+
+def test_bounds_keep_the_defaults_and_the_test_configs():
+    cfg = Config()
+    for field, bound in SIZE_BOUNDS.items():
+        assert _get(cfg, field) <= bound, field
+    assert parse_config({"store": {"marginal_bins": 64, "chunk_nodes": 4},
+                         "engine": {"batch_size": 7}}).store.marginal_bins == 64
+
+
+# ----------------------------------------------------------------------------- the CLI line
+
+
+@pytest.mark.parametrize(("toml", "words"), [
+    ("seed = 18446744073709551616\n", ["'seed'", "2**63 - 1"]),
+    ("[data.synthetic]\nseed = 99999999999999999999\n", ["data.synthetic.seed", "2**63 - 1"]),
+    ("[tree]\ndepth = true\n", ["tree.depth", "boolean", "an integer"]),
+    ("[train]\nlr = false\n", ["train.lr", "boolean", "a number"]),
+    ("[tree]\nmin_weight = 2.0\n", ["tree.min_weight", "less than 1", "2.0"]),
+    ("[tree]\nbranching = 64\nn_samples = 8\n", ["tree.branching = 64", "tree.n_samples = 8"]),
+    ("[store]\nmarginal_bins = 1000000000000\n", ["store.marginal_bins", "16384"]),
+    ("[train]\nlr = inf\n", ["train.lr", "finite"]),
+])
+def test_config_show_gives_one_line_exit_2(tmp_path, toml, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    assert_one_line_error(invoke(["config", "show", "--config", str(path)]), words)
+
+
+def test_config_show_still_accepts_the_defaults():
+    proc = invoke(["config", "show"])
+    assert proc.returncode == 0, proc.stderr
+

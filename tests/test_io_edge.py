@@ -1,0 +1,258 @@
+"""Edge cases of the data reader: odd dtypes, time zones, date formats, grid jitter, paths.
+
+Each bad input gives one DataError line (what was found, what is required, the fix) and no
+warning on stderr; each odd but meaningful input is read as written.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from engine.data.io import panel_from_frame, read_panel
+from engine.errors import DataError
+
+START = np.datetime64("2020-01-01")
+MONEYNESS = np.array([0.9, 1.0])
+MATURITIES = np.array([30.0, 90.0])
+
+
+def frame(n_days: int = 10) -> pd.DataFrame:
+    """A valid tidy frame on a 2 x 2 grid: one row per (date, moneyness, maturity_days)."""
+    rng = np.random.default_rng(0)
+    n = len(MONEYNESS) * len(MATURITIES)
+    return pd.DataFrame({
+        "date": np.repeat((START + np.arange(n_days)).astype(str), n),
+        "moneyness": np.tile(np.repeat(MONEYNESS, len(MATURITIES)), n_days),
+        "maturity_days": np.tile(MATURITIES, n_days * len(MONEYNESS)),
+        "iv": 0.2 + 0.01 * rng.random(n_days * n),
+    })
+
+
+def arrays(n_days: int = 10) -> dict[str, np.ndarray]:
+    """A valid NPZ's arrays."""
+    surface = frame(n_days)["iv"].to_numpy().reshape(n_days, len(MONEYNESS), len(MATURITIES))
+    return {"surface": surface, "dates": (START + np.arange(n_days)).astype(str),
+            "moneyness": MONEYNESS, "maturity_days": MATURITIES}
+
+
+def load(path):
+    """The panel, read with no warning (a warning would be a stray line on stderr)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        panel = read_panel(path)
+    assert not caught, [str(w.message) for w in caught]
+    return panel
+
+
+def error(path) -> str:
+    """The one-line DataError message for ``path``, raised with no warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DataError) as info:
+            read_panel(path)
+    assert not caught, [str(w.message) for w in caught]
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+# --- 1. booleans are not numbers --------------------------------------------------------------
+@pytest.mark.parametrize("column", ["iv", "moneyness", "maturity_days"])
+def test_boolean_column_is_refused_in_parquet(tmp_path, column):
+    df = frame().assign(**{column: True})
+    df.to_parquet(tmp_path / "b.parquet", index=False)
+    message = error(tmp_path / "b.parquet")
+    assert f"column '{column}'" in message and "bool" in message
+    assert "real numbers" in message and f"write {column} as numbers" in message
+
+
+def test_boolean_column_is_refused_in_csv(tmp_path):
+    df = frame().assign(iv=np.where(np.arange(40) % 2, "True", "False"))
+    df.to_csv(tmp_path / "b.csv", index=False)
+    message = error(tmp_path / "b.csv")
+    assert "column 'iv'" in message and "bool" in message
+
+
+def test_boolean_npz_surface_is_refused(tmp_path):
+    a = arrays()
+    np.savez(tmp_path / "b.npz", **{**a, "surface": a["surface"] > 0})
+    message = error(tmp_path / "b.npz")
+    assert "'surface'" in message and "bool" in message and "float array" in message
+
+
+# --- 2. complex and text arrays ---------------------------------------------------------------
+@pytest.mark.parametrize("key, value, words", [
+    ("surface", lambda s: s + 0.01j, ["complex"]),
+    ("surface", lambda s: s.astype(str), ["text"]),
+    ("moneyness", lambda m: m.astype(complex), ["complex"]),
+])
+def test_complex_or_text_npz_array_is_refused(tmp_path, key, value, words):
+    a = arrays()
+    np.savez(tmp_path / "c.npz", **{**a, key: value(a[key])})
+    message = error(tmp_path / "c.npz")
+    assert f"'{key}'" in message and "real numbers" in message and "float array" in message
+    for word in words:
+        assert word in message
+
+
+def test_complex_or_boolean_values_in_a_frame_are_refused():
+    with pytest.raises(DataError, match="column 'iv' holds complex"):
+        panel_from_frame(frame().assign(iv=frame()["iv"] + 0j), "frame")
+    df = frame().astype({"iv": object})
+    df.loc[5, "iv"] = True  # one Python bool in an object column would pass as 1.0
+    with pytest.raises(DataError, match="column 'iv' has non-numeric value True"):
+        panel_from_frame(df, "frame")
+
+
+# --- 3. time zones: the calendar date as written, no warning ----------------------------------
+def test_timezone_aware_parquet_dates_keep_their_calendar_date(tmp_path):
+    df = frame()
+    df["date"] = pd.to_datetime(df["date"]).dt.tz_localize("US/Eastern")
+    df.to_parquet(tmp_path / "tz.parquet", index=False)
+    panel = load(tmp_path / "tz.parquet")
+    np.testing.assert_array_equal(panel.dates, START + np.arange(10))
+
+
+@pytest.mark.parametrize("suffix", ["T00:00:00Z", "T23:30:00+05:00", " 22:00:00-0300"])
+def test_timezone_suffix_in_csv_keeps_the_calendar_date(tmp_path, suffix):
+    df = frame().assign(date=lambda d: d["date"] + suffix)
+    df.to_csv(tmp_path / "tz.csv", index=False)
+    panel = load(tmp_path / "tz.csv")
+    np.testing.assert_array_equal(panel.dates, START + np.arange(10))
+
+
+def test_mixed_utc_offsets_in_csv_keep_each_calendar_date(tmp_path):
+    df = frame()
+    offsets = np.where(np.arange(len(df)) % 2, "T23:00:00+05:00", "T01:00:00-03:00")
+    df["date"] = df["date"] + offsets
+    df.to_csv(tmp_path / "tz.csv", index=False)
+    panel = load(tmp_path / "tz.csv")
+    np.testing.assert_array_equal(panel.dates, START + np.arange(10))
+
+
+# --- 4. NPZ dates must be dates ---------------------------------------------------------------
+@pytest.mark.parametrize("dates", [np.arange(10), np.arange(10, dtype=float) + 18262])
+def test_numeric_npz_dates_are_refused(tmp_path, dates):
+    np.savez(tmp_path / "d.npz", **{**arrays(), "dates": dates})
+    message = error(tmp_path / "d.npz")
+    assert "'dates'" in message and "not dates" in message
+    assert "ISO date strings" in message and "datetime64" in message
+
+
+def test_npz_dates_as_datetime64_or_strings_still_read(tmp_path):
+    a = arrays()
+    np.savez(tmp_path / "s.npz", **a)
+    np.savez(tmp_path / "m.npz", **{**a, "dates": START + np.arange(10)})
+    np.savez(tmp_path / "z.npz", **{**a, "dates": np.char.add(a["dates"], "T00:00:00Z")})
+    panels = [load(tmp_path / name) for name in ("s.npz", "m.npz", "z.npz")]
+    for panel in panels:
+        np.testing.assert_array_equal(panel.dates, START + np.arange(10))
+        assert panel.fingerprint == panels[0].fingerprint
+
+
+# --- 5. a mix of date formats names the mix, not a valid date ---------------------------------
+def test_mixed_date_formats_name_both(tmp_path):
+    df = frame()
+    df.loc[:3, "date"] = df.loc[:3, "date"].str.replace("-", "/")  # the first date, 4 rows
+    df.to_csv(tmp_path / "mix.csv", index=False)
+    message = error(tmp_path / "mix.csv")
+    assert "mixes date formats" in message and "YYYY-MM-DD" in message
+    assert "'2020/01/01' (row 2)" in message and "'2020-01-02' (row 6)" in message
+    assert "unreadable" not in message
+
+
+def test_an_unreadable_date_is_still_called_unreadable(tmp_path):
+    df = frame()
+    df.loc[7, "date"] = "soon"
+    df.to_csv(tmp_path / "bad.csv", index=False)
+    message = error(tmp_path / "bad.csv")
+    assert "unreadable value 'soon' at row 9" in message and "mixes" not in message
+
+
+# --- 6. grid mismatches name the date that differs, with every digit --------------------------
+def test_jittered_moneyness_names_its_date_and_digits(tmp_path):
+    df = frame()
+    row = df.index[(df["date"] == "2020-01-06") & (df["moneyness"] == 1.0)][0]
+    df.loc[row, "moneyness"] = 1.0000001
+    df.to_csv(tmp_path / "jit.csv", index=False)
+    message = error(tmp_path / "jit.csv")
+    assert "date 2020-01-06" in message and "2020-01-01" not in message
+    assert "moneyness 1.0000001" in message and "moneyness 1," in message
+    assert "same grid" in message
+
+
+def test_tiny_float_noise_is_shown(tmp_path):
+    df = frame()
+    row = df.index[(df["date"] == "2020-01-04") & (df["moneyness"] == 0.9)][0]
+    df.loc[row, "moneyness"] = 0.9 + 1e-15
+    df.to_csv(tmp_path / "noise.csv", index=False)
+    message = error(tmp_path / "noise.csv")
+    assert "date 2020-01-04" in message and repr(0.9 + 1e-15) in message
+
+
+def test_extra_point_names_its_date(tmp_path):
+    df = frame()
+    extra = pd.DataFrame({"date": ["2020-01-07"], "moneyness": [1.0], "maturity_days": [365.0],
+                          "iv": [0.25]})
+    pd.concat([df, extra], ignore_index=True).to_csv(tmp_path / "extra.csv", index=False)
+    message = error(tmp_path / "extra.csv")
+    assert "date 2020-01-07" in message and "2020-01-01" not in message
+    assert "maturity 365 days" in message and "other dates lack" in message
+
+
+def test_several_dates_off_the_grid_are_counted(tmp_path):
+    df = frame()
+    drop = df.index[df["date"].isin(["2020-01-03", "2020-01-08"]) & (df["maturity_days"] == 90)
+                    & (df["moneyness"] == 0.9)]
+    df.drop(index=drop).to_csv(tmp_path / "gaps.csv", index=False)
+    message = error(tmp_path / "gaps.csv")
+    assert "date 2020-01-03 has 3 of 4 grid points" in message
+    assert "missing moneyness 0.9, maturity 90 days" in message
+    assert "2 of 10 dates" in message and "2020-01-08" in message
+
+
+def test_jitter_on_a_full_grid_is_not_called_too_big(tmp_path):
+    n_days, grid = 5, np.round(np.linspace(0.8, 1.2, 10), 4)
+    df = pd.DataFrame({"date": np.repeat((START + np.arange(n_days)).astype(str), 10),
+                       "moneyness": np.tile(grid, n_days), "maturity_days": 30.0, "iv": 0.2})
+    df.loc[23, "moneyness"] += 1e-6
+    df.to_csv(tmp_path / "jit10.csv", index=False)
+    message = error(tmp_path / "jit10.csv")
+    assert "date 2020-01-03" in message and "at most" not in message
+
+
+# --- 7. an empty path -------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["", "   "])
+def test_empty_path_says_empty(path):
+    message = error(path)
+    assert "data path is empty" in message and "not a file" not in message
+
+
+# --- 8. formats by extension ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["s.npy", "s.xlsx", "noextension"])
+def test_unsupported_extension_lists_the_formats(tmp_path, name):
+    if name.endswith(".npy"):
+        np.save(tmp_path / name, arrays()["surface"])
+    else:
+        frame().to_csv(tmp_path / name, index=False)
+    message = error(tmp_path / name)
+    assert ".csv" in message and ".parquet" in message and ".npz" in message
+    assert "cannot read" not in message and name in message
+    if name.endswith(".npy"):
+        assert "'.npy'" in message and "numpy.savez" in message
+
+
+@pytest.mark.parametrize("name", ["s.CSV", "s.txt", "s.csv.gz", "s.pq", "s.PARQUET"])
+def test_supported_extensions_still_read(tmp_path, name):
+    df = frame()
+    if "parquet" in name.lower() or name.endswith(".pq"):
+        df.to_parquet(tmp_path / name, index=False)
+    else:
+        df.to_csv(tmp_path / name, index=False)
+    panel = load(tmp_path / name)
+    assert panel.surface.shape == (10, 2, 2)
+    np.testing.assert_allclose(panel.surface.reshape(-1), df["iv"].to_numpy())
