@@ -68,6 +68,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import Config
+from engine.errors import ConfigError
 
 __all__ = ["DEFAULT_SAMPLES", "BenchPlan", "bench_config", "device_info", "plan_for",
            "render_gpu_table", "render_table", "rss_child", "run_bench", "run_gpu_bench",
@@ -717,6 +718,9 @@ def bench_config(config: Config, n_samples: int | None = None) -> tuple[Config, 
     m = n_samples if n_samples is not None else min(config.tree.n_samples, DEFAULT_SAMPLES)
     if m == config.tree.n_samples:
         return config, {}
+    if m < config.tree.branching:
+        raise ConfigError(f"--n-samples {m} is below tree.branching = {config.tree.branching} "
+                          "(a node keeps that many of its sampled paths); pass at least that")
     d = config.to_dict()
     d["tree"]["n_samples"] = int(m)
     return Config.from_dict(d), {"tree.n_samples": int(m)}

@@ -45,9 +45,7 @@ def user_errors(fn):
         except OSError as err:
             if os.environ.get("BACKFILL_TRACEBACK"):
                 raise
-            where = f" {err.filename}" if err.filename else ""
-            fail(f"cannot access{where}: {err.strerror or err}; check the path and its "
-                 "permissions")
+            fail(_os_error(err))
         except MemoryError as err:
             if os.environ.get("BACKFILL_TRACEBACK"):
                 raise
@@ -56,6 +54,22 @@ def user_errors(fn):
                  "store.marginal_bins, evaluate.n_samples)")
 
     return wrapper
+
+
+def _os_error(err: OSError) -> str:
+    """One line for an OSError, with the fix that fits its kind."""
+    import errno
+
+    from engine.errors import first_line
+
+    what = err.strerror or first_line(err)
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return (f"lost a connection ({type(err).__name__}: {what}); check that the Ray "
+                "cluster is up, then rerun (a store resumes with --resume)")
+    where = f" {err.filename}" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write{where}: {what}; free disk space, then rerun (or --resume)"
+    return f"cannot access{where}: {what}; check the path and its permissions"
 
 
 def _writable_dir(folder: Path, flag: str) -> None:
@@ -227,6 +241,7 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
             return
     else:
         driver.check_run_target(store, kind=kind, n_paths=n_paths, overwrite=overwrite)
+        _writable_dir(store, f"--store {store}")
     if cfg.engine.backend == "ray" and cfg.engine.address is not None:
         driver.connect_ray(cfg.engine)
     sampler = driver.fit_for_run(prep, inputs, model, console)

@@ -26,8 +26,9 @@ from pydantic import (
 
 from engine.errors import ConfigError
 
-# Seeds go to numpy's SeedSequence and to torch.manual_seed (as seed + a small offset, e.g.
-# seed + 1000 + fold): both take them below 2**63 with room to spare, none at 2**64.
+# Seeds go to numpy's SeedSequence (any size) and to torch.manual_seed (as seed + a small
+# offset, e.g. seed + 1000 + fold), which takes at most 2**64 - 1: 63 bits leave room for
+# the offsets (and fit a signed int64 everywhere else).
 MAX_SEED = 2**63 - 1
 
 
@@ -245,15 +246,18 @@ class EngineConfig(_Section):
 
     backend: Literal["ray", "inline"] = "ray"
     address: str | None = Field(None, description="None starts a local Ray; 'auto' joins one.")
-    n_decoders: int = Field(1, ge=1, le=4096, description="Decoder actors (the CVAE's forward pass; "
+    n_decoders: int = Field(1, ge=1, le=4096,
+                            description="Decoder actors (the CVAE's forward pass; "
                             "a GPU each where the cluster has them).")
-    n_knn: int = Field(2, ge=1, le=4096, description="kNN-residual actors: the draw, the children and "
+    n_knn: int = Field(2, ge=1, le=4096,
+                       description="kNN-residual actors: the draw, the children and "
                        "the marginal sums, most of a node's time; about one per free core.")
     batch_size: int = Field(256, ge=1, le=1 << 16, description="Frontier nodes per task.")
     max_in_flight: int = Field(4, ge=1, le=1024, description="Tasks in flight per actor.")
     num_cpus: int = Field(2, ge=1, le=4096,
                           description="CPUs of a local Ray started by the engine.")
-    threads: int = Field(1, ge=0, le=1024, description="Inline backend: batches expanded at once, in "
+    threads: int = Field(1, ge=0, le=1024,
+                         description="Inline backend: batches expanded at once, in "
                          "threads of this process (a GPU machine without Ray); 0: one per core. "
                          "Same bytes for any value; memory holds up to two batches per thread.")
     checkpoint_seconds: float = Field(
@@ -264,7 +268,8 @@ class EngineConfig(_Section):
 class StoreConfig(_Section):
     """The Zarr v3 scenario store."""
 
-    chunk_nodes: int = Field(2048, ge=1, le=1 << 16, description="Nodes per chunk of a level's arrays (one "
+    chunk_nodes: int = Field(2048, ge=1, le=1 << 16,
+                             description="Nodes per chunk of a level's arrays (one "
                              "file per array and chunk: bigger chunks write faster).")
     marginal_bins: int = Field(2048, ge=64, le=1 << 14,
                                description="Histogram bins per (day, grid point).")
@@ -284,7 +289,8 @@ class EvalConfig(_Section):
     window_stride: int = Field(
         0, ge=0, description="Score every k-th test window; 0 = the smallest stride that "
         "keeps at most `max_windows` windows.")
-    max_windows: int = Field(1250, ge=1, le=1_000_000, description="Cap of the automatic window stride.")
+    max_windows: int = Field(1250, ge=1, le=1_000_000,
+                             description="Cap of the automatic window stride.")
 
 
 class Config(_Section):
@@ -344,7 +350,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         p = Path(path)
         origin = str(p)
         if not p.is_file():
-            found = "not found" if not p.exists() else "not a regular file"
+            found = "not found" if not p.exists() else "is not a regular file"
             raise ConfigError(f"config file {p} {found}; pass an existing TOML file to --config")
         try:
             raw = tomllib.loads(p.read_text())

@@ -66,7 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import Config, EngineConfig, TreeConfig
-from engine.errors import BackfillError, ConfigError, DataError, StoreError
+from engine.errors import BackfillError, ConfigError, DataError, StoreError, first_line
 from engine.rng import LOOKAHEAD, MC, PRUNE, TREE, node_rng
 from engine.store import ScenarioStore, business_days_after, parse_start_date
 from engine.tree import (
@@ -682,9 +682,9 @@ def connect_ray(engine: EngineConfig) -> None:
             warnings.simplefilter("ignore")
             ray.init(address=engine.address, log_to_driver=False,
                      logging_level=logging.ERROR)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
         raise ConfigError(f"cannot join the Ray cluster at {engine.address!r} "
-                          f"({str(err).strip().splitlines()[0]}); start it, fix "
+                          f"({first_line(err)}); start it, fix "
                           "--address, or leave it out for a local Ray") from None
 
 
@@ -1212,7 +1212,7 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99)) -> list[dict]:
         raise ConfigError("no VaR level given; pass levels in (0, 1), e.g. --levels 0.95,0.99")
     if store.levels_complete < 1:
         raise StoreError(f"{store.path} has no complete level yet; finish the run with "
-                         "`backfill run --resume`")
+                         f"`{store.resume_command}`")
     start = start_context_of(store)[-1]  # (n_m, n_tau) the start day's surface
     rows = []
     for level in range(1, store.levels_complete + 1):

@@ -32,3 +32,10 @@ def not_fitted(obj: object) -> NotFittedError:
     """The one uniform error for calling ``sample``/``predict`` before ``fit``."""
     name = type(obj).__name__
     return NotFittedError(f"{name} is not fitted: call {name}.fit(panel, model) before sampling")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its class name if it has none): what a
+    one-line error quotes of a library's multi-line message."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import Config, ModelConfig
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, ConfigError, first_line
 
 CHECKPOINT_VERSION = 1
 # Rows per decoder call, on every device: a fixed shape keeps results batch-independent.
@@ -235,7 +235,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
     """Rebuild a model from the file alone; never unpickles arbitrary objects."""
     path = Path(path)
     if not path.is_file():
-        found = "not found" if not path.exists() else "not a regular file"
+        found = "not found" if not path.exists() else "is not a regular file"
         raise CheckpointError(f"model file {path} {found}; train one with `backfill train "
                               "--out model.pt` or leave --model out")
     try:
@@ -253,9 +253,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
         config = Config.from_dict(meta["config"])
         model = CVAE(config.model, tuple(meta["grid_shape"]), meta["context"], meta["horizon"])
         model.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a field or weight is off
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is a damaged backfill checkpoint ({first}); "
-                              "retrain the model") from None
+    except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as err:
+        # a field or weight is off, or the stored config is one this version refuses
+        raise CheckpointError(f"{path} is a damaged or outdated backfill checkpoint "
+                              f"({first_line(err)}); retrain the model") from None
     model.train_end = meta.get("train_end")
     return model.to(device), meta

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping
@@ -57,7 +58,7 @@ from zarr.codecs import BloscCodec
 from zarr.core.sync import sync as zarr_sync
 from zarr.errors import ZarrUserWarning
 
-from engine.errors import StoreError
+from engine.errors import StoreError, first_line
 
 # 2: flat chunk keys, LZ4 paths, the node coordinate written once per level (1: per chunk).
 # Version 1 stores are still read; only version 2 ones are resumed (check_compatible).
@@ -268,13 +269,23 @@ class _Level:
 _LEVEL_ARRAYS = ("paths", "parent", "branch", "weight", "node", "done", "day", "moneyness",
                  "maturity")
 # what a finished level / finished marginals must have every chunk file of
-_LEVEL_DATA = ("paths", "parent", "branch", "weight", "node", "done")
-_MARGINAL_DATA = ("quantiles", "mean", "std", "quantile")
+_LEVEL_DATA = ("paths", "parent", "branch", "weight", "node", "done", "day")
+_MARGINAL_DATA = ("quantiles", "mean", "std", "quantile", "day")
+# what zarr and its codecs raise on a file that does not decode (a truncated or foreign
+# chunk, broken metadata); MemoryError and our own bugs (AttributeError...) pass through
+_UNREADABLE = (ValueError, KeyError, RuntimeError, OSError, EOFError, zarr.errors.BaseZarrError)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+def _chunk_files(folder: Path) -> int:
+    """Chunk files of the array in ``folder``: flat keys (c.0.0) or nested (c/0/0). One
+    directory listing: zarr's nchunks_initialized grows with the square of the count."""
+    n = 0
+    for entry in os.scandir(folder):
+        if entry.name.startswith("c.") and entry.is_file():
+            n += 1
+        elif entry.name == "c" and entry.is_dir():
+            n += sum(len(files) for _, _, files in os.walk(entry.path))
+    return n
 
 
 class ScenarioStore:
@@ -339,8 +350,9 @@ class ScenarioStore:
             # never consolidated: a worker must see the metadata as it is now
             root = zarr.open_group(p, mode=mode, zarr_format=3, use_consolidated=False)
         except (ValueError, KeyError, TypeError, OSError) as err:  # zarr's errors are ValueErrors
-            raise StoreError(f"{p} is not a readable Zarr v3 group ({_first_line(err)}); pass "
-                             "the path of a store made by `backfill run` or `backfill mc`") from None
+            raise StoreError(f"{p} is not a readable Zarr v3 group ({first_line(err)}); pass "
+                             "the path of a store made by `backfill run` or `backfill mc`"
+                             ) from None
         meta = StoreMeta.from_dict(root.attrs.asdict(), origin=str(p))
         return cls(p, root, meta, mode)
 
@@ -389,10 +401,12 @@ class ScenarioStore:
             yield
         except StoreError:
             raise
-        except Exception as err:  # noqa: BLE001 -- zarr and its codecs raise many kinds
+        except MemoryError:
+            raise
+        except _UNREADABLE as err:
             raise StoreError(f"{self.path}/{what} cannot be read ({type(err).__name__}: "
-                             f"{_first_line(err)}); the store is damaged: rerun it into a new "
-                             "path or with --overwrite") from None
+                             f"{first_line(err)}); the store is damaged: rerun it into a new "
+                             "path (or with --overwrite)") from None
 
     def damage(self) -> str | None:
         """The first missing piece of what the store says is finished (each level marked
@@ -410,10 +424,10 @@ class ScenarioStore:
                 for a in arrays:
                     if a not in group:
                         return f"{name}/{a} is missing"
-                    arr = group[a]
-                    lost = arr.nchunks - arr.nchunks_initialized
-                    if lost:
-                        return f"{name}/{a} lacks {lost} of its {arr.nchunks} chunk files"
+                    want = group[a].nchunks
+                    lost = want - _chunk_files(self.path / name / a)
+                    if lost > 0:
+                        return f"{name}/{a} lacks {lost} of its {want} chunk files"
         return None
 
     def check_intact(self) -> None:
@@ -421,7 +435,12 @@ class ScenarioStore:
         problem = self.damage()
         if problem:
             raise StoreError(f"{self.path} is damaged: {problem}; its data cannot be trusted: "
-                             "rerun it into a new path or with --overwrite")
+                             "rerun it into a new path (or with --overwrite)")
+
+    @property
+    def resume_command(self) -> str:
+        """The command that finishes this store's run."""
+        return f"backfill {'run' if self.meta.kind == 'tree' else 'mc'} --resume"
 
     def to_dict(self) -> dict:
         out = self.meta.to_dict()
@@ -562,8 +581,8 @@ class ScenarioStore:
         self._check_level_number(level)
         name = _level_name(level)
         damaged = level <= self.levels_complete  # a finished level must be whole
-        fix = ("the store is damaged: rerun it into a new path or with --overwrite" if damaged
-               else "resume the run (`backfill run --resume`) to write it")
+        fix = ("the store is damaged: rerun it into a new path (or with --overwrite)" if damaged
+               else f"resume the run (`{self.resume_command}`) to write it")
         with self._reading(name):
             if name not in self._root:
                 raise StoreError(f"{self.path} has no {name} yet; {fix}")
@@ -779,9 +798,9 @@ class ScenarioStore:
 
     def _marginals_group(self) -> zarr.Group:
         if MARGINALS not in self._root:
-            fix = ("the store is damaged: rerun it into a new path or with --overwrite"
+            fix = ("the store is damaged: rerun it into a new path (or with --overwrite)"
                    if self.levels_complete >= self.meta.depth
-                   else "finish the run with `backfill run --resume` first")
+                   else f"finish the run with `{self.resume_command}` first")
             raise StoreError(f"{self.path} has no marginals; {fix}")
         return self._root[MARGINALS]
 
@@ -821,7 +840,7 @@ def terminal_paths(store: ScenarioStore, level: int | None = None) -> tuple[np.n
     done = store.levels_complete
     if done < 1:
         raise StoreError(f"{store.path} has no complete level yet; finish the run with "
-                         "`backfill run --resume`")
+                         f"`{store.resume_command}`")
     level = done if level is None else level
     if not isinstance(level, (int, np.integer)) or not 1 <= level <= done:
         raise StoreError(f"level {level!r} is not a complete level of {store.path}; pass a "

@@ -318,3 +318,14 @@ def test_help_exits_0(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         main()
     assert stop.value.code == 0 and "--levels" in capsys.readouterr().out
+
+
+def test_os_errors_get_the_fix_that_fits_them():
+    import errno
+
+    from engine.cli import _os_error
+
+    assert "free disk space" in _os_error(OSError(errno.ENOSPC, "No space left", "run.zarr"))
+    assert "Ray cluster" in _os_error(ConnectionError("reset by peer"))
+    assert "permissions" in _os_error(PermissionError(errno.EACCES, "denied", "/x"))
+    assert len(_os_error(OSError("line one\nline two")).splitlines()) == 1

@@ -59,9 +59,9 @@ def write_level(store: ScenarioStore, level: int, data: dict) -> None:
                           data["branch"][rows], data["weight"][rows])
 
 
-@pytest.fixture
-def tree_store(tmp_path) -> tuple[ScenarioStore, dict]:
-    store = make_store(tmp_path / "run.zarr")
+def tree_store_of(path: Path) -> tuple[ScenarioStore, dict]:
+    """A store with both levels of ``tiny_tree`` written and complete (no marginals)."""
+    store = make_store(path)
     tree = tiny_tree()
     days = business_days_after(START, 2 * H)
     for level in (1, 2):
@@ -70,6 +70,11 @@ def tree_store(tmp_path) -> tuple[ScenarioStore, dict]:
         write_level(store, level, tree[level])
         store.mark_level_complete(level)
     return store, tree
+
+
+@pytest.fixture
+def tree_store(tmp_path) -> tuple[ScenarioStore, dict]:
+    return tree_store_of(tmp_path / "run.zarr")
 
 
 def open_quietly(path: Path, group: str) -> xr.Dataset:
@@ -477,18 +482,6 @@ def test_terminal_paths_need_a_complete_level(tmp_path):
     store, _ = tree_store_of(tmp_path / "two.zarr")
     with pytest.raises(StoreError, match=r"level 0 is not a complete level.*1\.\.2"):
         terminal_paths(store, level=0)
-
-
-def tree_store_of(path: Path) -> tuple[ScenarioStore, dict]:
-    store = make_store(path)
-    tree = tiny_tree()
-    days = business_days_after(START, 2 * H)
-    for level in (1, 2):
-        store.create_level(level, len(tree[level]["paths"]), days[(level - 1) * H: level * H],
-                           (3, 2))
-        write_level(store, level, tree[level])
-        store.mark_level_complete(level)
-    return store, tree
 
 
 def finished(path: Path) -> ScenarioStore:

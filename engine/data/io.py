@@ -19,11 +19,14 @@ import numpy as np
 import pandas as pd
 
 from engine.data.panel import Panel
-from engine.errors import DataError
+from engine.errors import DataError, first_line
 
 COLUMNS = ("date", "moneyness", "maturity_days", "iv")
 MAX_GRID = 10
 IV_MAX = 5.0
+CSV_SUFFIXES = (".csv", ".txt")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst")  # pandas reads these CSVs
 
 
 def load_panel(data_cfg, evaluation: bool = False) -> Panel:
@@ -60,14 +63,9 @@ def read_panel(path: str | Path) -> Panel:
             warnings.simplefilter("ignore")  # reader warnings would be extra stderr lines
             df = pd.read_parquet(p) if kind == "Parquet" else pd.read_csv(p)
     except Exception as err:  # noqa: BLE001 - any reader failure is the user's file
-        raise DataError(f"cannot read {p} as {kind} ({_first_line(err)}); check the file's "
+        raise DataError(f"cannot read {p} as {kind} ({first_line(err)}); check the file's "
                         "format") from None
     return panel_from_frame(df, str(p))
-
-
-CSV_SUFFIXES = (".csv", ".txt")
-PARQUET_SUFFIXES = (".parquet", ".pq")
-COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst")  # pandas reads these CSVs
 
 
 def _format_of(p: Path) -> str:
@@ -156,6 +154,10 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
                         "one row per (date, moneyness, maturity_days)")
     moneyness = np.sort(out["moneyness"].unique())
     maturities = np.sort(out["maturity_days"].unique())
+    # one date's own grid too big (raw quotes, not a grid): say so before comparing dates
+    widest = out.groupby("date")[["moneyness", "maturity_days"]].nunique().max()
+    if widest["moneyness"] > MAX_GRID or widest["maturity_days"] > MAX_GRID:
+        raise DataError(_too_big(source, int(widest["moneyness"]), int(widest["maturity_days"])))
     if (out.groupby("date").size() != len(moneyness) * len(maturities)).any():
         _grid_error(out, source)
     if len(moneyness) > MAX_GRID or len(maturities) > MAX_GRID:
@@ -174,7 +176,7 @@ def _read_npz(p: Path) -> Panel:
     try:
         z = np.load(p, allow_pickle=False)
     except Exception as err:  # noqa: BLE001
-        raise DataError(f"cannot read {p} as NPZ ({_first_line(err)}); check the file's "
+        raise DataError(f"cannot read {p} as NPZ ({first_line(err)}); check the file's "
                         "format") from None
     need = ("surface", "dates", "moneyness", "maturity_days")
     arrays = {}
@@ -187,7 +189,7 @@ def _read_npz(p: Path) -> Panel:
                 arrays[k] = np.asarray(z[k])
             except Exception as err:  # noqa: BLE001 - object arrays, a corrupt member
                 what = "ISO date strings or datetime64" if k == "dates" else "a float array"
-                raise DataError(f"{p}: cannot load array '{k}' ({_first_line(err)}); store it "
+                raise DataError(f"{p}: cannot load array '{k}' ({first_line(err)}); store it "
                                 f"as {what}") from None
     for k in ("surface", "moneyness", "maturity_days"):
         dtype = arrays[k].dtype
@@ -224,11 +226,9 @@ def _read_npz(p: Path) -> Panel:
 
 
 def _point(r) -> str:
-    return _pt((r["moneyness"], r["maturity_days"]))
-
-
-def _pt(point) -> str:
-    return f"moneyness {_num(point[0])}, maturity {_num(point[1])} days"
+    """A row's grid point (a frame row, or a (moneyness, maturity_days) pair)."""
+    m, t = (r["moneyness"], r["maturity_days"]) if hasattr(r, "keys") else r
+    return f"moneyness {_num(m)}, maturity {_num(t)} days"
 
 
 def _num(x) -> str:
@@ -236,11 +236,6 @@ def _num(x) -> str:
     x = float(x)
     short = f"{x:.10g}"
     return short if float(short) == x or not np.isfinite(x) else repr(x)
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _plain(v):
@@ -267,7 +262,7 @@ def _grid_error(out: pd.DataFrame, source: str) -> NoReturn:
     off = [d for d, pts in per_date.items() if pts != common]
     if not off:  # every date has the same points, but they are not a full rectangle
         gap = next((m, t) for m in m_c for t in t_c if (m, t) not in common)
-        raise DataError(f"{source}: every date lacks {_pt(gap)}, so the {len(m_c)} x {len(t_c)} "
+        raise DataError(f"{source}: every date lacks {_point(gap)}, so the {len(m_c)} x {len(t_c)} "
                         "grid (moneyness x maturity) is not rectangular; every date needs the "
                         "full grid: fill that point on every date or drop its moneyness / maturity")
     d = off[0]
@@ -281,21 +276,21 @@ def _grid_error(out: pd.DataFrame, source: str) -> NoReturn:
         return f" and {len(pts) - 1} more" if len(pts) > 1 else ""
 
     if extra and missing:
-        raise DataError(f"{source}: date {d} has {_pt(extra[0])}{more(extra)} where the other "
-                        f"dates have {_pt(missing[0])}{more(missing)}{also}; every date needs "
+        raise DataError(f"{source}: date {d} has {_point(extra[0])}{more(extra)} where the other "
+                        f"dates have {_point(missing[0])}{more(missing)}{also}; every date needs "
                         "the same grid: fix those values or drop that date")
     if extra:
         raise DataError(f"{source}: date {d} has a grid point the other dates lack "
-                        f"({_pt(extra[0])}{more(extra)}){also}; every date needs the same grid: "
+                        f"({_point(extra[0])}{more(extra)}){also}; every date needs the same grid: "
                         "drop that row or add the point to every date")
     raise DataError(f"{source}: date {d} has {len(per_date[d])} of {len(common)} grid points "
-                    f"(missing {_pt(missing[0])}{more(missing)}){also}; every date needs the "
+                    f"(missing {_point(missing[0])}{more(missing)}){also}; every date needs the "
                     "full grid: drop that date or fill the point")
 
 
 # A UTC offset after a time of day ('2011-01-04T00:00:00Z', '... 09:30-05:00').
-_TZ_SUFFIX = re.compile(r"(\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|UTC|GMT|[+-]\d{2}(?::?\d{2})?)$",
-                        re.IGNORECASE)
+_TZ_SUFFIX = re.compile(r"(\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*"
+                        r"(?:Z|UTC|GMT|[+-]\d{2}(?::?\d{2})?)$", re.IGNORECASE)
 
 
 def _naive(v):
@@ -328,7 +323,8 @@ def _parse_dates(raw: pd.Series) -> pd.Series:
 
 
 def _parses_alone(v) -> bool:
-    if v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and np.isnan(v)):
+    blank = isinstance(v, str) and not v.strip()
+    if v is None or blank or (isinstance(v, float) and np.isnan(v)):
         return False
     return bool(_parse_dates(pd.Series([v], dtype=object)).notna().iloc[0])
 

@@ -42,25 +42,32 @@ class KnnResidualSampler(ConditionalSampler):
                                                                           self.horizon):
             raise ConfigError(f"model has context/horizon {model.context}/{model.horizon}, the "
                               f"config {self.context}/{self.horizon}; retrain the model")
+        # One neighbour per episode (a block of `episode` days): windows a few days apart
+        # share most of their target days, so their residual paths are near copies.
+        self.episode_ = cfg.episode_days or max(1, self.horizon // 3)
+        self._check_episodes(panel)  # before the bank's cross-fitting, which trains models
         self.bank_ = build_bank(panel, self.config, cfg.point, progress=self.progress)
         C = self.context
         self.keys_ = KeySpace(cfg.embedding, model if cfg.embedding == "cvae" else None)
         bank_keys = self.keys_.fit(panel.contexts_at(self.bank_.anchors, C))
         self.index_ = KnnIndex(bank_keys)
-        # Windows a few days apart share most of their target days, so their residual
-        # paths are near copies: one neighbour per episode (a block of `episode` days).
-        self.episode_ = cfg.episode_days or max(1, self.horizon // 3)
         self.groups_ = self.bank_.anchors // self.episode_
         # A quarter of the episodes: local, yet >= 20 so a 90% band has two draws per tail.
         self.k_ = cfg.k if cfg.k else int(np.clip(self.n_episodes // 4, 20, 100))
         self.k_ = min(self.k_, self.n_episodes)
-        if self.n_episodes < MIN_EPISODES:
+        self.point_models_ = list(self.bank_.models)
+
+    def _check_episodes(self, panel: Panel) -> None:
+        """Refuse a history with fewer than MIN_EPISODES episodes of complete windows (the
+        bank's anchors, as ``build_bank`` makes them)."""
+        anchors = np.arange(self.context - 1, panel.n_days - self.horizon)
+        n = len(np.unique(anchors // self.episode_))
+        if n < MIN_EPISODES:
             raise DataError(
-                f"the history holds {self.n_episodes} episodes of {self.episode_} days "
+                f"the history holds {n} episodes of {self.episode_} days "
                 f"(sampler.episode_days), too few for a kNN law: a 90% band needs at least "
                 f"{MIN_EPISODES} distinct residual paths; lower sampler.episode_days (0 = a "
                 "third of the horizon) or give more history")
-        self.point_models_ = list(self.bank_.models)
 
     @property
     def n_episodes(self) -> int:
