@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -46,6 +47,8 @@ def _number_kind(annotation) -> str | None:
     """'an integer' / 'a number' when a field holds ints / floats (alone, optional, or in a
     list or tuple), else None."""
     origin = typing.get_origin(annotation)
+    if origin is Annotated:  # e.g. list[Annotated[int, Field(ge=1)]]
+        return _number_kind(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType, list, tuple):
         kinds = {_number_kind(a) for a in typing.get_args(annotation) if a not in (type(None), ...)}
         kinds.discard(None)
@@ -116,6 +119,16 @@ class DataConfig(_Section):
     embargo: int | None = Field(
         None, ge=0, description="Days left out between splits; default one horizon."
     )
+
+    @field_validator("calibration_start", "test_start")
+    @classmethod
+    def _iso_date(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                np.datetime64(value, "D")
+            except ValueError:
+                raise ValueError(f"{value!r} is not a date; write YYYY-MM-DD") from None
+        return value
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
@@ -174,6 +187,15 @@ class SamplerConfig(_Section):
     """The calibrated conditional sampler (kNN residual bootstrap + conformal)."""
 
     method: str = Field("knn-conformal", description="Sampler used by run / mc / demo.")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from engine.samplers import REGISTRY  # light: the samplers themselves load lazily
+
+        if name not in REGISTRY:
+            raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(REGISTRY)}")
+        return name
     k: int = Field(0, ge=0, description="Neighbour episodes per query; 0 = a quarter of the "
                    "bank's episodes, within [20, 100].")
     episode_days: int = Field(0, ge=0, description="Bank windows this close in time are one "
@@ -284,13 +306,27 @@ class EvalConfig(_Section):
          "hist-bootstrap", "fhs", "pca-ar", "oracle"],
         description="Methods scored; 'oracle' only on the synthetic market.",
     )
-    horizons: list[int] = [1, 5, 10, 20, 30, 60, 90]
+
+    horizons: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 5, 10, 20, 30, 60, 90], min_length=1,
+        description="Days ahead scored (those beyond data.horizon are dropped, with a note).")
     n_samples: int = Field(1000, ge=10, le=1 << 16)
     window_stride: int = Field(
         0, ge=0, description="Score every k-th test window; 0 = the smallest stride that "
         "keeps at most `max_windows` windows.")
     max_windows: int = Field(1250, ge=1, le=1_000_000,
                              description="Cap of the automatic window stride.")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, names: list[str]) -> list[str]:
+        from engine.samplers import known_methods
+
+        unknown = [n for n in names if n not in known_methods()]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from "
+                             f"{', '.join(known_methods())}")
+        return names
 
 
 class Config(_Section):

@@ -1207,7 +1207,7 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99)) -> list[dict]:
     P&L of a node at its level's last day T: sum over the grid of (iv_T - iv_start), in iv
     units (0.01 = one vol point per grid point); weights are the nodes' probabilities.
     """
-    levels = list(levels)
+    levels = list(dict.fromkeys(levels))  # a level given twice is one column
     if not levels:
         raise ConfigError("no VaR level given; pass levels in (0, 1), e.g. --levels 0.95,0.99")
     if store.levels_complete < 1:

@@ -33,19 +33,11 @@ from engine.config import Config
 from engine.errors import ConfigError
 from engine.pipeline import Prepared, get_model, prepare
 from engine.rng import EVALUATION, node_rng
-from engine.samplers import REGISTRY, make_sampler
+from engine.samplers import ALIASES, REGISTRY, known_methods, make_sampler
 from engine.samplers.knn import KnnResidualSampler
 from engine.samplers.knn_conformal import KnnConformalSampler
 from engine.train import progress_bar
 
-# Report name -> (registry sampler, sampler-config overrides): the kNN samplers around the
-# pca-ar mean path next to the CVAE p50, so the report shows both point forecasts, and the
-# online conformal scale next to the split one.
-ALIASES: dict[str, tuple[str, dict]] = {
-    "knn-pca": ("knn", {"point": "pca-ar"}),
-    "knn-conformal-pca": ("knn-conformal", {"point": "pca-ar"}),
-    "knn-conformal-online": ("knn-conformal", {"conformal": "online"}),
-}
 FAN_METHODS = ("knn-conformal", "cvae-prior", "hist-bootstrap", "oracle")
 VAR_HORIZONS = (1, 10)
 VAR_LEVELS = (0.95, 0.99)
@@ -76,10 +68,6 @@ class MethodSpec:
             return None
         s = self.config.sampler
         return (s.point, s.embedding)
-
-
-def known_methods() -> list[str]:
-    return [*REGISTRY, *ALIASES]
 
 
 def resolve_methods(config: Config, has_market: bool) -> tuple[list[MethodSpec], list[str]]:

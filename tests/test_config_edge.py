@@ -6,6 +6,8 @@ branching above n_samples, sizes that only allocate gigabytes, inf / nan.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from pydantic import BaseModel
@@ -254,3 +256,22 @@ def test_config_show_still_accepts_the_defaults():
     proc = invoke(["config", "show"])
     assert proc.returncode == 0, proc.stderr
 
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("sampler.method", "foo", "unknown sampler 'foo'"),
+    ("evaluate.methods", ["knn", "nope"], "unknown method(s) 'nope'"),
+    ("evaluate.horizons", [0, 5], "greater than or equal to 1"),
+    ("evaluate.horizons", [], "at least 1 item"),
+    ("data.calibration_start", "notadate", "'notadate' is not a date"),
+])
+def test_names_and_dates_are_checked_when_the_config_loads(key, value, words):
+    """`config show` (and every command) refuses them at once, not after a fit."""
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(None, {key: value})
+
+
+def test_known_names_and_dates_still_load():
+    cfg = load_config(None, {"evaluate.methods": ["knn-conformal-online", "oracle"],
+                             "data.calibration_start": "2020-01-02", "sampler.method": "fhs"})
+    assert cfg.sampler.method == "fhs" and cfg.data.calibration_start == "2020-01-02"

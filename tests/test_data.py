@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from engine.data.io import read_panel
 from engine.data.panel import SPLITS, Panel, make_splits
@@ -390,6 +391,5 @@ def test_split_date_errors():
     with pytest.raises(DataError, match="after the last date"):
         make_splits(panel, tiny_config(**{"data.calibration_start": "2010-08-01",
                                           "data.test_start": "2030-01-01"}).data)
-    with pytest.raises(DataError, match="not a date"):
-        make_splits(panel, tiny_config(**{"data.calibration_start": "August",
-                                          "data.test_start": "2010-11-15"}).data)
+    with pytest.raises(ValidationError, match="'August' is not a date"):  # refused on load
+        tiny_config(**{"data.calibration_start": "August", "data.test_start": "2010-11-15"})

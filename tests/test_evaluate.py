@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from engine import metrics
@@ -308,8 +309,8 @@ def test_method_names_and_horizons_are_validated():
     assert [s.name for s in specs] == ["knn", "knn-conformal-pca", "knn-pca"]
     assert [s.config.sampler.point for s in specs] == ["cvae", "pca-ar", "pca-ar"]
     assert specs[1].knn_group == specs[2].knn_group != specs[0].knn_group
-    with pytest.raises(ConfigError, match="unknown method.*'knn-magic'"):
-        resolve_methods(eval_config(**{"evaluate.methods": ["knn-magic"]}), True)
+    with pytest.raises(ValidationError, match="unknown method.*'knn-magic'"):  # on load
+        eval_config(**{"evaluate.methods": ["knn-magic"]})
     kept, notes = check_horizons(eval_config(**{"evaluate.horizons": [1, 6, 30]}))
     assert kept == [1, 6] and "30" in notes[0]
     with pytest.raises(ConfigError, match="beyond data.horizon"):

@@ -19,6 +19,21 @@ REGISTRY: dict[str, tuple[str, str]] = {
 }
 
 
+# Report name -> (registry sampler, sampler-config overrides), for `backfill evaluate`: the
+# kNN samplers around the pca-ar mean path next to the CVAE p50, so the report shows both
+# point forecasts, and the online conformal scale next to the split one.
+ALIASES: dict[str, tuple[str, dict]] = {
+    "knn-pca": ("knn", {"point": "pca-ar"}),
+    "knn-conformal-pca": ("knn-conformal", {"point": "pca-ar"}),
+    "knn-conformal-online": ("knn-conformal", {"conformal": "online"}),
+}
+
+
+def known_methods() -> list[str]:
+    """What `evaluate.methods` may name: the samplers and their report aliases."""
+    return [*REGISTRY, *ALIASES]
+
+
 def make_sampler(name: str, config):
     if name not in REGISTRY:
         raise ConfigError(f"unknown sampler '{name}'; choose one of {', '.join(REGISTRY)}")
