@@ -119,6 +119,7 @@ class DataConfig(_Section):
     embargo: int | None = Field(
         None, ge=0, description="Days left out between splits; default one horizon."
     )
+    synthetic: SyntheticConfig = SyntheticConfig()
 
     @field_validator("calibration_start", "test_start")
     @classmethod
@@ -129,7 +130,6 @@ class DataConfig(_Section):
             except ValueError:
                 raise ValueError(f"{value!r} is not a date; write YYYY-MM-DD") from None
         return value
-    synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
     def _check_fractions(self) -> DataConfig:
@@ -187,15 +187,6 @@ class SamplerConfig(_Section):
     """The calibrated conditional sampler (kNN residual bootstrap + conformal)."""
 
     method: str = Field("knn-conformal", description="Sampler used by run / mc / demo.")
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        from engine.samplers import REGISTRY  # light: the samplers themselves load lazily
-
-        if name not in REGISTRY:
-            raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(REGISTRY)}")
-        return name
     k: int = Field(0, ge=0, description="Neighbour episodes per query; 0 = a quarter of the "
                    "bank's episodes, within [20, 100].")
     episode_days: int = Field(0, ge=0, description="Bank windows this close in time are one "
@@ -219,6 +210,15 @@ class SamplerConfig(_Section):
                                          "pooled, as this many fresh horizon-long episodes.")
     ewma_lambda: float = Field(0.94, gt=0, lt=1, description="EWMA decay of fhs.")
     n_factors: int = Field(3, ge=1, le=20, description="PCA factors of pca-ar.")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from engine.samplers import REGISTRY  # light: the samplers themselves load lazily
+
+        if name not in REGISTRY:
+            raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(REGISTRY)}")
+        return name
 
 
 class TreeConfig(_Section):
@@ -306,7 +306,6 @@ class EvalConfig(_Section):
          "hist-bootstrap", "fhs", "pca-ar", "oracle"],
         description="Methods scored; 'oracle' only on the synthetic market.",
     )
-
     horizons: list[Annotated[int, Field(ge=1)]] = Field(
         [1, 5, 10, 20, 30, 60, 90], min_length=1,
         description="Days ahead scored (those beyond data.horizon are dropped, with a note).")

@@ -509,9 +509,8 @@ def open_store(path: str | Path, *, kind: str, config: Config, fingerprint: str,
     if resume:
         store = ScenarioStore.open(path, "r+")
         if store.meta.kind != kind:
-            command = "run" if store.meta.kind == "tree" else "mc"
             raise StoreError(f"{store.path} holds a {store.meta.kind} run, not {kind}; resume "
-                             f"it with `backfill {command}` or pass a new path")
+                             f"it with `{store.resume_command}` or pass a new path")
         store.check_compatible(config.to_dict(), fingerprint, config.seed)
         attrs = _read_attrs(store.path)
         problems = []
@@ -1210,12 +1209,10 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99)) -> list[dict]:
     levels = list(dict.fromkeys(levels))  # a level given twice is one column
     if not levels:
         raise ConfigError("no VaR level given; pass levels in (0, 1), e.g. --levels 0.95,0.99")
-    if store.levels_complete < 1:
-        raise StoreError(f"{store.path} has no complete level yet; finish the run with "
-                         f"`{store.resume_command}`")
+    done = store.require_complete_level()
     start = start_context_of(store)[-1]  # (n_m, n_tau) the start day's surface
     rows = []
-    for level in range(1, store.levels_complete + 1):
+    for level in range(1, done + 1):
         pnl, weight = [], []
         for _, _, block in store.iter_chunks(level):
             last = block["paths"][:, -1].astype(np.float64)  # (n, n_m, n_tau)

@@ -274,6 +274,7 @@ _MARGINAL_DATA = ("quantiles", "mean", "std", "quantile", "day")
 # what zarr and its codecs raise on a file that does not decode (a truncated or foreign
 # chunk, broken metadata); MemoryError and our own bugs (AttributeError...) pass through
 _UNREADABLE = (ValueError, KeyError, RuntimeError, OSError, EOFError, zarr.errors.BaseZarrError)
+_DAMAGED = "the store is damaged: rerun it into a new path (or with --overwrite)"
 
 
 def _chunk_files(folder: Path) -> int:
@@ -399,14 +400,9 @@ class ScenarioStore:
         """Turn a chunk or metadata file that zarr cannot decode into one StoreError line."""
         try:
             yield
-        except StoreError:
-            raise
-        except MemoryError:
-            raise
         except _UNREADABLE as err:
             raise StoreError(f"{self.path}/{what} cannot be read ({type(err).__name__}: "
-                             f"{first_line(err)}); the store is damaged: rerun it into a new "
-                             "path (or with --overwrite)") from None
+                             f"{first_line(err)}); {_DAMAGED}") from None
 
     def damage(self) -> str | None:
         """The first missing piece of what the store says is finished (each level marked
@@ -436,6 +432,14 @@ class ScenarioStore:
         if problem:
             raise StoreError(f"{self.path} is damaged: {problem}; its data cannot be trusted: "
                              "rerun it into a new path (or with --overwrite)")
+
+    def require_complete_level(self) -> int:
+        """``levels_complete``, or StoreError if no level is complete yet."""
+        done = self.levels_complete
+        if done < 1:
+            raise StoreError(f"{self.path} has no complete level yet; finish the run with "
+                             f"`{self.resume_command}`")
+        return done
 
     @property
     def resume_command(self) -> str:
@@ -581,8 +585,7 @@ class ScenarioStore:
         self._check_level_number(level)
         name = _level_name(level)
         damaged = level <= self.levels_complete  # a finished level must be whole
-        fix = ("the store is damaged: rerun it into a new path (or with --overwrite)" if damaged
-               else f"resume the run (`{self.resume_command}`) to write it")
+        fix = _DAMAGED if damaged else f"resume the run (`{self.resume_command}`) to write it"
         with self._reading(name):
             if name not in self._root:
                 raise StoreError(f"{self.path} has no {name} yet; {fix}")
@@ -798,8 +801,7 @@ class ScenarioStore:
 
     def _marginals_group(self) -> zarr.Group:
         if MARGINALS not in self._root:
-            fix = ("the store is damaged: rerun it into a new path (or with --overwrite)"
-                   if self.levels_complete >= self.meta.depth
+            fix = (_DAMAGED if self.levels_complete >= self.meta.depth
                    else f"finish the run with `{self.resume_command}` first")
             raise StoreError(f"{self.path} has no marginals; {fix}")
         return self._root[MARGINALS]
@@ -837,10 +839,7 @@ def marginals_frame(store: ScenarioStore) -> pd.DataFrame:
 def terminal_paths(store: ScenarioStore, level: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every node of ``level`` (default: the deepest complete one) as its full path from
     day 0, rebuilt from parent pointers: paths (N, days, n_m, n_tau), weights (N,)."""
-    done = store.levels_complete
-    if done < 1:
-        raise StoreError(f"{store.path} has no complete level yet; finish the run with "
-                         f"`{store.resume_command}`")
+    done = store.require_complete_level()
     level = done if level is None else level
     if not isinstance(level, (int, np.integer)) or not 1 <= level <= done:
         raise StoreError(f"level {level!r} is not a complete level of {store.path}; pass a "

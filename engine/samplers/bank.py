@@ -83,12 +83,17 @@ def block_train_mask(anchors: np.ndarray, block: np.ndarray, horizon: int, embar
     return (anchors + horizon < lo - embargo) | (anchors + 1 > hi + embargo)
 
 
+def bank_anchors(n_days: int, context: int, horizon: int) -> np.ndarray:
+    """The anchor day of every complete window (context, then horizon) of ``n_days``."""
+    return np.arange(context - 1, n_days - horizon, dtype=np.int64)
+
+
 def build_bank(panel: Panel, config: Config, point: str, progress=None) -> ResidualBank:
     """Cross-fitted residual paths over every complete window of ``panel``."""
     from engine.train import train_model
 
     C, H, E = config.data.context, config.data.horizon, config.data.embargo_days
-    anchors = np.arange(C - 1, panel.n_days - H, dtype=np.int64)
+    anchors = bank_anchors(panel.n_days, C, H)
     n_folds = min(config.sampler.n_folds, max(2, len(anchors) // max(H, 1)))
     blocks = np.array_split(anchors, n_folds)
     residuals = np.empty((len(anchors), H, *panel.grid_shape), dtype=np.float32)

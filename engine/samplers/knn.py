@@ -18,7 +18,7 @@ import numpy as np
 from engine.data.panel import Panel
 from engine.errors import ConfigError, DataError
 from engine.knn import KnnIndex, kernel_weights
-from engine.samplers.bank import KeySpace, build_bank, point_forecast
+from engine.samplers.bank import KeySpace, bank_anchors, build_bank, point_forecast
 from engine.samplers.base import ConditionalSampler
 
 # fewer distinct residual paths than this cannot hold both tails of a 90% band
@@ -58,9 +58,8 @@ class KnnResidualSampler(ConditionalSampler):
         self.point_models_ = list(self.bank_.models)
 
     def _check_episodes(self, panel: Panel) -> None:
-        """Refuse a history with fewer than MIN_EPISODES episodes of complete windows (the
-        bank's anchors, as ``build_bank`` makes them)."""
-        anchors = np.arange(self.context - 1, panel.n_days - self.horizon)
+        """Refuse a history with fewer than MIN_EPISODES episodes of the bank's windows."""
+        anchors = bank_anchors(panel.n_days, self.context, self.horizon)
         n = len(np.unique(anchors // self.episode_))
         if n < MIN_EPISODES:
             raise DataError(
