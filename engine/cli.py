@@ -131,6 +131,14 @@ def _console():
     return Console(stderr=True)
 
 
+def _table_console():
+    """Stdout for a table; to a pipe or file, wide enough that rich does not wrap it."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 @config_app.command("show")
 @user_errors
 def config_show(config: ConfigOpt = None) -> None:
@@ -370,7 +378,6 @@ def var(store: StoreOpt,
     if json_out:
         typer.echo(driver.to_json(rows))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="long 1 vega per grid point: loss in iv units (0.01 = 1 vol point)")
@@ -385,10 +392,7 @@ def var(store: StoreOpt,
         for a in alphas:
             cells += [f"{r[f'var_{a:g}']:.4f}", f"{r[f'es_{a:g}']:.4f}"]
         table.add_row(*cells)
-    console = Console()
-    if not console.is_terminal:  # a pipe or file: no 80-column wrap of the table
-        console = Console(width=200)
-    console.print(table)
+    _table_console().print(table)
 
 
 @app.command()
@@ -443,6 +447,62 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
 
 @app.command()
 @user_errors
+def check(store: StoreOpt,
+          json_out: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
+          ) -> None:
+    """Read a whole store back: every chunk decodes, no node is lost, doubled or given
+    another parent, children's weights sum to their parent's, every vol is finite and
+    positive, the marginals are complete and ordered. Exit 2 if anything fails."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from engine.audit import check_store
+    from engine.store import ScenarioStore
+
+    scenario = ScenarioStore.open(store)  # not _open_store: a lost chunk is one of the checks
+    console = _console()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        report = check_store(scenario, progress)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _table_console().print(_check_table(report))
+    if not report["ok"]:
+        more = report["n_problems"] - 1
+        fail(f"{store} fails {report['n_problems']} check{'s' if more else ''}: "
+             f"{report['problems'][0]}{f' (and {more} more)' if more else ''}; its data cannot "
+             "be trusted: rerun it into a new path (or with --overwrite)")
+    if not report["finished"]:
+        typer.echo(f"the run is not finished ({report['levels_complete']} of "
+                   f"{report['depth']} levels complete); finish it with "
+                   f"`{scenario.resume_command}`", err=True)
+
+
+def _check_table(report: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{report['store']}: {report['kind']}, depth {report['depth']}, "
+                        f"{report['levels_complete']} levels complete")
+    for col in ("level", "days", "rows", "chunks", "weight sum", "children vs parent",
+                "iv range", "problems"):
+        table.add_column(col, justify="right")
+    for lv in report["levels"]:
+        err = lv["worst_branch_error"]
+        iv = "" if lv["iv_min"] is None else f"{lv['iv_min']:.4f}..{lv['iv_max']:.4f}"
+        table.add_row(str(lv["level"]), f"{lv['first_day']}..{lv['last_day']}",
+                      f"{lv['rows']:,}", f"{lv['chunks_written']}/{lv['chunks']}",
+                      f"{lv['weight_sum']:.12f}", "" if err is None else f"{err:.1e}",
+                      iv, str(lv["n_problems"]) if lv["n_problems"] else "ok")
+    m = report["marginals"]
+    table.caption = (f"marginals: {m['days_written']} of {m['days']} days written"
+                     if m.get("present") else "marginals: none")
+    return table
+
+
+@app.command()
+@user_errors
 def bench(config: ConfigOpt = None,
           data: Annotated[str | None, typer.Option(
               help="Data to fit on (default: the built-in synthetic market).")] = "synthetic",
@@ -470,8 +530,6 @@ def bench(config: ConfigOpt = None,
           ) -> None:
     """Throughput and memory: tree nodes/s (inline, ray), decoder, kNN, store writes, peak RSS."""
     import json
-
-    from rich.console import Console
 
     from engine.bench import render_gpu_table, render_table, run_bench, run_gpu_bench
     from engine.errors import ConfigError
@@ -502,10 +560,7 @@ def bench(config: ConfigOpt = None,
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n")
-    console = Console()
-    if not console.is_terminal:  # a pipe or file: no 80-column wrap of the table
-        console = Console(width=200)
-    console.print(render_gpu_table(result) if gpu else render_table(result))
+    _table_console().print(render_gpu_table(result) if gpu else render_table(result))
     if json_out is not None:
         _console().print(f"wrote {json_out}")
 

@@ -87,6 +87,7 @@ __all__ = [
     "QUANTILE_LEVELS",
     "Batch",
     "BatchResult",
+    "Frontier",
     "LevelPlan",
     "LevelStats",
     "check_run_target",
@@ -94,6 +95,7 @@ __all__ = [
     "decode_batch",
     "expand_batch",
     "fit_for_run",
+    "frontier",
     "is_split",
     "level_plan",
     "node_rngs",
@@ -886,25 +888,26 @@ class _ChunkWriter:
 
 
 @dataclass
-class _Frontier:
+class Frontier:
     nodes: np.ndarray  # random stream of each node
     parents: np.ndarray  # parent pointer of its children
     rows: np.ndarray | None  # rows of level - 1 whose contexts it uses (None: the root)
     weights: np.ndarray
 
 
-def _frontier(store: ScenarioStore, level: int, kind: str, config: Config,
-              n_paths: int | None) -> _Frontier:
-    """The nodes expanded into ``level``, after pruning (tree) — a function of the store only."""
-    if kind == "mc":
-        n = int(n_paths)
+def frontier(store: ScenarioStore, level: int, config: Config) -> Frontier:
+    """The nodes expanded into ``level``, after pruning (tree): a function of the store (its
+    kind, ``n_paths`` and level ``level - 1``'s weights) and ``config`` only, so ``backfill
+    check`` recomputes the very frontier that the run expanded."""
+    if store.meta.kind == "mc":
+        n = int(_read_attrs(store.path)[_ATTR_N_PATHS])
         ids = np.arange(n, dtype=np.int64)
         if level == 1:
-            return _Frontier(ids, np.zeros(n, np.int64), None, np.full(n, 1.0 / n))
-        return _Frontier(ids, ids, ids, _level_weights(store, level - 1))
+            return Frontier(ids, np.zeros(n, np.int64), None, np.full(n, 1.0 / n))
+        return Frontier(ids, ids, ids, _level_weights(store, level - 1))
     if level == 1:
         root = np.zeros(1, np.int64)
-        return _Frontier(root, root, None, np.ones(1))
+        return Frontier(root, root, None, np.ones(1))
     weights = _level_weights(store, level - 1)
     idx = np.arange(len(weights), dtype=np.int64)
     tree = config.tree
@@ -916,7 +919,7 @@ def _frontier(store: ScenarioStore, level: int, kind: str, config: Config,
         rng = node_rng(config.seed, level - 1, 0, PRUNE_STREAM)
         keep, weights = resample_frontier(weights, tree.max_frontier, rng)
         idx = idx[keep]
-    return _Frontier(idx, idx, idx, np.asarray(weights, dtype=np.float64))
+    return Frontier(idx, idx, idx, np.asarray(weights, dtype=np.float64))
 
 
 def _progress(console):
@@ -941,7 +944,7 @@ def _progress(console):
                     console=console, disable=console is None, transient=False)
 
 
-def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: _Frontier,
+def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: Frontier,
                start_context: np.ndarray, days: np.ndarray, config: Config, progress,
                after_chunk, checkpoint_seconds: float) -> LevelStats:
     level, k, s = plan.level, plan.branching, plan.stride
@@ -1067,7 +1070,6 @@ def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
     start_context = start_context_of(store)
     _check_sampler(sampler, config, grid_shape, start_context)
     s = stride_days(config.tree.stride, config.data.horizon)
-    n_paths = _read_attrs(store.path).get(_ATTR_N_PATHS) if kind == "mc" else None
     days = business_days_after(store.meta.start_date, depth * s)
     store.create_marginals(days, QUANTILE_LEVELS)
     for old in range(1, store.levels_complete + 1):  # stale checkpoints of finished levels
@@ -1080,10 +1082,9 @@ def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
         with _progress(console) as progress:
             for level in range(store.levels_complete + 1, depth + 1):
                 plan = level_plan(kind, level, depth, config, s, grid_shape)
-                frontier = _frontier(store, level, kind, config, n_paths)
-                stats.append(_run_level(store, executor, plan, frontier, start_context,
-                                        days[(level - 1) * s: level * s], config, progress,
-                                        after_chunk, checkpoint_seconds))
+                stats.append(_run_level(store, executor, plan, frontier(store, level, config),
+                                        start_context, days[(level - 1) * s: level * s],
+                                        config, progress, after_chunk, checkpoint_seconds))
     finally:
         executor.close()
     return stats

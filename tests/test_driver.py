@@ -20,6 +20,7 @@ import zarr
 from typer.testing import CliRunner
 
 from engine import driver, tree
+from engine.audit import check_store
 from engine.cli import app
 from engine.config import Config, TreeConfig
 from engine.errors import ConfigError, DataError, StoreError
@@ -217,6 +218,86 @@ def test_resume_after_a_crash_gives_the_same_bytes(reference, tmp_path, keep_che
     assert not partial.exists()
 
 
+def test_check_passes_an_unfinished_store_on_its_written_chunks(tmp_path):
+    path = tmp_path / "crash.zarr"
+
+    def crash(level, chunk):
+        if level == 2 and chunk == 2:
+            raise Crash("simulated crash")
+
+    with pytest.raises(Crash):
+        make_run(path, run_config(), after_chunk=crash)
+    report = check_store(ScenarioStore.open(path))
+    assert report["ok"] and not report["finished"], report["problems"]
+    two = report["levels"][1]
+    assert (two["level"], two["complete"], two["chunks_written"]) == (2, False, 3)
+    assert two["worst_branch_error"] is None  # no sums over a level in progress
+    result = _invoke(["check", "--store", path])
+    assert result.exit_code == 0 and "backfill run --resume" in result.stderr
+
+
+def _corrupt_parent(root: Path) -> None:
+    arr = zarr.open_array(root / "level_03" / "parent", mode="r+")
+    p = arr[:]
+    p[7] = p[12]  # row 7 now hangs under another node: one child lost, one doubled
+    arr[:] = p
+
+
+def _corrupt_branch(root: Path) -> None:
+    arr = zarr.open_array(root / "level_01" / "branch", mode="r+")
+    b = arr[:]
+    arr[:] = b[[0, 2, 1, 3, 4]]
+
+
+def _corrupt_weight(root: Path) -> None:
+    """Mass moved between two siblings: every level still sums to 1."""
+    arr = zarr.open_array(root / "level_02" / "weight", mode="r+")
+    w = arr[:]
+    w[3], w[4] = w[3] + 1e-4, w[4] - 1e-4
+    arr[:] = w
+
+
+def _corrupt_path(root: Path) -> None:
+    arr = zarr.open_array(root / "level_02" / "paths", mode="r+")
+    arr[5, 2, 0, 0] = -0.1
+
+
+def _corrupt_marginals(root: Path) -> None:
+    arr = zarr.open_array(root / "marginals" / "quantiles", mode="r+")
+    q = arr[:]
+    q[4, 3] = q[4, 2] * 0.5
+    arr[:] = q
+
+
+def _garble(root: Path) -> None:
+    (root / "level_03" / "paths" / "c.5.0.0.0").write_bytes(b"not a chunk")
+
+
+def _lose(root: Path) -> None:
+    (root / "level_02" / "paths" / "c.1.0.0.0").unlink()
+
+
+@pytest.mark.parametrize("corrupt, words", [
+    (_corrupt_parent, ["level 3", "row 7 has parent"]),
+    (_corrupt_branch, ["level 1", "row 1 has branch 2"]),
+    (_corrupt_weight, ["level 3", "children of frontier node 3"]),
+    (_corrupt_path, ["level 2", "row 5", "not finite positive"]),
+    (_corrupt_marginals, ["marginals", "quantiles fall"]),
+    (_garble, ["level 3", "chunk 5", "cannot be read"]),
+    (_lose, ["level_02/paths lacks 1"]),
+])
+def test_check_finds_each_kind_of_damage(reference, tmp_path, corrupt, words):
+    assert check_store(ScenarioStore.open(reference))["ok"]
+    path = tmp_path / "bad.zarr"
+    shutil.copytree(reference, path)
+    corrupt(path)
+    report = check_store(ScenarioStore.open(path))
+    assert not report["ok"]
+    assert all(w in report["problems"][0] for w in words), report["problems"]
+    err = _one_line_error(["check", "--store", path], *words)
+    assert "cannot be trusted" in err
+
+
 class _FailingDraws:
     """The session sampler, whose kNN half raises a DataError from its ``fail_at``-th call on
     (from whichever thread makes it)."""
@@ -340,6 +421,10 @@ def test_pruned_frontier_is_resampled_once_per_level(tmp_path):
     assert_same_bytes(tmp_path / "p7.zarr", tmp_path / "p2.zarr")
     cut = make_run(tmp_path / "w.zarr", run_config(**{"tree.min_weight": 0.03}))
     assert cut.level_size(3) < 125
+    for pruned in (store, cut):  # the check rebuilds the pruned / resampled frontiers
+        report = check_store(pruned)
+        assert report["ok"], report["problems"]
+        assert [lv["rows"] for lv in report["levels"]] == [pruned.level_size(k) for k in (1, 2, 3)]
 
 
 def test_generic_sampler_uses_the_same_path(tmp_path):
@@ -587,6 +672,14 @@ def test_cli_run_mc_and_exports(cli_stores, tmp_path):
     result = _invoke(["plot", "--store", run, "--out", tmp_path / "fan.png"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fan.png").stat().st_size > 1000
+    for store_path in (run, mc):
+        result = _invoke(["check", "--store", store_path, "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["ok"] and report["finished"]
+        assert all(abs(lv["weight_sum"] - 1) < 1e-9 for lv in report["levels"])
+    result = _invoke(["check", "--store", run])
+    assert result.exit_code == 0 and "children vs parent" in result.stdout
     # user errors: one line, exit 2
     for args in (["marginals", "--store", run, "--out", tmp_path / "m.txt"],
                  ["var", "--store", tmp_path / "nope.zarr"],

@@ -90,6 +90,10 @@ def test_kill_9_of_the_driver_in_level_4_then_resume_gives_the_clean_store(proje
     run = backfill_cmd("run", "--config", cfg, "--model", model, "--store", path)
     chunks_written = kill_in_level_4(run, path)
     assert 7 <= chunks_written <= K ** 4 // 25  # level 4: 625 rows in chunks of 25
+    # what the kill left is consistent: every chunk on disk decodes and fits the tree
+    check = backfill_cmd("check", "--store", path)
+    r = subprocess.run(check, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0 and "not finished" in r.stderr, r.stdout + r.stderr
 
     r = subprocess.run(run + ["--resume"], capture_output=True, text=True, timeout=300,
                        check=False)
@@ -103,3 +107,5 @@ def test_kill_9_of_the_driver_in_level_4_then_resume_gives_the_clean_store(proje
     assert_same_bytes(clean, path)
     assert_whole_tree(path)
     assert not Path(str(path) + ".partial").exists()
+    r = subprocess.run(check, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0 and "not finished" not in r.stderr, r.stdout + r.stderr
