@@ -16,6 +16,7 @@ be rerun after a crash. The sampler is fitted once on the whole synthetic panel 
     python scripts/tree_vs_mc.py --part integrity
     python scripts/tree_vs_mc.py --part scale                      # depth 7, M = 512
     python scripts/tree_vs_mc.py --part oracle --starts 20 --default-market
+    python scripts/tree_vs_mc.py --part oracle --starts 20 --max-starts 4 --default-market --depth 6
 """
 
 from __future__ import annotations
@@ -258,24 +259,29 @@ def part_compare(args):
 
 
 def part_oracle(args):
-    from engine.store import ScenarioStore  # noqa: F401
-
+    """Depth ``--depth`` trees (default 4) against 5000 oracle paths from the true state on
+    each start day, every 90 days: bias and mean |error| of q05 / q50 / q95 over starts and
+    grid points, the share of oracle paths inside the tree's 90% band, and the grid point
+    whose band width (q95 - q05, averaged over starts) is furthest from the oracle's."""
     samp = sampler()
     market = prep().panel.market
-    cfg = config({"tree.depth": 4, "tree.n_samples": 512, "engine.backend": "inline"})
-    days = (90, 180, 270, 360)
+    depth = args.depth
+    cfg = config({"tree.depth": depth, "tree.n_samples": 512, "engine.backend": "inline"})
+    days = tuple(90 * k for k in range(1, depth + 1))
     starts = start_indices(args.starts)[: args.max_starts or None]
     diff = {d: {q: [] for q in ("q05", "q50", "q95")} for d in days}
     cover, cover_atm, times = {d: [] for d in days}, {d: [] for d in days}, {}
+    width = {d: [] for d in days}  # (tree width, oracle width) per grid point
+    tag = "tree4" if depth == 4 else f"tree{depth}"
     for n, i in enumerate(starts):
-        st, sec = make_store(args.root / f"tree4_{i}", "tree", cfg, start_date(i), samp)
+        st, sec = make_store(args.root / f"{tag}_{i}", "tree", cfg, start_date(i), samp)
         if sec is not None:
             times[str(i)] = sec
-        print(f"tree depth 4 start {i} ({start_date(i)}): "
+        print(f"tree depth {depth} start {i} ({start_date(i)}): "
               f"{'reused' if sec is None else f'{sec:.1f}s'}", flush=True)
         m = st.read_marginals()
         tq = np.asarray(m["quantiles"], dtype=np.float64)
-        orc = market.oracle(i, 5000, 360, np.random.default_rng(1000 + n))  # (5000, 360, 5, 5)
+        orc = market.oracle(i, 5000, days[-1], np.random.default_rng(1000 + n))  # (5000, D, 5, 5)
         for d in days:
             o = orc[:, d - 1]
             oq = np.quantile(o, (0.05, 0.5, 0.95), axis=0)
@@ -285,8 +291,12 @@ def part_oracle(args):
             share = inside.mean(0)
             cover[d].append(share.ravel())
             cover_atm[d].append(share[ATM].ravel())
+            width[d].append((tq[d - 1, Q95] - tq[d - 1, Q05], oq[2] - oq[0]))
     rows = []
     for d in days:
+        ratio = np.mean([t for t, _ in width[d]], axis=0) / np.mean([o for _, o in width[d]],
+                                                                    axis=0)  # (5, 5)
+        worst = np.unravel_index(np.argmax(np.abs(np.log(ratio))), ratio.shape)
         rows.append({
             "day": d,
             **{f"{q}_bias": float(np.concatenate(diff[d][q]).mean()) for q in diff[d]},
@@ -294,16 +304,21 @@ def part_oracle(args):
                for q in diff[d]},
             "coverage_90": float(np.concatenate(cover[d]).mean()),
             "coverage_90_atm": float(np.concatenate(cover_atm[d]).mean()),
+            "width_ratio_atm": float(ratio[ATM].mean()),
+            "width_ratio_worst": float(ratio[worst]), "worst_point": [int(x) for x in worst],
         })
-    print(f"depth-4 tree (M 512, quantize) vs oracle (5000 paths), {len(starts)} starts x 25 "
-          "grid points; tree minus oracle in iv")
+    print(f"depth-{depth} tree (M 512, quantize) vs oracle (5000 paths), {len(starts)} starts x "
+          "25 grid points; tree minus oracle in iv; band width (q95 - q05) tree / oracle")
     print(f"{'day':>4} {'q05':>8} {'q50':>8} {'q95':>8} {'|q05|':>7} {'|q50|':>7} {'|q95|':>7} "
-          f"{'cov90':>6} {'cov90 ATM':>9}")
+          f"{'cov90':>6} {'cov90 ATM':>9} {'width ATM':>9} {'worst width (m, tau)':>21}")
     for r in rows:
         print(f"{r['day']:>4} {r['q05_bias']:8.4f} {r['q50_bias']:8.4f} {r['q95_bias']:8.4f} "
               f"{r['q05_mean_abs']:7.4f} {r['q50_mean_abs']:7.4f} {r['q95_mean_abs']:7.4f} "
-              f"{r['coverage_90']:6.3f} {r['coverage_90_atm']:9.3f}")
-    save(f"oracle_{len(starts)}", {"starts": starts, "rows": rows, "times": times})
+              f"{r['coverage_90']:6.3f} {r['coverage_90_atm']:9.3f} "
+              f"{r['width_ratio_atm']:9.3f} {r['width_ratio_worst']:12.3f} "
+              f"{tuple(r['worst_point'])!s:>8}")
+    save(f"oracle_{len(starts)}" + ("" if depth == 4 else f"_depth{depth}"),
+         {"starts": starts, "rows": rows, "times": times})
 
 
 # ============================================================================ parts 3, 4
@@ -445,6 +460,8 @@ def main():
     ap.add_argument("--starts", type=int, default=8, help="start dates, 10%%..95%% of the data")
     ap.add_argument("--max-starts", type=int, default=0, help="use only the first n (0: all)")
     ap.add_argument("--paths", type=int, default=20000, help="Monte Carlo paths")
+    ap.add_argument("--depth", type=int, default=4, help="--part oracle: tree depth (90 days "
+                    "a level)")
     ap.add_argument("--root", type=Path, default=None, help="stores (default: OUT/stores)")
     ap.add_argument("--default-market", action="store_true",
                     help="the default synthetic market and model (6000 days, 25 epochs, 5 "
