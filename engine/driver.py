@@ -900,7 +900,10 @@ def frontier(store: ScenarioStore, level: int, config: Config) -> Frontier:
     kind, ``n_paths`` and level ``level - 1``'s weights) and ``config`` only, so ``backfill
     check`` recomputes the very frontier that the run expanded."""
     if store.meta.kind == "mc":
-        n = int(_read_attrs(store.path)[_ATTR_N_PATHS])
+        n = _read_attrs(store.path).get(_ATTR_N_PATHS)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise StoreError(f"{store.path} has n_paths {n!r}, not a count of paths; it was not "
+                             "written by `backfill mc`: rerun it into a new path")
         ids = np.arange(n, dtype=np.int64)
         if level == 1:
             return Frontier(ids, np.zeros(n, np.int64), None, np.full(n, 1.0 / n))

@@ -680,6 +680,11 @@ def test_cli_run_mc_and_exports(cli_stores, tmp_path):
         assert all(abs(lv["weight_sum"] - 1) < 1e-9 for lv in report["levels"])
     result = _invoke(["check", "--store", run])
     assert result.exit_code == 0 and "children vs parent" in result.stdout
+    odd = tmp_path / "odd_mc.zarr"  # an mc store whose path count is lost
+    shutil.copytree(mc, odd)
+    root = zarr.open_group(odd, mode="r+", use_consolidated=False)
+    del root.attrs["n_paths"]
+    _one_line_error(["check", "--store", odd], "level 1", "n_paths None")
     # user errors: one line, exit 2
     for args in (["marginals", "--store", run, "--out", tmp_path / "m.txt"],
                  ["var", "--store", tmp_path / "nope.zarr"],
