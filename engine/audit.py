@@ -203,14 +203,6 @@ def _checked_levels(store: ScenarioStore) -> list[int]:
     return [k for k in store.levels() if k <= last]
 
 
-def _written_chunks(store: ScenarioStore) -> int:
-    total = 0
-    for level in _checked_levels(store):
-        with contextlib.suppress(StoreError):  # check_store reports it
-            total += int(store.chunks_done(level).sum())
-    return total
-
-
 def check_store(store: ScenarioStore, progress=None) -> dict:
     """Check every written chunk and the marginals of ``store`` (``progress``: a rich
     Progress to show the chunks read). Returns a JSON-ready report whose ``problems`` lists
@@ -221,8 +213,14 @@ def check_store(store: ScenarioStore, progress=None) -> dict:
     except BackfillError as err:
         raise StoreError(f"{store.path}: its config does not load in this backfill "
                          f"({first_line(err)}); check it with the backfill that wrote it") from None
-    task = (progress.add_task("check chunks", total=_written_chunks(store), info="")
-            if progress is not None else None)
+    checked = _checked_levels(store)
+    task = None
+    if progress is not None:
+        total = 0
+        for level in checked:
+            with contextlib.suppress(StoreError):  # _check_level reports it
+                total += int(store.chunks_done(level).sum())
+        task = progress.add_task("check chunks", total=total, info="")
 
     def tick() -> None:
         if task is not None:
@@ -230,12 +228,9 @@ def check_store(store: ScenarioStore, progress=None) -> dict:
 
     s = stride_days(config.tree.stride, config.data.horizon)
     all_days = business_days_after(meta.start_date, meta.depth * s)
-    problems: list[str] = []
     damage = store.damage()
-    if damage:
-        problems.append(f"{damage} (zarr reads a lost chunk file as empty data)")
-    levels, n_problems = [], len(problems)
-    checked = _checked_levels(store)
+    first = [f"{damage} (zarr reads a lost chunk file as empty data)"] if damage else []
+    levels = []
     for level in checked:
         lc = LevelCheck(level, 0, 0, 0, level <= store.levels_complete, "", "")
         try:
@@ -243,15 +238,12 @@ def check_store(store: ScenarioStore, progress=None) -> dict:
         except StoreError as err:  # its metadata or done markers do not decode
             lc.problem(first_line(err))
         levels.append(lc)
-        problems += lc.problems
-        n_problems += lc.n_problems
     extra = [k for k in store.levels() if k not in checked]  # (a missing one: damage says)
-    if extra:
-        problems.append(f"level {extra[0]} exists beyond the level in progress")
-        n_problems += 1
+    last = [f"level {extra[0]} exists beyond the level in progress"] if extra else []
     marginals, m_problems = _check_marginals(store, all_days)
-    problems += m_problems
-    n_problems += len(m_problems)
+    last += m_problems
+    problems = first + [p for lc in levels for p in lc.problems] + last
+    n_problems = len(first) + sum(lc.n_problems for lc in levels) + len(last)
     return {"store": str(store.path), "kind": meta.kind, "depth": meta.depth,
             "levels_complete": store.levels_complete,
             "finished": store.levels_complete >= meta.depth,

@@ -458,7 +458,7 @@ def check(store: StoreOpt,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from engine.audit import check_store
-    from engine.store import ScenarioStore
+    from engine.store import REDO, ScenarioStore
 
     scenario = ScenarioStore.open(store)  # not _open_store: a lost chunk is one of the checks
     console = _console()
@@ -473,7 +473,7 @@ def check(store: StoreOpt,
         more = report["n_problems"] - 1
         fail(f"{store} fails {report['n_problems']} check{'s' if more else ''}: "
              f"{report['problems'][0]}{f' (and {more} more)' if more else ''}; its data cannot "
-             "be trusted: rerun it into a new path (or with --overwrite)")
+             f"be trusted: {REDO}")
     if not report["finished"]:
         typer.echo(f"the run is not finished ({report['levels_complete']} of "
                    f"{report['depth']} levels complete); finish it with "

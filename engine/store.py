@@ -274,7 +274,9 @@ _MARGINAL_DATA = ("quantiles", "mean", "std", "quantile", "day")
 # what zarr and its codecs raise on a file that does not decode (a truncated or foreign
 # chunk, broken metadata); MemoryError and our own bugs (AttributeError...) pass through
 _UNREADABLE = (ValueError, KeyError, RuntimeError, OSError, EOFError, zarr.errors.BaseZarrError)
-_DAMAGED = "the store is damaged: rerun it into a new path (or with --overwrite)"
+# the fix for a store whose data cannot be trusted (damaged, or failing `backfill check`)
+REDO = "rerun it into a new path (or with --overwrite)"
+_DAMAGED = f"the store is damaged: {REDO}"
 
 
 def _chunk_files(folder: Path) -> int:
@@ -431,7 +433,7 @@ class ScenarioStore:
         problem = self.damage()
         if problem:
             raise StoreError(f"{self.path} is damaged: {problem}; its data cannot be trusted: "
-                             "rerun it into a new path (or with --overwrite)")
+                             f"{REDO}")
 
     def require_complete_level(self) -> int:
         """``levels_complete``, or StoreError if no level is complete yet."""
