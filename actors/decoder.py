@@ -13,32 +13,17 @@ import os
 import ray
 
 from engine.driver import decode_batch
+from engine.model import torch_modules
 
 
 def move_models(obj, device: str, depth: int = 2) -> int:
     """Move every torch module among ``obj``'s attributes and their lists (``depth`` levels
     down) to ``device``; returns how many moved (each once: the keys' CVAE and the fold
     models may be reached along several paths)."""
-    import torch
-
-    seen: set[int] = set()
-
-    def walk(values, d: int) -> int:
-        moved = 0
-        for value in values:
-            if id(value) in seen:
-                continue
-            seen.add(id(value))
-            if isinstance(value, torch.nn.Module):
-                value.to(device)
-                moved += 1
-            elif isinstance(value, (list, tuple)):
-                moved += walk(value, d)
-            elif d > 0 and hasattr(value, "__dict__") and not isinstance(value, type):
-                moved += walk(vars(value).values(), d - 1)
-        return moved
-
-    return walk(vars(obj).values() if hasattr(obj, "__dict__") else (), depth)
+    modules = torch_modules(obj, depth)
+    for m in modules:
+        m.to(device)
+    return len(modules)
 
 
 def shared_info(ref, sampler) -> dict:

@@ -207,6 +207,8 @@ def check_store(store: ScenarioStore, progress=None) -> dict:
     """Check every written chunk and the marginals of ``store`` (``progress``: a rich
     Progress to show the chunks read). Returns a JSON-ready report whose ``problems`` lists
     the first few of each part (``n_problems`` counts them all)."""
+    from engine.driver import start_context_of
+
     meta = store.meta
     try:
         config = Config.from_dict(meta.config)
@@ -230,6 +232,10 @@ def check_store(store: ScenarioStore, progress=None) -> dict:
     all_days = business_days_after(meta.start_date, meta.depth * s)
     damage = store.damage()
     first = [f"{damage} (zarr reads a lost chunk file as empty data)"] if damage else []
+    try:  # what the first level was drawn from and what `var` measures against
+        start_context_of(store)
+    except StoreError as err:
+        first.append(first_line(err))
     levels = []
     for level in checked:
         lc = LevelCheck(level, 0, 0, 0, level <= store.levels_complete, "", "")

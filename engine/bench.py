@@ -172,21 +172,6 @@ def _rate(fn: Callable[[], None], items: int, min_seconds: float, max_reps: int 
                     "seconds": elapsed}
 
 
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)  # the directory entries of the new files too
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _own_peak_rss_mb() -> float:
     """This process's peak RSS since its exec.
 
@@ -394,7 +379,7 @@ def write_throughput(fitted: _Fitted, mb: float, workdir: Path, fsync: bool = Tr
                      repeats: int = 3) -> dict:
     """The same bytes through ScenarioStore (chunk by chunk) and through one plain file,
     ``repeats`` times each, alternating; MB/s of the median time of each."""
-    from engine.store import ScenarioStore, business_days_after
+    from engine.store import ScenarioStore, business_days_after, fsync_tree
     from engine.tree import stride_days
 
     cfg = fitted.config
@@ -425,7 +410,7 @@ def write_throughput(fitted: _Fitted, mb: float, workdir: Path, fsync: bool = Tr
         for _ in range(repeats):  # alternating, so both see the same state of the disk
             store = _open(fitted, tmp / "run.zarr", cfg)
             if fsync:
-                _fsync_tree(store.path)
+                fsync_tree(store.path)
             t0 = time.perf_counter()
             store.create_level(1, n, days, grid)
             for lo in range(0, n, c):
@@ -433,7 +418,7 @@ def write_throughput(fitted: _Fitted, mb: float, workdir: Path, fsync: bool = Tr
                 store.write_chunk(1, lo, paths[lo:hi], parent[lo:hi], branch[lo:hi],
                                   weight[lo:hi])
             if fsync:
-                _fsync_tree(store.path)
+                fsync_tree(store.path)
             zarr_runs.append(time.perf_counter() - t0)
             on_disk = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
             check = ScenarioStore.open(store.path).read_level(1, 0, min(n, c))["paths"]

@@ -161,8 +161,8 @@ def train(out: Annotated[Path, typer.Option("--out", help="Where to save the che
     cfg = _config(config, **{"data.source": data, "seed": seed, "train.epochs": epochs,
                              "data.horizon": horizon})
     _out_file(out)
-    ctx = prepare(cfg)
-    train_and_report(ctx, out, console=_console())
+    console = _console()
+    train_and_report(prepare(cfg, console=console), out, console=console)
 
 
 @app.command()
@@ -230,7 +230,7 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
     cfg = _config(config, **{"data.source": data, "seed": seed, "tree.depth": depth,
                              "engine.backend": backend, "engine.address": address})
     console = _console()
-    prep = prepare(cfg)
+    prep = prepare(cfg, console=console)
     inputs = driver.run_inputs(prep, start)
 
     def open_store():
@@ -254,6 +254,8 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
         driver.connect_ray(cfg.engine)
     sampler = driver.fit_for_run(prep, inputs, model, console)
     if not resume:
+        # a sampler that diverges from the start context is found before --overwrite deletes
+        driver.sampler_probe(sampler, inputs.start_context, cfg.seed)
         scenario = open_store()
     console.print(f"{kind} from {inputs.start_date}: depth {cfg.tree.depth}, backend "
                   f"{cfg.engine.backend}, store {scenario.path}"
@@ -384,13 +386,14 @@ def var(store: StoreOpt,
     for col in ("level", "date", "days", "nodes", "mean P&L"):
         table.add_column(col, justify="right")
     for a in alphas:
-        table.add_column(f"VaR {a:g}", justify="right")
-        table.add_column(f"ES {a:g}", justify="right")
+        table.add_column(f"VaR {driver.level_label(a)}", justify="right")
+        table.add_column(f"ES {driver.level_label(a)}", justify="right")
     for r in rows:
         cells = [str(r["level"]), r["date"], str(r["days_ahead"]), str(r["nodes"]),
                  f"{r['mean_pnl']:+.4f}"]
         for a in alphas:
-            cells += [f"{r[f'var_{a:g}']:.4f}", f"{r[f'es_{a:g}']:.4f}"]
+            label = driver.level_label(a)
+            cells += [f"{r[f'var_{label}']:.4f}", f"{r[f'es_{label}']:.4f}"]
         table.add_row(*cells)
     _table_console().print(table)
 

@@ -7,6 +7,8 @@ output can be traced back to what made it.
 
 from __future__ import annotations
 
+import datetime
+import re
 import tomllib
 import types
 import typing
@@ -81,6 +83,37 @@ class _Section(BaseModel):
         return value
 
 
+_ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def iso_day(value) -> np.datetime64:
+    """A day written YYYY-MM-DD (or a date / datetime64 object), as datetime64[D]; anything
+    else is a ValueError: numpy would read '20200401' as the year 20,200,401 and other
+    layouts leave day and month to guesswork."""
+    if isinstance(value, (datetime.date, np.datetime64)):
+        day = np.datetime64(value, "D")
+    elif isinstance(value, str) and _ISO_DAY.fullmatch(value.strip()):
+        try:
+            day = np.datetime64(value.strip(), "D")
+        except ValueError:  # 2024-02-31
+            day = None
+    else:
+        day = None
+    if day is None or np.isnat(day):
+        raise ValueError(f"{value!r} is not a date written YYYY-MM-DD; write it so, e.g. "
+                         "2024-01-31")
+    return day
+
+
+def _iso_text(value):
+    """A TOML date (unquoted 2020-02-01) as its text; the text checked by ``iso_day``."""
+    if isinstance(value, datetime.date):
+        value = value.isoformat()[:10]
+    if value is not None:
+        iso_day(value)
+    return value
+
+
 class SyntheticConfig(_Section):
     """The built-in synthetic market (hidden stochastic volatility + regime switching)."""
 
@@ -97,6 +130,8 @@ class SyntheticConfig(_Section):
         "and a method's miss is told apart from the luck of one test span. The split "
         "fractions still cut the n_days history, which is all the other commands see.")
     start_date: str = Field("2000-01-03", description="Date of the first simulated day.")
+
+    _check_start_date = field_validator("start_date", mode="before")(_iso_text)
 
 
 class DataConfig(_Section):
@@ -121,15 +156,7 @@ class DataConfig(_Section):
     )
     synthetic: SyntheticConfig = SyntheticConfig()
 
-    @field_validator("calibration_start", "test_start")
-    @classmethod
-    def _iso_date(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                np.datetime64(value, "D")
-            except ValueError:
-                raise ValueError(f"{value!r} is not a date; write YYYY-MM-DD") from None
-        return value
+    _check_dates = field_validator("calibration_start", "test_start", mode="before")(_iso_text)
 
     @model_validator(mode="after")
     def _check_fractions(self) -> DataConfig:
@@ -152,7 +179,7 @@ class ModelConfig(_Section):
     quantiles: list[float] = Field(
         [0.05, 0.5, 0.95], description="Quantile outputs; must include 0.5."
     )
-    beta: float = Field(0.05, ge=0, description="Weight of KL(q || p) in the loss.")
+    beta: float = Field(0.05, ge=0, le=1e3, description="Weight of KL(q || p) in the loss.")
     prior_mix: float = Field(
         0.3, ge=0, le=1, description="Share of steps where the decoder gets z from the prior."
     )
@@ -171,8 +198,8 @@ class TrainConfig(_Section):
 
     epochs: int = Field(25, ge=1, le=10_000)
     batch_size: int = Field(128, ge=1, le=1 << 20)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-2, ge=0)
+    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW's learning rate.")
+    weight_decay: float = Field(1e-2, ge=0, le=10.0, description="AdamW's weight decay.")
     val_fraction: float = Field(
         0.15, ge=0, lt=0.5,
         description="Tail of the training windows held out (after an embargo) for early "
@@ -340,6 +367,15 @@ class Config(_Section):
     engine: EngineConfig = EngineConfig()
     store: StoreConfig = StoreConfig()
     evaluate: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_stride(self) -> Config:
+        # checked with the config, before a run could replace an old store (--overwrite)
+        if self.tree.stride > self.data.horizon:
+            raise ValueError(f"tree.stride = {self.tree.stride} exceeds data.horizon = "
+                             f"{self.data.horizon}: a child keeps at most the horizon's days; "
+                             f"set tree.stride to 0 (the whole horizon) or 1..{self.data.horizon}")
+        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

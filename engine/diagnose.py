@@ -183,7 +183,7 @@ def run_diagnose(cfg: Config, out: Path, model_path: Path | None = None, console
     out = Path(out)
     set_threads(cfg)
     horizons, notes = check_horizons(cfg)
-    prep = prepare(cfg)
+    prep = prepare(cfg, console=console)
     panel = prep.panel
     model = get_model(prep, model_path, console)
     C, H = cfg.data.context, cfg.data.horizon

@@ -49,6 +49,7 @@ and whose nodes are all in the checkpoint is not recomputed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -59,6 +60,7 @@ import sys
 import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -67,8 +69,14 @@ import numpy as np
 
 from engine.config import Config, EngineConfig, TreeConfig
 from engine.errors import BackfillError, ConfigError, DataError, StoreError, first_line
-from engine.rng import LOOKAHEAD, MC, PRUNE, TREE, node_rng
-from engine.store import ScenarioStore, business_days_after, parse_start_date
+from engine.rng import LOOKAHEAD, MC, PROBE, PRUNE, TREE, node_rng
+from engine.store import (
+    REDO,
+    ScenarioStore,
+    business_days_after,
+    parse_start_date,
+    remove_temporary_files,
+)
 from engine.tree import (
     MarginalAccumulator,
     child_contexts,
@@ -118,6 +126,8 @@ _DRAW_VALUES = 1 << 20
 _DECODE_ROWS = 1024
 _ATTR_START_CONTEXT = "start_context"
 _ATTR_N_PATHS = "n_paths"
+_ATTR_SAMPLER = "sampler_fingerprint"
+_PROBE_SAMPLES = 64
 
 
 # ============================================================================ the numerics
@@ -528,6 +538,7 @@ def open_store(path: str | Path, *, kind: str, config: Config, fingerprint: str,
                              "with the store's start date and settings, or pass a new path or "
                              "--overwrite")
         store.check_intact()
+        remove_temporary_files(store.path)  # a killed write's; this run is the one writer now
         return store
     store = ScenarioStore.create(path, config=config.to_dict(), seed=config.seed, grid=grid,
                                  fingerprint=fingerprint, start_date=start, kind=kind,
@@ -547,7 +558,17 @@ def start_context_of(store: ScenarioStore) -> np.ndarray:
     if _ATTR_START_CONTEXT not in attrs:
         raise StoreError(f"{store.path} has no start context; it was not written by "
                          "`backfill run` / `backfill mc`")
-    return np.asarray(attrs[_ATTR_START_CONTEXT], dtype=np.float64)
+    try:
+        ctx = np.asarray(attrs[_ATTR_START_CONTEXT], dtype=np.float64)
+    except (TypeError, ValueError):
+        ctx = np.zeros(0)
+    c = store.meta.config.get("data", {}).get("context")
+    want = (c, *store.meta.grid_shape)
+    if ctx.shape != want or not (np.all(np.isfinite(ctx)) and np.all(ctx > 0)):
+        raise StoreError(f"{store.path}: its start context is not {c} days of positive vols on "
+                         f"its {want[1]}x{want[2]} grid (found shape {ctx.shape}); the store "
+                         f"was edited or damaged: {REDO}")
+    return ctx
 
 
 def _level_weights(store: ScenarioStore, level: int) -> np.ndarray:
@@ -629,6 +650,12 @@ class _Inline:
         self._done: list[BatchResult] = []
         self._running: list = []  # futures, in submission order
 
+    def devices(self) -> set[str]:
+        """Where the decoder half runs: on the sampler's own device."""
+        from engine.model import module_devices
+
+        return module_devices(self.sampler)
+
     def submit(self, batch: Batch, plan: LevelPlan) -> None:
         if self._pool is None:
             self._done.append(expand_batch(self.sampler, batch, plan))
@@ -672,12 +699,34 @@ def _start_local_ray(engine: EngineConfig):
              log_to_driver=False, configure_logging=False)
 
 
+_CONNECT_SECONDS = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """A host:port (or ray://host:port) address must answer a TCP connection within a few
+    seconds: ray.init retries an unreachable one for minutes, printing warnings. ('auto'
+    and other forms are left to Ray.)"""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_SECONDS).close()
+    except (OSError, ValueError, OverflowError) as err:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} (nothing answers on "
+                          f"{host}:{port} within {_CONNECT_SECONDS:g} s: {first_line(err)}); "
+                          "start it (cluster/local.sh up N, or ray start --head), fix "
+                          "--address, or leave it out for a local Ray") from None
+
+
 def connect_ray(engine: EngineConfig) -> None:
     """Join the Ray cluster at ``engine.address`` (no-op if this process already has)."""
     import ray
 
     if ray.is_initialized():
         return
+    _check_reachable(engine.address)
     try:
         with warnings.catch_warnings():  # a failed join warns as well as raising
             warnings.simplefilter("ignore")
@@ -742,6 +791,14 @@ class _RayPool:
         self._pending = {}  # ObjectRef -> kNN actor index
         self._load = [0] * len(self.knn)
         self._submitted = 0
+
+    def devices(self) -> set[str]:
+        """Where the decoder half runs: the decoder actors' devices (a generic sampler's one
+        actor samples with the weights as shipped, on the CPU)."""
+        if not self.decoders:
+            return {"cpu"}
+        return {info["device"] for info in
+                self._ray.get([d.shared_info.remote() for d in self.decoders])}
 
     def submit(self, batch: Batch, plan: LevelPlan) -> None:
         a = int(np.argmin(self._load))
@@ -832,7 +889,8 @@ class _Checkpoint:
                 included = np.asarray(f["included"], dtype=bool)
                 acc = MarginalAccumulator.from_arrays(
                     {k[4:]: f[k] for k in f.files if k.startswith("acc_")})
-        except (OSError, ValueError, KeyError, DataError, ConfigError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, DataError,
+                ConfigError):
             return None  # unreadable: recompute those marginals rather than trust it
         same = (acc.n_days, acc.grid_shape, acc.bins, acc.lo, acc.hi) == \
             (template.n_days, template.grid_shape, template.bins, template.lo, template.hi)
@@ -954,7 +1012,7 @@ def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: Fronti
     n_front = len(frontier.nodes)
     n_rows = n_front * k
     store.create_level(level, n_rows, days, plan.grid_shape)
-    done = store.chunks_done(level)
+    done = store.chunks_intact(level)  # resume: what a crash left half written is redone
     ckpt = _Checkpoint(store.path, level)
     if plan.marginal_days:
         acc = MarginalAccumulator(plan.marginal_days, plan.grid_shape, plan.bins)
@@ -1055,6 +1113,38 @@ def _check_sampler(sampler, config: Config, grid_shape: tuple[int, int],
                         "do not match; use one data set")
 
 
+def sampler_probe(sampler, start_context: np.ndarray, seed: int) -> str:
+    """A fingerprint of the fitted sampler as it draws: the SHA-256 of a draw of
+    ``_PROBE_SAMPLES`` paths from the start context with a stream of its own. Another model,
+    a sampler fitted on another machine or a decoder on another device draws other bytes."""
+    rng = node_rng(seed, 0, 0, PROBE)
+    x = np.asarray(sampler.sample_log(np.asarray(start_context)[None], _PROBE_SAMPLES, [rng]),
+                   dtype=np.float64)
+    with np.errstate(over="ignore", under="ignore"):
+        iv = np.exp(x).astype(np.float32)  # as the store keeps them
+    if not (np.all(np.isfinite(iv)) and np.all(iv > 0)):
+        raise DataError("the fitted sampler draws vols that are not finite and positive from "
+                        "the start context (it diverged); check the data and the sampler's "
+                        "settings")
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:32]
+
+
+def _check_sampler_fingerprint(store: ScenarioStore, fingerprint: str) -> None:
+    """Record the sampler's fingerprint (probe / decoder devices) in a new store; refuse to
+    go on with another one: the config and data may match while the model (--model, a
+    retrained one) or the decoders' device differ, and a store must not mix two samplers."""
+    stored = store.run_attr(_ATTR_SAMPLER)
+    if stored is None:
+        store.set_run_attr(_ATTR_SAMPLER, fingerprint)
+    elif stored != fingerprint:
+        raise StoreError(
+            f"cannot resume {store.path}: the sampler fitted now draws other paths than the one "
+            f"that began it (fingerprint {stored} in the store, {fingerprint} now: another "
+            "--model, a model trained on another machine, or decoders on another device); "
+            "resume with the model and the kind of machine that began it, or pass a new path "
+            "or --overwrite")
+
+
 def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
               after_chunk: Callable[[int, int], None] | None = None,
               checkpoint_seconds: float | None = None) -> list[LevelStats]:
@@ -1080,8 +1170,10 @@ def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
     stats: list[LevelStats] = []
     if store.levels_complete >= depth:
         return stats
+    probe = sampler_probe(sampler, start_context, config.seed)  # before Ray ships the weights
     executor = _executor(sampler, config.engine)
     try:
+        _check_sampler_fingerprint(store, f"{probe}/{'+'.join(sorted(executor.devices()))}")
         with _progress(console) as progress:
             for level in range(store.levels_complete + 1, depth + 1):
                 plan = level_plan(kind, level, depth, config, s, grid_shape)
@@ -1204,6 +1296,12 @@ def weighted_var_es(pnl: np.ndarray, weights: np.ndarray,
     return out
 
 
+def level_label(level: float) -> str:
+    """A confidence level as its row keys and columns name it: 0.95, 0.995, 0.5000001 (ten
+    significant digits, so two levels never share a label)."""
+    return f"{level:.10g}"
+
+
 def vega_risk(store: ScenarioStore, levels=(0.95, 0.99)) -> list[dict]:
     """VaR / ES per complete level of a position long one vega at every grid point.
 
@@ -1228,8 +1326,8 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99)) -> list[dict]:
                "days_ahead": int(level * len(days)), "nodes": len(pnl),
                "mean_pnl": float(weight @ pnl / weight.sum())}
         for a, (var, es) in zip(levels, weighted_var_es(pnl, weight, levels), strict=True):
-            row[f"var_{a:g}"] = var
-            row[f"es_{a:g}"] = es
+            row[f"var_{level_label(a)}"] = var
+            row[f"es_{level_label(a)}"] = es
         rows.append(row)
     return rows
 

@@ -435,7 +435,7 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
     out = Path(out)
     set_threads(cfg)
     horizons, notes = check_horizons(cfg)
-    prep = prepare(cfg, evaluation=True)
+    prep = prepare(cfg, evaluation=True, console=console)
     panel = prep.panel
     specs, skip_notes = resolve_methods(cfg, panel.market is not None)
     notes += skip_notes

@@ -259,3 +259,32 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
                               f"({first_line(err)}); retrain the model") from None
     model.train_end = meta.get("train_end")
     return model.to(device), meta
+
+
+def torch_modules(obj, depth: int = 2) -> list[nn.Module]:
+    """Every torch module among ``obj``'s attributes and their lists, ``depth`` levels of
+    attributes down (a sampler's CVAE, its fold models, the keys' CVAE), each once (one
+    model may be reached along several paths)."""
+    seen: set[int] = set()
+    found: list[nn.Module] = []
+
+    def walk(values, d: int) -> None:
+        for value in values:
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if isinstance(value, nn.Module):
+                found.append(value)
+            elif isinstance(value, (list, tuple)):
+                walk(value, d)
+            elif d > 0 and hasattr(value, "__dict__") and not isinstance(value, type):
+                walk(vars(value).values(), d - 1)
+
+    walk(vars(obj).values() if hasattr(obj, "__dict__") else (), depth)
+    return found
+
+
+def module_devices(obj) -> set[str]:
+    """The device types ('cpu', 'cuda') that ``obj``'s torch modules compute on ({'cpu'}
+    without any)."""
+    return {p.device.type for m in torch_modules(obj) for p in m.parameters()} or {"cpu"}

@@ -26,9 +26,12 @@ class Prepared:
         return self.panel.slice_days(0, self.splits.pre_test_stop())
 
 
-def prepare(config: Config, evaluation: bool = False) -> Prepared:
-    """Load and split the data; ``evaluation`` adds the synthetic market's test extension."""
+def prepare(config: Config, evaluation: bool = False, console=None) -> Prepared:
+    """Load and split the data; ``evaluation`` adds the synthetic market's test extension.
+    ``console``: where a note on gaps in the data's calendar goes."""
     panel = load_panel(config.data, evaluation=evaluation)
+    if console is not None and (note := panel.gap_note()) is not None:
+        console.print(f"note: {note}")
     return Prepared(config, panel, make_splits(panel, config.data))
 
 

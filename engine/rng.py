@@ -20,6 +20,8 @@ TREE, EVALUATION, CALIBRATION = 0, 1, 2
 MC, PRUNE = 3, 4
 # The tree's lookahead: draws from the laws of a node's candidate children.
 LOOKAHEAD = 5
+# The fingerprint of a run's fitted sampler (a draw from the start context, never stored).
+PROBE = 6
 
 
 def node_rng(seed: int, level: int, node: int, stream: int = TREE,

@@ -58,6 +58,7 @@ from zarr.codecs import BloscCodec
 from zarr.core.sync import sync as zarr_sync
 from zarr.errors import ZarrUserWarning
 
+from engine.config import iso_day
 from engine.errors import StoreError, first_line
 
 # 2: flat chunk keys, LZ4 paths, the node coordinate written once per level (1: per chunk).
@@ -113,13 +114,10 @@ def parse_store_path(path: str | Path) -> Path:
 
 def parse_start_date(value: str | np.datetime64) -> np.datetime64:
     try:
-        day = np.datetime64(value, "D")
-    except (ValueError, TypeError):
-        raise StoreError(f"start date {value!r} is not a date; pass an ISO date "
-                         "such as 2024-01-31") from None
-    if np.isnat(day):
-        raise StoreError("start date is NaT; pass an ISO date such as 2024-01-31")
-    return day
+        return iso_day(value)
+    except ValueError:
+        raise StoreError(f"start date {value!r} is not a date written YYYY-MM-DD; pass an "
+                         "ISO date such as 2024-01-31") from None
 
 
 def parse_grid(grid: Mapping) -> dict:
@@ -276,18 +274,54 @@ _MARGINAL_DATA = ("quantiles", "mean", "std", "quantile", "day")
 _UNREADABLE = (ValueError, KeyError, RuntimeError, OSError, EOFError, zarr.errors.BaseZarrError)
 # the fix for a store whose data cannot be trusted (damaged, or failing `backfill check`)
 REDO = "rerun it into a new path (or with --overwrite)"
+_TEMP_SUFFIX = ".partial"
 _DAMAGED = f"the store is damaged: {REDO}"
 
 
+def _is_temporary(name: str) -> bool:
+    """zarr's LocalStore writes each file as ``<name>.<uuid>.partial`` and renames it: a
+    process killed in between leaves that file behind (``c.3.0.0.<uuid>.partial``)."""
+    return name.endswith(_TEMP_SUFFIX)
+
+
 def _chunk_files(folder: Path) -> int:
-    """Chunk files of the array in ``folder``: flat keys (c.0.0) or nested (c/0/0). One
-    directory listing: zarr's nchunks_initialized grows with the square of the count."""
+    """Chunk files of the array in ``folder``: flat keys (c.0.0) or nested (c/0/0), zarr's
+    leftover temporary files not counted. One directory listing: zarr's
+    nchunks_initialized grows with the square of the count."""
     n = 0
     for entry in os.scandir(folder):
-        if entry.name.startswith("c.") and entry.is_file():
+        if entry.name.startswith("c.") and entry.is_file() and not _is_temporary(entry.name):
             n += 1
         elif entry.name == "c" and entry.is_dir():
-            n += sum(len(files) for _, _, files in os.walk(entry.path))
+            n += sum(not _is_temporary(f) for _, _, files in os.walk(entry.path) for f in files)
+    return n
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` and every directory (their entries: new files)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(Path(root, name))
+        _fsync(Path(root))
+
+
+def remove_temporary_files(path: Path) -> int:
+    """Delete zarr's leftover temporary files under a store (a write killed between its
+    temporary file and the rename); returns how many. Only while no one writes the store."""
+    n = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            if _is_temporary(name):
+                Path(root, name).unlink(missing_ok=True)
+                n += 1
     return n
 
 
@@ -330,6 +364,9 @@ class ScenarioStore:
         """The path ``create`` would write to, or StoreError if it may not (checked before
         any long work, so a refusal costs nothing and nothing is deleted yet)."""
         p = parse_store_path(path)
+        if str(path).strip() == ".":  # the CLI turns an empty --store into Path(".")
+            raise StoreError(f"store path {str(path)!r} names the working directory; a new "
+                             "store needs a directory of its own: pass one such as run.zarr")
         if p.exists() and any(p.iterdir()):
             if not overwrite:
                 raise StoreError(f"{p} already exists and is not empty; pass --resume to continue "
@@ -388,9 +425,25 @@ class ScenarioStore:
 
     # ------------------------------------------------------------------ metadata
 
+    def run_attr(self, key: str, default=None):
+        """A root attribute the driver keeps about its run (beside ``StoreMeta``)."""
+        return self._root.attrs.get(key, default)
+
+    def set_run_attr(self, key: str, value) -> None:
+        """Set one through this handle (another handle's write would be overwritten by this
+        one's cached attributes at its next write)."""
+        self._require_writable()
+        self._root.attrs[key] = value
+        self._consolidate()
+
     @property
     def levels_complete(self) -> int:
-        return int(self._root.attrs.get("levels_complete", 0))
+        value = self._root.attrs.get("levels_complete", 0)
+        if not isinstance(value, int) or isinstance(value, bool) \
+                or not 0 <= value <= self.meta.depth:
+            raise StoreError(f"{self.path}: levels_complete is {value!r}, not a count of levels "
+                             f"in 0..{self.meta.depth}; {_DAMAGED}")
+        return value
 
     def levels(self) -> list[int]:
         """The levels whose group exists (complete or not), in order."""
@@ -488,24 +541,43 @@ class ScenarioStore:
             raise StoreError(f"level {level!r} is outside 1..{self.meta.depth} (the store's "
                              "depth); pass a level of this run")
 
-    def _day_coordinate(self, group: zarr.Group, days: np.ndarray) -> None:
-        start = np.datetime64(self.meta.start_date, "D")
-        arr = group.create_array(
-            "day", shape=days.shape, dtype="int64", dimension_names=("day",), fill_value=0,
-            overwrite=True,
-            attributes={"units": f"days since {self.meta.start_date}", "calendar": _CALENDAR,
-                        "long_name": "business day"})
-        arr[:] = (days - start).astype(np.int64)
+    def _coordinate(self, group: zarr.Group, name: str, values: np.ndarray, dtype: str,
+                    attributes: dict) -> bool:
+        """Write a 1-D coordinate, unless it is already whole with these values (resume);
+        returns whether it wrote. Whole: every chunk file on disk (a crash between zarr's
+        create_array and the write leaves the array reading as its fill value). Whole with
+        other values: StoreError."""
+        if name in group and _chunk_files(self.path / group.path / name) >= group[name].nchunks:
+            with self._reading(f"{group.path}/{name}"):
+                same = np.array_equal(group[name][:], values)
+            if same:
+                return False
+            what = {"day": "other days", "quantile": "other quantile levels"}.get(
+                name, f"another {name} grid")
+            raise StoreError(f"{self.path}/{group.path} covers {what} than this run needs; "
+                             "resume with the store's config and start date or pass "
+                             "--overwrite")
+        arr = group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=(name,),
+                                 fill_value=0, overwrite=True, attributes=attributes,
+                                 config={"write_empty_chunks": True})
+        arr[:] = values
+        return True
 
-    def _grid_coordinates(self, group: zarr.Group) -> None:
+    def _day_coordinate(self, group: zarr.Group, days: np.ndarray) -> bool:
+        start = np.datetime64(self.meta.start_date, "D")
+        return self._coordinate(
+            group, "day", (days - start).astype(np.int64), "int64",
+            {"units": f"days since {self.meta.start_date}", "calendar": _CALENDAR,
+             "long_name": "business day"})
+
+    def _grid_coordinates(self, group: zarr.Group) -> bool:
+        wrote = False
         for name, key, long_name in (("moneyness", "moneyness", "moneyness"),
                                      ("maturity", "maturity_days", "maturity in calendar days")):
             values = np.asarray(self.meta.grid[key], dtype=np.float64)
             # no `units: days` attribute: xarray would decode maturities as timedeltas
-            arr = group.create_array(name, shape=values.shape, dtype="float64",
-                                     dimension_names=(name,), fill_value=0.0, overwrite=True,
-                                     attributes={"long_name": long_name})
-            arr[:] = values
+            wrote |= self._coordinate(group, name, values, "float64", {"long_name": long_name})
+        return wrote
 
     def _days_of(self, group: zarr.Group) -> np.ndarray:
         start = np.datetime64(self.meta.start_date, "D")
@@ -515,7 +587,8 @@ class ScenarioStore:
 
     def create_level(self, level: int, n_nodes: int, days: np.ndarray,
                      grid_shape: tuple[int, int]) -> None:
-        """Make a level's empty arrays; a no-op if it exists with this shape (resume)."""
+        """Make a level's empty arrays and coordinates; on resume, check them and finish what
+        a crash left half made (a level of another shape or other days: StoreError)."""
         self._require_writable()
         self._check_level_number(level)
         if tuple(grid_shape) != self.meta.grid_shape:
@@ -533,14 +606,11 @@ class ScenarioStore:
             if have != want:
                 raise StoreError(f"{self.path}/{name} exists with {have} but this run needs "
                                  f"{want}; resume with the store's config or pass --overwrite")
-            if "day" in group and not np.array_equal(self._days_of(group), days):
-                raise StoreError(f"{self.path}/{name} covers other days than this run needs; "
-                                 "resume with the store's start date or pass --overwrite")
-            if all(a in group for a in _LEVEL_ARRAYS):
-                return
         else:
             # attrs first: they are what a resume compares against
             group = self._root.create_group(name, attributes=want)
+        # On resume everything below is checked or done again: a crash can fall between any
+        # two of these steps, and each is idempotent (same arrays, same coordinate values).
         n_m, n_tau = self.meta.grid_shape
         c = self.meta.chunk_nodes
         n_chunks = -(-n_nodes // c)
@@ -565,8 +635,6 @@ class ScenarioStore:
                 group.create_array(arr_name, shape=shape, chunks=chunks, dtype=dtype,
                                    fill_value=fill, dimension_names=dims, config=full,
                                    compressors=comp, chunk_key_encoding=_FLAT_KEYS)
-        # before `done` exists (a resume that finds every array returns above), so a crash
-        # here leaves a level that create_level completes again
         for lo in range(0, n_nodes, _NODE_COORD_CHUNK):
             hi = min(n_nodes, lo + _NODE_COORD_CHUNK)
             group["node"][lo:hi] = np.arange(lo, hi, dtype=np.int64)
@@ -597,6 +665,10 @@ class ScenarioStore:
                 raise StoreError(f"{self.path}/{name} lacks arrays {missing}; {fix}")
             lv = _Level(group, *(group[a] for a in ("paths", "parent", "branch", "weight",
                                                     "done")))
+        if lv.paths.shape[2:] != self.meta.grid_shape:
+            raise StoreError(f"{self.path}/{name} holds paths on a {lv.paths.shape[2]}x"
+                             f"{lv.paths.shape[3]} grid but the store's grid is "
+                             f"{self.meta.grid_shape[0]}x{self.meta.grid_shape[1]}; {_DAMAGED}")
         self._levels[level] = lv
         return lv
 
@@ -663,6 +735,35 @@ class ScenarioStore:
         with self._reading(f"{_level_name(level)}/done"):
             return np.asarray(lv.done[:], dtype=bool)
 
+    def chunks_intact(self, level: int) -> np.ndarray:
+        """``chunks_done``, less the done chunks whose data does not read back whole (a file
+        missing, garbled or empty, NaN vols or weights, parents or branches at their fill):
+        after an operating-system crash a done marker may reach the disk before its data.
+        Reads the done chunks of the level once (a resume's check of the level in progress)."""
+        done = self.chunks_done(level)
+        for chunk in np.flatnonzero(done):
+            start, stop = self.chunk_range(level, int(chunk))
+            try:
+                rows = self.read_level(level, start, stop)
+            except StoreError:
+                done[chunk] = False
+                continue
+            p, w = rows["paths"], rows["weight"]
+            done[chunk] = bool(np.all(p > 0) and np.all(np.isfinite(p)) and np.all(w >= 0)
+                               and np.all(np.isfinite(w)) and np.all(rows["parent"] >= 0)
+                               and np.all(rows["branch"] >= 0))
+        return done
+
+    def _sync(self, *names: str) -> None:
+        """fsync every file and directory of the named groups, then the root's files and
+        directory: what was written is on the disk, not only in the page cache."""
+        for name in names:
+            fsync_tree(self.path / name)
+        for entry in os.scandir(self.path):
+            if entry.is_file():
+                _fsync(Path(entry.path))
+        _fsync(self.path)
+
     def mark_level_complete(self, level: int) -> None:
         """Record ``levels_complete = level`` once every chunk of it is written."""
         self._require_writable()
@@ -677,11 +778,15 @@ class ScenarioStore:
             raise StoreError(f"level {level} has {missing.size} of {done.size} chunks unwritten "
                              f"(first: chunk {missing[0]}); write them before marking it complete")
         total = float(np.sum(self.read_weights(level)))
-        if abs(total - 1.0) > 1e-6:
+        if not abs(total - 1.0) <= 1e-6:  # NaN too: a weight chunk read as its fill value
             raise StoreError(f"level {level}: weights sum to {total!r}, required 1 (absolute "
                              "probabilities); fix the weights and rewrite the level")
+        # durable before it is recorded: a crash of the machine (not only of the process)
+        # must not leave a level marked complete whose chunks never reached the disk
+        self._sync(_level_name(level), *([MARGINALS] if MARGINALS in self._root else []))
         self._root.attrs["levels_complete"] = int(level)
         self._consolidate()
+        self._sync()
 
     def _check_done(self, level: int, start: int, stop: int) -> None:
         c = self.meta.chunk_nodes
@@ -751,31 +856,31 @@ class ScenarioStore:
                              "pass e.g. [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]")
         n_m, n_tau = self.meta.grid_shape
         D, Q = days.size, q.size
-        if MARGINALS in self._root:
-            group = self._root[MARGINALS]
-            if ("quantile" in group and "day" in group and group["quantiles"].shape
-                    == (D, Q, n_m, n_tau) and np.array_equal(group["quantile"][:], q)
-                    and np.array_equal(self._days_of(group), days)):
-                return
-            raise StoreError(f"{self.path}/{MARGINALS} exists with other days or quantiles; "
-                             "resume with the store's config or pass --overwrite")
-        group = self._root.create_group(MARGINALS)
-        # partial-chunk writes per level are read-modify-write: fine, the driver is the one writer
+        group = self._root[MARGINALS] if MARGINALS in self._root else \
+            self._root.create_group(MARGINALS)
+        # every step checked or done again on resume (a crash can fall between any two)
         chunk_days = max(1, min(D, _MARGINAL_CHUNK_BYTES // (Q * n_m * n_tau * 4)))
-        group.create_array("quantiles", shape=(D, Q, n_m, n_tau), chunks=(chunk_days, Q, n_m,
-                           n_tau), dtype="float32", fill_value=np.nan,
-                           dimension_names=("day", "quantile", "moneyness", "maturity"))
-        for name in ("mean", "std"):
-            group.create_array(name, shape=(D, n_m, n_tau), chunks=(chunk_days, n_m, n_tau),
-                               dtype="float32", fill_value=np.nan,
-                               dimension_names=("day", "moneyness", "maturity"))
-        qa = group.create_array("quantile", shape=(Q,), dtype="float64", fill_value=0.0,
-                                dimension_names=("quantile",),
-                                attributes={"long_name": "quantile level"})
-        qa[:] = q
-        self._day_coordinate(group, days)
-        self._grid_coordinates(group)
-        self._consolidate()
+        changed = False
+        # partial-chunk writes per level are read-modify-write: fine, the driver is the one writer
+        for name, shape, dims in (
+                ("quantiles", (D, Q, n_m, n_tau), ("day", "quantile", "moneyness", "maturity")),
+                ("mean", (D, n_m, n_tau), ("day", "moneyness", "maturity")),
+                ("std", (D, n_m, n_tau), ("day", "moneyness", "maturity"))):
+            if name in group:
+                if group[name].shape != shape:
+                    raise StoreError(f"{self.path}/{MARGINALS} exists with other days or "
+                                     "quantiles; resume with the store's config or pass "
+                                     "--overwrite")
+                continue
+            group.create_array(name, shape=shape, chunks=(chunk_days,) + shape[1:],
+                               dtype="float32", fill_value=np.nan, dimension_names=dims)
+            changed = True
+        changed |= self._coordinate(group, "quantile", q, "float64",
+                                    {"long_name": "quantile level"})
+        changed |= self._day_coordinate(group, days)
+        changed |= self._grid_coordinates(group)
+        if changed:
+            self._consolidate()
 
     def write_marginal_days(self, start_day: int, quantiles: np.ndarray, mean: np.ndarray,
                             std: np.ndarray) -> None:
@@ -811,6 +916,9 @@ class ScenarioStore:
     def read_marginals(self) -> dict:
         """``days`` (datetime64[D]), ``quantile`` levels, ``quantiles``, ``mean``, ``std``."""
         group = self._marginals_group()
+        if group["quantiles"].shape[2:] != self.meta.grid_shape:
+            raise StoreError(f"{self.path}/{MARGINALS} is on another grid than the store's "
+                             f"{self.meta.grid_shape[0]}x{self.meta.grid_shape[1]}; {_DAMAGED}")
         with self._reading(MARGINALS):
             return {"days": self._days_of(group), "quantile": group["quantile"][:],
                     "quantiles": group["quantiles"][:], "mean": group["mean"][:],

@@ -11,6 +11,7 @@ import torch
 
 from engine.config import Config
 from engine.data.panel import Panel
+from engine.errors import ConfigError
 from engine.model import CVAE
 
 
@@ -94,6 +95,13 @@ def train_model(panel: Panel, anchors: np.ndarray, config: Config,
         row = {"epoch": epoch + 1, "train_pinball": total / max(count, 1),
                "val_pinball": validation_pinball(model, *val) if val else None}
         result.history.append(row)
+        losses = [row["train_pinball"]] + ([row["val_pinball"]] if val else [])
+        if not np.all(np.isfinite(losses)):
+            bad = next(x for x in losses if not np.isfinite(x))
+            raise ConfigError(f"training diverged: the loss is {bad} after epoch "
+                              f"{epoch + 1} (train.lr = {tcfg.lr:g}, train.weight_decay = "
+                              f"{tcfg.weight_decay:g}, model.beta = {config.model.beta:g}); "
+                              "lower train.lr (default 1e-3)")
         if row["val_pinball"] is not None and row["val_pinball"] < best[0]:
             best = (row["val_pinball"], {k: v.detach().clone() for k, v in model.state_dict().items()})
         if progress is not None:

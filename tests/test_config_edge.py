@@ -275,3 +275,32 @@ def test_known_names_and_dates_still_load():
     cfg = load_config(None, {"evaluate.methods": ["knn-conformal-online", "oracle"],
                              "data.calibration_start": "2020-01-02", "sampler.method": "fhs"})
     assert cfg.sampler.method == "fhs" and cfg.data.calibration_start == "2020-01-02"
+
+
+@pytest.mark.parametrize("dotted", ["data.calibration_start", "data.test_start",
+                                    "data.synthetic.start_date"])
+@pytest.mark.parametrize("value", ["20200401", "foo", "NaT", "2020-02-31", "04/01/2020"])
+def test_dates_in_the_config_must_be_iso_days(dotted, value):
+    """numpy reads '20200401' as the year 20,200,401; the config takes YYYY-MM-DD only."""
+    _refused(dotted, value, "YYYY-MM-DD")
+
+
+def test_an_unquoted_toml_date_is_read_as_its_day(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[data]\ncalibration_start = 2010-02-01\n"
+                    "[data.synthetic]\nstart_date = 1999-12-31\n")
+    cfg = load_config(path)
+    assert cfg.data.calibration_start == "2010-02-01"
+    assert cfg.data.synthetic.start_date == "1999-12-31"
+
+
+def test_a_stride_beyond_the_horizon_is_refused_with_the_config():
+    """Found when the config loads, before a run could replace an old store."""
+    with pytest.raises(ConfigError, match=r"tree.stride = 6 exceeds data.horizon = 5"):
+        parse_config({"data": {"horizon": 5}, "tree": {"stride": 6}})
+    assert parse_config({"data": {"horizon": 5}, "tree": {"stride": 5}}).tree.stride == 5
+
+
+def test_a_start_date_not_written_year_first_is_refused(tmp_path):
+    proc = invoke(["run", "--store", str(tmp_path / "s.zarr"), "--start", "20200401"])
+    assert_one_line_error(proc, ["20200401", "YYYY-MM-DD"])

@@ -393,3 +393,15 @@ def test_split_date_errors():
                                           "data.test_start": "2030-01-01"}).data)
     with pytest.raises(ValidationError, match="'August' is not a date"):  # refused on load
         tiny_config(**{"data.calibration_start": "August", "data.test_start": "2010-11-15"})
+
+
+def test_a_gap_in_the_calendar_is_noted():
+    """Windows treat consecutive rows as consecutive days: years cut out of a file would
+    join in silence, so the commands print a note naming the widest gap."""
+    days = np.concatenate([np.arange(np.datetime64("2011-01-03"), np.datetime64("2011-03-01")),
+                           np.arange(np.datetime64("2015-06-01"), np.datetime64("2015-07-01"))])
+    surface = np.full((len(days), 1, 2), 0.2)
+    panel = Panel(surface, days, np.array([1.0]), np.array([30.0, 91.0]), "f.csv")
+    note = panel.gap_note()
+    assert "f.csv jumps from 2011-02-28 to 2015-06-01 (1554 calendar days)" in note
+    assert panel.slice_days(0, 40).gap_note() is None  # weekends and holidays are no gap

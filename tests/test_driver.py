@@ -7,6 +7,7 @@ One small kNN-conformal sampler (toy panel, tiny CVAE) is fitted once per sessio
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import shutil
@@ -188,8 +189,9 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("keep_checkpoint, resume_batch", [(True, 7), (False, 3)])
-def test_resume_after_a_crash_gives_the_same_bytes(reference, tmp_path, keep_checkpoint,
+@pytest.mark.parametrize("checkpoint, resume_batch", [("kept", 7), ("lost", 3),
+                                                       ("truncated", 7), ("empty", 3)])
+def test_resume_after_a_crash_gives_the_same_bytes(reference, tmp_path, checkpoint,
                                                    resume_batch):
     path = tmp_path / "crash.zarr"
     written = []
@@ -206,8 +208,14 @@ def test_resume_after_a_crash_gives_the_same_bytes(reference, tmp_path, keep_che
     assert store.chunks_done(2).sum() == 3
     partial = Path(str(path) + ".partial") / "level_02.npz"
     assert partial.is_file()  # saved on the way out
-    if not keep_checkpoint:
-        partial.unlink()  # e.g. lost: the marginals of finished tasks are recomputed
+    # lost or damaged (a crash while the disk filled up): the marginals of finished tasks
+    # are recomputed rather than trusted
+    if checkpoint == "lost":
+        partial.unlink()
+    elif checkpoint == "truncated":
+        partial.write_bytes(partial.read_bytes()[:100])
+    elif checkpoint == "empty":
+        partial.write_bytes(b"")
     # the engine section may change on resume (batch size here)
     stats = []
     resumed = make_run(path, run_config(**{"engine.batch_size": resume_batch}), resume=True,
@@ -216,6 +224,55 @@ def test_resume_after_a_crash_gives_the_same_bytes(reference, tmp_path, keep_che
     assert sum(lv == 2 for lv, _ in stats) == store.n_chunks(2) - 3  # done chunks not rewritten
     assert_same_bytes(reference, path)
     assert not partial.exists()
+
+
+@pytest.mark.parametrize("damage", ["paths/c.1.0.0.0", "weight/c.2"])
+def test_resume_redoes_a_done_chunk_whose_data_did_not_reach_the_disk(reference, tmp_path,
+                                                                      damage):
+    """After a crash of the machine a done marker may be on disk while its chunk is not
+    (or is empty): the resume reads the level's done chunks back and writes those again."""
+    path = tmp_path / "crash.zarr"
+    written = []
+
+    def crash_in_level_2(level, chunk):
+        written.append((level, chunk))
+        if level == 2 and sum(lv == 2 for lv, _ in written) == 3:
+            raise Crash("simulated crash")
+
+    with pytest.raises(Crash):
+        make_run(path, run_config(), after_chunk=crash_in_level_2)
+    target = path / "level_02" / damage
+    assert target.is_file()
+    target.unlink() if damage.startswith("weight") else target.write_bytes(b"")
+    store = ScenarioStore.open(path)
+    assert store.chunks_done(2).sum() == 3
+    assert store.chunks_intact(2).sum() == 2
+    rewritten = []
+    make_run(path, run_config(), resume=True, after_chunk=lambda lv, c: rewritten.append((lv, c)))
+    assert (2, int(damage.split(".")[1])) in rewritten
+    assert_same_bytes(reference, path)
+
+
+def test_resume_with_another_sampler_is_refused(reference, tmp_path):
+    """Config, data and seed may match while the fitted sampler differs (another --model, a
+    model retrained elsewhere): the store's sampler fingerprint refuses the mix, and the
+    store still resumes with the sampler that began it."""
+    path = tmp_path / "crash.zarr"
+
+    def crash_in_level_2(level, chunk):
+        if level == 2:
+            raise Crash("simulated crash")
+
+    with pytest.raises(Crash):
+        make_run(path, run_config(), after_chunk=crash_in_level_2)
+    _, sampler = fitted_sampler()
+    other = copy.deepcopy(sampler)
+    other.scale_ = other.scale_ * 1.001  # another calibration: other draws
+    with pytest.raises(StoreError, match="other paths than the one that began it"):
+        make_run(path, run_config(), resume=True, sampler=other)
+    assert ScenarioStore.open(path).levels_complete == 1  # refused before writing anything
+    make_run(path, run_config(), resume=True)
+    assert_same_bytes(reference, path)
 
 
 def test_check_passes_an_unfinished_store_on_its_written_chunks(tmp_path):
@@ -277,6 +334,16 @@ def _lose(root: Path) -> None:
     (root / "level_02" / "paths" / "c.1.0.0.0").unlink()
 
 
+def _root_attribute(**attrs):
+    """Edit the store's root attributes by hand (zarr.json), as a user's script might."""
+    def edit(root: Path) -> None:
+        meta = json.loads((root / "zarr.json").read_text())
+        meta["attributes"].update(attrs)
+        (root / "zarr.json").write_text(json.dumps(meta))
+    edit.__name__ = f"edit_{'_'.join(attrs)}"
+    return edit
+
+
 @pytest.mark.parametrize("corrupt, words", [
     (_corrupt_parent, ["level 3", "row 7 has parent"]),
     (_corrupt_branch, ["level 1", "row 1 has branch 2"]),
@@ -285,6 +352,9 @@ def _lose(root: Path) -> None:
     (_corrupt_marginals, ["marginals", "quantiles fall"]),
     (_garble, ["level 3", "chunk 5", "cannot be read"]),
     (_lose, ["level_02/paths lacks 1"]),
+    (_root_attribute(start_context=[[0.2]]), ["start context is not 12 days", "(1, 1)"]),
+    (_root_attribute(grid={"moneyness": [1.0], "maturity_days": [30.0]}),
+     ["start context", "1x1 grid"]),
 ])
 def test_check_finds_each_kind_of_damage(reference, tmp_path, corrupt, words):
     assert check_store(ScenarioStore.open(reference))["ok"]
@@ -296,6 +366,16 @@ def test_check_finds_each_kind_of_damage(reference, tmp_path, corrupt, words):
     assert all(w in report["problems"][0] for w in words), report["problems"]
     err = _one_line_error(["check", "--store", path], *words)
     assert "cannot be trusted" in err
+
+
+@pytest.mark.parametrize("value", ["x", 1.5, None, [1], 4])
+def test_a_levels_complete_attribute_edited_by_hand_is_one_store_error(reference, tmp_path,
+                                                                       value):
+    path = tmp_path / "bad.zarr"
+    shutil.copytree(reference, path)
+    _root_attribute(levels_complete=value)(path)
+    for command in (["check"], ["var"], ["paths", "--out", tmp_path / "p.npz"]):
+        _one_line_error([*command, "--store", path], "levels_complete is", "damaged")
 
 
 class _FailingDraws:
@@ -745,6 +825,16 @@ def test_cli_refuses_damaged_stores_and_unwritable_outputs(cli_stores, tmp_path)
     _one_line_error(["var", "--store", empty.path], "no complete level")
 
 
+def test_cli_an_unreachable_cluster_address_fails_at_once(cli_stores, tmp_path):
+    """ray.init retries an address nobody answers on for minutes; nothing listens on port 1."""
+    cfg, _, _ = cli_stores
+    for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):
+        _one_line_error(["run", "--config", cfg, "--store", tmp_path / "x.zarr", "--backend",
+                         "ray", "--address", address], "cannot reach the Ray cluster",
+                        "127.0.0.1:1")
+    assert not (tmp_path / "x.zarr").exists()
+
+
 def test_cli_bad_input_found_by_the_fit_leaves_stores_alone(cli_stores, tmp_path):
     """--overwrite deletes the old store only once the run is ready to start, and a new
     store is made only then: a bad checkpoint leaves the old store whole and no stub."""
@@ -759,6 +849,37 @@ def test_cli_bad_input_found_by_the_fit_leaves_stores_alone(cli_stores, tmp_path
     _one_line_error(["run", "--config", cfg, "--store", tmp_path / "new.zarr",
                      "--model", bad], "checkpoint")
     assert not (tmp_path / "new.zarr").exists()
+
+
+def test_cli_a_sampler_that_diverges_leaves_the_old_store_alone(tmp_path):
+    """Data that validate (vols of 1e-300 are positive) but make the fitted sampler draw
+    vols that overflow: found from the start context before --overwrite deletes anything."""
+    days = np.arange(np.datetime64("2020-01-01"), np.datetime64("2020-04-30"))
+    grid = [(m, t) for m in (0.9, 1.0) for t in (30.0, 90.0, 180.0)]
+    rng = np.random.default_rng(0)
+    good = pd.DataFrame([(str(d), m, t, 0.2 + 0.01 * rng.random()) for d in days
+                         for m, t in grid], columns=["date", "moneyness", "maturity_days", "iv"])
+    bad = good.copy()
+    bad.loc[::7, "iv"] = 1e-300
+    good.to_csv(tmp_path / "good.csv", index=False)
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('seed = 3\n[data]\ncontext = 10\nhorizon = 5\n'
+                   '[sampler]\nmethod = "knn"\nembedding = "features"\npoint = "pca-ar"\n'
+                   'k = 1000\n[tree]\ndepth = 2\nbranching = 2\nn_samples = 16\n'
+                   'lookahead = 0\n[engine]\nbackend = "inline"\n[store]\nchunk_nodes = 4\n')
+    kept, copy_of = tmp_path / "kept.zarr", tmp_path / "copy.zarr"
+    result = _invoke(["run", "--config", cfg, "--data", tmp_path / "good.csv", "--store", kept])
+    assert result.exit_code == 0, result.output
+    shutil.copytree(kept, copy_of)
+    result = _invoke(["run", "--config", cfg, "--data", tmp_path / "bad.csv", "--store", kept,
+                      "--overwrite"])
+    assert result.exit_code == 2  # after the fit's progress lines, the one error line:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not finite and positive" in errors[0], result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    assert_same_bytes(copy_of, kept)
+    assert ScenarioStore.open(kept).levels_complete == 2
 
 
 def test_an_online_calibrated_sampler_runs_the_tree(tmp_path):

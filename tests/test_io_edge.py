@@ -173,6 +173,49 @@ def test_an_unreadable_date_is_still_called_unreadable(tmp_path):
     assert "unreadable value 'soon' at row 9" in message and "mixes" not in message
 
 
+@pytest.mark.parametrize("layout, shown", [("%d/%m/%y", "'01/01/20'"),
+                                           ("%m/%d/%Y", "'01/01/2020'"),
+                                           ("%d.%m.%Y", "'01.01.2020'"),
+                                           ("%y%m%d", "200101")])
+def test_dates_not_written_year_first_are_refused(tmp_path, layout, shown):
+    """pandas reads such dates value by value: 04/01/11 as 1 April, 13/01/11 as 13 January,
+    so a day-first file would be scrambled in silence."""
+    df = frame(20)
+    df["date"] = pd.to_datetime(df["date"]).dt.strftime(layout)
+    if layout == "%y%m%d":
+        df["date"] = df["date"].astype(int)
+    df.to_csv(tmp_path / "d.csv", index=False)
+    message = error(tmp_path / "d.csv")
+    assert f"has {shown} at row 2" in message and "year first" in message
+    assert "YYYY-MM-DD" in message
+
+
+@pytest.mark.parametrize("layout", ["%Y/%m/%d", "%Y%m%d", "%Y.%m.%d"])
+def test_year_first_dates_read_in_any_separator(tmp_path, layout):
+    df = frame()
+    df["date"] = pd.to_datetime(df["date"]).dt.strftime(layout)
+    df.to_csv(tmp_path / "d.csv", index=False)
+    np.testing.assert_array_equal(load(tmp_path / "d.csv").dates, START + np.arange(10))
+
+
+def test_nullable_integer_dates_with_a_gap_name_the_row(tmp_path):
+    df = frame()
+    df["date"] = pd.to_datetime(df["date"]).dt.strftime("%Y%m%d").astype("Int64")
+    np.testing.assert_array_equal(panel_from_frame(df, "f").dates, START + np.arange(10))
+    df.loc[5, "date"] = pd.NA
+    df.to_parquet(tmp_path / "na.parquet", index=False)
+    assert "unreadable value <NA> at row 7" in error(tmp_path / "na.parquet")
+
+
+@pytest.mark.parametrize("twin", ["IV", " iv", "Date"])
+def test_two_columns_that_read_as_one_are_refused(twin):
+    df = frame()
+    name = twin.strip().lower()
+    df[twin] = df[name]
+    with pytest.raises(DataError, match=f"columns '{name}' and '{twin}' both read as '{name}'"):
+        panel_from_frame(df, "frame")
+
+
 # --- 6. grid mismatches name the date that differs, with every digit --------------------------
 def test_jittered_moneyness_names_its_date_and_digits(tmp_path):
     df = frame()
@@ -246,7 +289,8 @@ def test_unsupported_extension_lists_the_formats(tmp_path, name):
         assert "'.npy'" in message and "numpy.savez" in message
 
 
-@pytest.mark.parametrize("name", ["s.CSV", "s.txt", "s.csv.gz", "s.pq", "s.PARQUET"])
+@pytest.mark.parametrize("name", ["s.CSV", "s.txt", "s.csv.gz", "s.csv.bz2", "s.csv.xz",
+                                  "s.csv.zip", "s.csv.zst", "s.pq", "s.PARQUET"])
 def test_supported_extensions_still_read(tmp_path, name):
     df = frame()
     if "parquet" in name.lower() or name.endswith(".pq"):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import engine.train
-from engine.config import Config
+from engine.config import Config, parse_config
 from engine.data.panel import make_splits
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, ConfigError
 from engine.model import CVAE, MICRO, load_checkpoint, save_checkpoint
 from engine.train import holdout_tail, train_model, validation_pinball
 from tests.conftest import tiny_config, toy_panel
@@ -250,3 +250,19 @@ def test_cuda_decoder_is_batch_independent_and_close_to_the_cpu():
         np.testing.assert_array_equal(model.median(log_ctx[lo:hi]), whole[lo:hi])
     np.testing.assert_allclose(whole[:300], cpu, rtol=0, atol=1e-4)
     assert model.embed(log_ctx[:3]).shape == (3, tiny_config().model.embed_dim)
+
+
+def test_training_that_diverges_stops_with_one_clear_error():
+    """A loss gone NaN would be saved as a checkpoint that every later command trips over
+    (a 'nan-wide' calibration): training refuses it, naming the settings to lower."""
+    cfg = tiny_config(**{"train.lr": 1.0, "train.weight_decay": 10.0, "train.epochs": 3})
+    with pytest.raises(ConfigError, match=r"training diverged: the loss is nan .*train\.lr"):
+        train_model(toy_panel(), np.arange(cfg.data.context - 1, 300), cfg)
+
+
+@pytest.mark.parametrize("key, value", [("train.lr", 10.0), ("train.weight_decay", 1e300),
+                                        ("model.beta", 1e300)])
+def test_training_settings_out_of_any_sane_range_are_refused(key, value):
+    section, field = key.split(".")
+    with pytest.raises(ConfigError, match=f"invalid value for '{key}'"):
+        parse_config({section: {field: value}})

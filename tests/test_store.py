@@ -19,6 +19,7 @@ from engine.store import (
     business_days_after,
     marginals_frame,
     parse_store_path,
+    remove_temporary_files,
     terminal_paths,
 )
 
@@ -256,6 +257,9 @@ def test_refuses_an_existing_store_unless_overwrite(tmp_path):
     with pytest.raises(StoreError, match="not a Zarr store"):
         make_store(notes, overwrite=True)
     assert (notes / "todo.txt").read_text() == "keep me"
+    for working_directory in (".", Path("")):  # an empty --store reaches us as Path(".")
+        with pytest.raises(StoreError, match="names the working directory"):
+            ScenarioStore.check_new(working_directory)
 
 
 def test_create_validates_its_arguments(tmp_path):
@@ -521,6 +525,73 @@ def test_a_lost_file_of_a_finished_part_is_found(tmp_path, lose, found):
     assert found in reopened.damage()
     with pytest.raises(StoreError, match="is damaged.*--overwrite"):
         reopened.check_intact()
+
+
+@pytest.mark.parametrize("lost", ["level_02/paths/c.1.0.0.0", "marginals/std/c/0/0/0"])
+def test_a_killed_writes_temporary_file_does_not_stand_in_for_a_lost_chunk(tmp_path, lost):
+    """zarr writes each file as <name>.<uuid>.partial and renames it; kill -9 in between
+    leaves the temporary file. It is no chunk: the lost one is still found, and a resume
+    deletes the leftovers."""
+    store = finished(tmp_path / "run.zarr")
+    target = store.path / lost
+    leftover = target.with_suffix(".0f3a9c.partial")  # zarr's own naming
+    leftover.write_bytes(b"half a chunk")
+    assert ScenarioStore.open(store.path).damage() is None  # a leftover alone is no damage
+    target.unlink()
+    assert "lacks 1 of its" in ScenarioStore.open(store.path).damage()
+    assert remove_temporary_files(store.path) == 1
+    assert not leftover.exists()
+    assert remove_temporary_files(store.path) == 0
+
+
+@pytest.mark.parametrize("lost", ["day", "maturity", "moneyness", "node"])
+def test_create_level_finishes_a_level_that_a_crash_left_half_made(tmp_path, lost):
+    """A crash between zarr's create_array and the write of a coordinate leaves it reading as
+    its fill value; the resume's create_level writes it (and still refuses other days)."""
+    store = make_store(tmp_path / "run.zarr")
+    days = business_days_after(START, H)
+    store.create_level(1, 3, days, (3, 2))
+    for f in (store.path / "level_01" / lost).glob("c*"):
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    store.create_level(1, 3, days, (3, 2))
+    ds = xr.open_zarr(store.path, group="level_01")
+    np.testing.assert_array_equal(ds["day"].values, days.astype("datetime64[ns]"))
+    np.testing.assert_array_equal(ds["maturity"].values, GRID["maturity_days"])
+    np.testing.assert_array_equal(ds["moneyness"].values, GRID["moneyness"])
+    np.testing.assert_array_equal(ds["node"].values, np.arange(3))
+    with pytest.raises(StoreError, match="covers other days"):
+        store.create_level(1, 3, business_days_after("2024-02-01", H), (3, 2))
+
+
+@pytest.mark.parametrize("lost", ["quantile", "day", "quantiles", "std"])
+def test_create_marginals_finishes_what_a_crash_left_half_made(tmp_path, lost):
+    store = make_store(tmp_path / "run.zarr")
+    days = business_days_after(START, 2 * H)
+    store.create_marginals(days, QUANTILES)
+    target = store.path / "marginals" / lost
+    if lost in ("quantile", "day"):  # the array made, its values not written
+        for f in target.glob("c*"):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    else:  # the crash came before this array was made
+        shutil.rmtree(target)
+        store = ScenarioStore.open(store.path, "r+")
+    store.create_marginals(days, QUANTILES)
+    ds = xr.open_zarr(store.path, group="marginals")
+    np.testing.assert_array_equal(ds["quantile"].values, QUANTILES)
+    np.testing.assert_array_equal(ds["day"].values, days.astype("datetime64[ns]"))
+    assert ds["std"].shape == (2 * H, 3, 2)
+    with pytest.raises(StoreError, match="other quantile levels"):
+        store.create_marginals(days, [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.98])
+
+
+def test_a_level_whose_weight_chunk_is_lost_is_not_marked_complete(tmp_path):
+    """A lost weight chunk reads as NaN (its fill value): NaN sums fail every comparison."""
+    store = make_store(tmp_path / "run.zarr")
+    store.create_level(1, 3, business_days_after(START, H), (3, 2))
+    write_level(store, 1, tiny_tree()[1])
+    (store.path / "level_01" / "weight" / "c.1").unlink()
+    with pytest.raises(StoreError, match="weights sum to nan"):
+        ScenarioStore.open(store.path, "r+").mark_level_complete(1)
 
 
 def test_an_undecodable_chunk_is_one_store_error(tmp_path):

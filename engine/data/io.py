@@ -90,7 +90,13 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
     """Validate a tidy frame and pivot it into a Panel."""
     if len(df) == 0:
         raise DataError(f"{source} has a header but no rows; add one row per date and grid point")
-    df = df.rename(columns={c: str(c).strip().lower() for c in df.columns})
+    names = [str(c).strip().lower() for c in df.columns]
+    for name in COLUMNS:
+        same = [str(c) for c, n in zip(df.columns, names, strict=True) if n == name]
+        if len(same) > 1:
+            raise DataError(f"{source}: columns {same[0]!r} and {same[1]!r} both read as "
+                            f"'{name}'; keep one of them")
+    df = df.set_axis(names, axis=1)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{source}: missing column '{missing[0]}'; the required columns are "
@@ -101,7 +107,9 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
                         "YYYY-MM-DD")
     if pd.api.types.is_numeric_dtype(raw_dates):
         # pandas reads numbers as nanoseconds since 1970; a number here means YYYYMMDD.
-        raw_dates = raw_dates.map(lambda v: f"{v:.0f}" if np.isfinite(v) else "")
+        # (float first: a nullable integer column's missing value, pd.NA, has no truth value)
+        raw_dates = raw_dates.astype("float64").map(
+            lambda v: f"{v:.0f}" if np.isfinite(v) else "")
     dates = _checked_dates(raw_dates, df["date"], f"{source}: column 'date'",
                            lambda i: f"row {i + 2}", "write dates as YYYY-MM-DD")
     out = pd.DataFrame({"date": dates.dt.normalize()})
@@ -329,8 +337,24 @@ def _parses_alone(v) -> bool:
     return bool(_parse_dates(pd.Series([v], dtype=object)).notna().iloc[0])
 
 
+# Dates written as text must put the year first (YYYY-MM-DD, YYYY/MM/DD, YYYYMMDD, a time
+# and zone after them allowed): '04/01/11' is 4 January or 1 April, and pandas, guessing
+# value by value, files the same layout under both.
+_YEAR_FIRST = re.compile(r"\s*(\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{8})([T ].*)?\s*")
+
+
 def _checked_dates(raw: pd.Series, shown: pd.Series, what: str, where, fix: str) -> pd.Series:
     """Parsed dates, or one DataError naming the value (and row) that is really the problem."""
+    text = raw.map(lambda v: v if isinstance(v, str) else "2000-01-01")  # others: below
+    year_first = text.map(lambda v: _YEAR_FIRST.fullmatch(v) is not None).to_numpy(bool)
+    if not year_first.all():
+        i = int(np.flatnonzero(~year_first)[0])
+        value = _plain(shown.iloc[i])
+        if _parses_alone(raw.iloc[i]):
+            raise DataError(f"{what} has {value!r} at {where(i)}: a date not written year first, "
+                            "whose day and month could be read either way (04/01/11: 4 January "
+                            "or 1 April); write every date as YYYY-MM-DD (or YYYYMMDD)")
+        raise DataError(f"{what} has unreadable value {value!r} at {where(i)}; {fix}")
     dates = _parse_dates(raw)
     bad = dates.isna().to_numpy()
     if not bad.any():

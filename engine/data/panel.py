@@ -20,6 +20,10 @@ from engine.errors import DataError
 SPLITS = ("train", "calibration", "test")
 
 
+# More calendar days than this between consecutive dates is no weekend or holiday.
+MAX_GAP_DAYS = 14
+
+
 @dataclass(frozen=True, eq=False)
 class Panel:
     surface: np.ndarray  # (T, n_m, n_tau) iv, float64, > 0
@@ -62,6 +66,21 @@ class Panel:
         if self.history_days == self.n_days:
             return self.fingerprint
         return self.slice_days(0, self.history_days).fingerprint
+
+    def gap_note(self, max_gap: int = MAX_GAP_DAYS) -> str | None:
+        """A note when consecutive dates lie more than ``max_gap`` calendar days apart (a
+        data outage, years cut out): every window treats the days as consecutive."""
+        if self.n_days < 2:
+            return None
+        gaps = np.diff(self.dates.astype("datetime64[D]").astype(np.int64))
+        wide = np.flatnonzero(gaps > max_gap)
+        if not len(wide):
+            return None
+        i = int(wide[np.argmax(gaps[wide])])
+        more = f" and {len(wide) - 1} more gaps of over {max_gap} days" if len(wide) > 1 else ""
+        return (f"{self.source} jumps from {self.dates[i]} to {self.dates[i + 1]} "
+                f"({int(gaps[i])} calendar days){more}; windows run across such a gap as if "
+                "its ends were consecutive days: fill it, or keep one side of it")
 
     def grid_dict(self) -> dict:
         return {"moneyness": [float(m) for m in self.moneyness],
