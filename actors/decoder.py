@@ -13,7 +13,7 @@ import os
 import ray
 
 from engine.driver import decode_batch
-from engine.model import torch_modules
+from engine.model import device_label, torch_modules
 
 
 def move_models(obj, device: str, depth: int = 2) -> int:
@@ -55,4 +55,5 @@ class DecoderActor:
         return decode_batch(self.sampler, contexts)
 
     def shared_info(self) -> dict:
-        return {**shared_info(self._ref, self.sampler), "device": self.device}
+        return {**shared_info(self._ref, self.sampler), "device": self.device,
+                "device_label": device_label(self.device)}

@@ -222,6 +222,7 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
             resume: bool, overwrite: bool, n_paths: int | None = None) -> None:
     from engine import driver
     from engine.pipeline import prepare
+    from engine.tree import stride_days
 
     if backend is not None and backend not in ("ray", "inline"):
         from engine.errors import ConfigError
@@ -229,6 +230,7 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
         raise ConfigError(f"--backend {backend!r} is not 'ray' or 'inline'")
     cfg = _config(config, **{"data.source": data, "seed": seed, "tree.depth": depth,
                              "engine.backend": backend, "engine.address": address})
+    stride_days(cfg.tree.stride, cfg.data.horizon)  # before a fit, and before --overwrite
     console = _console()
     prep = prepare(cfg, console=console)
     inputs = driver.run_inputs(prep, start)

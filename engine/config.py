@@ -83,26 +83,28 @@ class _Section(BaseModel):
         return value
 
 
-_ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+# year, month and optionally day (unpadded allowed), then optionally a time: 2024-01-31,
+# 2024-1-5, 2024-01 (its first day), 2024-01-31T00:00
+_ISO_DAY = re.compile(r"(\d{4})-(\d{1,2})(?:-(\d{1,2}))?(?:[T ].*)?")
 
 
 def iso_day(value) -> np.datetime64:
-    """A day written YYYY-MM-DD (or a date / datetime64 object), as datetime64[D]; anything
-    else is a ValueError: numpy would read '20200401' as the year 20,200,401 and other
-    layouts leave day and month to guesswork."""
+    """A day written year first, YYYY-MM-DD (or a date / datetime64 object), as
+    datetime64[D]; anything else is a ValueError: numpy would read '20200401' as the year
+    20,200,401, and other layouts leave day and month to guesswork."""
     if isinstance(value, (datetime.date, np.datetime64)):
         day = np.datetime64(value, "D")
-    elif isinstance(value, str) and _ISO_DAY.fullmatch(value.strip()):
+        if not np.isnat(day):
+            return day
+    elif isinstance(value, str) and (m := _ISO_DAY.fullmatch(value.strip())):
+        year, month, day = int(m[1]), int(m[2]), int(m[3] or 1)
         try:
-            day = np.datetime64(value.strip(), "D")
-        except ValueError:  # 2024-02-31
-            day = None
-    else:
-        day = None
-    if day is None or np.isnat(day):
-        raise ValueError(f"{value!r} is not a date written YYYY-MM-DD; write it so, e.g. "
-                         "2024-01-31")
-    return day
+            return np.datetime64(datetime.date(year, month, day), "D")
+        except ValueError:
+            raise ValueError(f"{value!r} is no day of the calendar; pass a real date, e.g. "
+                             "2024-01-31") from None
+    raise ValueError(f"{value!r} is not a date written YYYY-MM-DD; write it so, e.g. "
+                     "2024-01-31")
 
 
 def _iso_text(value):
@@ -367,15 +369,6 @@ class Config(_Section):
     engine: EngineConfig = EngineConfig()
     store: StoreConfig = StoreConfig()
     evaluate: EvalConfig = EvalConfig()
-
-    @model_validator(mode="after")
-    def _check_stride(self) -> Config:
-        # checked with the config, before a run could replace an old store (--overwrite)
-        if self.tree.stride > self.data.horizon:
-            raise ValueError(f"tree.stride = {self.tree.stride} exceeds data.horizon = "
-                             f"{self.data.horizon}: a child keeps at most the horizon's days; "
-                             f"set tree.stride to 0 (the whole horizon) or 1..{self.data.horizon}")
-        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

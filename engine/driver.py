@@ -797,7 +797,7 @@ class _RayPool:
         actor samples with the weights as shipped, on the CPU)."""
         if not self.decoders:
             return {"cpu"}
-        return {info["device"] for info in
+        return {info["device_label"] for info in
                 self._ray.get([d.shared_info.remote() for d in self.decoders])}
 
     def submit(self, batch: Batch, plan: LevelPlan) -> None:
@@ -1114,19 +1114,31 @@ def _check_sampler(sampler, config: Config, grid_shape: tuple[int, int],
 
 
 def sampler_probe(sampler, start_context: np.ndarray, seed: int) -> str:
-    """A fingerprint of the fitted sampler as it draws: the SHA-256 of a draw of
-    ``_PROBE_SAMPLES`` paths from the start context with a stream of its own. Another model,
-    a sampler fitted on another machine or a decoder on another device draws other bytes."""
+    """A fingerprint of the fitted sampler: the SHA-256 of ``_PROBE_SAMPLES`` paths drawn
+    from the start context with a stream of their own, as the store keeps them (float32
+    vols), on the CPU wherever its models sit (where decoding happens is the fingerprint's
+    other half: ``devices`` of the executor). Another model draws other bytes."""
+    from engine.model import torch_modules
+
+    modules = torch_modules(sampler)
+    places = [next(m.parameters(), None) for m in modules]
+    places = [None if p is None else p.device for p in places]
     rng = node_rng(seed, 0, 0, PROBE)
-    x = np.asarray(sampler.sample_log(np.asarray(start_context)[None], _PROBE_SAMPLES, [rng]),
-                   dtype=np.float64)
+    try:
+        for m in modules:
+            m.to("cpu")
+        x = sampler.sample_log(np.asarray(start_context)[None], _PROBE_SAMPLES, [rng])
+    finally:
+        for m, place in zip(modules, places, strict=True):
+            if place is not None:
+                m.to(place)
     with np.errstate(over="ignore", under="ignore"):
-        iv = np.exp(x).astype(np.float32)  # as the store keeps them
+        iv = np.exp(np.asarray(x, dtype=np.float64)).astype(np.float32)
     if not (np.all(np.isfinite(iv)) and np.all(iv > 0)):
         raise DataError("the fitted sampler draws vols that are not finite and positive from "
                         "the start context (it diverged); check the data and the sampler's "
                         "settings")
-    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:32]
+    return hashlib.sha256(iv.tobytes()).hexdigest()[:32]
 
 
 def _check_sampler_fingerprint(store: ScenarioStore, fingerprint: str) -> None:
@@ -1170,7 +1182,7 @@ def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
     stats: list[LevelStats] = []
     if store.levels_complete >= depth:
         return stats
-    probe = sampler_probe(sampler, start_context, config.seed)  # before Ray ships the weights
+    probe = sampler_probe(sampler, start_context, config.seed)
     executor = _executor(sampler, config.engine)
     try:
         _check_sampler_fingerprint(store, f"{probe}/{'+'.join(sorted(executor.devices()))}")

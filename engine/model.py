@@ -284,7 +284,17 @@ def torch_modules(obj, depth: int = 2) -> list[nn.Module]:
     return found
 
 
+def device_label(device: torch.device | str) -> str:
+    """'cpu', or a GPU with its model ('cuda NVIDIA H100 80GB HBM3'): kernels, and so the
+    last bits of results, differ between the two and between GPU models."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return f"cuda {torch.cuda.get_device_name(device)}"
+
+
 def module_devices(obj) -> set[str]:
-    """The device types ('cpu', 'cuda') that ``obj``'s torch modules compute on ({'cpu'}
+    """The devices (``device_label``) that ``obj``'s torch modules compute on ({'cpu'}
     without any)."""
-    return {p.device.type for m in torch_modules(obj) for p in m.parameters()} or {"cpu"}
+    return {device_label(p.device) for m in torch_modules(obj) for p in m.parameters()} \
+        or {"cpu"}

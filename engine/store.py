@@ -45,6 +45,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -275,6 +276,7 @@ _UNREADABLE = (ValueError, KeyError, RuntimeError, OSError, EOFError, zarr.error
 # the fix for a store whose data cannot be trusted (damaged, or failing `backfill check`)
 REDO = "rerun it into a new path (or with --overwrite)"
 _TEMP_SUFFIX = ".partial"
+_TEMP_MIN_AGE = 60.0  # seconds
 _DAMAGED = f"the store is damaged: {REDO}"
 
 
@@ -297,10 +299,18 @@ def _chunk_files(folder: Path) -> int:
     return n
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if directory:  # Windows opens no directory; its renames need no directory fsync
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError:
+        if not directory:  # some network and FUSE file systems refuse it for directories
+            raise
     finally:
         os.close(fd)
 
@@ -310,18 +320,21 @@ def fsync_tree(path: Path) -> None:
     for root, _, files in os.walk(path):
         for name in files:
             _fsync(Path(root, name))
-        _fsync(Path(root))
+        _fsync(Path(root), directory=True)
 
 
-def remove_temporary_files(path: Path) -> int:
+def remove_temporary_files(path: Path, min_age: float = _TEMP_MIN_AGE) -> int:
     """Delete zarr's leftover temporary files under a store (a write killed between its
-    temporary file and the rename); returns how many. Only while no one writes the store."""
-    n = 0
+    temporary file and the rename) older than ``min_age`` seconds; returns how many. A live
+    writer's own (a second run on the store by mistake) lasts milliseconds: left alone."""
+    n, now = 0, time.time()
     for root, _, files in os.walk(path):
         for name in files:
-            if _is_temporary(name):
-                Path(root, name).unlink(missing_ok=True)
-                n += 1
+            f = Path(root, name)
+            with contextlib.suppress(FileNotFoundError):
+                if _is_temporary(name) and now - f.stat().st_mtime >= min_age:
+                    f.unlink()
+                    n += 1
     return n
 
 
@@ -547,11 +560,13 @@ class ScenarioStore:
         returns whether it wrote. Whole: every chunk file on disk (a crash between zarr's
         create_array and the write leaves the array reading as its fill value). Whole with
         other values: StoreError."""
+        same = None  # not whole, or an empty or garbled file: written below
         if name in group and _chunk_files(self.path / group.path / name) >= group[name].nchunks:
-            with self._reading(f"{group.path}/{name}"):
-                same = np.array_equal(group[name][:], values)
-            if same:
-                return False
+            with contextlib.suppress(*_UNREADABLE):
+                same = bool(np.array_equal(group[name][:], values))
+        if same:
+            return False
+        if same is False:
             what = {"day": "other days", "quantile": "other quantile levels"}.get(
                 name, f"another {name} grid")
             raise StoreError(f"{self.path}/{group.path} covers {what} than this run needs; "
@@ -597,8 +612,21 @@ class ScenarioStore:
         if not isinstance(n_nodes, (int, np.integer)) or n_nodes < 1:
             raise StoreError(f"level {level}: n_nodes is {n_nodes!r}; it must be an integer >= 1")
         days = parse_days(days, np.datetime64(self.meta.start_date, "D"), f"level {level}")
-        n_nodes, S = int(n_nodes), days.size
         name = _level_name(level)
+        try:
+            self._make_level(level, int(n_nodes), days)
+        except _UNREADABLE as err:
+            # a crash of the machine can leave a metadata file of the level in progress empty:
+            # nothing of an unfinished level is final, so it starts over
+            if level <= self.levels_complete:
+                raise StoreError(f"{self.path}/{name} cannot be read ({type(err).__name__}: "
+                                 f"{first_line(err)}); {_DAMAGED}") from None
+            shutil.rmtree(self.path / name, ignore_errors=True)
+            with self._reading(name):
+                self._make_level(level, int(n_nodes), days)
+
+    def _make_level(self, level: int, n_nodes: int, days: np.ndarray) -> None:
+        S, name = days.size, _level_name(level)
         want = {"level": int(level), "n_nodes": n_nodes, "n_days": S}
         if name in self._root:
             group = self._root[name]
@@ -740,7 +768,14 @@ class ScenarioStore:
         missing, garbled or empty, NaN vols or weights, parents or branches at their fill):
         after an operating-system crash a done marker may reach the disk before its data.
         Reads the done chunks of the level once (a resume's check of the level in progress)."""
-        done = self.chunks_done(level)
+        try:
+            done = self.chunks_done(level)
+        except StoreError:  # a marker that does not decode (left empty): that chunk is not done
+            markers = self._level(level).done
+            done = np.zeros(markers.shape[0], bool)
+            for chunk in range(len(done)):
+                with contextlib.suppress(*_UNREADABLE):
+                    done[chunk] = bool(markers[chunk])
         for chunk in np.flatnonzero(done):
             start, stop = self.chunk_range(level, int(chunk))
             try:
@@ -762,7 +797,7 @@ class ScenarioStore:
         for entry in os.scandir(self.path):
             if entry.is_file():
                 _fsync(Path(entry.path))
-        _fsync(self.path)
+        _fsync(self.path, directory=True)
 
     def mark_level_complete(self, level: int) -> None:
         """Record ``levels_complete = level`` once every chunk of it is written."""
@@ -854,6 +889,19 @@ class ScenarioStore:
         if q.ndim != 1 or q.size == 0 or np.any((q <= 0) | (q >= 1)) or np.any(np.diff(q) <= 0):
             raise StoreError(f"quantile levels {q.tolist()} must be increasing in (0, 1); "
                              "pass e.g. [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]")
+        try:
+            self._make_marginals(days, q)
+        except _UNREADABLE as err:
+            # a metadata file left empty by a crash: while no level is complete the marginals
+            # hold nothing final and start over; later they hold finished levels' days
+            if self.levels_complete > 0:
+                raise StoreError(f"{self.path}/{MARGINALS} cannot be read ({type(err).__name__}: "
+                                 f"{first_line(err)}); {_DAMAGED}") from None
+            shutil.rmtree(self.path / MARGINALS, ignore_errors=True)
+            with self._reading(MARGINALS):
+                self._make_marginals(days, q)
+
+    def _make_marginals(self, days: np.ndarray, q: np.ndarray) -> None:
         n_m, n_tau = self.meta.grid_shape
         D, Q = days.size, q.size
         group = self._root[MARGINALS] if MARGINALS in self._root else \

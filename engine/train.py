@@ -97,11 +97,15 @@ def train_model(panel: Panel, anchors: np.ndarray, config: Config,
         result.history.append(row)
         losses = [row["train_pinball"]] + ([row["val_pinball"]] if val else [])
         if not np.all(np.isfinite(losses)):
-            bad = next(x for x in losses if not np.isfinite(x))
-            raise ConfigError(f"training diverged: the loss is {bad} after epoch "
-                              f"{epoch + 1} (train.lr = {tcfg.lr:g}, train.weight_decay = "
-                              f"{tcfg.weight_decay:g}, model.beta = {config.model.beta:g}); "
-                              "lower train.lr (default 1e-3)")
+            # the weights are lost for good: keep the best finite epoch (early stopping), or,
+            # without one, refuse a model that every later command would trip over
+            if best[1] is None:
+                bad = next(x for x in losses if not np.isfinite(x))
+                raise ConfigError(f"training diverged: the loss is {bad} after epoch "
+                                  f"{epoch + 1} (train.lr = {tcfg.lr:g}, train.weight_decay = "
+                                  f"{tcfg.weight_decay:g}, model.beta = {config.model.beta:g})"
+                                  "; lower train.lr (default 1e-3)")
+            break
         if row["val_pinball"] is not None and row["val_pinball"] < best[0]:
             best = (row["val_pinball"], {k: v.detach().clone() for k, v in model.state_dict().items()})
         if progress is not None:
@@ -111,8 +115,8 @@ def train_model(panel: Panel, anchors: np.ndarray, config: Config,
             progress.update(task, advance=1, info=info)
     if best[1] is not None:  # early stopping: keep the epoch with the best validation loss
         model.load_state_dict(best[1])
-        result.best_epoch = 1 + min(range(len(result.history)),
-                                    key=lambda i: result.history[i]["val_pinball"])
+        result.best_epoch = next(r["epoch"] for r in result.history
+                                 if r["val_pinball"] == best[0])
     result.seconds = time.perf_counter() - t0
     # The last day any training target touched: samplers keep residuals and calibration
     # windows strictly after it (plus an embargo), so nothing is scored in-sample.

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
-from engine.config import MAX_SEED, Config, TreeConfig, _number_kind, load_config, parse_config
+from engine.config import (
+    MAX_SEED,
+    Config,
+    TreeConfig,
+    _number_kind,
+    iso_day,
+    load_config,
+    parse_config,
+)
 from engine.errors import ConfigError
 from tests.test_cli import assert_one_line_error, invoke
 
@@ -279,10 +287,19 @@ def test_known_names_and_dates_still_load():
 
 @pytest.mark.parametrize("dotted", ["data.calibration_start", "data.test_start",
                                     "data.synthetic.start_date"])
-@pytest.mark.parametrize("value", ["20200401", "foo", "NaT", "2020-02-31", "04/01/2020"])
-def test_dates_in_the_config_must_be_iso_days(dotted, value):
-    """numpy reads '20200401' as the year 20,200,401; the config takes YYYY-MM-DD only."""
-    _refused(dotted, value, "YYYY-MM-DD")
+@pytest.mark.parametrize("value, words", [("20200401", "YYYY-MM-DD"), ("foo", "YYYY-MM-DD"),
+                                          ("NaT", "YYYY-MM-DD"), ("04/01/2020", "YYYY-MM-DD"),
+                                          ("2023-02-29", "no day of the calendar")])
+def test_dates_in_the_config_must_be_written_year_first(dotted, value, words):
+    """numpy reads '20200401' as the year 20,200,401; the config takes YYYY-MM-DD."""
+    _refused(dotted, value, words)
+
+
+@pytest.mark.parametrize("value, day", [("2020-1-5", "2020-01-05"), ("2020-01", "2020-01-01"),
+                                        ("2019-06-30T00:00", "2019-06-30")])
+def test_year_first_config_dates_in_other_spellings_still_load(value, day):
+    assert str(iso_day(value)) == day
+    assert parse_config({"data": {"test_start": value}}).data.test_start == value
 
 
 def test_an_unquoted_toml_date_is_read_as_its_day(tmp_path):
@@ -294,11 +311,18 @@ def test_an_unquoted_toml_date_is_read_as_its_day(tmp_path):
     assert cfg.data.synthetic.start_date == "1999-12-31"
 
 
-def test_a_stride_beyond_the_horizon_is_refused_with_the_config():
-    """Found when the config loads, before a run could replace an old store."""
-    with pytest.raises(ConfigError, match=r"tree.stride = 6 exceeds data.horizon = 5"):
-        parse_config({"data": {"horizon": 5}, "tree": {"stride": 6}})
-    assert parse_config({"data": {"horizon": 5}, "tree": {"stride": 5}}).tree.stride == 5
+def test_a_stride_beyond_the_horizon_is_refused_before_a_run_touches_its_store(tmp_path):
+    """Found before the fit, so --overwrite deletes nothing; the commands that never use
+    the stride (train, evaluate, diagnose) do not mind it."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[data]\nhorizon = 5\n[tree]\nstride = 6\n")
+    old = tmp_path / "old.zarr"
+    old.mkdir()
+    (old / "zarr.json").write_text("{}")
+    proc = invoke(["run", "--config", str(cfg), "--store", str(old), "--overwrite"])
+    assert_one_line_error(proc, ["tree.stride = 6", "horizon is 5"])
+    assert (old / "zarr.json").read_text() == "{}"
+    assert load_config(cfg).tree.stride == 6
 
 
 def test_a_start_date_not_written_year_first_is_refused(tmp_path):

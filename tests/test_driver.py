@@ -226,7 +226,7 @@ def test_resume_after_a_crash_gives_the_same_bytes(reference, tmp_path, checkpoi
     assert not partial.exists()
 
 
-@pytest.mark.parametrize("damage", ["paths/c.1.0.0.0", "weight/c.2"])
+@pytest.mark.parametrize("damage", ["paths/c.1.0.0.0", "weight/c.2", "done/c.1"])
 def test_resume_redoes_a_done_chunk_whose_data_did_not_reach_the_disk(reference, tmp_path,
                                                                       damage):
     """After a crash of the machine a done marker may be on disk while its chunk is not
@@ -245,7 +245,8 @@ def test_resume_redoes_a_done_chunk_whose_data_did_not_reach_the_disk(reference,
     assert target.is_file()
     target.unlink() if damage.startswith("weight") else target.write_bytes(b"")
     store = ScenarioStore.open(path)
-    assert store.chunks_done(2).sum() == 3
+    if not damage.startswith("done"):  # (an empty marker does not decode at all)
+        assert store.chunks_done(2).sum() == 3
     assert store.chunks_intact(2).sum() == 2
     rewritten = []
     make_run(path, run_config(), resume=True, after_chunk=lambda lv, c: rewritten.append((lv, c)))

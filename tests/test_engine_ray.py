@@ -51,6 +51,25 @@ def test_ray_backend_gives_the_inline_bytes(inline_store, tmp_path, n_decoders, 
     assert_same_bytes(inline_store, tmp_path / "ray.zarr")
 
 
+def test_a_run_begun_inline_resumes_on_ray_with_the_same_fingerprint(inline_store, tmp_path):
+    """The sampler's fingerprint (its probe draw, the decoders' device) is the same for
+    either backend, thread count or batch size: such a resume goes on, to the same bytes."""
+    path = tmp_path / "crash.zarr"
+
+    def crash_in_level_2(level, chunk):
+        if level == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        make_run(path, run_config(**{"engine.threads": 2}), after_chunk=crash_in_level_2)
+    stored = driver.ScenarioStore.open(path).run_attr("sampler_fingerprint")
+    assert stored.endswith("/cpu")
+    make_run(path, run_config(**{"engine.backend": "ray", "engine.batch_size": 3}),
+             resume=True)
+    assert driver.ScenarioStore.open(path).run_attr("sampler_fingerprint") == stored
+    assert_same_bytes(inline_store, path)
+
+
 def test_actors_share_one_copy_of_the_sampler():
     _, sampler = fitted_sampler()
     pool = driver._RayPool(sampler, EngineConfig(n_decoders=1, n_knn=2))
@@ -62,7 +81,7 @@ def test_actors_share_one_copy_of_the_sampler():
         # ...and reads the residual bank as a read-only view of shared memory (zero-copy)
         assert all(info["bank_writeable"] is False for info in infos)
         assert all(info["bank_owns_data"] is False for info in infos)
-        assert infos[0]["device"] == "cpu"
+        assert infos[0]["device"] == infos[0]["device_label"] == "cpu"
     finally:
         pool.close()
 

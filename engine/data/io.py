@@ -337,23 +337,36 @@ def _parses_alone(v) -> bool:
     return bool(_parse_dates(pd.Series([v], dtype=object)).notna().iloc[0])
 
 
-# Dates written as text must put the year first (YYYY-MM-DD, YYYY/MM/DD, YYYYMMDD, a time
-# and zone after them allowed): '04/01/11' is 4 January or 1 April, and pandas, guessing
-# value by value, files the same layout under both.
-_YEAR_FIRST = re.compile(r"\s*(\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{8})([T ].*)?\s*")
+# A date written in digits alone must put the year first (YYYY-MM-DD, YYYY/MM/DD, YYYYMMDD;
+# a time and zone may follow): '04/01/11' is 4 January or 1 April, and pandas, guessing value
+# by value, files the same layout under both. Month names ('01-Apr-2020') are unambiguous.
+_DIGITS_ONLY = re.compile(r"[\d/.\-]+")
+_YEAR_FIRST = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{8}")
+
+
+def _digit_date_problem(value) -> str | None:
+    """'ambiguous' for a date in digits whose day and month could be read either way
+    (04/01/11, 040111), 'unreadable' for other digits that are no year-first date (7, 12345),
+    else None (year first, or words: pandas reads those)."""
+    if not isinstance(value, str):
+        return None
+    head = re.split(r"[T\s]", value.strip(), maxsplit=1)[0]  # the date before any time
+    if not _DIGITS_ONLY.fullmatch(head) or _YEAR_FIRST.fullmatch(head):
+        return None
+    return "ambiguous" if re.fullmatch(r"\d+[-/.]\d+[-/.]\d+|\d{6}", head) else "unreadable"
 
 
 def _checked_dates(raw: pd.Series, shown: pd.Series, what: str, where, fix: str) -> pd.Series:
     """Parsed dates, or one DataError naming the value (and row) that is really the problem."""
-    text = raw.map(lambda v: v if isinstance(v, str) else "2000-01-01")  # others: below
-    year_first = text.map(lambda v: _YEAR_FIRST.fullmatch(v) is not None).to_numpy(bool)
-    if not year_first.all():
-        i = int(np.flatnonzero(~year_first)[0])
+    problems = raw.map(_digit_date_problem)
+    if problems.notna().any():
+        i = int(np.flatnonzero(problems.notna().to_numpy())[0])
         value = _plain(shown.iloc[i])
-        if _parses_alone(raw.iloc[i]):
-            raise DataError(f"{what} has {value!r} at {where(i)}: a date not written year first, "
-                            "whose day and month could be read either way (04/01/11: 4 January "
-                            "or 1 April); write every date as YYYY-MM-DD (or YYYYMMDD)")
+        if problems.iloc[i] == "ambiguous":
+            raise DataError(f"{what} has {value!r} at {where(i)}: a date in digits not written "
+                            "year first, whose day and month could be read either way "
+                            "(04/01/11: 4 January or 1 April?); write every date as YYYY-MM-DD "
+                            "(or YYYYMMDD)")
         raise DataError(f"{what} has unreadable value {value!r} at {where(i)}; {fix}")
     dates = _parse_dates(raw)
     bad = dates.isna().to_numpy()
