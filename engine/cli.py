@@ -553,6 +553,9 @@ def bench(config: ConfigOpt = None,
         if values is not None and (not values or min(values) < low or max(values) > high):
             raise ConfigError(f"{flag} needs integers from {low} to {high}, got {values}")
     cfg = _config(config, **{"data.source": data, "train.epochs": epochs})
+    from engine.tree import stride_days
+
+    stride_days(cfg.tree.stride, cfg.data.horizon)  # its trees need it: before the fit
     if gpu:
         samples = (n_samples,) if n_samples is not None else (64, 512)
         result = run_gpu_bench(cfg, samples=samples,

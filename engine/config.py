@@ -83,9 +83,9 @@ class _Section(BaseModel):
         return value
 
 
-# year, month and optionally day (unpadded allowed), then optionally a time: 2024-01-31,
-# 2024-1-5, 2024-01 (its first day), 2024-01-31T00:00
-_ISO_DAY = re.compile(r"(\d{4})-(\d{1,2})(?:-(\d{1,2}))?(?:[T ].*)?")
+# year, month and optionally day (unpadded allowed), then optionally a time without zone:
+# 2024-01-31, 2024-1-5, 2024-01 (its first day), 2024-01-31T00:00
+_ISO_DAY = re.compile(r"(\d{4})-(\d{1,2})(?:-(\d{1,2}))?(?:[T ]\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?")
 
 
 def iso_day(value) -> np.datetime64:
@@ -108,12 +108,9 @@ def iso_day(value) -> np.datetime64:
 
 
 def _iso_text(value):
-    """A TOML date (unquoted 2020-02-01) as its text; the text checked by ``iso_day``."""
-    if isinstance(value, datetime.date):
-        value = value.isoformat()[:10]
-    if value is not None:
-        iso_day(value)
-    return value
+    """A date field as YYYY-MM-DD: its text (or a TOML date, unquoted 2020-02-01) read by
+    ``iso_day``, so every spelling of one day is one config."""
+    return None if value is None else str(iso_day(value))
 
 
 class SyntheticConfig(_Section):

@@ -1121,7 +1121,7 @@ def sampler_probe(sampler, start_context: np.ndarray, seed: int) -> str:
     from engine.model import torch_modules
 
     modules = torch_modules(sampler)
-    places = [next(m.parameters(), None) for m in modules]
+    places = [next(itertools.chain(m.parameters(), m.buffers()), None) for m in modules]
     places = [None if p is None else p.device for p in places]
     rng = node_rng(seed, 0, 0, PROBE)
     try:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -273,6 +274,9 @@ _MARGINAL_DATA = ("quantiles", "mean", "std", "quantile", "day")
 # what zarr and its codecs raise on a file that does not decode (a truncated or foreign
 # chunk, broken metadata); MemoryError and our own bugs (AttributeError...) pass through
 _UNREADABLE = (ValueError, KeyError, RuntimeError, OSError, EOFError, zarr.errors.BaseZarrError)
+# what a metadata file that does not decode raises (empty or garbled JSON, fields zarr
+# refuses); not I/O errors (a full disk): those must not restart a level
+_BAD_METADATA = (ValueError, KeyError, TypeError, zarr.errors.BaseZarrError)
 # the fix for a store whose data cannot be trusted (damaged, or failing `backfill check`)
 REDO = "rerun it into a new path (or with --overwrite)"
 _TEMP_SUFFIX = ".partial"
@@ -299,17 +303,23 @@ def _chunk_files(folder: Path) -> int:
     return n
 
 
+# a directory that cannot be opened (Windows) or fsync'd (some network and FUSE file
+# systems): its entries are then as durable as that file system makes them
+_NO_DIRECTORY_SYNC = (errno.EACCES, errno.EPERM, errno.EISDIR, errno.EINVAL, errno.EBADF,
+                      errno.ENOTSUP)
+
+
 def _fsync(path: Path, directory: bool = False) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if directory:  # Windows opens no directory; its renames need no directory fsync
+    except OSError as err:
+        if directory and err.errno in _NO_DIRECTORY_SYNC:
             return
         raise
     try:
         os.fsync(fd)
-    except OSError:
-        if not directory:  # some network and FUSE file systems refuse it for directories
+    except OSError as err:
+        if not (directory and err.errno in _NO_DIRECTORY_SYNC):
             raise
     finally:
         os.close(fd)
@@ -615,7 +625,7 @@ class ScenarioStore:
         name = _level_name(level)
         try:
             self._make_level(level, int(n_nodes), days)
-        except _UNREADABLE as err:
+        except _BAD_METADATA as err:
             # a crash of the machine can leave a metadata file of the level in progress empty:
             # nothing of an unfinished level is final, so it starts over
             if level <= self.levels_complete:
@@ -891,7 +901,7 @@ class ScenarioStore:
                              "pass e.g. [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]")
         try:
             self._make_marginals(days, q)
-        except _UNREADABLE as err:
+        except _BAD_METADATA as err:
             # a metadata file left empty by a crash: while no level is complete the marginals
             # hold nothing final and start over; later they hold finished levels' days
             if self.levels_complete > 0:

@@ -97,15 +97,14 @@ def train_model(panel: Panel, anchors: np.ndarray, config: Config,
         result.history.append(row)
         losses = [row["train_pinball"]] + ([row["val_pinball"]] if val else [])
         if not np.all(np.isfinite(losses)):
-            # the weights are lost for good: keep the best finite epoch (early stopping), or,
-            # without one, refuse a model that every later command would trip over
-            if best[1] is None:
-                bad = next(x for x in losses if not np.isfinite(x))
-                raise ConfigError(f"training diverged: the loss is {bad} after epoch "
-                                  f"{epoch + 1} (train.lr = {tcfg.lr:g}, train.weight_decay = "
-                                  f"{tcfg.weight_decay:g}, model.beta = {config.model.beta:g})"
-                                  "; lower train.lr (default 1e-3)")
-            break
+            # a loss that overflows has passed through absurd weights on its way (an earlier
+            # "finite" epoch may be 1e30 off): refuse rather than save a model that every
+            # later command would trip over
+            bad = next(x for x in losses if not np.isfinite(x))
+            raise ConfigError(f"training diverged: the loss is {bad} after epoch {epoch + 1} "
+                              f"(train.lr = {tcfg.lr:g}, train.weight_decay = "
+                              f"{tcfg.weight_decay:g}, model.beta = {config.model.beta:g}); "
+                              "lower train.lr (default 1e-3)")
         if row["val_pinball"] is not None and row["val_pinball"] < best[0]:
             best = (row["val_pinball"], {k: v.detach().clone() for k, v in model.state_dict().items()})
         if progress is not None:

@@ -297,9 +297,18 @@ def test_dates_in_the_config_must_be_written_year_first(dotted, value, words):
 
 @pytest.mark.parametrize("value, day", [("2020-1-5", "2020-01-05"), ("2020-01", "2020-01-01"),
                                         ("2019-06-30T00:00", "2019-06-30")])
-def test_year_first_config_dates_in_other_spellings_still_load(value, day):
+def test_year_first_config_dates_in_other_spellings_load_as_their_day(value, day):
+    """Kept as YYYY-MM-DD: what reads them later (numpy) and a resume's comparison of
+    configs see one spelling."""
     assert str(iso_day(value)) == day
-    assert parse_config({"data": {"test_start": value}}).data.test_start == value
+    assert parse_config({"data": {"test_start": value}}).data.test_start == day
+    assert parse_config({"data": {"synthetic": {"start_date": value}}}).data.synthetic \
+        .start_date == day
+
+
+@pytest.mark.parametrize("value", ["2020-01-05 junk", "2020-01-05T23:00-05:00"])
+def test_a_config_date_with_more_than_a_plain_time_is_refused(value):
+    _refused("data.test_start", value, "YYYY-MM-DD")
 
 
 def test_an_unquoted_toml_date_is_read_as_its_day(tmp_path):

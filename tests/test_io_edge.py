@@ -177,6 +177,8 @@ def test_an_unreadable_date_is_still_called_unreadable(tmp_path):
                                            ("%m/%d/%Y", "'01/01/2020'"),
                                            ("%d.%m.%Y", "'01.01.2020'"),
                                            ("%d/%m/%Y %H:%M", "'01/01/2020 00:00'"),
+                                           ("%a %d/%m/%Y", "'Wed 01/01/2020'"),
+                                           ("%d/%m/%Y+01:00", "'01/01/2020+01:00'"),
                                            ("%y%m%d", "200101")])
 def test_dates_not_written_year_first_are_refused(tmp_path, layout, shown):
     """pandas reads such dates value by value: 04/01/11 as 1 April, 13/01/11 as 13 January,
@@ -191,7 +193,8 @@ def test_dates_not_written_year_first_are_refused(tmp_path, layout, shown):
     assert "YYYY-MM-DD" in message
 
 
-@pytest.mark.parametrize("layout", ["%Y/%m/%d", "%Y%m%d", "%Y.%m.%d", "%d-%b-%Y", "%B %d, %Y"])
+@pytest.mark.parametrize("layout", ["%Y/%m/%d", "%Y%m%d", "%Y.%m.%d", "%Y-%m-%d %H:%M",
+                                    "%d-%b-%Y", "%B %d, %Y", "%d %B %Y", "%a %d %b %Y"])
 def test_year_first_or_month_name_dates_still_read(tmp_path, layout):
     df = frame()
     df["date"] = pd.to_datetime(df["date"]).dt.strftime(layout)

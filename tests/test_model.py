@@ -254,17 +254,13 @@ def test_cuda_decoder_is_batch_independent_and_close_to_the_cpu():
 
 def test_training_that_diverges_stops_with_one_clear_error():
     """A loss gone NaN would be saved as a checkpoint that every later command trips over
-    (a 'nan-wide' calibration): without a finite epoch to fall back on, training refuses it,
-    naming the settings to lower; with validation, it keeps the best finite epoch."""
+    (a 'nan-wide' calibration); the epochs before it are no better (their loss ran to
+    1e30): with or without validation, training refuses, naming the settings to lower."""
     wild = {"train.lr": 1.0, "train.weight_decay": 10.0, "train.epochs": 4}
-    cfg = tiny_config(**wild, **{"train.val_fraction": 0.0})
-    with pytest.raises(ConfigError, match=r"training diverged: the loss is nan .*train\.lr"):
-        train_model(toy_panel(), np.arange(cfg.data.context - 1, 300), cfg)
-    cfg = tiny_config(**wild)
-    result = train_model(toy_panel(), np.arange(cfg.data.context - 1, 300), cfg)
-    assert not np.isfinite(result.history[-1]["val_pinball"])  # it diverged...
-    assert result.best_epoch < result.history[-1]["epoch"]  # ...after a finite epoch, kept
-    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    for val_fraction in (0.0, 0.15):
+        cfg = tiny_config(**wild, **{"train.val_fraction": val_fraction})
+        with pytest.raises(ConfigError, match=r"training diverged: the loss is nan .*train\.lr"):
+            train_model(toy_panel(), np.arange(cfg.data.context - 1, 300), cfg)
 
 
 @pytest.mark.parametrize("key, value", [("train.lr", 10.0), ("train.weight_decay", 1e300),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -575,6 +576,24 @@ def test_create_level_finishes_a_level_that_a_crash_left_half_made(tmp_path, los
     np.testing.assert_array_equal(ds["node"].values, np.arange(3))
     with pytest.raises(StoreError, match="covers other days"):
         store.create_level(1, 3, business_days_after("2024-02-01", H), (3, 2))
+
+
+def test_an_io_error_while_resuming_a_level_keeps_what_it_holds(tmp_path, monkeypatch):
+    """Only metadata that does not decode starts an unfinished level over; a full disk is an
+    error to fix and resume from, with the level's written chunks kept."""
+    store = make_store(tmp_path / "run.zarr")
+    days = business_days_after(START, H)
+    store.create_level(1, 3, days, (3, 2))
+    write_level(store, 1, {k: v[:2] for k, v in tiny_tree()[1].items()})
+    store = ScenarioStore.open(store.path, "r+")
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_consolidate", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        store.create_level(1, 3, days, (3, 2))
+    assert ScenarioStore.open(store.path).chunks_done(1).tolist() == [True, False]
 
 
 @pytest.mark.parametrize("lost", ["quantile", "day", "quantiles", "std"])

@@ -337,23 +337,26 @@ def _parses_alone(v) -> bool:
     return bool(_parse_dates(pd.Series([v], dtype=object)).notna().iloc[0])
 
 
-# A date written in digits alone must put the year first (YYYY-MM-DD, YYYY/MM/DD, YYYYMMDD;
-# a time and zone may follow): '04/01/11' is 4 January or 1 April, and pandas, guessing value
-# by value, files the same layout under both. Month names ('01-Apr-2020') are unambiguous.
-_DIGITS_ONLY = re.compile(r"[\d/.\-]+")
-_YEAR_FIRST = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{8}")
+# A date in digits must put the year first (YYYY-MM-DD, YYYY/MM/DD, YYYYMMDD; a time and
+# zone may follow): '04/01/11' is 4 January or 1 April, and pandas, guessing value by value,
+# files the same layout under both. Month names ('4 Jan 2011') are unambiguous.
+_DAY_FIRST = re.compile(r"(?<![\d/.\-])\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}(?![\d/.\-])")
+_YEAR_FIRST = re.compile(r"\s*\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?!\d)")
+_DIGITS_ONLY = re.compile(r"\s*\d+\s*")
+_YEAR_FIRST_DIGITS = re.compile(r"\s*\d{8}\s*")
 
 
 def _digit_date_problem(value) -> str | None:
     """'ambiguous' for a date in digits whose day and month could be read either way
-    (04/01/11, 040111), 'unreadable' for other digits that are no year-first date (7, 12345),
-    else None (year first, or words: pandas reads those)."""
-    if not isinstance(value, str):
-        return None
-    head = re.split(r"[T\s]", value.strip(), maxsplit=1)[0]  # the date before any time
-    if not _DIGITS_ONLY.fullmatch(head) or _YEAR_FIRST.fullmatch(head):
-        return None
-    return "ambiguous" if re.fullmatch(r"\d+[-/.]\d+[-/.]\d+|\d{6}", head) else "unreadable"
+    (04/01/11 anywhere in the text, 040111), 'unreadable' for other bare numbers (7, 12345),
+    else None (year first, or with a month name: pandas reads those)."""
+    if not isinstance(value, str) or _YEAR_FIRST.match(value):
+        return None  # year first (whatever time follows)
+    if _DAY_FIRST.search(value):
+        return "ambiguous"
+    if _DIGITS_ONLY.fullmatch(value) and not _YEAR_FIRST_DIGITS.fullmatch(value):
+        return "ambiguous" if len(value.strip()) == 6 else "unreadable"
+    return None
 
 
 def _checked_dates(raw: pd.Series, shown: pd.Series, what: str, where, fix: str) -> pd.Series:
