@@ -189,20 +189,26 @@ class Crash(RuntimeError):
     pass
 
 
+def crashed_run(path: Path, cfg: Config | None = None, level: int = 2, after: int = 3,
+                **kwargs) -> None:
+    """Run into ``path`` and crash once ``after`` chunks of ``level`` are written."""
+    written = []
+
+    def crash(lv, chunk):
+        written.append(lv)
+        if lv == level and written.count(level) == after:
+            raise Crash("simulated crash")
+
+    with pytest.raises(Crash):
+        make_run(path, cfg or run_config(), after_chunk=crash, **kwargs)
+
+
 @pytest.mark.parametrize("checkpoint, resume_batch", [("kept", 7), ("lost", 3),
                                                        ("truncated", 7), ("empty", 3)])
 def test_resume_after_a_crash_gives_the_same_bytes(reference, tmp_path, checkpoint,
                                                    resume_batch):
     path = tmp_path / "crash.zarr"
-    written = []
-
-    def crash_in_level_2(level, chunk):
-        written.append((level, chunk))
-        if level == 2 and sum(lv == 2 for lv, _ in written) == 3:
-            raise Crash("simulated crash")
-
-    with pytest.raises(Crash):
-        make_run(path, run_config(), after_chunk=crash_in_level_2, checkpoint_seconds=0)
+    crashed_run(path, checkpoint_seconds=0)
     store = ScenarioStore.open(path)
     assert store.levels_complete == 1
     assert store.chunks_done(2).sum() == 3
@@ -232,15 +238,7 @@ def test_resume_redoes_a_done_chunk_whose_data_did_not_reach_the_disk(reference,
     """After a crash of the machine a done marker may be on disk while its chunk is not
     (or is empty): the resume reads the level's done chunks back and writes those again."""
     path = tmp_path / "crash.zarr"
-    written = []
-
-    def crash_in_level_2(level, chunk):
-        written.append((level, chunk))
-        if level == 2 and sum(lv == 2 for lv, _ in written) == 3:
-            raise Crash("simulated crash")
-
-    with pytest.raises(Crash):
-        make_run(path, run_config(), after_chunk=crash_in_level_2)
+    crashed_run(path)
     target = path / "level_02" / damage
     assert target.is_file()
     target.unlink() if damage.startswith("weight") else target.write_bytes(b"")
@@ -259,13 +257,7 @@ def test_resume_with_another_sampler_is_refused(reference, tmp_path):
     model retrained elsewhere): the store's sampler fingerprint refuses the mix, and the
     store still resumes with the sampler that began it."""
     path = tmp_path / "crash.zarr"
-
-    def crash_in_level_2(level, chunk):
-        if level == 2:
-            raise Crash("simulated crash")
-
-    with pytest.raises(Crash):
-        make_run(path, run_config(), after_chunk=crash_in_level_2)
+    crashed_run(path, after=1)
     _, sampler = fitted_sampler()
     other = copy.deepcopy(sampler)
     other.scale_ = other.scale_ * 1.001  # another calibration: other draws

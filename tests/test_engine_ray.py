@@ -19,7 +19,13 @@ ray = pytest.importorskip("ray")
 
 from engine import driver
 from engine.config import EngineConfig
-from tests.test_driver import assert_same_bytes, fitted_sampler, make_run, run_config
+from tests.test_driver import (
+    assert_same_bytes,
+    crashed_run,
+    fitted_sampler,
+    make_run,
+    run_config,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -55,13 +61,7 @@ def test_a_run_begun_inline_resumes_on_ray_with_the_same_fingerprint(inline_stor
     """The sampler's fingerprint (its probe draw, the decoders' device) is the same for
     either backend, thread count or batch size: such a resume goes on, to the same bytes."""
     path = tmp_path / "crash.zarr"
-
-    def crash_in_level_2(level, chunk):
-        if level == 2:
-            raise RuntimeError("simulated crash")
-
-    with pytest.raises(RuntimeError):
-        make_run(path, run_config(**{"engine.threads": 2}), after_chunk=crash_in_level_2)
+    crashed_run(path, run_config(**{"engine.threads": 2}), after=1)
     stored = driver.ScenarioStore.open(path).run_attr("sampler_fingerprint")
     assert stored.endswith("/cpu")
     make_run(path, run_config(**{"engine.backend": "ray", "engine.batch_size": 3}),
