@@ -13,7 +13,8 @@ what the scores need (``kept`` is about 0.8 GB there), and dropped:
 
     kept      (n_h, W, M, G) float32   the samples at the requested horizons
     var_pnl   {h: (W, M)}              vega P&L at the VaR horizons (1 and 10 days)
-    roughness pooled moments           daily log-IV changes along the full sample paths
+    roughness pooled moments           daily iv changes along the full sample paths (and
+                                       daily log-IV changes: roughness_log)
     fans      (3, H, 3)                5/50/95% of the ATM point for three chosen windows
 
 Only one method's ``kept`` lives at a time; everything else is small.
@@ -279,8 +280,9 @@ class Draws:
 
     kept: np.ndarray  # (n_h, W, M, G) float32
     var_pnl: dict[int, np.ndarray]  # h -> (W, M)
-    roughness: PooledMoments
+    roughness: PooledMoments  # daily iv changes
     fans: np.ndarray  # (3, H, 3)
+    roughness_log: PooledMoments = field(default_factory=PooledMoments)  # log-IV changes
     seconds: float = 0.0
 
 
@@ -298,7 +300,7 @@ def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples
     kept = np.empty((len(horizons), W, n_samples, G), dtype=np.float32)
     var_h = [h for h in VAR_HORIZONS if h <= H]
     var_pnl = {h: np.empty((W, n_samples)) for h in var_h}
-    rough = PooledMoments()
+    rough, rough_log = PooledMoments(), PooledMoments()
     fans = np.full((len(windows.fan_rows), H, len(FAN_QUANTILES)), np.nan)
     fan_at = {int(w): i for i, w in enumerate(windows.fan_rows)}
     step = batch_size(n_samples, H, G)
@@ -321,9 +323,11 @@ def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples
         for h in var_h:
             var_pnl[h][sl] = metrics.vega_pnl(start_surface, surface[h])
         if H >= 2:
-            # Roughness in log-IV (the model's space): scale-free, and not dominated by the
-            # few stressed paths whose iv-unit moves are largest.
-            rough.add_steps(flat, axis=2)
+            # The issue's roughness: daily changes of the sample paths, in iv units; beside
+            # it in log-IV (the model's space: scale-free, not dominated by the few stressed
+            # paths whose iv moves are largest)
+            rough.add_steps(np.exp(flat), axis=2)
+            rough_log.add_steps(flat, axis=2)
         for w in range(sl.start, sl.stop):
             if w in fan_at:
                 atm = log_paths[w - sl.start, :, :, windows.atm[0], windows.atm[1]]  # (M, H)
@@ -331,17 +335,18 @@ def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples
         del log_paths, flat, surface
         if task is not None:
             progress.update(task, advance=b)
-    return Draws(kept, var_pnl, rough, fans, time.perf_counter() - t0)
+    return Draws(kept, var_pnl, rough, fans, rough_log, time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- scores
 
 
-def realised_roughness(windows: EvalWindows) -> PooledMoments:
+def realised_roughness(windows: EvalWindows, log: bool = False) -> PooledMoments:
+    """Pooled daily changes of the realised paths, in iv (or log-IV) units."""
     acc = PooledMoments()
     if windows.realised.shape[1] >= 2:
-        acc.add(np.diff(np.log(windows.realised.reshape(windows.n, windows.realised.shape[1], -1)),
-                        axis=1))
+        paths = windows.realised.reshape(windows.n, windows.realised.shape[1], -1)
+        acc.add(np.diff(np.log(paths) if log else paths, axis=1))
     return acc
 
 
@@ -378,9 +383,10 @@ def score_draws(draws: Draws, windows: EvalWindows, horizons: list[int],
         out["within_var_share"][key] = budget["within_var_share"]
         out["between_var_share"][key] = budget["between_var_share"]
         pits[j] = metrics.pit(s, y)
-    real_rough = realised_roughness(windows)
-    out["roughness_ratio"] = (draws.roughness.std / real_rough.std
-                              if draws.roughness.n and real_rough.std > 0 else None)
+    for key, drawn, log in (("roughness_ratio", draws.roughness, False),
+                            ("roughness_ratio_log", draws.roughness_log, True)):
+        real_rough = realised_roughness(windows, log)
+        out[key] = drawn.std / real_rough.std if drawn.n and real_rough.std > 0 else None
     out["pit_ks"] = metrics.pit_ks(pits)
     # Every window holds the same G points at every horizon: pooled coverage of a group is
     # the mean of its windows' shares.
@@ -453,6 +459,14 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
     t0 = time.perf_counter()
     model = get_model(prep, model_path, console) if needs_model(specs) else None
     model_seconds = time.perf_counter() - t0
+    if model is not None and model.train_end is not None:
+        cut = panel.dates[prep.splits.pre_test_stop()]  # the first day no fit may see
+        if np.datetime64(model.train_end, "D") >= cut:
+            raise ConfigError(f"the model {model_path} learned from days up to "
+                              f"{model.train_end}, past the start of the test split's embargo "
+                              f"({cut}): its scores would have seen test outcomes; leave "
+                              "--model out (a model is trained on the train split) or train "
+                              "one with this config's split")
 
     report: dict = {
         "data": {"source": panel.source, "fingerprint": panel.history_fingerprint,

@@ -122,8 +122,8 @@ def evaluation_markdown(report: dict) -> str:
         parts += [table(["method"] + [f"{h}d" for h in horizons], rows), ""]
 
     parts += ["## Scalar scores", "",
-              ("_roughness: std of daily changes along sample paths / along realised paths "
-              "(target 1); PIT KS: pooled over horizons (0 = uniform); calendar: share of "
+              ("_roughness: std of daily iv changes along sample paths / along realised paths "
+              "(target 1; log: the same in log-IV); PIT KS: pooled over horizons (0 = uniform); calendar: share of "
               "sampled surfaces whose total variance falls with maturity; q1..q4: coverage "
               "of the 90% band by quartile of the context's mean level, pooled over "
               "horizons_"), ""]
@@ -132,10 +132,12 @@ def evaluation_markdown(report: dict) -> str:
     rows = []
     for name, m in methods.items():
         reg = m["regime_coverage90"]
-        rows.append([name, fmt(m["roughness_ratio"]), fmt(m["pit_ks"]),
+        rows.append([name, fmt(m["roughness_ratio"]), fmt(m.get("roughness_ratio_log")),
+                     fmt(m["pit_ks"]),
                      fmt(m["calendar_violations"], ".4f")]
                     + [fmt(reg.get(q)) for q in ("q1", "q2", "q3", "q4")])
-    parts += [table(["method", "roughness", "PIT KS", "calendar"] + q_head, rows), ""]
+    parts += [table(["method", "roughness", "roughness (log)", "PIT KS", "calendar"] + q_head,
+                    rows), ""]
 
     var_keys = sorted({k for m in methods.values() for k in m["var_backtest"]},
                       key=lambda k: tuple(float(x) for x in k.split("_")))

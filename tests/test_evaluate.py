@@ -36,6 +36,7 @@ from engine.model import save_checkpoint
 from engine.pipeline import Prepared, get_model, prepare
 from engine.rng import EVALUATION, node_rng
 from engine.samplers import make_sampler
+from engine.train import train_model
 from tests.conftest import tiny_config, toy_panel
 
 METHODS = ["oracle", "knn", "knn-conformal", "cvae-prior", "hist-bootstrap"]
@@ -163,9 +164,12 @@ def test_scores_equal_metrics_recomputed_from_the_samples(setup, evaluated):
             scored["coverage90"][key])
     pooled = np.mean(inside, axis=0)
     assert [scored["regime_coverage90"][f"q{q + 1}"] for q in range(4)] == pytest.approx(pooled)
-    # Roughness is scored on daily log-IV changes (see evaluate.sample_windows).
-    assert scored["roughness_ratio"] == pytest.approx(
+    # Roughness: daily changes in iv units (the definition), and beside it in log-IV.
+    assert scored["roughness_ratio"] == pytest.approx(metrics.roughness_ratio(flat, real),
+                                                      rel=1e-9)
+    assert scored["roughness_ratio_log"] == pytest.approx(
         metrics.roughness_ratio(np.log(flat), np.log(real)), rel=1e-9)
+    assert scored["roughness_ratio"] != pytest.approx(scored["roughness_ratio_log"], rel=1e-6)
 
 
 def test_pooled_steps_equal_the_moments_of_the_differences():
@@ -196,6 +200,7 @@ def test_sampling_is_batch_independent(setup, monkeypatch):
     np.testing.assert_array_equal(big.var_pnl[1], small.var_pnl[1])
     np.testing.assert_array_equal(big.fans, small.fans)
     assert big.roughness.std == pytest.approx(small.roughness.std, rel=1e-12)
+    assert big.roughness_log.std == pytest.approx(small.roughness_log.std, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- shared fits
@@ -397,3 +402,16 @@ def test_online_variant_shares_the_split_fit_and_equals_an_online_fit(setup):
     last = evaluation_windows(prep).anchors[-1]
     assert not np.array_equal(online.scale_path_[last], online.split_scale_)
     assert np.array_equal(split.scale_path_[last], split.split_scale_)
+
+
+def test_a_model_that_learned_from_the_test_span_is_refused(setup, tmp_path):
+    """A checkpoint trained with another split (here: on every window) would carry test
+    outcomes into every score that uses the model: evaluate refuses it, naming the dates."""
+    cfg, prep, _, _ = setup
+    panel = prep.panel
+    H, C = cfg.data.horizon, cfg.data.context
+    leaky = train_model(panel, np.arange(C - 1, panel.n_days - H), cfg).model
+    path = save_checkpoint(leaky, tmp_path / "leaky.pt", cfg, panel.fingerprint,
+                           panel.grid_dict())
+    with pytest.raises(ConfigError, match=r"learned from days up to .* test split's embargo"):
+        run_evaluation(cfg, tmp_path / "out", model_path=path)
