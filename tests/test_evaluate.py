@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from pydantic import ValidationError
 from typer.testing import CliRunner
@@ -170,6 +171,26 @@ def test_scores_equal_metrics_recomputed_from_the_samples(setup, evaluated):
     assert scored["roughness_ratio_log"] == pytest.approx(
         metrics.roughness_ratio(np.log(flat), np.log(real)), rel=1e-9)
     assert scored["roughness_ratio"] != pytest.approx(scored["roughness_ratio_log"], rel=1e-6)
+    # The rest by plain loops, not by the metrics module: the pooled marginal spread, the
+    # between-context share, the PIT's KS distance and the VaR backtest of the vega P&L.
+    pits = []
+    for h in report["horizons"]:
+        s64, y = flat[:, :, h - 1].astype(np.float32).astype(np.float64), real[:, h - 1]
+        ratios = [s64[:, :, g].std() / y[:, g].std() for g in range(y.shape[1])]
+        assert scored["marginal_std_ratio"][str(h)] == pytest.approx(np.mean(ratios), rel=1e-9)
+        between = [s64[:, :, g].mean(axis=1).var() / y[:, g].var() for g in range(y.shape[1])]
+        assert scored["between_var_share"][str(h)] == pytest.approx(np.mean(between), rel=1e-9)
+        pits.append((s64 <= y[:, None, :]).mean(axis=1))
+    assert scored["pit_ks"] == pytest.approx(
+        scipy.stats.kstest(np.concatenate([p.ravel() for p in pits]), "uniform").statistic)
+    start = w.contexts[:, -1].reshape(W, -1)  # the last context day, the P&L's base
+    sampled = (flat[:, :, 0] - start[:, None]).sum(-1)  # (W, M): 1-day P&L of each sample
+    realised = (real[:, 0] - start).sum(-1)
+    for level in (0.95, 0.99):
+        var = np.array([np.quantile(-sampled[i], level) for i in range(W)])
+        got = scored["var_backtest"][f"1_{level:g}"]
+        assert got["exceptions"] == int((-realised > var).sum())
+        assert got["expected"] == pytest.approx(W * (1 - level))
 
 
 def test_pooled_steps_equal_the_moments_of_the_differences():
