@@ -471,27 +471,6 @@ def _partial_dir(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def _read_attrs(path: Path) -> dict:
-    import zarr
-
-    return zarr.open_group(path, mode="r", zarr_format=3, use_consolidated=False).attrs.asdict()
-
-
-def _write_attrs(path: Path, **attrs) -> None:
-    """Root attributes that ScenarioStore does not set (the start context, n_paths).
-
-    Written through a fresh handle and consolidated; reopen the ScenarioStore afterwards (its
-    handle caches the root attributes and would overwrite them)."""
-    import zarr
-    from zarr.errors import ZarrUserWarning
-
-    root = zarr.open_group(path, mode="r+", zarr_format=3, use_consolidated=False)
-    root.attrs.update(attrs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=ZarrUserWarning)
-        zarr.consolidate_metadata(root.store)
-
-
 MAX_MC_PATHS = 10**9  # 8 GB of weights alone; far beyond what a brute-force reference needs
 
 
@@ -524,15 +503,15 @@ def open_store(path: str | Path, *, kind: str, config: Config, fingerprint: str,
             raise StoreError(f"{store.path} holds a {store.meta.kind} run, not {kind}; resume "
                              f"it with `{store.resume_command}` or pass a new path")
         store.check_compatible(config.to_dict(), fingerprint, config.seed)
-        attrs = _read_attrs(store.path)
         problems = []
         if store.meta.start_date != start:
             problems.append(f"start date {store.meta.start_date} in the store, {start} now")
-        stored = np.asarray(attrs.get(_ATTR_START_CONTEXT, []), dtype=np.float64)
+        stored = np.asarray(store.run_attr(_ATTR_START_CONTEXT, []), dtype=np.float64)
         if stored.shape != ctx.shape or not np.array_equal(stored, ctx):
             problems.append("the start context differs")
-        if kind == "mc" and attrs.get(_ATTR_N_PATHS) != n_paths:
-            problems.append(f"n_paths {attrs.get(_ATTR_N_PATHS)} in the store, {n_paths} now")
+        if kind == "mc" and store.run_attr(_ATTR_N_PATHS) != n_paths:
+            problems.append(f"n_paths {store.run_attr(_ATTR_N_PATHS)} in the store, {n_paths} "
+                            "now")
         if problems:
             raise StoreError(f"cannot resume {store.path}: " + "; ".join(problems) + "; rerun "
                              "with the store's start date and settings, or pass a new path or "
@@ -548,18 +527,18 @@ def open_store(path: str | Path, *, kind: str, config: Config, fingerprint: str,
     attrs = {_ATTR_START_CONTEXT: ctx.tolist()}  # JSON floats round-trip float64 exactly
     if kind == "mc":
         attrs[_ATTR_N_PATHS] = int(n_paths)
-    _write_attrs(store.path, **attrs)
-    return ScenarioStore.open(store.path, "r+")
+    store.set_run_attrs(**attrs)
+    return store
 
 
 def start_context_of(store: ScenarioStore) -> np.ndarray:
     """The root's context (C, n_m, n_tau) iv, as the run recorded it."""
-    attrs = _read_attrs(store.path)
-    if _ATTR_START_CONTEXT not in attrs:
+    stored = store.run_attr(_ATTR_START_CONTEXT)
+    if stored is None:
         raise StoreError(f"{store.path} has no start context; it was not written by "
                          "`backfill run` / `backfill mc`")
     try:
-        ctx = np.asarray(attrs[_ATTR_START_CONTEXT], dtype=np.float64)
+        ctx = np.asarray(stored, dtype=np.float64)
     except (TypeError, ValueError):
         ctx = np.zeros(0)
     c = store.meta.config.get("data", {}).get("context")
@@ -958,7 +937,7 @@ def frontier(store: ScenarioStore, level: int, config: Config) -> Frontier:
     kind, ``n_paths`` and level ``level - 1``'s weights) and ``config`` only, so ``backfill
     check`` recomputes the very frontier that the run expanded."""
     if store.meta.kind == "mc":
-        n = _read_attrs(store.path).get(_ATTR_N_PATHS)
+        n = store.run_attr(_ATTR_N_PATHS)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise StoreError(f"{store.path} has n_paths {n!r}, not a count of paths; it was not "
                              "written by `backfill mc`: rerun it into a new path")
@@ -1147,7 +1126,7 @@ def _check_sampler_fingerprint(store: ScenarioStore, fingerprint: str) -> None:
     retrained one) or the decoders' device differ, and a store must not mix two samplers."""
     stored = store.run_attr(_ATTR_SAMPLER)
     if stored is None:
-        store.set_run_attr(_ATTR_SAMPLER, fingerprint)
+        store.set_run_attrs(**{_ATTR_SAMPLER: fingerprint})
     elif stored != fingerprint:
         raise StoreError(
             f"cannot resume {store.path}: the sampler fitted now draws other paths than the one "

@@ -310,29 +310,27 @@ def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples
     for start in range(0, W, step):
         sl = slice(start, min(W, start + step))
         rngs = [node_rng(seed, 0, int(a), EVALUATION) for a in windows.anchors[sl]]
-        # log-IV paths: only the days scored below are exponentiated (the same values as
-        # ``sample``'s, which exponentiates every day)
         log_paths = sampler.sample_log(windows.contexts[sl], n_samples, rngs,
                                        days=windows.anchors[sl])  # (b, M, H, n_m, n_tau)
+        paths = np.exp(log_paths)  # iv: the same values as ``sample``'s
         b = log_paths.shape[0]
-        flat = log_paths.reshape(b, n_samples, H, G)
-        surface = {h: np.exp(flat[:, :, h - 1]) for h in set(horizons) | set(var_h)}
+        flat, log_flat = (x.reshape(b, n_samples, H, G) for x in (paths, log_paths))
         for j, h in enumerate(horizons):
-            kept[j, sl] = surface[h]
+            kept[j, sl] = flat[:, :, h - 1]
         start_surface = windows.contexts[sl, -1].reshape(b, G)
         for h in var_h:
-            var_pnl[h][sl] = metrics.vega_pnl(start_surface, surface[h])
+            var_pnl[h][sl] = metrics.vega_pnl(start_surface, flat[:, :, h - 1])
         if H >= 2:
             # The issue's roughness: daily changes of the sample paths, in iv units; beside
             # it in log-IV (the model's space: scale-free, not dominated by the few stressed
             # paths whose iv moves are largest)
-            rough.add_steps(np.exp(flat), axis=2)
-            rough_log.add_steps(flat, axis=2)
+            rough.add_steps(flat, axis=2)
+            rough_log.add_steps(log_flat, axis=2)
         for w in range(sl.start, sl.stop):
             if w in fan_at:
-                atm = log_paths[w - sl.start, :, :, windows.atm[0], windows.atm[1]]  # (M, H)
-                fans[fan_at[w]] = np.quantile(np.exp(atm), FAN_QUANTILES, axis=0).T
-        del log_paths, flat, surface
+                atm = paths[w - sl.start, :, :, windows.atm[0], windows.atm[1]]  # (M, H)
+                fans[fan_at[w]] = np.quantile(atm, FAN_QUANTILES, axis=0).T
+        del log_paths, paths, flat, log_flat
         if task is not None:
             progress.update(task, advance=b)
     return Draws(kept, var_pnl, rough, fans, rough_log, time.perf_counter() - t0)

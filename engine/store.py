@@ -48,7 +48,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -452,11 +452,11 @@ class ScenarioStore:
         """A root attribute the driver keeps about its run (beside ``StoreMeta``)."""
         return self._root.attrs.get(key, default)
 
-    def set_run_attr(self, key: str, value) -> None:
-        """Set one through this handle (another handle's write would be overwritten by this
+    def set_run_attrs(self, **attrs) -> None:
+        """Set them through this handle (another handle's write would be overwritten by this
         one's cached attributes at its next write)."""
         self._require_writable()
-        self._root.attrs[key] = value
+        self._root.attrs.update(attrs)
         self._consolidate()
 
     @property
@@ -479,8 +479,24 @@ class ScenarioStore:
         try:
             yield
         except _UNREADABLE as err:
-            raise StoreError(f"{self.path}/{what} cannot be read ({type(err).__name__}: "
-                             f"{first_line(err)}); {_DAMAGED}") from None
+            raise self._unreadable(what, err) from None
+
+    def _unreadable(self, what: str, err: BaseException) -> StoreError:
+        return StoreError(f"{self.path}/{what} cannot be read ({type(err).__name__}: "
+                          f"{first_line(err)}); {_DAMAGED}")
+
+    def _make_or_restart(self, name: str, make: Callable[[], None], final: bool) -> None:
+        """``make()`` the group ``name``; where one of its metadata files does not decode (a
+        crash of the machine can leave one empty), start the group over, unless it holds
+        something ``final``."""
+        try:
+            make()
+        except _BAD_METADATA as err:
+            if final:
+                raise self._unreadable(name, err) from None
+            shutil.rmtree(self.path / name, ignore_errors=True)
+            with self._reading(name):
+                make()
 
     def damage(self) -> str | None:
         """The first missing piece of what the store says is finished (each level marked
@@ -622,18 +638,10 @@ class ScenarioStore:
         if not isinstance(n_nodes, (int, np.integer)) or n_nodes < 1:
             raise StoreError(f"level {level}: n_nodes is {n_nodes!r}; it must be an integer >= 1")
         days = parse_days(days, np.datetime64(self.meta.start_date, "D"), f"level {level}")
-        name = _level_name(level)
-        try:
-            self._make_level(level, int(n_nodes), days)
-        except _BAD_METADATA as err:
-            # a crash of the machine can leave a metadata file of the level in progress empty:
-            # nothing of an unfinished level is final, so it starts over
-            if level <= self.levels_complete:
-                raise StoreError(f"{self.path}/{name} cannot be read ({type(err).__name__}: "
-                                 f"{first_line(err)}); {_DAMAGED}") from None
-            shutil.rmtree(self.path / name, ignore_errors=True)
-            with self._reading(name):
-                self._make_level(level, int(n_nodes), days)
+        # nothing of an unfinished level is final
+        self._make_or_restart(_level_name(level),
+                              lambda: self._make_level(level, int(n_nodes), days),
+                              final=level <= self.levels_complete)
 
     def _make_level(self, level: int, n_nodes: int, days: np.ndarray) -> None:
         S, name = days.size, _level_name(level)
@@ -899,17 +907,10 @@ class ScenarioStore:
         if q.ndim != 1 or q.size == 0 or np.any((q <= 0) | (q >= 1)) or np.any(np.diff(q) <= 0):
             raise StoreError(f"quantile levels {q.tolist()} must be increasing in (0, 1); "
                              "pass e.g. [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]")
-        try:
-            self._make_marginals(days, q)
-        except _BAD_METADATA as err:
-            # a metadata file left empty by a crash: while no level is complete the marginals
-            # hold nothing final and start over; later they hold finished levels' days
-            if self.levels_complete > 0:
-                raise StoreError(f"{self.path}/{MARGINALS} cannot be read ({type(err).__name__}: "
-                                 f"{first_line(err)}); {_DAMAGED}") from None
-            shutil.rmtree(self.path / MARGINALS, ignore_errors=True)
-            with self._reading(MARGINALS):
-                self._make_marginals(days, q)
+        # while no level is complete the marginals hold nothing final; later they hold
+        # finished levels' days
+        self._make_or_restart(MARGINALS, lambda: self._make_marginals(days, q),
+                              final=self.levels_complete > 0)
 
     def _make_marginals(self, days: np.ndarray, q: np.ndarray) -> None:
         n_m, n_tau = self.meta.grid_shape
