@@ -1236,6 +1236,8 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
         # from a past date never learns from the days after it
         cut = prep if inputs.fit_days == prep.panel.n_days else \
             Prepared(cfg, history, make_splits(history, cfg.data))
+        if cut is not prep and console is not None and cut.splits.note is not None:
+            console.print(f"note: {cut.splits.note}")
         model = get_model(cut, None, console)
     if console is not None:
         console.print(f"fitting sampler {cfg.sampler.method} on {history.n_days} days up to "

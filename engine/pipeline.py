@@ -28,11 +28,15 @@ class Prepared:
 
 def prepare(config: Config, evaluation: bool = False, console=None) -> Prepared:
     """Load and split the data; ``evaluation`` adds the synthetic market's test extension.
-    ``console``: where a note on gaps in the data's calendar goes."""
+    ``console``: where notes go (gaps in the data's calendar, split shares that replaced
+    the default ones on a short history)."""
     panel = load_panel(config.data, evaluation=evaluation)
     if console is not None and (note := panel.gap_note()) is not None:
         console.print(f"note: {note}")
-    return Prepared(config, panel, make_splits(panel, config.data))
+    splits = make_splits(panel, config.data)
+    if console is not None and splits.note is not None:
+        console.print(f"note: {splits.note}")
+    return Prepared(config, panel, splits)
 
 
 def get_model(prep: Prepared, model_path: Path | None, console=None) -> CVAE:

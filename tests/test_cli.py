@@ -167,7 +167,12 @@ def runs(inputs) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
         jobs["train-vix"] = ["train", "--data", str(vix), "--config", str(tiny),
                              "--out", "vix.pt"]
     if spx.is_file():
-        jobs["train-spx-default"] = ["train", "--data", str(spx), "--out", "spx90.pt"]
+        (root / "spx_shares.toml").write_text(
+            TINY_MODEL_TOML + "\n[data]\nsplit_fractions = [0.6, 0.2, 0.2]\n")
+        jobs["train-spx-default"] = ["train", "--data", str(spx), "--config",
+                                     str(root / "tiny_model.toml"), "--out", "spx90.pt"]
+        jobs["train-spx-shares"] = ["train", "--data", str(spx), "--config",
+                                    str(root / "spx_shares.toml"), "--out", "spx90.pt"]
         jobs["train-spx-h30"] = ["train", "--data", str(spx), "--config",
                                  str(root / "tiny_model.toml"), "--horizon", "30",
                                  "--out", "spx30.pt"]
@@ -281,11 +286,23 @@ def test_train_vix(runs):
     assert model.grid_shape == (1, 4)
 
 
-def test_spx_default_horizon_has_no_calibration_window(runs):
+def test_spx_chosen_shares_leave_no_calibration_window(runs):
+    # 60 / 20 / 20 of 847 days, set by the user: refused, naming shares that fit
+    shared_file("spx_surface_2006_2009.csv")
+    proc, cwd = runs["train-spx-shares"]
+    assert_one_line_error(proc, ["split has no complete window", "calibration", "needs at least 90",
+                                 "data.split_fractions = [0.5, 0.25, 0.25]"])
+    assert not (cwd / "spx90.pt").exists()
+
+
+def test_spx_default_shares_give_way_with_a_note(runs):
+    # the same shares by default: the ones that fit serve instead, and a note says so
     shared_file("spx_surface_2006_2009.csv")
     proc, cwd = runs["train-spx-default"]
-    assert_one_line_error(proc, ["split has no complete window", "calibration", "needs at least 90"])
-    assert not (cwd / "spx90.pt").exists()
+    assert_trained(proc, cwd / "spx90.pt")
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert "note: the default data.split_fractions [0.6, 0.2, 0.2]" in text, text
+    assert "using [0.5, 0.25, 0.25] instead" in text, text
 
 
 def test_train_spx_horizon_30(runs):

@@ -128,6 +128,7 @@ class Splits:
     horizon: int
     embargo: int
     ranges: dict[str, tuple[int, int]]
+    note: str | None = None  # why the shares differ from the config's (see make_splits)
 
     def anchors(self, split: str, stride: int = 1) -> np.ndarray:
         """Anchor days (last context day) of the split's complete windows."""
@@ -142,7 +143,8 @@ class Splits:
 
     def to_dict(self) -> dict:
         return {"context": self.context, "horizon": self.horizon, "embargo": self.embargo,
-                **{k: list(v) for k, v in self.ranges.items()}}
+                **{k: list(v) for k, v in self.ranges.items()},
+                **({"note": self.note} if self.note else {})}
 
 
 def make_splits(panel: Panel, data_cfg) -> Splits:
@@ -170,6 +172,22 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
         tst = round((f_train + f_cal) * panel.history_days)
     ranges = {"train": (0, cal), "calibration": (cal + E, tst), "test": (tst + E, T)}
     splits = Splits(C, H, E, ranges)
+    by_dates = data_cfg.calibration_start or data_cfg.test_start
+    if not by_dates and "split_fractions" not in data_cfg.model_fields_set \
+            and not all(len(splits.anchors(name)) for name in SPLITS):
+        # the default shares leave a split empty on a short history: shares that fit, if any
+        # exist, serve instead (said in a note); shares the user chose are never replaced
+        fit = _fractions_that_fit(panel.history_days, C, H, E)
+        if fit is not None:
+            cal, tst = round(fit[0] * panel.history_days), \
+                round((fit[0] + fit[1]) * panel.history_days)
+            ranges = {"train": (0, cal), "calibration": (cal + E, tst), "test": (tst + E, T)}
+            default = ", ".join(f"{f:g}" for f in data_cfg.split_fractions)
+            note = (f"the default data.split_fractions [{default}] leave a split of these "
+                    f"{panel.history_days} days without a complete window (context {C}, "
+                    f"horizon {H}, embargo {E}); using [{fit[0]:g}, {fit[1]:g}, {fit[2]:g}] "
+                    "instead; set data.split_fractions (or the split dates) to choose")
+            splits = Splits(C, H, E, ranges, note)
     for name in SPLITS:
         start, stop = ranges[name]
         if len(splits.anchors(name)) == 0:
@@ -177,7 +195,6 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
             need = H if name != "train" else C + H
             span = (f" ({panel.dates[start]} .. {panel.dates[stop - 1]})" if n_days > 0 else "")
             after = f" after a {E}-day embargo" if name != "train" and E else ""
-            by_dates = data_cfg.calibration_start or data_cfg.test_start
             fit = None if by_dates else _fractions_that_fit(panel.history_days, C, H, E)
             if fit is not None:
                 how = (f"set data.split_fractions = [{fit[0]:g}, {fit[1]:g}, {fit[2]:g}] (then "
