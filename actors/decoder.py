@@ -44,7 +44,8 @@ class DecoderActor:
         self.sampler = ray.get(self._ref)
         import torch
 
-        # A GPU granted by Ray is only usable when this torch build has CUDA.
+        # A GPU granted by Ray is only usable when this torch build has CUDA (the driver
+        # refuses to go on when it was granted one and cannot: see _RayPool.devices).
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         if self.device == "cuda":
             move_models(self.sampler, "cuda")
@@ -55,5 +56,8 @@ class DecoderActor:
         return decode_batch(self.sampler, contexts)
 
     def shared_info(self) -> dict:
+        import torch
+
         return {**shared_info(self._ref, self.sampler), "device": self.device,
-                "device_label": device_label(self.device)}
+                "device_label": device_label(self.device), "gpu_ids": list(ray.get_gpu_ids()),
+                "torch": torch.__version__, "node": ray.util.get_node_ip_address()}

@@ -8,7 +8,7 @@
 # here) come from wheels in WHEELS (default: .whl in the repository, for a machine without
 # internet: fill it with `pip download` elsewhere) or else from PyPI, into a private folder
 # (BACKFILL_SITE, default /tmp/backfill-site), so the machine's own packages are untouched.
-# Writes OUT_DIR/gpu_bench.json, OUT_DIR/gpu_bench.txt (the table) and OUT_DIR/nvidia-smi.txt.
+# Run from any folder (paths are the caller's). Writes OUT_DIR/gpu_bench.json, OUT_DIR/gpu_bench.txt (the table) and OUT_DIR/nvidia-smi.txt.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,6 +20,7 @@ site=${BACKFILL_SITE:-/tmp/backfill-site}
 needs=(faiss-cpu "zarr>=3" "pydantic>=2" tomli-w arch typer rich xarray pandas scipy pyyaml)
 
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: options like --config stay relative to the caller
 if ! "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_bench.sh: $python's torch sees no CUDA device; run this on a GPU machine" \
          "with a CUDA build of torch (or set PYTHON)" >&2
@@ -39,5 +40,4 @@ export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
-cd "$repo"
 "$python" -m engine.cli bench --gpu --json "$out/gpu_bench.json" "$@" | tee "$out/gpu_bench.txt"

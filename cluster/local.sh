@@ -79,7 +79,7 @@ check_knobs() {
 driver_env() {
   echo "export RAY_ADDRESS=${ADDR}"
   echo "export RAY_AUTH_MODE=token"
-  if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then echo "export RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH}"; fi
+  if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then printf 'export RAY_AUTH_TOKEN_PATH=%q\n' "$RAY_AUTH_TOKEN_PATH"; fi
 }
 
 # Ray processes of the cluster: marked, token auth on, no usage stats. Without
@@ -214,6 +214,15 @@ cmd_up() {
   if port_busy "$IP" "$PORT" || port_busy 127.0.0.1 "$PORT"; then
     die "port $PORT is taken by another program; pick another with BACKFILL_RAY_PORT"
   fi
+  # every node's fixed ports too (another cluster's blocks may overlap this one's)
+  local i p
+  for ((i = 0; i <= n; i++)); do
+    for ((p = PORT + 100 + 100 * i; p <= PORT + 105 + 100 * i; p++)); do
+      if port_busy "$IP" "$p" || port_busy 127.0.0.1 "$p"; then
+        die "port $p (node $i's block, ports $((PORT + 100 + 100 * i))..$((PORT + 199 + 100 * i))) is taken by another program; pick a BACKFILL_RAY_PORT at least $((100 * (n + 2))) away from any other cluster's"
+      fi
+    done
+  done
 
   rm -rf "${ROOT:?}"/n[0-9]* "$ROOT/shape" "$ENV_FILE"
   mkdir -p "$ROOT"
@@ -230,7 +239,6 @@ cmd_up() {
     --ray-client-server-port=$((PORT + 2)) "${dash[@]}" \
     --temp-dir="$ROOT/n0" --disable-usage-stats $(node_ports 0)
 
-  local i
   for ((i = 1; i <= n; i++)); do
     log "starting worker node $i (num-cpus ${WORKER_CPUS}, num-gpus ${WORKER_GPUS})"
     # shellcheck disable=SC2046

@@ -297,6 +297,12 @@ class EngineConfig(_Section):
     n_decoders: int = Field(1, ge=1, le=4096,
                             description="Decoder actors (the CVAE's forward pass; "
                             "a GPU each where the cluster has them).")
+    decoder_gpus: float | None = Field(
+        None, ge=0, le=64, description="GPUs each decoder actor asks Ray for. Unset: a share "
+        "of the GPUs the cluster has when the run starts (one each while there are enough; none "
+        "on a CPU-only cluster). Set it (e.g. 1) where GPU nodes are not up yet (an "
+        "autoscaling cluster): Ray then brings them up and the run waits for them. 0: decode "
+        "on CPUs.")
     n_knn: int = Field(2, ge=1, le=4096,
                        description="kNN-residual actors: the draw, the children and "
                        "the marginal sums, most of a node's time; about one per free core.")
@@ -308,6 +314,15 @@ class EngineConfig(_Section):
                          description="Inline backend: batches expanded at once, in "
                          "threads of this process (a GPU machine without Ray); 0: one per core. "
                          "Same bytes for any value; memory holds up to two batches per thread.")
+    @field_validator("decoder_gpus")
+    @classmethod
+    def _whole_or_share(cls, gpus: float | None) -> float | None:
+        # Ray takes a share of one GPU or whole GPUs, nothing between
+        if gpus is not None and gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"decoder_gpus = {gpus:g} must be at most 1 (a share of one GPU) "
+                             "or a whole number of GPUs")
+        return gpus
+
     checkpoint_seconds: float = Field(
         30.0, ge=0, description="Save the level in progress (done tasks, marginal sums) this "
         "often, so --resume after a hard kill reuses its finished chunks; 0: after every task.")

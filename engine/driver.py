@@ -757,8 +757,10 @@ class _RayPool:
         shared = {"sampler": self.sampler_ref}  # nested: the actor receives the ref itself
         self.split = is_split(sampler)
         if self.split:
-            gpus = float(ray.cluster_resources().get("GPU", 0.0))
-            each = 0.0 if gpus <= 0 else min(1.0, gpus / engine.n_decoders)
+            each = engine.decoder_gpus
+            if each is None:  # a share of the GPUs up now
+                gpus = float(ray.cluster_resources().get("GPU", 0.0))
+                each = 0.0 if gpus <= 0 else min(1.0, gpus / engine.n_decoders)
             self.decoders = [DecoderActor.options(num_gpus=each).remote(shared)
                              for _ in range(engine.n_decoders)]
             self.knn = [KnnResidualActor.remote(shared) for _ in range(engine.n_knn)]
@@ -776,8 +778,15 @@ class _RayPool:
         actor samples with the weights as shipped, on the CPU)."""
         if not self.decoders:
             return {"cpu"}
-        return {info["device_label"] for info in
-                self._ray.get([d.shared_info.remote() for d in self.decoders])}
+        infos = self._ray.get([d.shared_info.remote() for d in self.decoders])
+        for info in infos:
+            if info["gpu_ids"] and info["device"] == "cpu":
+                raise ConfigError(
+                    f"a decoder actor on node {info['node']} was granted GPU "
+                    f"{','.join(map(str, info['gpu_ids']))}, but its torch {info['torch']} "
+                    "cannot use CUDA there; install a CUDA build of torch on the GPU nodes, or "
+                    "set engine.decoder_gpus = 0 to decode on CPUs")
+        return {info["device_label"] for info in infos}
 
     def submit(self, batch: Batch, plan: LevelPlan) -> None:
         a = int(np.argmin(self._load))

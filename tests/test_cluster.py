@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.config import load_config
 from engine.store import ScenarioStore
 from tests.conftest import backfill_cmd, cli_project
 from tests.test_driver import assert_same_bytes
@@ -120,7 +121,7 @@ def test_kuberay_raycluster_has_required_fields_and_a_gpu_group():
     assert clusters[0]["spec"]["authOptions"]["mode"] == "token"
 
 
-def test_kuberay_rayjob_runs_backfill_on_the_cluster():
+def test_kuberay_rayjob_runs_backfill_on_the_cluster(tmp_path):
     docs = _kuberay_docs()
     name = next(d for d in docs if d["kind"] == "RayCluster")["metadata"]["name"]
     job = next(d for d in docs if d["kind"] == "RayJob")
@@ -128,6 +129,18 @@ def test_kuberay_rayjob_runs_backfill_on_the_cluster():
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == name
     entry = job["spec"]["entrypoint"]
     assert entry.startswith("backfill run") and "--address auto" in entry and "--store" in entry
+    # its --config is the ConfigMap mounted on the head, a valid config whose decoders ask for
+    # a GPU each (so the autoscaler brings the GPU group up from zero)
+    config_file = Path(entry.split("--config ")[1].split()[0])
+    head = next(d for d in docs if d["kind"] == "RayCluster")["spec"]["headGroupSpec"]
+    mount = next(m for m in head["template"]["spec"]["containers"][0]["volumeMounts"]
+                 if m["mountPath"] == str(config_file.parent))
+    volume = next(v for v in head["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap"
+                      and d["metadata"]["name"] == volume["configMap"]["name"])
+    toml = tmp_path / config_file.name
+    toml.write_text(config_map["data"][config_file.name])
+    assert load_config(toml).engine.decoder_gpus == 1
 
 
 @pytest.mark.parametrize("breakage", ["no gpu", "no image", "replicas out of range", "kind"])
@@ -165,6 +178,28 @@ def test_local_sh_usage_errors(args):
     r = subprocess.run(["bash", str(LOCAL_SH), *args], check=False, capture_output=True,
                        text=True, timeout=30)
     assert r.returncode != 0 and "usage" in r.stderr
+
+
+@pytest.mark.ray
+def test_local_sh_up_refuses_a_taken_port_of_a_worker_nodes_block(tmp_path):
+    """Another program (or cluster) on a worker node's port: `up` names it and starts nothing."""
+    if shutil.which("ray") is None and not (Path(sys.executable).parent / "ray").exists():
+        pytest.skip("the `ray` CLI is not installed (pip install 'ray[default]')")
+    port = _free_base_port()
+    root = tmp_path / "cluster"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "BACKFILL_RAY_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               BACKFILL_RAY_PORT=str(port), BACKFILL_RAY_ROOT=str(root))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.2", port + 203))  # worker node 1's dashboard-agent listen port
+        taken.listen()
+        r = subprocess.run(["bash", str(LOCAL_SH), "up", "2"], check=False, env=env,
+                           capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert f"port {port + 203} (node 1's block" in r.stderr, r.stderr
+    assert "at least 400 away" in r.stderr, r.stderr
+    assert not list(root.glob("n[0-9]*")), "a node was started"
+    assert _marked_pids(f"BACKFILL_RAY_CLUSTER={root}") == []
 
 
 def _free_base_port() -> int:
