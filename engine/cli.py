@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +25,12 @@ SeedOpt = Annotated[int | None, typer.Option(help="Run seed (overrides the confi
 
 
 def fail(message: str) -> None:
+    # A read that failed on one chunk leaves zarr's reads of the others pending on its event
+    # loop, and asyncio would report each at exit ("Task was destroyed but it is pending!",
+    # or "coroutine ... was never awaited"): the line below already says what went wrong.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -320,7 +328,9 @@ def marginals(store: StoreOpt,
     from engine.store import marginals_frame
 
     suffix = _out_suffix(out, (".parquet", ".csv"))
-    frame = marginals_frame(_open_store(store))
+    scenario = _open_store(store)
+    scenario.require_complete_level()  # else every day is empty: nothing to export
+    frame = marginals_frame(scenario)
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".csv":
         frame.to_csv(out, index=False)
@@ -421,6 +431,7 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
                           "number (the nearest grid maturity is plotted)")
     _out_suffix(out, (".png", ".pdf", ".svg"))
     scenario = _open_store(store)
+    scenario.require_complete_level()  # else the band is empty
     m = scenario.read_marginals()
     grid = scenario.meta.grid
     i = int(np.argmin(np.abs(np.asarray(grid["moneyness"]) - 1.0)))

@@ -269,8 +269,9 @@ class _Level:
 _LEVEL_ARRAYS = ("paths", "parent", "branch", "weight", "node", "done", "day", "moneyness",
                  "maturity")
 # what a finished level / finished marginals must have every chunk file of
-_LEVEL_DATA = ("paths", "parent", "branch", "weight", "node", "done", "day")
-_MARGINAL_DATA = ("quantiles", "mean", "std", "quantile", "day")
+_LEVEL_DATA = ("paths", "parent", "branch", "weight", "node", "done", "day", "moneyness",
+               "maturity")
+_MARGINAL_DATA = ("quantiles", "mean", "std", "quantile", "day", "moneyness", "maturity")
 # what zarr and its codecs raise on a file that does not decode (a truncated or foreign
 # chunk, broken metadata); MemoryError and our own bugs (AttributeError...) pass through
 _UNREADABLE = (ValueError, KeyError, RuntimeError, OSError, EOFError, zarr.errors.BaseZarrError)
@@ -470,7 +471,8 @@ class ScenarioStore:
 
     def levels(self) -> list[int]:
         """The levels whose group exists (complete or not), in order."""
-        names = [n for n, _ in self._root.groups() if n.startswith("level_")]
+        with self._reading("(metadata)"):  # groups() decodes each group's metadata
+            names = [n for n, _ in self._root.groups() if n.startswith("level_")]
         return sorted(int(n.removeprefix("level_")) for n in names)
 
     @contextlib.contextmanager

@@ -11,6 +11,7 @@ import copy
 import functools
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from engine.rng import LOOKAHEAD, TREE, node_rng
 from engine.samplers import make_sampler
 from engine.store import ScenarioStore
 from engine.train import train_model
-from tests.conftest import cli_toml, tiny_config, toy_panel
+from tests.conftest import backfill_cmd, cli_toml, tiny_config, toy_panel
 
 DEPTH, M, K, CHUNK = 3, 32, 5, 4
 
@@ -327,6 +328,13 @@ def _lose(root: Path) -> None:
     (root / "level_02" / "paths" / "c.1.0.0.0").unlink()
 
 
+def _lose_coordinate(root: Path) -> None:
+    """A grid coordinate's chunk file lost: xarray would read the maturities as zeros."""
+    (chunk,) = [f for f in (root / "level_01" / "maturity").rglob("*")
+                if f.is_file() and f.name != "zarr.json"]
+    chunk.unlink()
+
+
 def _root_attribute(**attrs):
     """Edit the store's root attributes by hand (zarr.json), as a user's script might."""
     def edit(root: Path) -> None:
@@ -345,6 +353,7 @@ def _root_attribute(**attrs):
     (_corrupt_marginals, ["marginals", "quantiles fall"]),
     (_garble, ["level 3", "chunk 5", "cannot be read"]),
     (_lose, ["level_02/paths lacks 1"]),
+    (_lose_coordinate, ["level_01/maturity lacks 1"]),
     (_root_attribute(start_context=[[0.2]]), ["start context is not 12 days", "(1, 1)"]),
     (_root_attribute(grid={"moneyness": [1.0], "maturity_days": [30.0]}),
      ["start context", "1x1 grid"]),
@@ -359,6 +368,30 @@ def test_check_finds_each_kind_of_damage(reference, tmp_path, corrupt, words):
     assert all(w in report["problems"][0] for w in words), report["problems"]
     err = _one_line_error(["check", "--store", path], *words)
     assert "cannot be trusted" in err
+
+
+@pytest.mark.parametrize("group", ["level_02", "marginals"])
+def test_a_group_whose_metadata_does_not_decode_is_one_store_error(reference, tmp_path, group):
+    """A machine crash can leave a group's zarr.json empty: every reader, check included,
+    says so in one line."""
+    path = tmp_path / "bad.zarr"
+    shutil.copytree(reference, path)
+    (path / group / "zarr.json").write_bytes(b"")
+    for command in (["check"], ["var"], ["paths", "--out", tmp_path / "p.npz"],
+                    ["marginals", "--out", tmp_path / "m.csv"]):
+        _one_line_error([*command, "--store", path], "cannot be read", "damaged")
+
+
+def test_a_garbled_chunk_read_among_many_is_one_line_every_time(reference, tmp_path):
+    """zarr reads a level's chunks concurrently; when one fails, the others' pending reads
+    must not be reported at exit (they were, now and then, as asyncio tracebacks)."""
+    path = tmp_path / "bad.zarr"
+    shutil.copytree(reference, path)
+    _garble(path)
+    for _ in range(6):
+        r = subprocess.run(backfill_cmd("paths", "--store", path, "--out", tmp_path / "p.npz"),
+                           check=False, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("value", ["x", 1.5, None, [1], 4])
@@ -816,6 +849,14 @@ def test_cli_refuses_damaged_stores_and_unwritable_outputs(cli_stores, tmp_path)
                                  fingerprint="x", start_date="2001-06-29", kind="tree",
                                  depth=2, chunk_nodes=4)
     _one_line_error(["var", "--store", empty.path], "no complete level")
+    # a run stopped in level 1 (its marginals made, no day written): nothing to export or
+    # plot, not an empty file with exit 0
+    empty.create_marginals(4, [0.05, 0.5, 0.95])
+    _one_line_error(["marginals", "--store", empty.path, "--out", tmp_path / "m.csv"],
+                    "no complete level", "--resume")
+    _one_line_error(["plot", "--store", empty.path, "--out", tmp_path / "f.png"],
+                    "no complete level")
+    assert not (tmp_path / "m.csv").exists() and not (tmp_path / "f.png").exists()
 
 
 def test_cli_an_unreachable_cluster_address_fails_at_once(cli_stores, tmp_path):
