@@ -387,7 +387,7 @@ def var(store: StoreOpt,
     """
     from engine import driver
 
-    alphas = _csv(levels, float, "--levels")
+    alphas = list(dict.fromkeys(_csv(levels, float, "--levels")))  # one column per level
     rows = driver.vega_risk(_open_store(store), alphas)
     if json_out:
         typer.echo(driver.to_json(rows))

@@ -1299,9 +1299,10 @@ def weighted_var_es(pnl: np.ndarray, weights: np.ndarray,
 
 
 def level_label(level: float) -> str:
-    """A confidence level as its row keys and columns name it: 0.95, 0.995, 0.5000001 (ten
-    significant digits, so two levels never share a label)."""
-    return f"{level:.10g}"
+    """A confidence level as its row keys and columns name it: 0.95, 0.995, 0.99999999999
+    (the shortest text that reads back as the same float, so two levels never share a label
+    and none is rounded to 1)."""
+    return repr(float(level))
 
 
 def vega_risk(store: ScenarioStore, levels=(0.95, 0.99)) -> list[dict]:

@@ -104,13 +104,16 @@ def business_days_after(start_date: str | np.datetime64, n: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- parse_* (boundary)
 
 
-def parse_store_path(path: str | Path) -> Path:
-    """A store path from outside (CLI, config): a str or Path that is not an existing file."""
+def parse_store_path(path: str | Path, new: bool = True) -> Path:
+    """A store path from outside (CLI, config): a str or Path that is not an existing file
+    (``new``: for a store to be made, else for one to be read)."""
     if not isinstance(path, (str, Path)) or str(path).strip() == "":
         raise StoreError(f"store path {path!r} is not a path; pass a directory such as run.zarr")
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
-        raise StoreError(f"store path {p} is a file, a store is a directory; pass a new path")
+        fix = "pass a new path" if new else \
+            "pass the store's directory (made by `backfill run` or `backfill mc`)"
+        raise StoreError(f"store path {p} is a file, a store is a directory; {fix}")
     return p
 
 
@@ -405,7 +408,7 @@ class ScenarioStore:
     def open(cls, path: str | Path, mode: str = "r") -> ScenarioStore:
         if mode not in ("r", "r+"):
             raise StoreError(f"mode {mode!r} is not 'r' or 'r+'; open read-only or for resuming")
-        p = parse_store_path(path)
+        p = parse_store_path(path, new=False)
         if not (p / "zarr.json").is_file():
             what = "does not exist" if not p.exists() else "is not a Zarr store"
             raise StoreError(f"{p} {what}; pass the path of a store made by `backfill run` or "

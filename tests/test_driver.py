@@ -775,6 +775,13 @@ def test_cli_run_mc_and_exports(cli_stores, tmp_path):
                for r in rows)
     result = _invoke(["var", "--store", mc])
     assert result.exit_code == 0 and "VaR 0.95" in result.stdout
+    # a level given twice is one column; a level near 1 keeps its digits (not "VaR 1")
+    result = _invoke(["var", "--store", run, "--levels", "0.95,0.95,0.99999999999", "--json"])
+    assert result.exit_code == 0, result.output
+    assert sorted(k for k in json.loads(result.stdout)[0] if k.startswith("var_")) == \
+        ["var_0.95", "var_0.99999999999"]
+    result = _invoke(["var", "--store", run, "--levels", "0.95,0.95,0.99999999999"])
+    assert result.stdout.count("VaR 0.95 ") == 1 and "VaR 0.99999999999" in result.stdout
     result = _invoke(["plot", "--store", run, "--out", tmp_path / "fan.png"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fan.png").stat().st_size > 1000
@@ -849,6 +856,7 @@ def test_cli_refuses_damaged_stores_and_unwritable_outputs(cli_stores, tmp_path)
                                  fingerprint="x", start_date="2001-06-29", kind="tree",
                                  depth=2, chunk_nodes=4)
     _one_line_error(["var", "--store", empty.path], "no complete level")
+    _one_line_error(["var", "--store", cfg], "is a file", "pass the store's directory")
     # a run stopped in level 1 (its marginals made, no day written): nothing to export or
     # plot, not an empty file with exit 0
     empty.create_marginals(4, [0.05, 0.5, 0.95])
