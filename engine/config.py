@@ -314,6 +314,10 @@ class EngineConfig(_Section):
                          description="Inline backend: batches expanded at once, in "
                          "threads of this process (a GPU machine without Ray); 0: one per core. "
                          "Same bytes for any value; memory holds up to two batches per thread.")
+    checkpoint_seconds: float = Field(
+        30.0, ge=0, description="Save the level in progress (done tasks, marginal sums) this "
+        "often, so --resume after a hard kill reuses its finished chunks; 0: after every task.")
+
     @field_validator("decoder_gpus")
     @classmethod
     def _whole_or_share(cls, gpus: float | None) -> float | None:
@@ -322,10 +326,6 @@ class EngineConfig(_Section):
             raise ValueError(f"decoder_gpus = {gpus:g} must be at most 1 (a share of one GPU) "
                              "or a whole number of GPUs")
         return gpus
-
-    checkpoint_seconds: float = Field(
-        30.0, ge=0, description="Save the level in progress (done tasks, marginal sums) this "
-        "often, so --resume after a hard kill reuses its finished chunks; 0: after every task.")
 
 
 class StoreConfig(_Section):
