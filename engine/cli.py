@@ -309,6 +309,17 @@ def _open_store(store: Path):
     return scenario
 
 
+def _open_finished_levels(store: Path):
+    """A store to export from: intact, with a complete level and its root attributes as
+    the run wrote them (a start context edited by hand means the store was tampered with)."""
+    from engine import driver
+
+    scenario = _open_store(store)
+    scenario.require_complete_level()
+    driver.start_context_of(scenario)
+    return scenario
+
+
 def _out_suffix(out: Path, allowed: tuple[str, ...]) -> str:
     suffix = out.suffix.lower()
     if suffix not in allowed:
@@ -328,9 +339,7 @@ def marginals(store: StoreOpt,
     from engine.store import marginals_frame
 
     suffix = _out_suffix(out, (".parquet", ".csv"))
-    scenario = _open_store(store)
-    scenario.require_complete_level()  # else every day is empty: nothing to export
-    frame = marginals_frame(scenario)
+    frame = marginals_frame(_open_finished_levels(store))
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".csv":
         frame.to_csv(out, index=False)
@@ -350,7 +359,7 @@ def paths(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="F.np
     from engine.store import terminal_paths
 
     suffix = _out_suffix(out, (".npz", ".parquet"))
-    scenario = _open_store(store)
+    scenario = _open_finished_levels(store)
     full, weight = terminal_paths(scenario, level)
     lv = scenario.levels_complete if level is None else level
     days = np.concatenate([scenario.level_days(k) for k in range(1, lv + 1)])
@@ -430,8 +439,7 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
         raise ConfigError(f"--maturity {maturity} is not a maturity in days; pass a positive "
                           "number (the nearest grid maturity is plotted)")
     _out_suffix(out, (".png", ".pdf", ".svg"))
-    scenario = _open_store(store)
-    scenario.require_complete_level()  # else the band is empty
+    scenario = _open_finished_levels(store)
     m = scenario.read_marginals()
     grid = scenario.meta.grid
     i = int(np.argmin(np.abs(np.asarray(grid["moneyness"]) - 1.0)))

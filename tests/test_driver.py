@@ -370,6 +370,18 @@ def test_check_finds_each_kind_of_damage(reference, tmp_path, corrupt, words):
     assert "cannot be trusted" in err
 
 
+def test_a_start_context_edited_by_hand_is_refused_by_every_reader(reference, tmp_path):
+    path = tmp_path / "bad.zarr"
+    shutil.copytree(reference, path)
+    context = np.asarray(ScenarioStore.open(path).run_attr("start_context"))
+    context[0, 0, 0] = -1.0
+    _root_attribute(start_context=context.tolist())(path)
+    for command in (["check"], ["var"], ["paths", "--out", tmp_path / "p.npz"],
+                    ["marginals", "--out", tmp_path / "m.csv"],
+                    ["plot", "--out", tmp_path / "f.png"]):
+        _one_line_error([*command, "--store", path], "start context is not", "positive vols")
+
+
 @pytest.mark.parametrize("group", ["level_02", "marginals"])
 def test_a_group_whose_metadata_does_not_decode_is_one_store_error(reference, tmp_path, group):
     """A machine crash can leave a group's zarr.json empty: every reader, check included,

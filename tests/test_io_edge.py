@@ -6,6 +6,7 @@ warning on stderr; each odd but meaningful input is read as written.
 
 from __future__ import annotations
 
+import gzip
 import warnings
 
 import numpy as np
@@ -218,6 +219,21 @@ def test_two_columns_that_read_as_one_are_refused(twin):
     df[twin] = df[name]
     with pytest.raises(DataError, match=f"columns '{name}' and '{twin}' both read as '{name}'"):
         panel_from_frame(df, "frame")
+
+
+@pytest.mark.parametrize("name", ["iv", "date"])
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_a_column_written_twice_in_a_csv_header_is_refused(tmp_path, name, suffix):
+    """pandas renames a repeated header name (iv, iv.1): the second column must not be
+    dropped silently, even when it differs."""
+    df = frame()
+    text = df.to_csv(index=False).splitlines()
+    copy = df[name].astype(str) if name == "date" else (2 * df[name]).astype(str)
+    lines = [f"{text[0]},{name}"] + [f"{row},{c}" for row, c in zip(text[1:], copy, strict=True)]
+    path = tmp_path / f"twice{suffix}"
+    with (gzip.open(path, "wt") if suffix == ".csv.gz" else path.open("w")) as f:
+        f.write("\n".join(lines) + "\n")
+    assert f"column '{name}' appears 2 times; keep one of them" in error(path)
 
 
 # --- 6. grid mismatches name the date that differs, with every digit --------------------------

@@ -62,6 +62,11 @@ def read_panel(path: str | Path) -> Panel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reader warnings would be extra stderr lines
             df = pd.read_parquet(p) if kind == "Parquet" else pd.read_csv(p)
+            if kind == "CSV":  # the header as written: pandas renames a repeated name (iv.1)
+                header = pd.read_csv(p, header=None, nrows=1, dtype=str,
+                                     keep_default_na=False).iloc[0]
+                if len(header) == len(df.columns):
+                    df.columns = [str(h) for h in header]
     except Exception as err:  # noqa: BLE001 - any reader failure is the user's file
         raise DataError(f"cannot read {p} as {kind} ({first_line(err)}); check the file's "
                         "format") from None
@@ -94,8 +99,9 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
     for name in COLUMNS:
         same = [str(c) for c, n in zip(df.columns, names, strict=True) if n == name]
         if len(same) > 1:
-            raise DataError(f"{source}: columns {same[0]!r} and {same[1]!r} both read as "
-                            f"'{name}'; keep one of them")
+            what = (f"column {same[0]!r} appears {len(same)} times" if same[0] == same[1] else
+                    f"columns {same[0]!r} and {same[1]!r} both read as '{name}'")
+            raise DataError(f"{source}: {what}; keep one of them")
     df = df.set_axis(names, axis=1)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
