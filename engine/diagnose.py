@@ -133,8 +133,9 @@ def neighbour_share(keys: np.ndarray, anchors: np.ndarray, realised: np.ndarray,
     out = {}
     for h in horizons:
         y = realised[:, h - 1]  # (W, G)
-        var_x = y.var(axis=0)
-        local = y[ids].var(axis=1).mean(axis=0)  # (G,)
+        # unbiased on both sides, so k random neighbours give 1 on average whatever k
+        var_x = y.var(axis=0, ddof=1)
+        local = y[ids].var(axis=1, ddof=1).mean(axis=0)  # (G,)
         ok = var_x > 0
         out[str(h)] = float((local[ok] / var_x[ok]).mean()) if ok.any() else None
     return out, k
@@ -157,14 +158,21 @@ def regime_separation(keys: np.ndarray, level: np.ndarray) -> tuple[dict, np.nda
     centred = keys - keys.mean(axis=0)
     _, sv, vt = np.linalg.svd(centred, full_matrices=False)
     coords = centred @ vt[:2].T if vt.shape[0] >= 2 else np.c_[centred @ vt[:1].T, np.zeros(len(keys))]
-    # How much of the context level a linear read-out of the embedding recovers.
-    design = np.c_[np.ones(len(keys)), keys]
+    # a principal axis has no sign of its own: PC 1 points to higher context levels
+    if np.corrcoef(coords[:, 0], level)[0, 1] < 0:
+        coords[:, 0] = -coords[:, 0]
+    # How much of the context level a linear read-out of the embedding recovers (in sample;
+    # adjusted for the D + 1 coefficients, which fit noise on few windows)
+    n, d = keys.shape
+    design = np.c_[np.ones(n), keys]
     fit = design @ np.linalg.lstsq(design, level, rcond=None)[0]
     r2 = 1.0 - ((level - fit) ** 2).sum() / max(((level - level.mean()) ** 2).sum(), 1e-300)
+    r2_adj = 1.0 - (1.0 - r2) * (n - 1) / (n - d - 1) if n > d + 1 else None
     return {
         "silhouette": float(silhouette.mean()),
         "centroid_distance_ratio": float(np.linalg.norm(c_hi - c_lo) / max(within, 1e-300)),
         "level_r2_linear": float(r2),
+        "level_r2_adjusted": None if r2_adj is None else float(r2_adj),
         "pc1_level_corr": float(np.corrcoef(coords[:, 0], level)[0, 1]),
         "pc_variance_share": [float(x) for x in (sv[:2] ** 2 / (sv ** 2).sum())],
         "median_level": float(np.median(level)),
@@ -234,12 +242,17 @@ def run_diagnose(cfg: Config, out: Path, model_path: Path | None = None, console
     for h in horizons:
         var_x = realised[:, h - 1].var(axis=0)
         between = p50[:, h - 1].var(axis=0)
+        residual = ((realised[:, h - 1] - p50[:, h - 1]) ** 2).mean(axis=0)
         ok = var_x > 0
+
+        def share(v, ok=ok, var_x=var_x):
+            return float((v[ok] / var_x[ok]).mean()) if ok.any() else None
+
         budget[str(h)] = {
             "var_x": float(var_x.mean()), "between_var": float(between.mean()),
-            "within_var": float(within[h - 1].mean()),
-            "between_share": float((between[ok] / var_x[ok]).mean()) if ok.any() else None,
-            "within_share": float((within[h - 1][ok] / var_x[ok]).mean()) if ok.any() else None}
+            "within_var": float(within[h - 1].mean()), "residual_var": float(residual.mean()),
+            "between_share": share(between), "within_share": share(within[h - 1]),
+            "residual_share": share(residual)}
 
     result = json_safe({
         "data": {"source": panel.source, "fingerprint": panel.fingerprint,
@@ -258,8 +271,8 @@ def run_diagnose(cfg: Config, out: Path, model_path: Path | None = None, console
 
     (out / "diagnose.md").write_text(diagnose_markdown(result))
     plot_embedding(coords, level, out / "embedding.png",
-                   f"context embeddings ({split} split), 2-D PCA; silhouette of low/high level "
-                   f"{regimes['silhouette']:.2f}")
+                   f"context embeddings ({split} split), 2-D PCA\nsilhouette of low / high "
+                   f"level {regimes['silhouette']:.2f}")
     _say(console, f"wrote {out / 'diagnose.json'}, diagnose.md, embedding.png in "
                   f"{result['timings']['total_seconds']:.1f}s")
     return result

@@ -342,7 +342,7 @@ def diagnose_markdown(result: dict) -> str:
              (f"- data: `{data['source']}`, fingerprint `{data['fingerprint']}`; "
              f"{result['n_windows']} {result['split_name']} windows (context "
              f"{result['split']['context']}, horizon {result['split']['horizon']}); all "
-             "spreads in iv units"), ""]
+             "spreads in iv units"), *[f"- note: {n}" for n in result.get("notes", [])], ""]
     sens = result["decoder_sensitivity"]
     parts += ["## Decoder sensitivity to z", "",
               ("_std over prior draws of the decoded p50 path, z = mu_p + s * sigma_p * eps, "
@@ -353,35 +353,55 @@ def diagnose_markdown(result: dict) -> str:
                      for s, v in sens["std_by_noise_scale"].items()]), ""]
     cz = result["context_vs_z"]
     parts += ["## Zeroing the context embedding vs zeroing z", "",
-              "_mean |change| of the decoded p50 path against the decode at a prior draw of z_",
+              ("_mean |change| of the decoded p50 path against the decode at a prior draw of z, "
+              "when the context embedding is set to 0 (the last context day, which the decoder "
+              "adds back, stays) or when z is; ratio = the first over the second: a large ratio "
+              "means the output is driven by the context and z hardly matters. "
+              "output_spread_over_windows: std of that decode across windows, for scale_"),
               "", _kv_table(cz, lambda v: fmt(v, ".6f")), ""]
     pv = result["posterior_vs_prior"]
-    parts += ["## Posterior vs prior", "", _kv_table({**pv, "kl": result["kl"]},
-                                                     lambda v: fmt(v, ".5g")), ""]
+    parts += ["## Posterior vs prior", "",
+              ("_variances of z under the posterior q(z | C, X) and the prior p(z | C), mean "
+              "over windows and latent dimensions; mean spreads = std over windows of their "
+              "means. kl = KL(q || p) in nats, summed over latent dimensions and averaged over "
+              "windows. A posterior as wide as the prior (ratio near 1) with KL near 0 means z "
+              "carries almost no information about the outcome: the decoder ignores it_"), "",
+              _kv_table({**pv, "kl": result["kl"]}, lambda v: fmt(v, ".5g")), ""]
     nb = result["neighbour_variance"]
     parts += ["## Outcome variance among the nearest contexts", "",
               (f"_per horizon: mean over windows of the variance of the realised values of its "
               f"{nb['k']} nearest neighbours in embedding space (windows within "
-              f"{nb['exclusion_days']} days excluded) / the unconditional variance; random "
-              "neighbours give about 1_"), "",
+              f"{nb['exclusion_days']} days excluded) / the unconditional variance (both "
+              "unbiased); random neighbours give about 1, so well below 1 means the embedding "
+              "finds contexts with similar outcomes_"), "",
               table(["horizon", "neighbour variance share"],
                     [[f"{h}d", fmt(v)] for h, v in nb["share"].items()]), ""]
     rs = result["regime_separation"]
     parts += ["## Volatility regimes in embedding space", "",
-              ("_windows split at the median context level; silhouette in [-1, 1] (higher = "
-              "better separated); ratio = distance between the two centroids / mean distance "
-              "to the own centroid_"), "", _kv_table(rs, lambda v: fmt(v, ".4g")), "",
+              ("_windows split at the median context level (median_level, mean iv of the "
+              "context); silhouette in [-1, 1] (higher = better separated); ratio = distance "
+              "between the two centroids / mean distance to the own centroid; level_r2 = R^2 of "
+              "a linear read-out of the context level from the embedding (in sample, and "
+              "adjusted for its coefficients); pc1_level_corr = correlation of the first "
+              "principal axis (pointed to higher levels) with the level; pc_variance_share = "
+              "share of the embedding's variance on the first two axes (the plot's)_"), "",
+              _kv_table(rs, lambda v: fmt(v, ".4g")), "",
               "![embedding](embedding.png)", ""]
     vb = result["variance_budget"]
     rows = [[f"{h}d", fmt(v["var_x"], ".3e"), fmt(v["between_var"], ".3e"),
-             fmt(v["within_var"], ".3e"), fmt(v["between_share"]), fmt(v["within_share"])]
+             fmt(v["within_var"], ".3e"), fmt(v["between_share"], ".3g"),
+             fmt(v["within_share"], ".3g"), fmt(v.get("residual_share"), ".3g")]
             for h, v in vb.items()]
     parts += ["## Variance budget of the raw prior decode", "",
-              ("_Var X of the realised values; Var E[X|C] = variance of the p50 over windows; "
-              "E[Var(X|C)] = mean within-window variance of prior decodes; shares of Var X, "
-              "averaged over the grid_"), "",
+              ("_Var X of the realised values; Var E[X|C] = variance of the model's p50 over "
+              "windows; E[Var(X|C)] = mean within-window variance of its prior decodes; shares "
+              "of Var X, averaged over the grid. The two model terms need not add up to the "
+              "realised Var X: what they miss is the residual share, E[(X - p50)^2] / Var X, "
+              "the realised error of the p50. A calibrated model's within share would be about "
+              "the residual share; a within share far below it is the over-confidence that "
+              "the kNN residuals and conformal calibration repair_"), "",
               table(["horizon", "Var X", "Var E[X|C]", "E[Var(X|C)]", "between share",
-                     "within share"], rows), ""]
+                     "within share", "residual share"], rows), ""]
     return "\n".join(parts)
 
 

@@ -385,6 +385,20 @@ def test_diagnose_writes_its_report(setup, tmp_path):
                         torch.as_tensor(prep.panel.targets_at(anchors, H), dtype=torch.float32),
                         use_prior=False)["kl"]
     assert result["kl"] == pytest.approx(float(kl), rel=1e-4)
+    # The residual share is the p50's realised squared error over Var X, per grid point,
+    # averaged (recomputed here window by window)
+    realised = np.exp(prep.panel.targets_at(anchors, H)).reshape(len(anchors), H, -1)
+    p50 = np.stack([np.exp(model.median(prep.panel.contexts_at(anchors[i:i + 1], C)))
+                    .reshape(H, -1) for i in range(len(anchors))])
+    for h in ("1", "6"):
+        x, m = realised[:, int(h) - 1], p50[:, int(h) - 1]
+        want = np.mean(((x - m) ** 2).mean(axis=0) / x.var(axis=0))
+        assert result["variance_budget"][h]["residual_share"] == pytest.approx(want, rel=1e-5)
+    # PC 1 points to higher levels; small shares keep their digits in the Markdown
+    assert result["regime_separation"]["pc1_level_corr"] >= 0
+    md = (tmp_path / "diagnose.md").read_text()
+    within = result["variance_budget"]["6"]["within_share"]
+    assert format(within, ".3g") in md and "residual share" in md and "KL(q || p)" in md
     for name in ("diagnose.json", "diagnose.md", "embedding.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "diagnose.json").read_text()) == result
