@@ -667,6 +667,33 @@ def test_lookahead_marginals_and_children_follow_the_candidates_draws(tmp_path):
     assert not np.array_equal(other["mean"][s:], got["mean"][s:])
 
 
+def test_a_level_2_node_is_expanded_from_its_own_history(tmp_path):
+    """Level 2 rebuilt by hand for one level-1 node: its context is the start context's last
+    days then the node's own stored days, it draws with its own stream (level 1, its row),
+    and its children and their weights are the selection from those draws."""
+    cfg = run_config(**{"tree.depth": 2, "tree.lookahead": 0})
+    store = make_run(tmp_path / "two.zarr", cfg)
+    _, sampler = fitted_sampler()
+    c, s = cfg.data.context, 6
+    start = np.asarray(store.run_attr("start_context"), dtype=np.float64)  # (C, 2, 3)
+    one, two = store.read_level(1), store.read_level(2)
+    for node in (1, 3):
+        ctx = np.concatenate([start[s:], one["paths"][node].astype(np.float64)])[-c:]
+        point, keys = sampler.point_and_keys(np.log(ctx)[None])
+        draws = sampler.draw(point, keys, M, [node_rng(cfg.seed, 1, node, TREE)])
+        sel = tree.select_children(draws, cfg.tree)
+        rows = slice(node * K, (node + 1) * K)
+        np.testing.assert_array_equal(two["parent"][rows], node)
+        np.testing.assert_array_equal(
+            two["paths"][rows], np.exp(draws[0, sel.index[0], :s]).astype(np.float32))
+        np.testing.assert_allclose(two["weight"][rows], one["weight"][node] * sel.weight[0],
+                                   rtol=1e-12)
+        # from the start context instead (a tree that forgot its history): other children
+        p0, k0 = sampler.point_and_keys(np.log(start)[None])
+        forgot = sampler.draw(p0, k0, M, [node_rng(cfg.seed, 1, node, TREE)])
+        assert not np.array_equal(forgot, draws)
+
+
 def test_lookahead_with_a_short_stride_and_pruning(tmp_path):
     """Children keeping 2 of 6 days, a pruned frontier and quadrature selection (no cells:
     the lookahead makes only the marginals): every marginal day is written, and the bytes

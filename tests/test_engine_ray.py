@@ -104,18 +104,25 @@ def test_a_killed_actor_is_restarted_and_its_tasks_retried(inline_store, tmp_pat
         return pools[-1]
 
     monkeypatch.setattr(driver, "_executor", capture)
-    killed = []
+    killed, restarted = [], []
+
+    def pids():
+        pool = pools[0]
+        return [ray.get(a.shared_info.remote())["pid"] for a in (pool.knn[0], pool.decoders[0])]
 
     def kill_once(level, chunk):
-        if level == 2 and not killed:  # tasks of level 2 are in flight on this actor
+        if level == 2 and not killed and pools[0].pending() > 0:  # tasks in flight
+            killed.append(pids())
             ray.kill(pools[0].knn[0], no_restart=False)
             ray.kill(pools[0].decoders[0], no_restart=False)
-            killed.append(chunk)
+        elif level == 3 and killed and not restarted:  # the same handles, new processes
+            restarted.append(pids())
 
     cfg = run_config(**{"engine.backend": "ray", "engine.batch_size": 2,
                         "engine.max_in_flight": 3})
     make_run(tmp_path / "killed.zarr", cfg, after_chunk=kill_once)
-    assert killed
+    assert killed and restarted, "the kill must land while tasks are in flight"
+    assert all(new != old for new, old in zip(restarted[0], killed[0], strict=True))
     assert_same_bytes(inline_store, tmp_path / "killed.zarr")
 
 

@@ -119,9 +119,12 @@ def test_report_has_the_required_shape_and_valid_numbers(evaluated):
     assert report["methods"]["oracle"]["crps_vs_oracle"] == {h: 1.0 for h in hkeys}
     assert report["methods"]["knn"]["fit_shared_with"] == "knn-conformal"
     assert report["timings"]["total_seconds"] > 0
-    # The raw CVAE is over-confident, the calibrated kNN is not (even at this tiny size).
+    # The raw CVAE is over-confident; the calibrated kNN covers near 90% at every horizon
+    # (even at this tiny size: about 100 test windows), neither too narrow nor too wide.
     cov = {n: np.mean(list(m["coverage90"].values())) for n, m in report["methods"].items()}
-    assert cov["cvae-prior"] < 0.5 < cov["knn-conformal"]
+    assert cov["cvae-prior"] < 0.5
+    calibrated = report["methods"]["knn-conformal"]["coverage90"]
+    assert all(0.8 <= calibrated[h] <= 0.97 for h in hkeys), calibrated
     for name in ("report.md", "coverage.png", "coverage_by_year.png", "pit.png", "fans.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()

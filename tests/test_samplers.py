@@ -9,7 +9,7 @@ from engine.data.panel import make_splits
 from engine.errors import DataError
 from engine.knn import KnnIndex, brute_knn, kernel_weights
 from engine.samplers import make_sampler
-from engine.samplers.bank import block_train_mask, build_bank, context_features
+from engine.samplers.bank import block_train_mask, build_bank, context_features, point_forecast
 from engine.samplers.knn_conformal import weighted_quantiles
 from engine.train import train_model
 from tests.conftest import tiny_config, toy_panel
@@ -199,6 +199,32 @@ def test_bank_residuals_are_out_of_sample():
 
 
 @pytest.mark.parametrize("point", ["cvae", "pca-ar"])
+def test_a_fold_model_never_learns_its_own_blocks_outcomes(point):
+    """Poison the target days of block b (every day a window of block b forecasts): block
+    b's fold model must come out the same, forecast for forecast, while the other folds'
+    models, which may learn from those days, change. (An embargo of a context length keeps
+    the later training windows' contexts clear of the block as well.)"""
+    config = tiny_config(**{"sampler.point": point, "sampler.n_folds": 3,
+                            "data.embargo": 12})
+    C, H = config.data.context, config.data.horizon
+    panel = toy_panel()
+    clean = build_bank(panel, config, point)
+    b = 1
+    block = clean.anchors[clean.fold == b]
+    days = np.arange(block[0] + 1, block[-1] + H + 1)  # the block's target days
+    surface = panel.surface.copy()
+    surface[days] *= np.exp(np.random.default_rng(7).normal(0.5, 0.3, surface[days].shape))
+    poisoned = build_bank(type(panel)(surface, panel.dates, panel.moneyness,
+                                      panel.maturity_days, source="poisoned"), config, point)
+    probe = panel.contexts_at(clean.anchors[:: 25], C)  # the clean panel's contexts
+    for f, (m0, m1) in enumerate(zip(clean.models, poisoned.models, strict=True)):
+        same = np.array_equal(point_forecast(m0, probe), point_forecast(m1, probe))
+        assert same == (f == b), f"fold {f}: {'unchanged' if same else 'changed'}"
+    # the poison did reach block b's residuals (realised outcomes minus that same model)
+    assert not np.allclose(clean.residuals[clean.fold == b], poisoned.residuals[clean.fold == b])
+
+
+@pytest.mark.parametrize("point", ["cvae", "pca-ar"])
 def test_each_residual_rides_on_the_fold_model_that_made_it(point):
     """CV+: a residual drawn for a context is added to the forecast of the model that made it,
     so a bank window's own context with its own residual gives back its realised path
@@ -238,6 +264,26 @@ def test_context_features_shape_and_constants():
     assert f.shape == (3, 5) and np.isfinite(f).all()
 
 
+def test_context_features_read_level_slope_skew_vol_and_change():
+    """A context built from known parts (log-IV = level path + a fixed smile and term
+    structure) gives each feature back: the last day's level, the term slope (longest minus
+    shortest maturity), the skew (lowest minus highest moneyness), log realised vol of the
+    daily level changes over 20 days, and the 20-day change."""
+    days = 30
+    steps = np.tile([0.01, -0.03], days // 2)[: days - 1]  # alternating daily moves
+    path = np.log(0.2) + np.r_[0.0, np.cumsum(steps)]
+    smile = np.array([0.04, 0.0, -0.02])[:, None]  # by moneyness, low to high
+    term = np.array([-0.01, 0.0, 0.01, 0.03])[None, :]  # by maturity, short to long
+    shape = smile + term - (smile + term).mean()  # zero mean over the grid
+    log_ctx = (path[:, None, None] + shape[None])[None]  # (1, C, 3, 4)
+    level, slope, skew, log_rv, change = context_features(log_ctx)[0]
+    assert level == pytest.approx(path[-1])
+    assert slope == pytest.approx(0.03 - (-0.01))
+    assert skew == pytest.approx(0.04 - (-0.02))
+    assert log_rv == pytest.approx(np.log(np.diff(path[-21:]).std() + 1e-4))
+    assert change == pytest.approx(path[-1] - path[-21])
+
+
 def test_conformal_widens_an_overconfident_mixture():
     """On a panel where neighbours under-state the spread, calibration pushes c_h above 1."""
     config = tiny_config(**{"sampler.point": "pca-ar", "sampler.embedding": "features"})
@@ -246,10 +292,21 @@ def test_conformal_widens_an_overconfident_mixture():
     for scale in (s.scale_, s.split_scale_):
         assert scale.shape == (config.data.horizon,)
         assert np.isfinite(scale).all() and (scale > 0).all()
-    # Leave-one-out coverage with the split factors is nominal on the bank itself.
+    # Leave-one-out coverage with the split factors is nominal on the bank itself, and
+    # tight: the next score below each factor covers less than the conformal level
+    # ceil((n + 1)(1 - alpha)) / n.
     sc = s.scores_.transpose(1, 0, 2).reshape(config.data.horizon, -1)
     cover = (sc <= s.split_scale_[:, None]).mean(axis=1)
     assert (cover >= config.sampler.coverage - 1e-9).all()
+    n = sc.shape[1]
+    k = int(np.ceil((n + 1) * config.sampler.coverage))  # the k-th smallest score of n
+    np.testing.assert_array_equal(s.split_scale_, np.sort(sc, axis=1)[:, k - 1])
+    level = k / n
+    below = np.array([row[row < c].max() for row, c in zip(sc, s.split_scale_, strict=True)])
+    assert ((sc <= below[:, None]).mean(axis=1) < level).all()
+    # the neighbours' own bands cover less than nominal here: calibration widens them
+    assert ((sc <= 1.0).mean(axis=1) < config.sampler.coverage).all()
+    assert (s.split_scale_ > 1).all()
 
 
 def test_a_short_history_whose_neighbours_are_most_of_the_bank_is_flagged():

@@ -90,12 +90,13 @@ class KnnConformalSampler(KnnResidualSampler):
             self.scale_ = self.split_scale_
 
     def _global_scale(self, scores: np.ndarray) -> np.ndarray:
-        """(H,) conformal quantile of the scores pooled over windows and grid points."""
+        """(H,) conformal quantile of the scores pooled over windows and grid points: the
+        ceil((n + 1)(1 - alpha))-th smallest of the n scores (the largest if that is > n)."""
         alpha = 1.0 - self.config.sampler.coverage
         s = scores.transpose(1, 0, 2).reshape(scores.shape[1], -1)
         n = s.shape[1]
-        level = min(1.0, np.ceil((n + 1) * (1 - alpha)) / n)
-        return np.quantile(s, level, axis=1, method="higher")
+        k = min(n, int(np.ceil((n + 1) * (1 - alpha) - 1e-9)))
+        return np.partition(s, k - 1, axis=1)[:, k - 1]
 
     def _check_scale(self, scale: np.ndarray) -> None:
         """Refuse a calibration that would widen the neighbours' band beyond SCORE_EDGES[-1]
