@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -27,12 +29,23 @@ SeedOpt = Annotated[int | None, typer.Option(help="Run seed (overrides the confi
 def fail(message: str) -> None:
     # A read that failed on one chunk leaves zarr's reads of the others pending on its event
     # loop, and asyncio would report each at exit ("Task was destroyed but it is pending!",
-    # or "coroutine ... was never awaited"): the line below already says what went wrong.
+    # "coroutine ... was never awaited", "Event loop is closed" while collecting them): the
+    # line below already says what went wrong.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
                             category=RuntimeWarning)
+    sys.unraisablehook = _quiet_about_pending_reads
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def _quiet_about_pending_reads(unraisable) -> None:
+    """After an error: drop what collecting zarr's abandoned reads raises, show the rest."""
+    exc = unraisable.exc_value
+    if inspect.iscoroutine(unraisable.object) or (
+            isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def user_errors(fn):
@@ -605,8 +618,6 @@ def _csv(text: str | None, kind, flag: str):
 
 
 def main() -> None:
-    import sys
-
     # typer's usage errors (click's, or its own copy of click's in typer >= 0.20): one line
     # on stderr instead of a boxed usage message
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
