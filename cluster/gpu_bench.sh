@@ -40,4 +40,7 @@ export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
-"$python" -m engine.cli bench --gpu --json "$out/gpu_bench.json" "$@" | tee "$out/gpu_bench.txt"
+# the repository's engine, never a folder named engine where this runs (-m and -c put the
+# working folder first on sys.path; it is taken off, so PYTHONPATH decides)
+"$python" -c 'import sys; del sys.path[0]; sys.argv[0] = "backfill"; from engine.cli import main; main()' \
+    bench --gpu --json "$out/gpu_bench.json" "$@" | tee "$out/gpu_bench.txt"

@@ -27,25 +27,29 @@ SeedOpt = Annotated[int | None, typer.Option(help="Run seed (overrides the confi
 
 
 def fail(message: str) -> None:
-    # A read that failed on one chunk leaves zarr's reads of the others pending on its event
-    # loop, and asyncio would report each at exit ("Task was destroyed but it is pending!",
-    # "coroutine ... was never awaited", "Event loop is closed" while collecting them): the
-    # line below already says what went wrong.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
-                            category=RuntimeWarning)
-    sys.unraisablehook = _quiet_about_pending_reads
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
 
-def _quiet_about_pending_reads(unraisable) -> None:
-    """After an error: drop what collecting zarr's abandoned reads raises, show the rest."""
-    exc = unraisable.exc_value
-    if inspect.iscoroutine(unraisable.object) or (
-            isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)):
-        return
-    sys.__unraisablehook__(unraisable)
+def _quiet_exit_after_an_error() -> None:
+    """Before the process exits on an error (``main`` only: nothing global changes for
+    in-process callers). A read that failed on one chunk leaves zarr's reads of the others
+    pending on its event loop, and asyncio would report each at exit ("Task was destroyed
+    but it is pending!", "coroutine ... was never awaited", "Event loop is closed" while
+    collecting them): the error line already says what went wrong."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if inspect.iscoroutine(unraisable.object) or (
+                isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def user_errors(fn):
@@ -634,7 +638,10 @@ def main() -> None:
     except typer.Abort:
         typer.echo("interrupted", err=True)
         code = 130
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if code:
+        _quiet_exit_after_an_error()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

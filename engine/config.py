@@ -321,10 +321,15 @@ class EngineConfig(_Section):
     @field_validator("decoder_gpus")
     @classmethod
     def _whole_or_share(cls, gpus: float | None) -> float | None:
-        # Ray takes a share of one GPU or whole GPUs, nothing between
-        if gpus is not None and gpus > 1 and gpus != int(gpus):
+        # Ray takes a share of one GPU in steps of 0.0001, or whole GPUs
+        if gpus is None:
+            return gpus
+        if gpus > 1 and gpus != int(gpus):
             raise ValueError(f"decoder_gpus = {gpus:g} must be at most 1 (a share of one GPU) "
                              "or a whole number of GPUs")
+        if abs(gpus * 1e4 - round(gpus * 1e4)) > 1e-6:
+            raise ValueError(f"decoder_gpus = {gpus:g} is finer than Ray's steps of 0.0001 of "
+                             "a GPU; round it to 4 decimals")
         return gpus
 
 

@@ -124,6 +124,8 @@ QUANTILE_LEVELS = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 _DRAW_VALUES = 1 << 20
 # Lookahead contexts per decoder call (whole micro-batches of the CVAE's 256 rows).
 _DECODE_ROWS = 1024
+# Seconds between notes while decoder actors wait for GPUs (an autoscaling cluster)
+_WAIT_NOTE_SECONDS = 30
 _ATTR_START_CONTEXT = "start_context"
 _ATTR_N_PATHS = "n_paths"
 _ATTR_SAMPLER = "sampler_fingerprint"
@@ -757,10 +759,18 @@ class _RayPool:
         shared = {"sampler": self.sampler_ref}  # nested: the actor receives the ref itself
         self.split = is_split(sampler)
         if self.split:
+            gpus = float(ray.cluster_resources().get("GPU", 0.0))
             each = engine.decoder_gpus
-            if each is None:  # a share of the GPUs up now
-                gpus = float(ray.cluster_resources().get("GPU", 0.0))
-                each = 0.0 if gpus <= 0 else min(1.0, gpus / engine.n_decoders)
+            if each is None:  # a share of the GPUs up now (Ray takes shares of 0.0001)
+                each = math.floor(min(1.0, gpus / engine.n_decoders) * 1e4) / 1e4
+            elif each * engine.n_decoders > gpus + 1e-9 and self._started \
+                    and engine.address is None:  # a Ray of this run's own: no GPU will come
+                raise ConfigError(
+                    f"engine.decoder_gpus = {each:g} asks for {each * engine.n_decoders:g} "
+                    f"GPUs for {engine.n_decoders} decoder(s), but this machine's Ray has "
+                    f"{gpus:g}; leave engine.decoder_gpus unset (or 0) here, or join a cluster "
+                    "with GPUs (--address)")
+            self.decoder_gpus, self.cluster_gpus = each, gpus
             self.decoders = [DecoderActor.options(num_gpus=each).remote(shared)
                              for _ in range(engine.n_decoders)]
             self.knn = [KnnResidualActor.remote(shared) for _ in range(engine.n_knn)]
@@ -778,7 +788,15 @@ class _RayPool:
         actor samples with the weights as shipped, on the CPU)."""
         if not self.decoders:
             return {"cpu"}
-        infos = self._ray.get([d.shared_info.remote() for d in self.decoders])
+        refs = [d.shared_info.remote() for d in self.decoders]
+        waited = 0
+        while len(self._ray.wait(refs, num_returns=len(refs), timeout=_WAIT_NOTE_SECONDS)[0]) \
+                < len(refs):  # decoders asking for GPUs wait for a node that has them
+            waited += _WAIT_NOTE_SECONDS
+            print(f"waiting {waited} s for the decoder actors to start: each asks for "
+                  f"{self.decoder_gpus:g} GPU (engine.decoder_gpus), the cluster had "
+                  f"{self.cluster_gpus:g} at the start", file=sys.stderr, flush=True)
+        infos = self._ray.get(refs)
         for info in infos:
             if info["gpu_ids"] and info["device"] == "cpu":
                 raise ConfigError(

@@ -168,7 +168,7 @@ def runs(inputs) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
                              "--out", "vix.pt"]
     if spx.is_file():
         (root / "spx_shares.toml").write_text(
-            TINY_MODEL_TOML + "\n[data]\nsplit_fractions = [0.6, 0.2, 0.2]\n")
+            TINY_MODEL_TOML + "\n[data]\nsplit_fractions = [0.7, 0.15, 0.15]\n")
         jobs["train-spx-default"] = ["train", "--data", str(spx), "--config",
                                      str(root / "tiny_model.toml"), "--out", "spx90.pt"]
         jobs["train-spx-shares"] = ["train", "--data", str(spx), "--config",
@@ -287,7 +287,7 @@ def test_train_vix(runs):
 
 
 def test_spx_chosen_shares_leave_no_calibration_window(runs):
-    # 60 / 20 / 20 of 847 days, set by the user: refused, naming shares that fit
+    # 70 / 15 / 15 of 847 days, set by the user: refused, naming shares that fit
     shared_file("spx_surface_2006_2009.csv")
     proc, cwd = runs["train-spx-shares"]
     assert_one_line_error(proc, ["split has no complete window", "calibration", "needs at least 90",

@@ -131,18 +131,21 @@ def test_real_spx_surface():
     np.testing.assert_allclose(panel.moneyness, [0.9, 0.95, 0.975, 1.0, 1.025, 1.05, 1.1])
     np.testing.assert_array_equal(panel.maturity_days, [61, 91, 182, 365, 548, 730])
     assert str(panel.dates[0]) == "2006-01-30" and str(panel.dates[-1]) == "2009-06-18"
-    # The default horizon (90) leaves a 20% calibration split without a complete window.
-    # Shares the user set are refused, and the error names shares that fit, which do.
-    chosen = {"data.context": 60, "data.horizon": 90, "data.split_fractions": [0.6, 0.2, 0.2]}
+    # At the default horizon (90), 15% calibration leaves no complete window: other shares
+    # than the default ones are refused, and the error names shares that fit, which do.
+    chosen = {"data.context": 60, "data.horizon": 90, "data.split_fractions": [0.7, 0.15, 0.15]}
     with pytest.raises(DataError, match="calibration split has no complete window") as info:
         make_splits(panel, tiny_config(**chosen).data)
     shares = re.search(r"data.split_fractions = \[([\d., ]+)\]", str(info.value))
     fractions = tuple(float(x) for x in shares.group(1).split(","))
     splits = make_splits(panel, tiny_config(**{**chosen, "data.split_fractions": fractions}).data)
     assert min(len(splits.anchors(name)) for name in SPLITS) >= 30 and splits.note is None
-    # The default shares (not set by the user) give way to those, with a note saying so.
+    # The default shares (20% calibration: no window either) give way to those, with a
+    # note, whether left out or written out (a dumped config, a store's config)
     auto = make_splits(panel, tiny_config(**{"data.context": 60, "data.horizon": 90}).data)
-    assert auto.ranges == splits.ranges
+    written = make_splits(panel, tiny_config(**{"data.context": 60, "data.horizon": 90,
+                                                "data.split_fractions": [0.6, 0.2, 0.2]}).data)
+    assert auto.ranges == written.ranges == splits.ranges and auto.note == written.note
     assert "default data.split_fractions [0.6, 0.2, 0.2]" in auto.note
     assert auto.to_dict()["note"] == auto.note
     # Where the default shares fit, they stay.

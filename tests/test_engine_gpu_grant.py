@@ -63,7 +63,7 @@ def test_decoder_gpus_zero_decodes_on_the_cpu():
     assert granted(decoder_gpus=0) == ([[]], {"cpu"})
 
 
-@pytest.mark.parametrize("gpus", [1.5, -1])
+@pytest.mark.parametrize("gpus", [1.5, -1, 0.00005, 0.12345])
 def test_decoder_gpus_must_be_a_share_or_whole_gpus(gpus):
     with pytest.raises(ValueError, match="decoder_gpus"):
         EngineConfig(decoder_gpus=gpus)

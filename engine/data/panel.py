@@ -173,20 +173,23 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
     ranges = {"train": (0, cal), "calibration": (cal + E, tst), "test": (tst + E, T)}
     splits = Splits(C, H, E, ranges)
     by_dates = data_cfg.calibration_start or data_cfg.test_start
-    if not by_dates and "split_fractions" not in data_cfg.model_fields_set \
+    default = type(data_cfg).model_fields["split_fractions"].default
+    if not by_dates and tuple(data_cfg.split_fractions) == tuple(default) \
             and not all(len(splits.anchors(name)) for name in SPLITS):
-        # the default shares leave a split empty on a short history: shares that fit, if any
-        # exist, serve instead (said in a note); shares the user chose are never replaced
+        # the default shares (left out, or written as they are: a dumped config) leave a
+        # split empty on a short history: shares that fit, if any exist, serve instead (said
+        # in a note). A function of the config and the data alone, so a stored config
+        # reproduces it; other shares are never replaced.
         fit = _fractions_that_fit(panel.history_days, C, H, E)
         if fit is not None:
             cal, tst = round(fit[0] * panel.history_days), \
                 round((fit[0] + fit[1]) * panel.history_days)
             ranges = {"train": (0, cal), "calibration": (cal + E, tst), "test": (tst + E, T)}
-            default = ", ".join(f"{f:g}" for f in data_cfg.split_fractions)
-            note = (f"the default data.split_fractions [{default}] leave a split of these "
+            shares = ", ".join(f"{f:g}" for f in default)
+            note = (f"the default data.split_fractions [{shares}] leave a split of these "
                     f"{panel.history_days} days without a complete window (context {C}, "
                     f"horizon {H}, embargo {E}); using [{fit[0]:g}, {fit[1]:g}, {fit[2]:g}] "
-                    "instead; set data.split_fractions (or the split dates) to choose")
+                    "instead; set other data.split_fractions (or the split dates) to choose")
             splits = Splits(C, H, E, ranges, note)
     for name in SPLITS:
         start, stop = ranges[name]
