@@ -179,6 +179,12 @@ def regime_separation(keys: np.ndarray, level: np.ndarray) -> tuple[dict, np.nda
     }, coords
 
 
+def _share_of(part: np.ndarray, var_x: np.ndarray) -> float | None:
+    """part / Var X per grid point, averaged over the points where Var X > 0."""
+    ok = var_x > 0
+    return float((part[ok] / var_x[ok]).mean()) if ok.any() else None
+
+
 # ----------------------------------------------------------------------------- the command
 
 
@@ -243,16 +249,12 @@ def run_diagnose(cfg: Config, out: Path, model_path: Path | None = None, console
         var_x = realised[:, h - 1].var(axis=0)
         between = p50[:, h - 1].var(axis=0)
         residual = ((realised[:, h - 1] - p50[:, h - 1]) ** 2).mean(axis=0)
-        ok = var_x > 0
-
-        def share(v, ok=ok, var_x=var_x):
-            return float((v[ok] / var_x[ok]).mean()) if ok.any() else None
-
         budget[str(h)] = {
             "var_x": float(var_x.mean()), "between_var": float(between.mean()),
             "within_var": float(within[h - 1].mean()), "residual_var": float(residual.mean()),
-            "between_share": share(between), "within_share": share(within[h - 1]),
-            "residual_share": share(residual)}
+            "between_share": _share_of(between, var_x),
+            "within_share": _share_of(within[h - 1], var_x),
+            "residual_share": _share_of(residual, var_x)}
 
     result = json_safe({
         "data": {"source": panel.source, "fingerprint": panel.fingerprint,

@@ -153,7 +153,8 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
     T = panel.n_days
     if T < C + H:
         panel.windows(C, H)  # raises the "fewer days than context + horizon" error
-    if data_cfg.calibration_start or data_cfg.test_start:
+    by_dates = data_cfg.calibration_start or data_cfg.test_start
+    if by_dates:
         if not (data_cfg.calibration_start and data_cfg.test_start):
             raise DataError("set both data.calibration_start and data.test_start, or neither "
                             "(then data.split_fractions is used)")
@@ -168,29 +169,24 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
                             f"before data.test_start ({data_cfg.test_start})")
     else:  # the shares cut the history; a synthetic test extension joins the test split
         f_train, f_cal, _ = data_cfg.split_fractions
-        cal = round(f_train * panel.history_days)
-        tst = round((f_train + f_cal) * panel.history_days)
-    ranges = {"train": (0, cal), "calibration": (cal + E, tst), "test": (tst + E, T)}
+        cal, tst = _share_cuts(panel.history_days, f_train, f_cal)
+    ranges = _ranges(cal, tst, T, E)
     splits = Splits(C, H, E, ranges)
-    by_dates = data_cfg.calibration_start or data_cfg.test_start
+    empty = not all(len(splits.anchors(name)) for name in SPLITS)
+    fit = _fractions_that_fit(panel.history_days, C, H, E) if empty and not by_dates else None
     default = type(data_cfg).model_fields["split_fractions"].default
-    if not by_dates and tuple(data_cfg.split_fractions) == tuple(default) \
-            and not all(len(splits.anchors(name)) for name in SPLITS):
+    if fit is not None and tuple(data_cfg.split_fractions) == tuple(default):
         # the default shares (left out, or written as they are: a dumped config) leave a
-        # split empty on a short history: shares that fit, if any exist, serve instead (said
-        # in a note). A function of the config and the data alone, so a stored config
-        # reproduces it; other shares are never replaced.
-        fit = _fractions_that_fit(panel.history_days, C, H, E)
-        if fit is not None:
-            cal, tst = round(fit[0] * panel.history_days), \
-                round((fit[0] + fit[1]) * panel.history_days)
-            ranges = {"train": (0, cal), "calibration": (cal + E, tst), "test": (tst + E, T)}
-            shares = ", ".join(f"{f:g}" for f in default)
-            note = (f"the default data.split_fractions [{shares}] leave a split of these "
-                    f"{panel.history_days} days without a complete window (context {C}, "
-                    f"horizon {H}, embargo {E}); using [{fit[0]:g}, {fit[1]:g}, {fit[2]:g}] "
-                    "instead; set other data.split_fractions (or the split dates) to choose")
-            splits = Splits(C, H, E, ranges, note)
+        # split empty on a short history: shares that fit serve instead (said in a note).
+        # A function of the config and the data alone, so a stored config reproduces it;
+        # other shares are never replaced.
+        ranges = _ranges(*_share_cuts(panel.history_days, fit[0], fit[1]), T, E)
+        shares = ", ".join(f"{f:g}" for f in default)
+        note = (f"the default data.split_fractions [{shares}] leave a split of these "
+                f"{panel.history_days} days without a complete window (context {C}, "
+                f"horizon {H}, embargo {E}); using [{fit[0]:g}, {fit[1]:g}, {fit[2]:g}] "
+                "instead; set other data.split_fractions (or the split dates) to choose")
+        splits = Splits(C, H, E, ranges, note)
     for name in SPLITS:
         start, stop = ranges[name]
         if len(splits.anchors(name)) == 0:
@@ -198,7 +194,6 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
             need = H if name != "train" else C + H
             span = (f" ({panel.dates[start]} .. {panel.dates[stop - 1]})" if n_days > 0 else "")
             after = f" after a {E}-day embargo" if name != "train" and E else ""
-            fit = None if by_dates else _fractions_that_fit(panel.history_days, C, H, E)
             if fit is not None:
                 how = (f"set data.split_fractions = [{fit[0]:g}, {fit[1]:g}, {fit[2]:g}] (then "
                        f"calibration and test hold {MIN_WINDOWS}+ windows each), shorten "
@@ -215,6 +210,17 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
 MIN_WINDOWS = 30  # the windows per split that a suggested split_fractions leaves
 
 
+def _share_cuts(history_days: int, f_train: float, f_cal: float) -> tuple[int, int]:
+    """The first day of calibration and of test that train / calibration shares give."""
+    return round(f_train * history_days), round((f_train + f_cal) * history_days)
+
+
+def _ranges(cal: int, tst: int, n_days: int, embargo: int) -> dict[str, tuple[int, int]]:
+    """The three splits' day ranges for those first days, an embargo before each."""
+    return {"train": (0, cal), "calibration": (cal + embargo, tst),
+            "test": (tst + embargo, n_days)}
+
+
 def _fractions_that_fit(n_days: int, C: int, H: int, E: int) -> tuple[float, ...] | None:
     """Split shares, in steps of 0.05 (calibration = test), that leave calibration and test
     MIN_WINDOWS complete windows each after their embargo, and train as many; None if no
@@ -222,8 +228,7 @@ def _fractions_that_fit(n_days: int, C: int, H: int, E: int) -> tuple[float, ...
     for step in range(4, 10):  # calibration and test shares 0.2 .. 0.45
         f = step / 20
         cal, tst = round((1 - 2 * f) * n_days), round((1 - f) * n_days)
-        splits = Splits(C, H, E, {"train": (0, cal), "calibration": (cal + E, tst),
-                                  "test": (tst + E, n_days)})
+        splits = Splits(C, H, E, _ranges(cal, tst, n_days, E))
         if all(len(splits.anchors(name)) >= MIN_WINDOWS for name in SPLITS):
             return (round(1 - 2 * f, 2), f, f)
     return None
