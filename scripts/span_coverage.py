@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from engine import metrics
 from engine.config import load_config
 from engine.evaluate import evaluation_windows, sample_windows, set_threads
 from engine.pipeline import get_model, prepare
@@ -47,10 +48,9 @@ def window_coverage(sampler, windows, horizons: list[int], n_samples: int, seed:
         part = dataclasses.replace(windows, anchors=windows.anchors[b],
                                    contexts=windows.contexts[b], realised=windows.realised[b])
         kept = sample_windows(sampler, part, horizons, n_samples, seed).kept  # (h, b, M, G)
+        each = np.arange(b.stop - b.start)  # one group per window: its own coverage
         for j, h in enumerate(horizons):
-            lo, hi = np.quantile(kept[j], [0.05, 0.95], axis=1)
-            r = real[b, h - 1]
-            cov[j, b] = ((lo <= r) & (r <= hi)).mean(axis=1)
+            cov[j, b] = metrics.coverage_by_group(kept[j], real[b, h - 1], 0.9, each, len(each))
     return cov
 
 

@@ -227,10 +227,11 @@ def _fractions_that_fit(n_days: int, C: int, H: int, E: int) -> tuple[float, ...
     such shares exist for this history."""
     for step in range(4, 10):  # calibration and test shares 0.2 .. 0.45
         f = step / 20
-        cal, tst = round((1 - 2 * f) * n_days), round((1 - f) * n_days)
-        splits = Splits(C, H, E, _ranges(cal, tst, n_days, E))
+        shares = (round(1 - 2 * f, 2), f, f)
+        # the very cuts make_splits takes from these shares
+        splits = Splits(C, H, E, _ranges(*_share_cuts(n_days, *shares[:2]), n_days, E))
         if all(len(splits.anchors(name)) >= MIN_WINDOWS for name in SPLITS):
-            return (round(1 - 2 * f, 2), f, f)
+            return shares
     return None
 
 
