@@ -64,7 +64,7 @@ def main() -> None:
     hz = [h for h in HORIZONS if h <= cfg.data.horizon]
 
     split = np.asarray([sampler.split_scale_[h - 1] for h in hz], dtype=np.float64)
-    # the level an online scale tends to over a long test span: the conformal quantile of
+    # the level an online scale tends to over a long test span: the 90% quantile of
     # the test windows' own scores, over the split scale (1 = the bank's scores agree)
     test_q = np.asarray([np.nanquantile(scores[every - a0, h - 1], 1 - alpha) for h in hz])
     print(f"test windows' own 90% score quantile / split scale: {(test_q / split).round(3)}")
