@@ -35,6 +35,13 @@ from engine.pipeline import get_model, prepare
 from engine.samplers import make_sampler
 
 BLOCK = 500  # windows sampled at a time (memory)
+PER_WINDOW = ("anchors", "contexts", "realised", "level", "regime", "year")  # EvalWindows'
+
+
+def take(windows, sel: slice, **other):
+    """``windows`` cut to the windows ``sel`` (every per-window field), ``other`` replaced."""
+    return dataclasses.replace(windows, **{f: getattr(windows, f)[sel] for f in PER_WINDOW},
+                               **other)
 
 
 def window_coverage(sampler, windows, horizons: list[int], n_samples: int, seed: int
@@ -45,9 +52,7 @@ def window_coverage(sampler, windows, horizons: list[int], n_samples: int, seed:
     cov = np.empty((len(horizons), W))
     for b0 in range(0, W, BLOCK):
         b = slice(b0, min(W, b0 + BLOCK))
-        part = dataclasses.replace(windows, anchors=windows.anchors[b],
-                                   contexts=windows.contexts[b], realised=windows.realised[b])
-        kept = sample_windows(sampler, part, horizons, n_samples, seed).kept  # (h, b, M, G)
+        kept = sample_windows(sampler, take(windows, b), horizons, n_samples, seed).kept
         each = np.arange(b.stop - b.start)  # one group per window: its own coverage
         for j, h in enumerate(horizons):
             cov[j, b] = metrics.coverage_by_group(kept[j], real[b, h - 1], 0.9, each, len(each))
@@ -89,10 +94,7 @@ def main() -> None:
     n = min(args.days, windows.n)
     if n < args.span:
         raise SystemExit(f"--days {args.days} gives {n} windows, fewer than one --span")
-    windows = dataclasses.replace(
-        windows, **{f: getattr(windows, f)[:n] for f in
-                    ("anchors", "contexts", "realised", "level", "regime", "year")},
-        fan_rows=np.arange(min(3, n)))
+    windows = take(windows, slice(0, n), fan_rows=np.arange(min(3, n)))
     horizons = [int(h) for h in args.horizons.split(",")]
     print(f"synthetic market: {n} daily test windows from day {windows.anchors[0]}, spans of "
           f"{args.span} days every {args.every}, band [{args.lo}, {args.hi}]", flush=True)
