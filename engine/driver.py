@@ -944,8 +944,10 @@ class _ChunkWriter:
             buf["filled"] += b - a
             if buf["filled"] == hi - lo:
                 del self._buffers[chunk]
+                # handed over (the buffer is this chunk's alone): written on the store's
+                # writer threads while the next results are assembled
                 self.store.write_chunk(self.level, lo, buf["paths"], buf["parent"],
-                                       buf["branch"], buf["weight"])
+                                       buf["branch"], buf["weight"], wait=False)
                 self.done[chunk] = True
                 if self.after_chunk is not None:
                     self.after_chunk(self.level, chunk)
@@ -1080,8 +1082,10 @@ def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: Fronti
                 ckpt.save(acc, included)
                 last_save = time.perf_counter()
     except BaseException:
-        # keep what is done for --resume; half-added results (an interrupt between the merge
-        # and the mask) are not saved: the last checkpoint stands and those tasks rerun
+        # keep what is done for --resume: the chunk writes in flight land (a failed one stays
+        # unmarked and is redone); half-added results (an interrupt between the merge and the
+        # mask) are not saved: the last checkpoint stands and those tasks rerun
+        store.flush(quiet=True)
         if acc is not None and consistent:
             with contextlib.suppress(Exception):
                 ckpt.save(acc, included)
@@ -1170,7 +1174,8 @@ def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
     sampler; the backend and its sizes come from ``config.engine``.
 
     ``console``: a rich Console for a progress bar per level (None: silent). ``after_chunk(level,
-    chunk)`` is called after each chunk write (tests use it to simulate a crash).
+    chunk)`` is called after each chunk is handed to the store's writer (tests use it to
+    simulate a crash; a crash raised there lets the writes in flight land first).
     ``checkpoint_seconds``: default ``config.engine.checkpoint_seconds``. Returns the
     statistics of the levels this call expanded.
     """

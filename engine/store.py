@@ -31,6 +31,13 @@ never exists before its data is on disk. A crash leaves at most some chunks
 without a marker; resume rewrites them with the same bytes. A level is marked
 complete (root attr ``levels_complete``) only once all its markers are set.
 
+Writes in flight: the driver hands each chunk over (``write_chunk(wait=False)``) and two
+writer threads compress and write chunks while it assembles the next ones; each data
+file's writeback to the disk starts as soon as it is written (Linux ``sync_file_range``),
+so the fsync that completes a level waits for little. Every read of the store and
+``mark_level_complete`` first wait for the writes in flight; a write that failed is
+raised there (or by the next ``write_chunk``) and leaves its chunk without a marker.
+
 Metadata is kept consolidated (zarr's consolidated metadata in the root
 ``zarr.json``) after every change of structure or attributes, so xarray opens
 any group without a fallback warning. The engine itself always opens with
@@ -42,13 +49,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
+import functools
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +92,13 @@ _NODE_COORD_CHUNK = 1 << 20
 # chunk files side by side (paths/c.12.0.0.0), not one nested folder per index: fewer
 # folders to create and to sync
 _FLAT_KEYS = {"name": "default", "separator": "."}
+# every written chunk has a file, even one equal to the fill value (a finished level must
+# have all its chunk files: see damage)
+_FULL = {"write_empty_chunks": True}
+# write_chunk(wait=False): chunk writes pending at most (each holds its chunk's arrays); on 2
+# cores, two overlap one chunk's compression (Blosc, which releases the GIL) with the
+# other's file write
+WRITES_IN_FLIGHT = 2
 
 
 def _created_by() -> str:
@@ -352,6 +371,59 @@ def remove_temporary_files(path: Path, min_age: float = _TEMP_MIN_AGE) -> int:
     return n
 
 
+def _linux_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` on Linux (Python's os module has none), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _linux_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
+
+
+def start_writeback(path: Path) -> None:
+    """Start writing a file's dirty pages to the disk, without waiting for them (Linux; a
+    no-op elsewhere), as PostgreSQL's ``backend_flush_after`` does: the disk writes a level's
+    chunks while the engine computes the next ones, and the fsync that completes the level
+    finds little left to wait for. Only a hint: its failures are ignored (the fsync is what
+    makes the data durable)."""
+    if _SYNC_FILE_RANGE is None:
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        finally:
+            os.close(fd)
+
+
+def _chunk_file(arr: zarr.Array, chunk: int) -> Path:
+    """The file of a node chunk of a level array (LocalStore: the store is a directory)."""
+    key = arr.metadata.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
+    return Path(arr.store_path.store.root, arr.store_path.path, key)
+
+
+def _write_rows(lv: _Level, rows: slice, data: tuple, chunks: slice) -> None:
+    """One chunk write: the four arrays at once (one round of zarr's event loop), then the
+    chunks' done markers (a chunk is done only once its data is written), then the start of
+    the data files' writeback."""
+    async def write_all():
+        await asyncio.gather(*(arr.async_array.setitem(rows, v) for arr, v in data))
+        await lv.done.async_array.setitem(chunks, np.ones(chunks.stop - chunks.start, bool))
+
+    zarr_sync(write_all())
+    for arr, _ in data:
+        for chunk in range(chunks.start, chunks.stop):
+            start_writeback(_chunk_file(arr, chunk))
+
+
 class ScenarioStore:
     """One run's scenarios on disk. Make one with ``create``, reopen it with ``open``."""
 
@@ -362,6 +434,9 @@ class ScenarioStore:
         self.meta = meta
         self._root = root
         self._levels: dict[int, _Level] = {}
+        # write_chunk(wait=False): the writer threads and the writes handed over, in order
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
 
     # ------------------------------------------------------------------ make / open
 
@@ -480,7 +555,9 @@ class ScenarioStore:
 
     @contextlib.contextmanager
     def _reading(self, what: str):
-        """Turn a chunk or metadata file that zarr cannot decode into one StoreError line."""
+        """Turn a chunk or metadata file that zarr cannot decode into one StoreError line.
+        Reads see this store's own writes: those in flight land first."""
+        self.flush()
         try:
             yield
         except _UNREADABLE as err:
@@ -605,7 +682,7 @@ class ScenarioStore:
                              "--overwrite")
         arr = group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=(name,),
                                  fill_value=0, overwrite=True, attributes=attributes,
-                                 config={"write_empty_chunks": True})
+                                 config=_FULL)
         arr[:] = values
         return True
 
@@ -665,8 +742,6 @@ class ScenarioStore:
         n_m, n_tau = self.meta.grid_shape
         c = self.meta.chunk_nodes
         n_chunks = -(-n_nodes // c)
-        # write_empty_chunks: every written chunk has a file, even one equal to the fill
-        full = {"write_empty_chunks": True}
         node_dim = ("node",)
         specs = [
             # (name, shape, chunks, dtype, fill, dims)
@@ -684,7 +759,7 @@ class ScenarioStore:
                 # zstd and packs float32 vols tighter (1.33x vs 1.19x on random walks)
                 comp = PATHS_CODEC if arr_name == "paths" else "auto"
                 group.create_array(arr_name, shape=shape, chunks=chunks, dtype=dtype,
-                                   fill_value=fill, dimension_names=dims, config=full,
+                                   fill_value=fill, dimension_names=dims, config=_FULL,
                                    compressors=comp, chunk_key_encoding=_FLAT_KEYS)
         for lo in range(0, n_nodes, _NODE_COORD_CHUNK):
             hi = min(n_nodes, lo + _NODE_COORD_CHUNK)
@@ -714,8 +789,12 @@ class ScenarioStore:
             missing = [a for a in _LEVEL_ARRAYS if a not in group]
             if missing:
                 raise StoreError(f"{self.path}/{name} lacks arrays {missing}; {fix}")
-            lv = _Level(group, *(group[a] for a in ("paths", "parent", "branch", "weight",
-                                                    "done")))
+            # an array's config is not stored in its zarr.json: reopened, it would be zarr's
+            # default, which compares every chunk written against the fill value (for NaN
+            # fills a full extra pass over the chunk on zarr's one event-loop thread, ~1/3
+            # of a chunk's write time) to skip writing chunks equal to it
+            lv = _Level(group, *(group[a].with_config(_FULL)
+                                 for a in ("paths", "parent", "branch", "weight", "done")))
         if lv.paths.shape[2:] != self.meta.grid_shape:
             raise StoreError(f"{self.path}/{name} holds paths on a {lv.paths.shape[2]}x"
                              f"{lv.paths.shape[3]} grid but the store's grid is "
@@ -738,9 +817,17 @@ class ScenarioStore:
         return chunk * c, min((chunk + 1) * c, lv.n_nodes)
 
     def write_chunk(self, level: int, start_node: int, paths: np.ndarray, parent: np.ndarray,
-                    branch: np.ndarray, weight: np.ndarray) -> None:
-        """Write whole chunks of rows [start, start + n), then mark each chunk done."""
+                    branch: np.ndarray, weight: np.ndarray, wait: bool = True) -> None:
+        """Write whole chunks of rows [start, start + n), then mark each chunk done.
+
+        ``wait=False``: check the rows now, write them on a writer thread and return once at
+        most ``WRITES_IN_FLIGHT`` writes are pending, so that compressing and writing one
+        chunk overlap the caller's next one (and each other). The caller hands the arrays
+        over: it must not change them afterwards. ``flush`` waits for the pending writes
+        and raises the first one's error (the next ``write_chunk`` raises it too); every
+        read of the store and ``mark_level_complete`` flush first."""
         self._require_writable()
+        self._raise_failed_write()
         lv, c = self._level(level), self.meta.chunk_nodes
         n_nodes, S = lv.n_nodes, lv.paths.shape[1]
         n = len(paths)
@@ -770,16 +857,39 @@ class ScenarioStore:
         if pmin < 0 or pmax >= n_prev:
             raise StoreError(f"level {level}: parents run {pmin}..{pmax} but level {level - 1} "
                              f"has {n_prev} nodes; parents index the previous level")
-        rows = slice(start_node, stop)
         data = ((lv.paths, paths), (lv.parent, cols["parent"]), (lv.branch, cols["branch"]),
                 (lv.weight, w))
+        job = functools.partial(_write_rows, lv, slice(start_node, stop), data,
+                                slice(start_node // c, -(-stop // c)))
+        if wait:
+            self.flush()  # in order: after every write handed over before
+            job()
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(WRITES_IN_FLIGHT, thread_name_prefix="store-write")
+        self._pending.append(self._writer.submit(job))
+        while len(self._pending) > WRITES_IN_FLIGHT:
+            self._pending[0].exception()  # waits for the oldest (raised below, in order)
+            self._raise_failed_write()
+        self._raise_failed_write()
 
-        async def write_all():  # the four arrays at once: one round of zarr's event loop
-            await asyncio.gather(*(arr.async_array.setitem(rows, v) for arr, v in data))
+    def _raise_failed_write(self) -> None:
+        """Drop the finished writes from the pending ones; raise the first that failed."""
+        while self._pending and self._pending[0].done():
+            fut = self._pending.popleft()
+            if fut.exception() is not None:
+                self.flush(quiet=True)
+                raise fut.exception()
 
-        zarr_sync(write_all())
-        # the markers go last: a chunk is done only once its data is on disk
-        lv.done[start_node // c: -(-stop // c)] = True
+    def flush(self, quiet: bool = False) -> None:
+        """Wait for every write that ``write_chunk(wait=False)`` handed over; raise the first
+        error among them (``quiet``: none, e.g. on the way out of a failed run)."""
+        first = None
+        while self._pending:
+            err = self._pending.popleft().exception()  # waits
+            first = first or err
+        if first is not None and not quiet:
+            raise first
 
     def chunks_done(self, level: int) -> np.ndarray:
         lv = self._level(level)
@@ -815,6 +925,7 @@ class ScenarioStore:
     def _sync(self, *names: str) -> None:
         """fsync every file and directory of the named groups, then the root's files and
         directory: what was written is on the disk, not only in the page cache."""
+        self.flush()
         for name in names:
             fsync_tree(self.path / name)
         for entry in os.scandir(self.path):

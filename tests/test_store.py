@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -386,6 +387,73 @@ def test_rewriting_a_chunk_gives_the_same_bytes(tmp_path):
     assert chunk_files(store.path, 1) == first
     assert any(f.stat().st_mtime_ns != t for f, t in mtimes.items())  # it was rewritten
     np.testing.assert_array_equal(again.read_level(1)["paths"], data["paths"])
+
+
+def test_writes_handed_over_give_the_same_bytes_and_reads_see_them(tmp_path):
+    """write_chunk(wait=False), as the driver writes: the same files as waiting for each
+    write, and the store's own reads (no flush called) see every chunk handed over."""
+    days = business_days_after(START, H)
+    rng = np.random.default_rng(5)
+    n = 9
+    data = {"paths": rng.random((n, H, 3, 2)).astype(np.float32), "parent": np.zeros(n, int),
+            "branch": np.arange(n) % 5, "weight": np.full(n, 1 / n)}
+    files = {}
+    for wait in (True, False):
+        store = make_store(tmp_path / f"wait_{wait}.zarr", depth=1)
+        store.create_level(1, n, days, (3, 2))
+        for start in range(0, n, 2):
+            rows = slice(start, start + 2)
+            store.write_chunk(1, start, *(data[k][rows] for k in data), wait=wait)
+        assert store.chunks_done(1).all()
+        np.testing.assert_array_equal(store.read_level(1)["paths"], data["paths"])
+        store.mark_level_complete(1)
+        files[wait] = chunk_files(store.path, 1)
+    assert files[True] == files[False] and len(files[True]) == 4 * 5
+
+
+def test_a_reopened_store_writes_a_chunk_equal_to_the_fill_value(tmp_path):
+    """An array's write_empty_chunks is not stored in its zarr.json: the store sets it again
+    on opening, so every chunk written has its file (what damage() counts), even one that
+    equals the fill value (branch -1 here)."""
+    store = make_store(tmp_path / "run.zarr", depth=1)
+    store.create_level(1, 4, business_days_after(START, H), (3, 2))
+    again = ScenarioStore.open(store.path, "r+")
+    p = np.ones((2, H, 3, 2), np.float32)
+    again.write_chunk(1, 0, p, [0, 0], [-1, -1], [0.5, 0.5])
+    assert (store.path / "level_01" / "branch" / "c.0").is_file()
+    assert again.read_level(1, 0, 2)["branch"].tolist() == [-1, -1]
+
+
+def test_a_failed_write_handed_over_is_raised_and_leaves_its_chunk_undone(tmp_path):
+    store = make_store(tmp_path / "run.zarr", depth=1)
+    store.create_level(1, 6, business_days_after(START, H), (3, 2))
+    p, z, w = np.ones((2, H, 3, 2), np.float32), np.zeros(2, int), np.full(2, 1 / 6)
+    store.write_chunk(1, 0, p, z, z, w, wait=False)
+    folder = store.path / "level_01" / "paths"
+    store.flush()
+    folder.rename(folder.with_name("moved"))
+    folder.write_text("not a folder")  # the next chunk file cannot be made
+    with pytest.raises(OSError):
+        store.write_chunk(1, 2, p, z, z, w, wait=False)
+        store.flush()
+    store.flush()  # nothing left pending: raised once
+    folder.unlink()
+    folder.with_name("moved").rename(folder)
+    assert store.chunks_done(1).tolist() == [True, False, False]
+    store.write_chunk(1, 2, p, z, z, w, wait=False)  # the store writes on after the error
+    assert store.chunks_done(1).tolist() == [True, True, False]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_writeback_hint_is_found_on_linux_and_ignores_a_missing_file(tmp_path):
+    from engine import store as store_module
+
+    assert store_module._SYNC_FILE_RANGE is not None
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x" * 4096)
+    store_module.start_writeback(f)
+    store_module.start_writeback(tmp_path / "missing.bin")  # only a hint: no error
+    assert f.read_bytes() == b"x" * 4096
 
 
 def test_misaligned_or_malformed_writes_are_refused(tmp_path):
