@@ -253,6 +253,37 @@ def test_resume_redoes_a_done_chunk_whose_data_did_not_reach_the_disk(reference,
     assert_same_bytes(reference, path)
 
 
+def test_a_chunk_write_failing_on_the_writer_thread_stops_the_run_and_resume_mends_it(
+        reference, tmp_path, monkeypatch):
+    """The driver hands chunks to the store's writer threads: a write that fails there (a
+    full disk, here the fourth of level 2) stops the run with that error, its chunk stays
+    unmarked, and a resume gives the clean run's bytes."""
+    import errno
+
+    from engine import store as store_module
+
+    write_rows, calls, failed = store_module._write_rows, [], []
+
+    def fails_once(lv, rows, data, chunks):
+        calls.append(lv.group.path)
+        if calls.count("level_02") == 4 and lv.group.path == "level_02":
+            failed.append(chunks.start)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_rows(lv, rows, data, chunks)
+
+    monkeypatch.setattr(store_module, "_write_rows", fails_once)
+    path = tmp_path / "full.zarr"
+    with pytest.raises(OSError, match="No space left"):
+        make_run(path, run_config())
+    monkeypatch.setattr(store_module, "_write_rows", write_rows)
+    store = ScenarioStore.open(path)
+    assert store.levels_complete == 1
+    done = store.chunks_done(2)
+    assert not done[failed[0]] and done.sum() >= 3  # the writes handed over before it landed
+    make_run(path, run_config(), resume=True)
+    assert_same_bytes(reference, path)
+
+
 def test_resume_with_another_sampler_is_refused(reference, tmp_path):
     """Config, data and seed may match while the fitted sampler differs (another --model, a
     model retrained elsewhere): the store's sampler fingerprint refuses the mix, and the
