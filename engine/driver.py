@@ -1081,6 +1081,7 @@ def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: Fronti
             if acc is not None and time.perf_counter() - last_save >= checkpoint_seconds:
                 ckpt.save(acc, included)
                 last_save = time.perf_counter()
+        store.flush()  # the level's last chunks: a failed write is raised here, in the try
     except BaseException:
         # keep what is done for --resume: the chunk writes in flight land (a failed one stays
         # unmarked and is redone); half-added results (an interrupt between the merge and the

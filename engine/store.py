@@ -34,9 +34,9 @@ complete (root attr ``levels_complete``) only once all its markers are set.
 Writes in flight: the driver hands each chunk over (``write_chunk(wait=False)``) and two
 writer threads compress and write chunks while it assembles the next ones; each data
 file's writeback to the disk starts as soon as it is written (Linux ``sync_file_range``),
-so the fsync that completes a level waits for little. Every read of the store and
-``mark_level_complete`` first wait for the writes in flight; a write that failed is
-raised there (or by the next ``write_chunk``) and leaves its chunk without a marker.
+so the fsync that completes a level waits for little. A read of a level first waits for
+that level's writes in flight, ``mark_level_complete`` for all of them; a write that
+failed is raised there (or by the next ``write_chunk``) and leaves its chunk unmarked.
 
 Metadata is kept consolidated (zarr's consolidated metadata in the root
 ``zarr.json``) after every change of structure or attributes, so xarray opens
@@ -419,9 +419,11 @@ def _write_rows(lv: _Level, rows: slice, data: tuple, chunks: slice) -> None:
         await lv.done.async_array.setitem(chunks, np.ones(chunks.stop - chunks.start, bool))
 
     zarr_sync(write_all())
-    for arr, _ in data:
-        for chunk in range(chunks.start, chunks.stop):
-            start_writeback(_chunk_file(arr, chunk))
+    # only a hint: nothing here may fail a chunk that is written and marked
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        for arr, _ in data:
+            for chunk in range(chunks.start, chunks.stop):
+                start_writeback(_chunk_file(arr, chunk))
 
 
 class ScenarioStore:
@@ -435,8 +437,9 @@ class ScenarioStore:
         self._root = root
         self._levels: dict[int, _Level] = {}
         # write_chunk(wait=False): the writer threads and the writes handed over, in order
+        # (level, its future)
         self._writer: ThreadPoolExecutor | None = None
-        self._pending: deque[Future] = deque()
+        self._pending: deque[tuple[int, Future]] = deque()
 
     # ------------------------------------------------------------------ make / open
 
@@ -554,10 +557,12 @@ class ScenarioStore:
         return sorted(int(n.removeprefix("level_")) for n in names)
 
     @contextlib.contextmanager
-    def _reading(self, what: str):
+    def _reading(self, what: str, level: int | None = None):
         """Turn a chunk or metadata file that zarr cannot decode into one StoreError line.
-        Reads see this store's own writes: those in flight land first."""
-        self.flush()
+        A read of a level sees this store's own writes: that level's writes in flight land
+        first (not the others': the driver reads level k - 1 while it writes level k)."""
+        if level is not None:
+            self._land(level)
         try:
             yield
         except _UNREADABLE as err:
@@ -824,8 +829,8 @@ class ScenarioStore:
         most ``WRITES_IN_FLIGHT`` writes are pending, so that compressing and writing one
         chunk overlap the caller's next one (and each other). The caller hands the arrays
         over: it must not change them afterwards. ``flush`` waits for the pending writes
-        and raises the first one's error (the next ``write_chunk`` raises it too); every
-        read of the store and ``mark_level_complete`` flush first."""
+        and raises the first one's error (the next ``write_chunk`` raises it too); a read
+        of a level waits for that level's writes, ``mark_level_complete`` for all."""
         self._require_writable()
         self._raise_failed_write()
         lv, c = self._level(level), self.meta.chunk_nodes
@@ -867,33 +872,40 @@ class ScenarioStore:
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(WRITES_IN_FLIGHT, thread_name_prefix="store-write")
-        self._pending.append(self._writer.submit(job))
+        self._pending.append((level, self._writer.submit(job)))
         while len(self._pending) > WRITES_IN_FLIGHT:
-            self._pending[0].exception()  # waits for the oldest (raised below, in order)
+            self._pending[0][1].exception()  # waits for the oldest (raised below, in order)
             self._raise_failed_write()
         self._raise_failed_write()
 
     def _raise_failed_write(self) -> None:
         """Drop the finished writes from the pending ones; raise the first that failed."""
-        while self._pending and self._pending[0].done():
-            fut = self._pending.popleft()
-            if fut.exception() is not None:
+        while self._pending and self._pending[0][1].done():
+            err = self._pending.popleft()[1].exception()
+            if err is not None:
                 self.flush(quiet=True)
-                raise fut.exception()
+                raise err
+
+    def _land(self, level: int) -> None:
+        """Wait for the writes in flight to ``level``; raise the first write that failed."""
+        for lv, fut in list(self._pending):
+            if lv == level:
+                fut.exception()  # waits
+        self._raise_failed_write()
 
     def flush(self, quiet: bool = False) -> None:
         """Wait for every write that ``write_chunk(wait=False)`` handed over; raise the first
         error among them (``quiet``: none, e.g. on the way out of a failed run)."""
         first = None
         while self._pending:
-            err = self._pending.popleft().exception()  # waits
+            err = self._pending.popleft()[1].exception()  # waits
             first = first or err
         if first is not None and not quiet:
             raise first
 
     def chunks_done(self, level: int) -> np.ndarray:
         lv = self._level(level)
-        with self._reading(f"{_level_name(level)}/done"):
+        with self._reading(f"{_level_name(level)}/done", level):
             return np.asarray(lv.done[:], dtype=bool)
 
     def chunks_intact(self, level: int) -> np.ndarray:
@@ -960,7 +972,7 @@ class ScenarioStore:
     def _check_done(self, level: int, start: int, stop: int) -> None:
         c = self.meta.chunk_nodes
         lv = self._level(level)
-        with self._reading(f"{_level_name(level)}/done"):
+        with self._reading(f"{_level_name(level)}/done", level):
             done = lv.done[start // c: -(-stop // c)]
         if not np.all(done):
             first = start // c + int(np.flatnonzero(~done)[0])
@@ -970,7 +982,7 @@ class ScenarioStore:
     def read_weights(self, level: int) -> np.ndarray:
         """The whole level's absolute weights (N,) float64, without reading its paths."""
         lv = self._level(level)
-        with self._reading(f"{_level_name(level)}/weight"):
+        with self._reading(f"{_level_name(level)}/weight", level):
             return np.asarray(lv.weight[:], dtype=np.float64)
 
     def read_level(self, level: int, start: int = 0, stop: int | None = None) -> dict:
@@ -982,7 +994,7 @@ class ScenarioStore:
                              f"[0, {lv.n_nodes}); pass a range inside the level")
         self._check_done(level, start, stop)
         rows = slice(start, stop)
-        with self._reading(_level_name(level)):
+        with self._reading(_level_name(level), level):
             return {"paths": lv.paths[rows], "parent": lv.parent[rows],
                     "branch": lv.branch[rows], "weight": lv.weight[rows]}
 

@@ -411,6 +411,34 @@ def test_writes_handed_over_give_the_same_bytes_and_reads_see_them(tmp_path):
     assert files[True] == files[False] and len(files[True]) == 4 * 5
 
 
+def test_a_read_of_a_level_waits_for_that_levels_writes_only(tmp_path, monkeypatch):
+    """The driver reads level k - 1 (the contexts) while level k's chunks are in flight: that
+    read must not wait for them; a read of level k must."""
+    import threading
+
+    from engine import store as store_module
+
+    store = make_store(tmp_path / "run.zarr")
+    tree = tiny_tree()
+    days = business_days_after(START, 2 * H)
+    store.create_level(1, 3, days[:H], (3, 2))
+    write_level(store, 1, tree[1])
+    store.mark_level_complete(1)
+    store.create_level(2, 6, days[H:], (3, 2))
+    gate, write_rows = threading.Event(), store_module._write_rows
+
+    def held(*args):
+        gate.wait(timeout=30)  # (a read that waited for it would stall 30 s, then fail below)
+        write_rows(*args)
+
+    monkeypatch.setattr(store_module, "_write_rows", held)
+    store.write_chunk(2, 0, *(tree[2][k][:2] for k in tree[2]), wait=False)
+    np.testing.assert_array_equal(store.read_level(1)["paths"], tree[1]["paths"])
+    assert not store._pending[0][1].done()  # level 2's write is still held
+    gate.set()
+    assert store.chunks_done(2).tolist() == [True, False, False]  # waited for it
+
+
 def test_a_reopened_store_writes_a_chunk_equal_to_the_fill_value(tmp_path):
     """An array's write_empty_chunks is not stored in its zarr.json: the store sets it again
     on opening, so every chunk written has its file (what damage() counts), even one that
@@ -451,6 +479,11 @@ def test_writeback_hint_is_found_on_linux_and_ignores_a_missing_file(tmp_path):
     assert store_module._SYNC_FILE_RANGE is not None
     f = tmp_path / "f.bin"
     f.write_bytes(b"x" * 4096)
+    fd = os.open(f, os.O_RDONLY)
+    try:  # the call as start_writeback makes it succeeds (wrong arguments: EINVAL)
+        assert store_module._SYNC_FILE_RANGE(fd, 0, 0, store_module._SYNC_FILE_RANGE_WRITE) == 0
+    finally:
+        os.close(fd)
     store_module.start_writeback(f)
     store_module.start_writeback(tmp_path / "missing.bin")  # only a hint: no error
     assert f.read_bytes() == b"x" * 4096
