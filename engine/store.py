@@ -420,7 +420,7 @@ def _write_rows(lv: _Level, rows: slice, data: tuple, chunks: slice) -> None:
 
     zarr_sync(write_all())
     # only a hint: nothing here may fail a chunk that is written and marked
-    with contextlib.suppress(OSError, AttributeError, ValueError):
+    with contextlib.suppress(AttributeError, ValueError):  # (start_writeback: OSError)
         for arr, _ in data:
             for chunk in range(chunks.start, chunks.stop):
                 start_writeback(_chunk_file(arr, chunk))
@@ -888,7 +888,7 @@ class ScenarioStore:
 
     def _land(self, level: int) -> None:
         """Wait for the writes in flight to ``level``; raise the first write that failed."""
-        for lv, fut in list(self._pending):
+        for lv, fut in self._pending:
             if lv == level:
                 fut.exception()  # waits
         self._raise_failed_write()

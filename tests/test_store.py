@@ -55,13 +55,13 @@ def tiny_tree(seed: int = 0) -> dict:
     }
 
 
-def write_level(store: ScenarioStore, level: int, data: dict) -> None:
+def write_level(store: ScenarioStore, level: int, data: dict, wait: bool = True) -> None:
     n = len(data["paths"])
     c = store.meta.chunk_nodes
     for start in range(0, n, c):
         rows = slice(start, min(start + c, n))
         store.write_chunk(level, start, data["paths"][rows], data["parent"][rows],
-                          data["branch"][rows], data["weight"][rows])
+                          data["branch"][rows], data["weight"][rows], wait=wait)
 
 
 def tree_store_of(path: Path) -> tuple[ScenarioStore, dict]:
@@ -401,9 +401,7 @@ def test_writes_handed_over_give_the_same_bytes_and_reads_see_them(tmp_path):
     for wait in (True, False):
         store = make_store(tmp_path / f"wait_{wait}.zarr", depth=1)
         store.create_level(1, n, days, (3, 2))
-        for start in range(0, n, 2):
-            rows = slice(start, start + 2)
-            store.write_chunk(1, start, *(data[k][rows] for k in data), wait=wait)
+        write_level(store, 1, data, wait=wait)
         assert store.chunks_done(1).all()
         np.testing.assert_array_equal(store.read_level(1)["paths"], data["paths"])
         store.mark_level_complete(1)
