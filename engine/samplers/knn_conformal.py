@@ -39,6 +39,12 @@ by its level: the test span's own scores sit above the bank's (90% quantile 1.10
 split scale at 90 days), and even a scale that barely moves (2,000-day memory, ten
 pooled episodes) averages 1.11x there. The split scale stays the default; online is for
 markets known to drift.
+
+Also measured and not adopted (``scripts/conformal_variants.py``; README, known
+limitations): one scale per grid point (no change), localized conformal (each window's
+scale from its neighbours' own scores: worse on both markets), bands about the point
+forecast instead of mu (closer to nominal on both, but on the VIX file mu corrects a real
+bias and dropping it costs CRPS), a Mincer-Zarnowitz recalibrated point (no change).
 """
 
 from __future__ import annotations
