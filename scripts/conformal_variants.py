@@ -18,12 +18,12 @@ alternatives that need no look at the test span:
 Per variant and horizon: the share of test (window, grid point) pairs whose score lies
 within the variant's scale (the score proxy of coverage: the sampled bands add the fold
 models' spread, so ``evaluate``'s coverage tracks it but differs a little) and the
-variant's scale over the default's, as fitted on the bank (1.0 for per-grid-point and
-localized: their mean). The bank's own Mincer-Zarnowitz slopes are printed too (b < 1:
-the point forecast over-reacts).
+variant's scale over the default's (per grid point and localized: its mean over the grid
+points or the test windows). The bank's own Mincer-Zarnowitz slopes are printed too
+(b < 1: the point forecast over-reacts).
 
-    python scripts/conformal_variants.py --data ../shared/data/vix_term_2011_2023.csv  # ~3 min
-    python scripts/conformal_variants.py                    # the synthetic market, ~25 min
+    python scripts/conformal_variants.py --data ../shared/data/vix_term_2011_2023.csv  # ~2 min
+    python scripts/conformal_variants.py                    # the synthetic market, ~21 min
 """
 
 from __future__ import annotations
