@@ -47,13 +47,6 @@ HORIZONS = (1, 5, 10, 20, 30, 60, 90)
 BLOCK = 256  # windows per neighbour search
 
 
-def conformal_quantile(scores: np.ndarray, alpha: float, axis: int = 0) -> np.ndarray:
-    """The ceil((n + 1)(1 - alpha))-th smallest of n scores along ``axis`` (as the sampler)."""
-    n = scores.shape[axis]
-    k = min(n, int(np.ceil((n + 1) * (1 - alpha) - 1e-9)))
-    return np.partition(scores, k - 1, axis=axis).take(k - 1, axis=axis)
-
-
 def localized_scales(sampler, keys: np.ndarray, anchors: np.ndarray, alpha: float
                      ) -> np.ndarray:
     """(n, H) per window: the weighted 1 - alpha quantile of its neighbours' bank scores
@@ -94,15 +87,14 @@ def centred(sampler):
     return c
 
 
-def recalibrated_point(sampler, log_surface: np.ndarray):
+def recalibrated_point(sampler, panel):
     """A copy whose point forecasts are Mincer-Zarnowitz-mapped per horizon (fit on the
     bank's out-of-sample forecasts), with its residuals and scores recomputed; and the
-    slopes b_h."""
+    slopes b_h. ``panel``: the history the sampler was fitted on."""
     bank, H = sampler.bank_, sampler.horizon
-    x = log_surface.reshape(len(log_surface), -1)
-    a = bank.anchors
-    target = np.stack([x[t + 1 : t + H + 1] for t in a])  # (N, H, G)
-    last = x[a][:, None, :]
+    n = len(bank.anchors)
+    target = panel.targets_at(bank.anchors, H).reshape(n, H, -1)  # (N, H, G)
+    last = panel.log_surface[bank.anchors].reshape(n, 1, -1)
     point = target - bank.residuals.reshape(target.shape)
     dx, dy = (point - last).transpose(1, 0, 2), (target - last).transpose(1, 0, 2)
     dx, dy = dx.reshape(H, -1), dy.reshape(H, -1)
@@ -143,14 +135,15 @@ def main() -> None:
     test = evaluation_windows(prep).anchors
     every = np.arange(test[0], test[-1] + 1)
     hz = [h for h in HORIZONS if h <= H]
+    cols = [h - 1 for h in hz]
     rows = {}
 
     def row(name: str, test_scores: np.ndarray, scale: np.ndarray) -> None:
         """scale broadcasts against test_scores (n, H, G)."""
-        cover = (test_scores <= scale)[:, [h - 1 for h in hz]]
-        ok = ~np.isnan(test_scores[:, [h - 1 for h in hz]])
-        rel = np.broadcast_to(scale, test_scores.shape)[:, [h - 1 for h in hz]].mean(
-            axis=(0, 2), dtype=np.float64) / sampler.split_scale_[[h - 1 for h in hz]]
+        cover = (test_scores <= scale)[:, cols]
+        ok = ~np.isnan(test_scores[:, cols])
+        rel = np.broadcast_to(scale, test_scores.shape)[:, cols].mean(
+            axis=(0, 2), dtype=np.float64) / sampler.split_scale_[cols]
         rows[name] = {"coverage90": ((cover & ok).sum(axis=(0, 2)) / ok.sum(axis=(0, 2))
                                      ).round(3).tolist(),
                       "scale_over_default": rel.round(3).tolist()}
@@ -160,22 +153,23 @@ def main() -> None:
     print(f"test span: {len(every)} daily windows; horizons {hz}")
     scores = sampler.window_scores(panel)[every - a0]
     row("split (default)", scores, sampler.split_scale_[None, :, None])
-    per_point = conformal_quantile(sampler.scores_, alpha)  # (H, G)
+    # the sampler's own conformal quantile, of each grid point's scores alone: (H, G)
+    per_point = np.stack([sampler._global_scale(sampler.scores_[:, :, [g]])
+                          for g in range(sampler.scores_.shape[2])], axis=1)
     row("per grid point", scores, per_point[None])
     keys = sampler.keys_(panel.contexts_at(every, cfg.data.context))
     row("localized", scores, localized_scales(sampler, keys, every, alpha)[:, :, None])
     c = centred(sampler)
     row("centred on the point", c.window_scores(panel)[every - a0],
         c._global_scale(c.scores_)[None, :, None])
-    r, slope = recalibrated_point(sampler, prep.fit_panel().log_surface)
-    print(f"bank's Mincer-Zarnowitz slopes at {hz}: "
-          f"{slope[[h - 1 for h in hz]].round(3).tolist()}")
+    r, slope = recalibrated_point(sampler, prep.fit_panel())
+    print(f"bank's Mincer-Zarnowitz slopes at {hz}: {slope[cols].round(3).tolist()}")
     row("point recalibrated", r.window_scores(panel)[every - a0],
         r._global_scale(r.scores_)[None, :, None])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"data": args.data, "horizons": hz, "rows": rows,
-                       "mz_slopes": slope[[h - 1 for h in hz]].round(4).tolist()}, f, indent=1)
+                       "mz_slopes": slope[cols].round(4).tolist()}, f, indent=1)
 
 
 if __name__ == "__main__":
