@@ -348,7 +348,7 @@ class EvalConfig(_Section):
 
     methods: list[str] = Field(
         ["cvae-prior", "cvae-scaled", "knn", "knn-conformal", "knn-conformal-online",
-         "knn-conformal-pca",
+         "knn-conformal-pca", "knn-conformal-features",
          "hist-bootstrap", "fhs", "pca-ar", "oracle"],
         description="Methods scored; 'oracle' only on the synthetic market.",
     )

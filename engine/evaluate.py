@@ -64,7 +64,8 @@ class MethodSpec:
 
     @property
     def knn_group(self) -> tuple[str, str] | None:
-        """kNN samplers with the same point forecast and key space share one residual bank."""
+        """kNN samplers with the same point forecast and key space share one fit; those
+        with the same point forecast alone share one residual bank."""
         if self.sampler not in ("knn", "knn-conformal"):
             return None
         s = self.config.sampler
@@ -127,8 +128,23 @@ def fit_methods(prep: Prepared, model, specs: list[MethodSpec], progress=None,
     # Within a kNN group, a conformal member is fitted first; plain members derive from it.
     order = sorted(specs, key=lambda s: s.sampler != "knn-conformal")
     group_fit: dict[tuple[str, str], tuple[str, object]] = {}
+    bank_fit: dict[str, tuple[str, object]] = {}  # point forecast -> its first kNN fit
     for spec in order:
         group = spec.knn_group
+        if group is not None and group not in group_fit and group[0] in bank_fit:
+            # another key space on a bank already cross-fitted: only the keys (and the
+            # conformal scores) are new
+            owner, base = bank_fit[group[0]]
+            t0 = time.perf_counter()
+            sampler = base.rekeyed(spec.config, panel, model)
+            seconds = time.perf_counter() - t0
+            group_fit[group] = (spec.name, sampler)
+            if spec.sampler != sampler.name:
+                sampler = uncalibrated(sampler)
+            fitted[spec.name] = FittedMethod(sampler, seconds, shared_with=owner)
+            _say(console, f"{spec.name}: its {spec.config.sampler.embedding} keys fitted in "
+                 f"{seconds:.1f}s on the residual bank of {owner}")
+            continue
         if group in group_fit:
             owner, base = group_fit[group]
             if spec.sampler == base.name:
@@ -149,6 +165,7 @@ def fit_methods(prep: Prepared, model, specs: list[MethodSpec], progress=None,
         fitted[spec.name] = FittedMethod(sampler, seconds)
         if group is not None:
             group_fit[group] = (spec.name, sampler)
+            bank_fit.setdefault(group[0], (spec.name, sampler))
         knn = isinstance(sampler, KnnResidualSampler)
         bank = f" ({sampler.bank_summary()})" if knn else ""
         _say(console, f"{spec.name}: fitted in {seconds:.1f}s{bank}")

@@ -14,8 +14,16 @@ alternatives that need no look at the test span:
 - ``point recalibrated``: the fold models' forecasts of the change from the context's
   last day mapped by a Mincer-Zarnowitz fit per horizon on the bank (``a_h + b_h x``),
   residuals and scores recomputed.
+- ``features keys``: the same bank searched in the hand-made feature space
+  (``sampler.embedding = "features"``) instead of the CVAE embedding, scores and split
+  scale recomputed (its scale column: over the default's).
 
-Per variant and horizon: the share of test (window, grid point) pairs whose score lies
+First, how far a span's scores may stray from the split scale on this history: the 90%
+quantile of the bank's leave-one-out scores within each of its cross-fitting time blocks
+(about two years each on the VIX file), and of the test span's, over the split scale (a
+span that needs exactly the split scale gives 1; below 1, the split band over-covers it).
+
+Then, per variant and horizon: the share of test (window, grid point) pairs whose score lies
 within the variant's scale (the score proxy of coverage: the sampled bands add the fold
 models' spread, so ``evaluate``'s coverage tracks it but differs a little) and the
 variant's scale over the default's (per grid point and localized: its mean over the grid
@@ -39,8 +47,10 @@ import numpy as np
 
 from engine.config import load_config
 from engine.evaluate import evaluation_windows, set_threads
+from engine.knn import KnnIndex
 from engine.pipeline import get_model, prepare
 from engine.samplers import make_sampler
+from engine.samplers.bank import KeySpace
 from engine.samplers.knn_conformal import weighted_quantiles
 
 HORIZONS = (1, 5, 10, 20, 30, 60, 90)
@@ -66,6 +76,33 @@ def localized_scales(sampler, keys: np.ndarray, anchors: np.ndarray, alpha: floa
         out[i : i + BLOCK] = weighted_quantiles(values, np.repeat(w, G, axis=1) / G,
                                                 [1 - alpha])[0]
     return out
+
+
+def block_quantiles(sampler, panel, test_scores: np.ndarray, cols: list[int],
+                    level: float) -> dict[str, list[float]]:
+    """The ``level`` quantile of the scores (pooled over grid points) within each time
+    block of the bank, and within the test span, over the split scale, at ``cols``."""
+    bank = sampler.bank_
+    spans = [(bank.fold == f, bank.anchors[bank.fold == f]) for f in np.unique(bank.fold)]
+    out = {}
+    for scores, anchors in [(sampler.scores_[m], a) for m, a in spans] + [(test_scores, None)]:
+        q = [np.nanquantile(scores[:, c], level) / sampler.split_scale_[c] for c in cols]
+        name = "test span" if anchors is None else (
+            f"bank {panel.dates[anchors[0]]!s:.10}..{panel.dates[anchors[-1]]!s:.10}")
+        out[name] = [round(float(x), 3) for x in q]
+    return out
+
+
+def feature_keys(sampler, panel):
+    """A copy of the fitted sampler that searches the hand-made context features
+    (``sampler.embedding = "features"``) instead of the CVAE embedding, with its own
+    leave-one-out scores and split scale; the bank is the same."""
+    c = copy.copy(sampler)
+    c.keys_ = KeySpace("features")
+    c.index_ = KnnIndex(c.keys_.fit(panel.contexts_at(c.bank_.anchors, c.context)))
+    c.scores_ = c._scores(np.arange(len(c.bank_.anchors)), c.horizon)
+    c.split_scale_ = c._global_scale(c.scores_)
+    return c
 
 
 def centred(sampler):
@@ -152,6 +189,11 @@ def main() -> None:
 
     print(f"test span: {len(every)} daily windows; horizons {hz}")
     scores = sampler.window_scores(panel)[every - a0]
+    blocks = block_quantiles(sampler, panel, scores, cols, 1 - alpha)
+    print(f"{1 - alpha:.0%} quantile of the scores over the split scale, "
+          f"{panel.dates[every[0]]!s:.10}..{panel.dates[every[-1]]!s:.10} the test span:")
+    for name, q in blocks.items():
+        print(f"  {name:27s} {q}")
     row("split (default)", scores, sampler.split_scale_[None, :, None])
     # the sampler's own conformal quantile, of each grid point's scores alone: (H, G)
     per_point = np.stack([sampler._global_scale(sampler.scores_[:, :, [g]])
@@ -166,9 +208,11 @@ def main() -> None:
     print(f"bank's Mincer-Zarnowitz slopes at {hz}: {slope[cols].round(3).tolist()}")
     row("point recalibrated", r.window_scores(panel)[every - a0],
         r._global_scale(r.scores_)[None, :, None])
+    f = feature_keys(sampler, prep.fit_panel())
+    row("features keys", f.window_scores(panel)[every - a0], f.split_scale_[None, :, None])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"data": args.data, "horizons": hz, "rows": rows,
+            json.dump({"data": args.data, "horizons": hz, "rows": rows, "blocks": blocks,
                        "mz_slopes": slope[cols].round(4).tolist()}, f, indent=1)
 
 

@@ -266,7 +266,7 @@ def test_no_test_information_reaches_the_fit(setup):
     poisoned = Panel(wild, p.dates, p.moneyness, p.maturity_days, source="poisoned")
     assert not np.array_equal(clean.surface, poisoned.surface)
     names = ["cvae-prior", "cvae-scaled", "knn", "knn-conformal", "knn-conformal-pca",
-             "hist-bootstrap", "fhs", "pca-ar"]
+             "knn-conformal-features", "hist-bootstrap", "fhs", "pca-ar"]
     run_cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
         update={"methods": names})})
     specs, _ = resolve_methods(run_cfg, has_market=False)
@@ -440,6 +440,31 @@ def test_online_variant_shares_the_split_fit_and_equals_an_online_fit(setup):
     last = evaluation_windows(prep).anchors[-1]
     assert not np.array_equal(online.scale_path_[last], online.split_scale_)
     assert np.array_equal(split.scale_path_[last], split.split_scale_)
+
+
+def test_features_variant_shares_the_bank_and_equals_a_features_fit(setup):
+    """`knn-conformal-features` reuses knn-conformal's residual bank (no second
+    cross-fitting) with its own keys and scores, and samples as a sampler fitted from
+    scratch with sampler.embedding = 'features' would."""
+    cfg, prep, model, _ = setup
+    fitted = _fit_together(setup, ["knn-conformal", "knn-conformal-features"])
+    cvae, feat = fitted["knn-conformal"].sampler, fitted["knn-conformal-features"].sampler
+    assert fitted["knn-conformal-features"].shared_with == "knn-conformal"
+    assert feat.bank_ is cvae.bank_ and feat.keys_.embedding == "features"
+    assert cvae.keys_.embedding == "cvae" and cvae.config.sampler.embedding == "cvae"
+    assert not np.array_equal(feat.scores_, cvae.scores_)
+    feat_cfg = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(
+        update={"embedding": "features"})})
+    separate = make_sampler("knn-conformal", feat_cfg).fit(prep.fit_panel(), None)
+    np.testing.assert_array_equal(feat.split_scale_, separate.split_scale_)
+    ctx, rngs = _some_windows(prep)
+    a = feat.sample(ctx, 40, rngs())
+    np.testing.assert_array_equal(a, separate.sample(ctx, 40, rngs()))
+    assert not np.array_equal(a, cvae.sample(ctx, 40, rngs()))
+    # anything that would change the bank is refused
+    other_k = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"k": 3})})
+    with pytest.raises(ConfigError, match="rekeyed"):
+        cvae.rekeyed(other_k, prep.fit_panel(), model)
 
 
 def test_a_model_that_learned_from_the_test_span_is_refused(setup, tmp_path):

@@ -21,11 +21,13 @@ REGISTRY: dict[str, tuple[str, str]] = {
 
 # Report name -> (registry sampler, sampler-config overrides), for `backfill evaluate`: the
 # kNN samplers around the pca-ar mean path next to the CVAE p50, so the report shows both
-# point forecasts, and the online conformal scale next to the split one.
+# point forecasts, the online conformal scale next to the split one, and the hand-made
+# feature keys next to the CVAE embedding.
 ALIASES: dict[str, tuple[str, dict]] = {
     "knn-pca": ("knn", {"point": "pca-ar"}),
     "knn-conformal-pca": ("knn-conformal", {"point": "pca-ar"}),
     "knn-conformal-online": ("knn-conformal", {"conformal": "online"}),
+    "knn-conformal-features": ("knn-conformal", {"embedding": "features"}),
 }
 
 

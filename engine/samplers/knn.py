@@ -13,10 +13,12 @@ The work splits in two so that the engine can place each half on its own actor:
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from engine.data.panel import Panel
-from engine.errors import ConfigError, DataError
+from engine.errors import ConfigError, DataError, not_fitted
 from engine.knn import KnnIndex, kernel_weights
 from engine.samplers.bank import KeySpace, bank_anchors, build_bank, point_forecast
 from engine.samplers.base import ConditionalSampler
@@ -38,24 +40,55 @@ class KnnResidualSampler(ConditionalSampler):
 
     def _fit(self, panel: Panel, model) -> None:
         cfg = self.config.sampler
-        if cfg.embedding == "cvae" and (model.context, model.horizon) != (self.context,
-                                                                          self.horizon):
-            raise ConfigError(f"model has context/horizon {model.context}/{model.horizon}, the "
-                              f"config {self.context}/{self.horizon}; retrain the model")
+        self._check_model(model)
         # One neighbour per episode (a block of `episode` days): windows a few days apart
         # share most of their target days, so their residual paths are near copies.
         self.episode_ = cfg.episode_days or max(1, self.horizon // 3)
         self._check_episodes(panel)  # before the bank's cross-fitting, which trains models
         self.bank_ = build_bank(panel, self.config, cfg.point, progress=self.progress)
-        C = self.context
-        self.keys_ = KeySpace(cfg.embedding, model if cfg.embedding == "cvae" else None)
-        bank_keys = self.keys_.fit(panel.contexts_at(self.bank_.anchors, C))
-        self.index_ = KnnIndex(bank_keys)
         self.groups_ = self.bank_.anchors // self.episode_
         # A quarter of the episodes: local, yet >= 20 so a 90% band has two draws per tail.
         self.k_ = cfg.k if cfg.k else int(np.clip(self.n_episodes // 4, 20, 100))
         self.k_ = min(self.k_, self.n_episodes)
         self.point_models_ = list(self.bank_.models)
+        self._fit_keys(panel, model)
+
+    def _check_model(self, model) -> None:
+        if self.config.sampler.embedding == "cvae" and (model.context, model.horizon) != (
+                self.context, self.horizon):
+            raise ConfigError(f"model has context/horizon {model.context}/{model.horizon}, the "
+                              f"config {self.context}/{self.horizon}; retrain the model")
+
+    def _fit_keys(self, panel: Panel, model) -> None:
+        """The key space and its index over the bank's contexts (and, in subclasses, what
+        depends on the neighbours: the conformal scores)."""
+        embedding = self.config.sampler.embedding
+        self.keys_ = KeySpace(embedding, model if embedding == "cvae" else None)
+        self.index_ = KnnIndex(self.keys_.fit(panel.contexts_at(self.bank_.anchors,
+                                                                self.context)))
+
+    def rekeyed(self, config, panel: Panel, model):
+        """This fitted sampler searching the key space of ``config`` (only
+        ``sampler.embedding`` and the conformal settings may differ), on the same bank:
+        it samples as one fitted from scratch under ``config`` would, without training the
+        fold models again. ``panel`` is the fitted history."""
+        same = ("point", "k", "episode_days", "kernel", "n_folds")
+        if config.data != self.config.data or config.seed != self.config.seed or \
+                config.model != self.config.model or config.train != self.config.train or \
+                any(getattr(config.sampler, f) != getattr(self.config.sampler, f) for f in same):
+            raise ConfigError("rekeyed() may change only sampler.embedding and the conformal "
+                              "settings")
+        if not self.is_fitted():
+            raise not_fitted(self)
+        other = copy.copy(self)
+        other.config = config
+        if other.uses_model and model is None:
+            raise ConfigError("the CVAE embedding needs the trained model; pass it")
+        for name in ("scale_path_", "keys_", "index_"):
+            other.__dict__.pop(name, None)
+        other._check_model(model)
+        other._fit_keys(panel, model)
+        return other
 
     def _check_episodes(self, panel: Panel) -> None:
         """Refuse a history with fewer than MIN_EPISODES episodes of the bank's windows."""

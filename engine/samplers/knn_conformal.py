@@ -83,8 +83,8 @@ def weighted_quantiles(values: np.ndarray, weights: np.ndarray, levels) -> np.nd
 class KnnConformalSampler(KnnResidualSampler):
     name = "knn-conformal"
 
-    def _fit(self, panel, model) -> None:
-        super()._fit(panel, model)
+    def _fit_keys(self, panel, model) -> None:
+        super()._fit_keys(panel, model)
         # Leave-one-out: a window may not borrow from any window sharing one of its target
         # days. (Its own episode is already one neighbour at most: see the knn sampler.)
         self.scores_ = self._scores(np.arange(len(self.bank_.anchors)), self.horizon)  # (N, H, G)
