@@ -465,6 +465,8 @@ def test_features_variant_shares_the_bank_and_equals_a_features_fit(setup):
     other_k = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"k": 3})})
     with pytest.raises(ConfigError, match="rekeyed"):
         cvae.rekeyed(other_k, prep.fit_panel(), model)
+    with pytest.raises(DataError, match="the same data"):  # not the fitted history
+        cvae.rekeyed(feat_cfg, prep.panel, model)
 
 
 def test_a_model_that_learned_from_the_test_span_is_refused(setup, tmp_path):

@@ -44,7 +44,9 @@ Also measured and not adopted (``scripts/conformal_variants.py``; README, known
 limitations): one scale per grid point (no change), localized conformal (each window's
 scale from its neighbours' own scores: worse on both markets), bands about the point
 forecast instead of mu (closer to nominal on both, but on the VIX file mu corrects a real
-bias and dropping it costs CRPS), a Mincer-Zarnowitz recalibrated point (no change).
+bias and dropping it costs CRPS), a Mincer-Zarnowitz recalibrated point (no change), the
+hand-made feature keys (``evaluate``'s ``knn-conformal-features``: nearer nominal on both,
+but on the synthetic market its pooled samples are wider than the bounds allow at 90 days).
 """
 
 from __future__ import annotations
@@ -248,6 +250,10 @@ class KnnConformalSampler(KnnResidualSampler):
             what = "is" if exact else "starts with"
             raise DataError(f"this needs a panel that {what} the {n} days the sampler was fitted "
                             "on; pass the same data" + ("" if exact else ", extended"))
+
+    def rekeyed(self, config, panel, model) -> KnnConformalSampler:
+        self._check_history(panel, exact=True)
+        return super().rekeyed(config, panel, model)
 
     def recalibrated(self, config, panel) -> KnnConformalSampler:
         """This fitted sampler under ``config`` (same bank, index and scores; only the
