@@ -2,7 +2,7 @@
 
 The VIX file's test span (2021-2023) is over-covered at 60 and 90 days by the default
 (see README, known limitations). This script fits ``knn-conformal`` as ``backfill
-evaluate`` does and scores, on every daily window of the evaluation's test span, four
+evaluate`` does and scores, on every daily window of the evaluation's test span, five
 alternatives that need no look at the test span:
 
 - ``per grid point``: one split scale per (horizon, grid point) instead of one per horizon;
@@ -16,7 +16,8 @@ alternatives that need no look at the test span:
   residuals and scores recomputed.
 - ``features keys``: the same bank searched in the hand-made feature space
   (``sampler.embedding = "features"``) instead of the CVAE embedding, scores and split
-  scale recomputed (its scale column: over the default's).
+  scale recomputed (``rekeyed``: what ``evaluate`` reports as ``knn-conformal-features``;
+  its scale column: over the default's).
 
 First, how far a span's scores may stray from the split scale on this history: the 90%
 quantile of the bank's leave-one-out scores within each of its cross-fitting time blocks
@@ -47,10 +48,8 @@ import numpy as np
 
 from engine.config import load_config
 from engine.evaluate import evaluation_windows, set_threads
-from engine.knn import KnnIndex
 from engine.pipeline import get_model, prepare
 from engine.samplers import make_sampler
-from engine.samplers.bank import KeySpace
 from engine.samplers.knn_conformal import weighted_quantiles
 
 HORIZONS = (1, 5, 10, 20, 30, 60, 90)
@@ -91,18 +90,6 @@ def block_quantiles(sampler, panel, test_scores: np.ndarray, cols: list[int],
             f"bank {panel.dates[anchors[0]]!s:.10}..{panel.dates[anchors[-1]]!s:.10}")
         out[name] = [round(float(x), 3) for x in q]
     return out
-
-
-def feature_keys(sampler, panel):
-    """A copy of the fitted sampler that searches the hand-made context features
-    (``sampler.embedding = "features"``) instead of the CVAE embedding, with its own
-    leave-one-out scores and split scale; the bank is the same."""
-    c = copy.copy(sampler)
-    c.keys_ = KeySpace("features")
-    c.index_ = KnnIndex(c.keys_.fit(panel.contexts_at(c.bank_.anchors, c.context)))
-    c.scores_ = c._scores(np.arange(len(c.bank_.anchors)), c.horizon)
-    c.split_scale_ = c._global_scale(c.scores_)
-    return c
 
 
 def centred(sampler):
@@ -208,8 +195,10 @@ def main() -> None:
     print(f"bank's Mincer-Zarnowitz slopes at {hz}: {slope[cols].round(3).tolist()}")
     row("point recalibrated", r.window_scores(panel)[every - a0],
         r._global_scale(r.scores_)[None, :, None])
-    f = feature_keys(sampler, prep.fit_panel())
-    row("features keys", f.window_scores(panel)[every - a0], f.split_scale_[None, :, None])
+    feat = sampler.rekeyed(cfg.model_copy(update={"sampler": cfg.sampler.model_copy(
+        update={"embedding": "features"})}), prep.fit_panel(), model)
+    row("features keys", feat.window_scores(panel)[every - a0],
+        feat.split_scale_[None, :, None])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"data": args.data, "horizons": hz, "rows": rows, "blocks": blocks,
