@@ -81,14 +81,16 @@ def block_quantiles(sampler, panel, test_scores: np.ndarray, cols: list[int],
                     level: float) -> dict[str, list[float]]:
     """The ``level`` quantile of the scores (pooled over grid points) within each time
     block of the bank, and within the test span, over the split scale, at ``cols``."""
-    bank = sampler.bank_
-    spans = [(bank.fold == f, bank.anchors[bank.fold == f]) for f in np.unique(bank.fold)]
-    out = {}
-    for scores, anchors in [(sampler.scores_[m], a) for m, a in spans] + [(test_scores, None)]:
-        q = [np.nanquantile(scores[:, c], level) / sampler.split_scale_[c] for c in cols]
-        name = "test span" if anchors is None else (
-            f"bank {panel.dates[anchors[0]]!s:.10}..{panel.dates[anchors[-1]]!s:.10}")
-        out[name] = [round(float(x), 3) for x in q]
+    def ratios(scores):
+        return [round(float(np.nanquantile(scores[:, c], level) / sampler.split_scale_[c]), 3)
+                for c in cols]
+
+    bank, out = sampler.bank_, {}
+    for f in np.unique(bank.fold):
+        a = bank.anchors[bank.fold == f]
+        out[f"bank {panel.dates[a[0]]!s:.10}..{panel.dates[a[-1]]!s:.10}"] = ratios(
+            sampler.scores_[bank.fold == f])
+    out["test span"] = ratios(test_scores)
     return out
 
 
@@ -97,12 +99,7 @@ def centred(sampler):
     c = copy.copy(sampler)
 
     def _score(self, keys, y, exclude, extra):
-        H = self.horizon
-        ids, w = self.neighbours(keys, exclude_fn=exclude, extra=extra)
-        nb = self.bank_.residuals[ids].reshape(len(keys), ids.shape[1], H, -1)
-        a = 1.0 - self.config.sampler.coverage
-        lo, hi = weighted_quantiles(nb, w, [a / 2, 1 - a / 2])
-        mu = np.einsum("bk,bkhg->bhg", w, nb)
+        lo, hi, mu = self._band(keys, exclude, extra)
         up, down = y / np.maximum(hi - mu, 1e-9), -y / np.maximum(mu - lo, 1e-9)
         return np.where(y >= 0, up, down).astype(np.float32)
 

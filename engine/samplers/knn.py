@@ -84,8 +84,7 @@ class KnnResidualSampler(ConditionalSampler):
         other.config = config
         if other.uses_model and model is None:
             raise ConfigError("the CVAE embedding needs the trained model; pass it")
-        for name in ("scale_path_", "keys_", "index_"):
-            other.__dict__.pop(name, None)
+        other.__dict__.pop("scale_path_", None)  # an online path of the old keys' scores
         other._check_model(model)
         other._fit_keys(panel, model)
         return other

@@ -122,15 +122,19 @@ class KnnConformalSampler(KnnResidualSampler):
                 f"(required: at most {SCORE_EDGES[-1]:.0f}x) with k = {self.k_} of "
                 f"{self.n_episodes} episodes; raise sampler.k or give more history")
 
+    def _band(self, keys: np.ndarray, exclude, extra: int):
+        """The neighbour mixture's (coverage) band and mean, each (b, H, G): lo, hi, mu."""
+        alpha = 1.0 - self.config.sampler.coverage
+        ids, w = self.neighbours(keys, exclude_fn=exclude, extra=extra)
+        nb = self.bank_.residuals[ids].reshape(len(keys), ids.shape[1], self.horizon, -1)
+        lo, hi = weighted_quantiles(nb, w, [alpha / 2, 1 - alpha / 2])
+        mu = np.einsum("bk,bkhg->bhg", w, nb)  # the mixture's mean: scaling keeps it
+        return lo, hi, mu
+
     def _score(self, keys: np.ndarray, y: np.ndarray, exclude, extra: int) -> np.ndarray:
         """Nonconformity (b, H, G) of residual paths ``y`` (b, H, G) against the neighbour
         mixture of ``keys``; NaN where y is."""
-        alpha = 1.0 - self.config.sampler.coverage
-        H = self.horizon
-        ids, w = self.neighbours(keys, exclude_fn=exclude, extra=extra)
-        nb = self.bank_.residuals[ids].reshape(len(keys), ids.shape[1], H, -1)  # (b, k, H, G)
-        lo, hi = weighted_quantiles(nb, w, [alpha / 2, 1 - alpha / 2])
-        mu = np.einsum("bk,bkhg->bhg", w, nb)  # the mixture's mean: scaling keeps it
+        lo, hi, mu = self._band(keys, exclude, extra)
         up = (y - mu) / np.maximum(hi - mu, 1e-9)
         down = (mu - y) / np.maximum(mu - lo, 1e-9)
         return np.where(y >= mu, up, down).astype(np.float32)
