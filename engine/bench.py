@@ -72,9 +72,9 @@ import numpy as np
 from engine.config import Config
 from engine.errors import ConfigError
 
-__all__ = ["DEFAULT_SAMPLES", "BenchPlan", "bench_config", "device_info", "plan_for",
-           "render_gpu_table", "render_table", "rss_child", "run_bench", "run_gpu_bench",
-           "stage_profile"]
+__all__ = ["DEFAULT_SAMPLES", "BenchPlan", "bench_config", "decoder_bound", "device_info",
+           "plan_for", "render_gpu_table", "render_table", "rss_child", "run_bench",
+           "run_gpu_bench", "stage_profile"]
 
 TREE_KEYS = ("5", "6", "7")
 RSS_KEYS = ("6", "8", "9")
@@ -484,11 +484,31 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
         return {"split": False}
     driver.decode_batch(sampler, contexts[: min(n_nodes, 64)])  # warm-up
     t = {"decode": 0.0, "draw": 0.0, "lookahead": 0.0, "branch": 0.0}
-    driver.expand_batch(sampler, batch, plan, timings=t)
+    looked = [0]  # lookahead contexts decoded (the nodes' own: expand_batch, one each)
+
+    def decode(candidates):
+        looked[0] += len(candidates)
+        return driver.decode_batch(sampler, candidates)
+
+    driver.expand_batch(sampler, batch, plan, timings=t, decode=decode)
     total = sum(t.values())
+    contexts_per_node = 1.0 + looked[0] / n_nodes
+    n_models = len(getattr(sampler, "point_models_", ())) or 1
     return {"split": True, "nodes": n_nodes, "n_samples": n_samples,
             "seconds": t, "ms_per_node": {k: 1e3 * v / n_nodes for k, v in t.items()},
-            "share": {k: v / total for k, v in t.items()}, "nodes_per_s": n_nodes / total}
+            "share": {k: v / total for k, v in t.items()}, "nodes_per_s": n_nodes / total,
+            "contexts_per_node": contexts_per_node, "point_models": n_models,
+            "forecasts_per_node": contexts_per_node * n_models}
+
+
+def decoder_bound(decoder_rates: dict[str, float], profile: dict) -> float | None:
+    """Node expansions per second if the decoder were the only work: its best rate on the
+    model's device (with the output left there when measured) over the p50 forecasts one
+    node makes (its own context and its lookahead candidates', once per fold model)."""
+    rates = [v for k, v in decoder_rates.items() if not k.endswith("_cpu")]
+    if not profile.get("split") or not rates:
+        return None
+    return max(rates) / profile["forecasts_per_node"]
 
 
 def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
@@ -496,7 +516,8 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
                   workdir: Path | None = None, console=None) -> dict:
     """The GPU part (``backfill bench --gpu``): the CVAE trained and decoding on the torch
     device (CUDA where present), decoder forecasts/s at several batch sizes (and on the
-    CPU for comparison), the per-stage profile of a node expansion, and full inline trees
+    CPU for comparison), the per-stage profile of a node expansion with the p50 forecasts it
+    makes (and so the nodes/s the decoder alone would allow), and full inline trees
     (the inline backend stands in for Ray) at each M of ``samples``, each depth of
     ``depths`` and each ``engine.threads`` of ``threads`` (default: 1 and one per core);
     at the larger M only the first depth, with the most threads, so that it fits the time."""
@@ -537,8 +558,13 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
         for m in samples:
             cfg_m, _ = bench_config(config, m)
             fm = replace(fitted, config=cfg_m)
-            profile[str(m)] = stage_profile(fm, 256 if m <= 64 else 128, m)
-            say(f"stage profile, M = {m}: {profile[str(m)].get('ms_per_node')}")
+            profile[str(m)] = prof = stage_profile(fm, 256 if m <= 64 else 128, m)
+            prof["decoder_bound_nodes_per_s"] = decoder_bound(
+                {k: v["per_s"] for k, v in decoder.items()}, prof)
+            say(f"stage profile, M = {m}: {prof.get('ms_per_node')}")
+            if prof["decoder_bound_nodes_per_s"] is not None:
+                say(f"M = {m}: {prof['forecasts_per_node']:.1f} p50 forecasts per node, so the "
+                    f"decoder alone allows {prof['decoder_bound_nodes_per_s']:,.0f} nodes/s")
             small = m == min(samples)
             for depth in depths if small else depths[:1]:
                 for n_threads in threads if small else (max(threads),):
@@ -553,6 +579,8 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
                                                            for k, v in decoder.items()},
                 "inline_nodes_per_s": {f"M{r['n_samples']}_depth{r['depth']}_threads"
                                        f"{r['threads']}": r["nodes_per_s"] for r in trees},
+                "decoder_bound_nodes_per_s": {m: p.get("decoder_bound_nodes_per_s")
+                                              for m, p in profile.items()},
                 "same_bytes_across_threads": same_bytes(trees),
                 "stage_profile": profile, "device": device_info(str(fitted.model.loc.device)),
                 "details": {"fit_seconds": fit_s, "decoder": decoder, "tree": trees,
@@ -589,6 +617,10 @@ def render_gpu_table(result: dict):
             parts = ", ".join(f"{k} {v:.3f}" for k, v in prof["ms_per_node"].items())
             table.add_row("node expansion by stage", f"M = {m}", parts, "ms/node")
             table.add_row("", f"M = {m}, stages only", _fmt(prof["nodes_per_s"]), "nodes/s")
+            if prof.get("decoder_bound_nodes_per_s") is not None:
+                table.add_row("", f"M = {m}, decoder alone ({prof['forecasts_per_node']:.1f} "
+                              "forecasts/node)", _fmt(prof["decoder_bound_nodes_per_s"]),
+                              "nodes/s")
     for r in result["details"]["tree"]:
         table.add_row("tree expansions, inline",
                       f"M = {r['n_samples']}, depth {r['depth']}, {r['threads']} thread(s)",

@@ -187,3 +187,33 @@ def test_bench_config_caps_n_samples_and_says_so():
 
 def test_own_peak_rss_is_this_process():
     assert 10 < bench._own_peak_rss_mb() < 1e6
+
+
+def test_gpu_bench_counts_the_forecasts_of_a_node(tmp_path):
+    """`bench --gpu` on whatever device torch has (the CPU here): the stage profile counts the
+    p50 forecasts a lookahead node makes (its own context and each candidate's, once per fold
+    model), and the decoder-alone ceiling is the best decoder rate over that count."""
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([_executable(), "bench", "--gpu", "--config", "tiny.toml",
+                           "--depths", "2", "--threads", "1", "--n-samples", "16",
+                           "--json", "out.json", "--workdir", str(tmp_path / "work")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    prof = result["stage_profile"]["16"]
+    cfg = load_config(tmp_path / "tiny.toml")
+    assert prof["point_models"] == cfg.sampler.n_folds
+    # a node's candidates: more than one (its 16 draws are not all one path), at most lookahead
+    assert 2.0 < prof["contexts_per_node"] <= 1 + min(cfg.tree.lookahead, 16)
+    assert prof["forecasts_per_node"] == pytest.approx(prof["contexts_per_node"] * 5)
+    rates = result["decoder_forecasts_per_s"]
+    cuda = result["device"]["torch_device"] != "cpu"
+    assert set(rates) == {"4096", "65536"} | ({"65536_resident", "4096_cpu"} if cuda else set())
+    on_device = [v for k, v in rates.items() if k != "4096_cpu"]
+    bound = max(on_device) / prof["forecasts_per_node"]
+    assert result["decoder_bound_nodes_per_s"]["16"] == pytest.approx(bound)
+    assert prof["decoder_bound_nodes_per_s"] == pytest.approx(bound)
+    assert "decoder alone" in proc.stdout and "nodes/s" in proc.stdout
+    assert not list((tmp_path / "work").iterdir())  # its temporary stores are gone
