@@ -749,13 +749,14 @@ class _RayPool:
     def _start_actors(self, sampler, engine: EngineConfig) -> None:
         import ray
 
-        from actors.decoder import DecoderActor, move_models
+        from actors.decoder import DecoderActor, models_on
         from actors.knn_residual import KnnResidualActor
 
         # Ship the weights on the CPU: kNN actors (and CPU-only nodes) must be able to load
-        # them; a decoder actor on a GPU node moves its copy to CUDA itself.
-        move_models(sampler, "cpu")
-        self.sampler_ref = ray.put(sampler)
+        # them; a decoder actor on a GPU node moves its copy to CUDA itself. ray.put copies
+        # the sampler at once, so the caller's models go back to their device right after.
+        with models_on(sampler, "cpu"):
+            self.sampler_ref = ray.put(sampler)
         shared = {"sampler": self.sampler_ref}  # nested: the actor receives the ref itself
         self.split = is_split(sampler)
         if self.split:

@@ -252,6 +252,21 @@ def test_cuda_decoder_is_batch_independent_and_close_to_the_cpu():
     assert model.embed(log_ctx[:3]).shape == (3, tiny_config().model.embed_dim)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_models_shipped_on_the_cpu_go_back_to_their_gpu():
+    """The Ray driver puts a sampler in the object store with its weights on the CPU; the
+    caller's models stay on their GPU afterwards (a later inline run decodes there)."""
+    import types
+
+    from actors.decoder import models_on
+
+    model = fresh_model(tiny_config(), (7, 6)).to("cuda")
+    holder = types.SimpleNamespace(models=[model], keys=types.SimpleNamespace(model=model))
+    with models_on(holder, "cpu") as n:
+        assert n == 1 and model.loc.device.type == "cpu"
+    assert model.loc.device.type == "cuda"
+
+
 def test_training_that_diverges_stops_with_one_clear_error():
     """A loss gone NaN would be saved as a checkpoint that every later command trips over
     (a 'nan-wide' calibration); the epochs before it are no better (their loss ran to
