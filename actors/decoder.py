@@ -8,8 +8,6 @@ moves to the GPU; results then differ from a CPU run in the last bits (other ker
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 
 import ray
@@ -26,24 +24,6 @@ def move_models(obj, device: str, depth: int = 2) -> int:
     for m in modules:
         m.to(device)
     return len(modules)
-
-
-@contextlib.contextmanager
-def models_on(obj, device: str, depth: int = 2):
-    """``obj``'s torch modules (as ``move_models``) on ``device`` inside the block and back
-    where each was after it: the driver ships a sampler's weights on the CPU without moving
-    the caller's models off their GPU. Yields how many there are."""
-    modules = torch_modules(obj, depth)
-    home = [next((t.device for t in itertools.chain(m.parameters(), m.buffers())), None)
-            for m in modules]
-    try:
-        for m in modules:
-            m.to(device)
-        yield len(modules)
-    finally:
-        for m, where in zip(modules, home, strict=True):
-            if where is not None:
-                m.to(where)
 
 
 def shared_info(ref, sampler) -> dict:

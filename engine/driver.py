@@ -749,8 +749,9 @@ class _RayPool:
     def _start_actors(self, sampler, engine: EngineConfig) -> None:
         import ray
 
-        from actors.decoder import DecoderActor, models_on
+        from actors.decoder import DecoderActor
         from actors.knn_residual import KnnResidualActor
+        from engine.model import models_on
 
         # Ship the weights on the CPU: kNN actors (and CPU-only nodes) must be able to load
         # them; a decoder actor on a GPU node moves its copy to CUDA itself. ray.put copies
@@ -1130,20 +1131,11 @@ def sampler_probe(sampler, start_context: np.ndarray, seed: int) -> str:
     from the start context with a stream of their own, as the store keeps them (float32
     vols), on the CPU wherever its models sit (where decoding happens is the fingerprint's
     other half: ``devices`` of the executor). Another model draws other bytes."""
-    from engine.model import torch_modules
+    from engine.model import models_on
 
-    modules = torch_modules(sampler)
-    places = [next(itertools.chain(m.parameters(), m.buffers()), None) for m in modules]
-    places = [None if p is None else p.device for p in places]
     rng = node_rng(seed, 0, 0, PROBE)
-    try:
-        for m in modules:
-            m.to("cpu")
+    with models_on(sampler, "cpu"):
         x = sampler.sample_log(np.asarray(start_context)[None], _PROBE_SAMPLES, [rng])
-    finally:
-        for m, place in zip(modules, places, strict=True):
-            if place is not None:
-                m.to(place)
     with np.errstate(over="ignore", under="ignore"):
         iv = np.exp(np.asarray(x, dtype=np.float64)).astype(np.float32)
     if not (np.all(np.isfinite(iv)) and np.all(iv > 0)):

@@ -17,6 +17,8 @@ so the decoder learns to read prior samples.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 from pathlib import Path
 
@@ -282,6 +284,25 @@ def torch_modules(obj, depth: int = 2) -> list[nn.Module]:
 
     walk(vars(obj).values() if hasattr(obj, "__dict__") else (), depth)
     return found
+
+
+@contextlib.contextmanager
+def models_on(obj, device: str, depth: int = 2):
+    """``obj``'s torch modules (``torch_modules``) on ``device`` inside the block, and back
+    where each was after it (also on an error): the Ray driver ships a sampler's weights on
+    the CPU, and the store's probe draws there, without moving the caller's models off
+    their GPU. Yields how many modules there are."""
+    modules = torch_modules(obj, depth)
+    home = [next((t.device for t in itertools.chain(m.parameters(), m.buffers())), None)
+            for m in modules]
+    try:
+        for m in modules:
+            m.to(device)
+        yield len(modules)
+    finally:
+        for m, where in zip(modules, home, strict=True):
+            if where is not None:
+                m.to(where)
 
 
 def device_label(device: torch.device | str) -> str:

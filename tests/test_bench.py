@@ -207,7 +207,7 @@ def test_gpu_bench_counts_the_forecasts_of_a_node(tmp_path):
     assert prof["point_models"] == cfg.sampler.n_folds
     # a node's candidates: more than one (its 16 draws are not all one path), at most lookahead
     assert 2.0 < prof["contexts_per_node"] <= 1 + min(cfg.tree.lookahead, 16)
-    assert prof["forecasts_per_node"] == pytest.approx(prof["contexts_per_node"] * 5)
+    assert prof["forecasts_per_node"] == pytest.approx(prof["contexts_per_node"] * 5)  # folds
     rates = result["decoder_forecasts_per_s"]
     cuda = result["device"]["torch_device"] != "cpu"
     assert set(rates) == {"4096", "65536"} | ({"65536_resident", "4096_cpu"} if cuda else set())

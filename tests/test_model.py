@@ -258,7 +258,7 @@ def test_models_shipped_on_the_cpu_go_back_to_their_gpu():
     caller's models stay on their GPU afterwards (a later inline run decodes there)."""
     import types
 
-    from actors.decoder import models_on
+    from engine.model import models_on
 
     model = fresh_model(tiny_config(), (7, 6)).to("cuda")
     holder = types.SimpleNamespace(models=[model], keys=types.SimpleNamespace(model=model))
