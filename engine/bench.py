@@ -16,8 +16,9 @@ bench changed. What each number is:
     the next contexts back; a level's array creation, marginal finalize and metadata are
     outside). The Ray runs share one local Ray (``engine.num_cpus`` CPUs) started here, so
     Ray's start-up is not in them; each run starts its own actors (as ``backfill run``
-    does), so the actors' start-up is in level 1. ``*_nodes_per_s_from_level_2``: the same
-    over levels 2.. only (level 1 is one node), i.e. without that start-up.
+    does): the driver waits for the decoder actors before level 1, so the kNN actors'
+    start-up is in level 1. ``*_nodes_per_s_from_level_2``: the same over levels 2.. only
+    (level 1 is one node), i.e. without that start-up.
 ``decoder_forecasts_per_s``
     ``CVAE.median`` (p50 paths, the decoder half of a tree task) on a batch of contexts of
     the data (4096; 512 with --quick), on the model's torch device, after a warm-up call.
@@ -72,9 +73,9 @@ import numpy as np
 from engine.config import Config
 from engine.errors import ConfigError
 
-__all__ = ["DEFAULT_SAMPLES", "BenchPlan", "bench_config", "decoder_bound", "device_info",
-           "plan_for", "render_gpu_table", "render_table", "rss_child", "run_bench",
-           "run_gpu_bench", "stage_profile"]
+__all__ = ["DEFAULT_SAMPLES", "BenchPlan", "bench_config", "decoder_bound",
+           "decoder_half_throughput", "device_info", "plan_for", "render_gpu_table",
+           "render_table", "rss_child", "run_bench", "run_gpu_bench", "stage_profile"]
 
 TREE_KEYS = ("5", "6", "7")
 RSS_KEYS = ("6", "8", "9")
@@ -311,8 +312,9 @@ def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
 
 def decoder_resident(fitted: _Fitted, n: int, min_seconds: float) -> dict:
     """p50 forecasts per second with inputs and outputs left on the model's device (one
-    fixed-shape call per MICRO rows, synchronised before the clock stops): what the
-    decoder itself does, without the copies to and from numpy that ``CVAE.median`` makes."""
+    fixed-shape ``CVAE.p50`` call per MICRO rows, synchronised before the clock stops): what
+    the decoder itself does, without the copies to and from numpy that ``CVAE.median``
+    makes."""
     import torch
 
     from engine.model import MICRO
@@ -322,19 +324,39 @@ def decoder_resident(fitted: _Fitted, n: int, min_seconds: float) -> dict:
     device = model.loc.device
     anchors = np.resize(np.arange(c - 1, panel.n_days - h), n)
     x = torch.as_tensor(panel.contexts_at(anchors, c), dtype=torch.float32, device=device)
-    med = model.cfg.quantiles.index(0.5)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     @torch.no_grad()
     def call():
         for i in range(0, n, MICRO):
-            model._at_prior_mean(x[i: i + MICRO])[:, med]
+            model.p50(x[i: i + MICRO])
         sync()
 
     model.eval()
     out = _rate(call, n, min_seconds, max_reps=50)
     out["device"] = str(device)
     return out
+
+
+def decoder_half_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
+    """Contexts per second of the engine's decoder half (``driver.decode_batch``: every
+    fold model's p50 path and the kNN key, through numpy, as a tree task decodes) on ``n``
+    real contexts at once, after a warm-up call; None for a sampler without that half."""
+    from engine import driver
+    from engine.model import MICRO
+
+    if not driver.is_split(fitted.sampler):
+        return None
+    panel, c, h = fitted.prep.panel, fitted.config.data.context, fitted.config.data.horizon
+    contexts = np.exp(panel.contexts_at(np.resize(np.arange(c - 1, panel.n_days - h), n), c))
+
+    def call():
+        driver.decode_batch(fitted.sampler, contexts)
+
+    def warmup():
+        driver.decode_batch(fitted.sampler, contexts[:MICRO])
+
+    return _rate(call, n, min_seconds, max_reps=20, warmup=warmup)
 
 
 def _bank_keys(fitted: _Fitted) -> tuple[np.ndarray, int]:
@@ -501,14 +523,15 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
             "forecasts_per_node": contexts_per_node * n_models}
 
 
-def decoder_bound(decoder_rates: dict[str, float], profile: dict) -> float | None:
-    """Node expansions per second if the decoder were the only work: its best rate on the
-    model's device (with the output left there when measured) over the p50 forecasts one
-    node makes (its own context and its lookahead candidates', once per fold model)."""
-    rates = [v for k, v in decoder_rates.items() if not k.endswith("_cpu")]
-    if not profile.get("split") or not rates:
+def decoder_bound(contexts_per_s: float | None, profile: dict) -> float | None:
+    """Expansions per second of nodes with a lookahead (every level's but the last) if the
+    engine's decoder half were their only work: its contexts per second
+    (``decoder_half_throughput``: every fold model's p50 and the kNN key, in full
+    micro-batches) over the contexts one such node decodes (its own and its candidates').
+    An upper bound: a task's last micro-batch is padded."""
+    if contexts_per_s is None or not profile.get("split"):
         return None
-    return max(rates) / profile["forecasts_per_node"]
+    return contexts_per_s / profile["contexts_per_node"]
 
 
 def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
@@ -516,8 +539,9 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
                   workdir: Path | None = None, console=None) -> dict:
     """The GPU part (``backfill bench --gpu``): the CVAE trained and decoding on the torch
     device (CUDA where present), decoder forecasts/s at several batch sizes (and on the
-    CPU for comparison), the per-stage profile of a node expansion with the p50 forecasts it
-    makes (and so the nodes/s the decoder alone would allow), and full inline trees
+    CPU for comparison), the engine's decoder half (contexts/s of every fold model's p50
+    and the kNN key), the per-stage profile of a node expansion with the contexts it
+    decodes (and so the nodes/s the decoder half alone would allow), and full inline trees
     (the inline backend stands in for Ray) at each M of ``samples``, each depth of
     ``depths`` and each ``engine.threads`` of ``threads`` (default: 1 and one per core);
     at the larger M only the first depth, with the most threads, so that it fits the time."""
@@ -545,6 +569,10 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
         for n in (4096, 65536):
             decoder[str(n)] = decoder_throughput(fitted, n, 1.0)
             say(f"decoder, batch {n}: {decoder[str(n)]['per_s']:,.0f} forecasts/s")
+        half = decoder_half_throughput(fitted, 4096, 1.0)
+        if half is not None:
+            say(f"decoder half (every fold model's p50 and the kNN key), batch 4096: "
+                f"{half['per_s']:,.0f} contexts/s")
         if str(fitted.model.loc.device) != "cpu":
             decoder["65536_resident"] = decoder_resident(fitted, 65536, 1.0)
             say(f"decoder, batch 65536, output left on the device: "
@@ -560,11 +588,13 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
             fm = replace(fitted, config=cfg_m)
             profile[str(m)] = prof = stage_profile(fm, 256 if m <= 64 else 128, m)
             prof["decoder_bound_nodes_per_s"] = decoder_bound(
-                {k: v["per_s"] for k, v in decoder.items()}, prof)
+                None if half is None else half["per_s"], prof)
             say(f"stage profile, M = {m}: {prof.get('ms_per_node')}")
             if prof["decoder_bound_nodes_per_s"] is not None:
-                say(f"M = {m}: {prof['forecasts_per_node']:.1f} p50 forecasts per node, so the "
-                    f"decoder alone allows {prof['decoder_bound_nodes_per_s']:,.0f} nodes/s")
+                say(f"M = {m}: a lookahead node decodes {prof['contexts_per_node']:.1f} "
+                    f"contexts ({prof['forecasts_per_node']:.0f} p50 forecasts), so the "
+                    f"decoder half alone allows {prof['decoder_bound_nodes_per_s']:,.0f} "
+                    "of them a second")
             small = m == min(samples)
             for depth in depths if small else depths[:1]:
                 for n_threads in threads if small else (max(threads),):
@@ -577,13 +607,15 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
                         f"{r['nodes_per_s']:,.0f} nodes/s")
         return {"part": "gpu", "decoder_forecasts_per_s": {k: v["per_s"]
                                                            for k, v in decoder.items()},
+                "decoder_half_contexts_per_s": None if half is None else half["per_s"],
                 "inline_nodes_per_s": {f"M{r['n_samples']}_depth{r['depth']}_threads"
                                        f"{r['threads']}": r["nodes_per_s"] for r in trees},
                 "decoder_bound_nodes_per_s": {m: p.get("decoder_bound_nodes_per_s")
                                               for m, p in profile.items()},
                 "same_bytes_across_threads": same_bytes(trees),
                 "stage_profile": profile, "device": device_info(str(fitted.model.loc.device)),
-                "details": {"fit_seconds": fit_s, "decoder": decoder, "tree": trees,
+                "details": {"fit_seconds": fit_s, "decoder": decoder, "decoder_half": half,
+                            "tree": trees,
                             "sampler": config.sampler.method,
                             "grid": list(fitted.prep.panel.grid_shape),
                             "total_seconds": time.perf_counter() - t_start},
@@ -612,15 +644,18 @@ def render_gpu_table(result: dict):
         n, _, where = key.partition("_")
         table.add_row("decoder p50 forecasts, 1 model", f"batch {n}, {where or result['device']['torch_device']}",
                       _fmt(rate), "forecasts/s")
+    if result.get("decoder_half_contexts_per_s") is not None:
+        table.add_row("decoder half: every fold model's p50 + kNN key", "batch 4096",
+                      _fmt(result["decoder_half_contexts_per_s"]), "contexts/s")
     for m, prof in result["stage_profile"].items():
         if prof.get("split"):
             parts = ", ".join(f"{k} {v:.3f}" for k, v in prof["ms_per_node"].items())
             table.add_row("node expansion by stage", f"M = {m}", parts, "ms/node")
             table.add_row("", f"M = {m}, stages only", _fmt(prof["nodes_per_s"]), "nodes/s")
             if prof.get("decoder_bound_nodes_per_s") is not None:
-                table.add_row("", f"M = {m}, decoder alone ({prof['forecasts_per_node']:.1f} "
-                              "forecasts/node)", _fmt(prof["decoder_bound_nodes_per_s"]),
-                              "nodes/s")
+                table.add_row("", f"M = {m}, decoder half alone ({prof['contexts_per_node']:.1f}"
+                              " contexts/node)", _fmt(prof["decoder_bound_nodes_per_s"]),
+                              "lookahead nodes/s")
     for r in result["details"]["tree"]:
         table.add_row("tree expansions, inline",
                       f"M = {r['n_samples']}, depth {r['depth']}, {r['threads']} thread(s)",

@@ -173,16 +173,19 @@ class CVAE(nn.Module):
         """Quantile paths (B, Q, H, n_m, n_tau) in log-IV, decoded at the prior's mean z."""
         return self._batched(self._at_prior_mean, log_ctx)
 
+    def p50(self, x: torch.Tensor) -> torch.Tensor:
+        """Tensors in and out: the p50 path (B, H, n_m, n_tau) in log-IV of contexts x
+        (B, C, n_m, n_tau), the median of ``_at_prior_mean``, to the bit, decoding no other
+        quantile."""
+        e = self.encode(x)
+        mu_p, _ = self.prior(e)
+        out = x[:, -1].flatten(1)[:, None, :] + self.decoder.p50(e, mu_p) * self.scale
+        return out.reshape(out.shape[0], self.horizon, *self.grid_shape)
+
     def median(self, log_ctx: np.ndarray) -> np.ndarray:
         """The p50 path (B, H, n_m, n_tau) in log-IV (only it leaves the device): the
-        median of ``forecast``, to the bit, decoding no other quantile."""
-        def p50(x):
-            e = self.encode(x)
-            mu_p, _ = self.prior(e)
-            out = x[:, -1].flatten(1)[:, None, :] + self.decoder.p50(e, mu_p) * self.scale
-            return out.reshape(out.shape[0], self.horizon, *self.grid_shape)
-
-        return self._batched(p50, log_ctx)
+        median of ``forecast``, to the bit (``p50`` in fixed-shape micro-batches)."""
+        return self._batched(self.p50, log_ctx)
 
     def decode_prior(self, log_ctx: np.ndarray, eps: np.ndarray, noise_scale: float = 1.0,
                      ) -> np.ndarray:

@@ -49,6 +49,11 @@ def test_shapes(grid):
     assert model.embed(log_ctx).shape == (5, cfg.model.embed_dim)
     assert model.median(log_ctx).shape == (5, H, *grid)
     np.testing.assert_array_equal(model.median(log_ctx), q[:, 2])
+    # the tensor path (bench's resident rate times it) in one full micro-batch: the same bits
+    padded = np.concatenate([log_ctx, np.repeat(log_ctx[:1], MICRO - 5, axis=0)])
+    with torch.no_grad():
+        direct = model.eval().p50(torch.as_tensor(padded, dtype=torch.float32))[:5]
+    np.testing.assert_array_equal(model.median(log_ctx), direct.numpy().astype(np.float64))
     eps = np.random.default_rng(1).standard_normal((5, 3, cfg.model.latent_dim))
     paths = model.decode_prior(log_ctx, eps)
     assert paths.shape == (5, 3, H, *grid)
