@@ -783,7 +783,6 @@ class _RayPool:
         self.capacity = engine.max_in_flight * len(self.knn)
         self._pending = {}  # ObjectRef -> kNN actor index
         self._load = [0] * len(self.knn)
-        self._submitted = 0
 
     def devices(self) -> set[str]:
         """Where the decoder half runs: the decoder actors' devices (a generic sampler's one
@@ -811,7 +810,9 @@ class _RayPool:
     def submit(self, batch: Batch, plan: LevelPlan) -> None:
         a = int(np.argmin(self._load))
         if self.split:
-            dec = self.decoders[self._submitted % len(self.decoders)]
+            # by task number: a resumed level sends each task to the decoder a straight run
+            # did (decoders on different GPU models round differently)
+            dec = self.decoders[batch.index % len(self.decoders)]
             point_keys = dec.point_and_keys.remote(batch.contexts)
             # the lookahead builds its candidates' contexts from the nodes' own and has the
             # decoder actor decode them; otherwise the kNN actor needs no contexts
@@ -820,7 +821,6 @@ class _RayPool:
                                             dec if plan.look else None)
         else:
             ref = self.knn[a].expand.remote(batch, plan, None)
-        self._submitted += 1
         self._pending[ref] = a
         self._load[a] += 1
 
