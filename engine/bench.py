@@ -338,7 +338,7 @@ def decoder_resident(fitted: _Fitted, n: int, min_seconds: float) -> dict:
     return out
 
 
-def decoder_half_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
+def decoder_half_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict | None:
     """Contexts per second of the engine's decoder half (``driver.decode_batch``: every
     fold model's p50 path and the kNN key, through numpy, as a tree task decodes) on ``n``
     real contexts at once, after a warm-up call; None for a sampler without that half."""
@@ -519,13 +519,13 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
     return {"split": True, "nodes": n_nodes, "n_samples": n_samples,
             "seconds": t, "ms_per_node": {k: 1e3 * v / n_nodes for k, v in t.items()},
             "share": {k: v / total for k, v in t.items()}, "nodes_per_s": n_nodes / total,
-            "contexts_per_node": contexts_per_node, "point_models": n_models,
-            "forecasts_per_node": contexts_per_node * n_models}
+            "lookahead": plan.look, "contexts_per_node": contexts_per_node,
+            "point_models": n_models, "forecasts_per_node": contexts_per_node * n_models}
 
 
 def decoder_bound(contexts_per_s: float | None, profile: dict) -> float | None:
-    """Expansions per second of nodes with a lookahead (every level's but the last) if the
-    engine's decoder half were their only work: its contexts per second
+    """Expansions per second of the profile's nodes (with the lookahead: every level's but
+    the last) if the engine's decoder half were their only work: its contexts per second
     (``decoder_half_throughput``: every fold model's p50 and the kNN key, in full
     micro-batches) over the contexts one such node decodes (its own and its candidates').
     An upper bound: a task's last micro-batch is padded."""
@@ -591,10 +591,10 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
                 None if half is None else half["per_s"], prof)
             say(f"stage profile, M = {m}: {prof.get('ms_per_node')}")
             if prof["decoder_bound_nodes_per_s"] is not None:
-                say(f"M = {m}: a lookahead node decodes {prof['contexts_per_node']:.1f} "
-                    f"contexts ({prof['forecasts_per_node']:.0f} p50 forecasts), so the "
-                    f"decoder half alone allows {prof['decoder_bound_nodes_per_s']:,.0f} "
-                    "of them a second")
+                kind = "lookahead node" if prof["lookahead"] else "node"
+                say(f"M = {m}: a {kind} decodes {prof['contexts_per_node']:.1f} contexts "
+                    f"({prof['forecasts_per_node']:.0f} p50 forecasts), so the decoder half "
+                    f"alone allows {prof['decoder_bound_nodes_per_s']:,.0f} of them a second")
             small = m == min(samples)
             for depth in depths if small else depths[:1]:
                 for n_threads in threads if small else (max(threads),):
@@ -655,7 +655,7 @@ def render_gpu_table(result: dict):
             if prof.get("decoder_bound_nodes_per_s") is not None:
                 table.add_row("", f"M = {m}, decoder half alone ({prof['contexts_per_node']:.1f}"
                               " contexts/node)", _fmt(prof["decoder_bound_nodes_per_s"]),
-                              "lookahead nodes/s")
+                              "lookahead nodes/s" if prof.get("lookahead") else "nodes/s")
     for r in result["details"]["tree"]:
         table.add_row("tree expansions, inline",
                       f"M = {r['n_samples']}, depth {r['depth']}, {r['threads']} thread(s)",

@@ -805,14 +805,14 @@ class _RayPool:
                     f"{','.join(map(str, info['gpu_ids']))}, but its torch {info['torch']} "
                     "cannot use CUDA there; install a CUDA build of torch on the GPU nodes, or "
                     "set engine.decoder_gpus = 0 to decode on CPUs")
-        return {info["device_label"] for info in infos}
+        labels = {info["device_label"] for info in infos}
+        _check_one_decoder_kind(labels)
+        return labels
 
     def submit(self, batch: Batch, plan: LevelPlan) -> None:
         a = int(np.argmin(self._load))
         if self.split:
-            # by task number: a resumed level sends each task to the decoder a straight run
-            # did (decoders on different GPU models round differently)
-            dec = self.decoders[batch.index % len(self.decoders)]
+            dec = self.decoders[batch.index % len(self.decoders)]  # round robin by task
             point_keys = dec.point_and_keys.remote(batch.contexts)
             # the lookahead builds its candidates' contexts from the nodes' own and has the
             # decoder actor decode them; otherwise the kNN actor needs no contexts
@@ -1143,6 +1143,19 @@ def sampler_probe(sampler, start_context: np.ndarray, seed: int) -> str:
                         "the start context (it diverged); check the data and the sampler's "
                         "settings")
     return hashlib.sha256(iv.tobytes()).hexdigest()[:32]
+
+
+def _check_one_decoder_kind(devices: set[str]) -> None:
+    """Refuse decoder actors on different kinds of device (two GPU models, or GPUs and
+    CPUs): their forecasts round differently, so the store's bytes would depend on which
+    decoder took which task, which Ray's placement of the actors decides anew on every run.
+    (Inline, the sampler's models sit where they sit: the same on every run.)"""
+    if len(devices) > 1:
+        raise ConfigError(f"the decoder actors run on {' and '.join(sorted(devices))}, whose "
+                          "forecasts round differently: the store would depend on which "
+                          "decoder took which task; keep the decoders on one GPU model (a "
+                          "node type or custom resource of their own), or decode on CPUs "
+                          "(engine.decoder_gpus = 0)")
 
 
 def _check_sampler_fingerprint(store: ScenarioStore, fingerprint: str) -> None:

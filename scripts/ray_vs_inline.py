@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -36,28 +37,32 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a loopback-only Ray
     cores = os.cpu_count() or 2
     cfg = Config.from_dict({"train": {"epochs": args.epochs},
                             "tree": {"n_samples": args.n_samples},
                             "engine": {"n_knn": args.knn, "n_decoders": args.decoders,
                                        "batch_size": args.batch, "num_cpus": cores}})
     work = Path(tempfile.mkdtemp(prefix="ray-vs-inline-"))
-    t0 = time.perf_counter()
-    fitted = bench._fit(cfg, work, None)
-    print(f"fitted in {time.perf_counter() - t0:.1f} s on {fitted.model.loc.device}", flush=True)
-    result = {"device": bench.device_info(str(fitted.model.loc.device)),
-              "config": cfg.to_dict(), "runs": []}
-    for backend, threads in (("ray", None), ("inline", cores)):
-        r = bench.tree_throughput(fitted, args.depth, backend, work, threads=threads,
-                                  digest=True)
-        r["nodes_per_s_from_level_2"] = bench._warm_rate(r)
-        result["runs"].append(r)
-        levels = ", ".join(f"{x['level']}: {x['nodes']} in {x['seconds']:.2f} s"
-                           for x in r["levels"])
-        print(f"{backend} ({f'{threads} threads' if threads else f'{args.knn} kNN actors'}): "
-              f"{r['nodes_per_s']:,.1f} nodes/s ({r['nodes_per_s_from_level_2']:,.1f} from "
-              f"level 2); levels {levels}", flush=True)
+    try:
+        t0 = time.perf_counter()
+        fitted = bench._fit(cfg, work, None)  # as `backfill bench` fits (module-private)
+        print(f"fitted in {time.perf_counter() - t0:.1f} s on {fitted.model.loc.device}",
+              flush=True)
+        result = {"device": bench.device_info(str(fitted.model.loc.device)),
+                  "config": cfg.to_dict(), "runs": []}
+        for backend, threads in (("ray", None), ("inline", cores)):
+            r = bench.tree_throughput(fitted, args.depth, backend, work, threads=threads,
+                                      digest=True)
+            r["nodes_per_s_from_level_2"] = bench._warm_rate(r)
+            result["runs"].append(r)
+            levels = ", ".join(f"{x['level']}: {x['nodes']} in {x['seconds']:.2f} s"
+                               for x in r["levels"])
+            who = f"{threads} threads" if threads else f"{args.knn} kNN actors"
+            print(f"{backend} ({who}): {r['nodes_per_s']:,.1f} nodes/s "
+                  f"({r['nodes_per_s_from_level_2']:,.1f} from level 2); levels {levels}",
+                  flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     result["same_bytes"] = len({r["digest"] for r in result["runs"]}) == 1
     print(f"same store bytes: {'yes' if result['same_bytes'] else 'NO'}")
     if args.json is not None:

@@ -208,7 +208,8 @@ def test_gpu_bench_counts_what_a_node_decodes(tmp_path):
     assert prof["point_models"] == cfg.sampler.n_folds
     # a node's candidates: more than one (its 16 draws are not all one path), at most lookahead
     assert 2.0 < prof["contexts_per_node"] <= 1 + min(cfg.tree.lookahead, 16)
-    assert prof["forecasts_per_node"] == pytest.approx(prof["contexts_per_node"] * 5)  # folds
+    assert prof["lookahead"] and prof["forecasts_per_node"] == pytest.approx(
+        prof["contexts_per_node"] * prof["point_models"])
     half = result["decoder_half_contexts_per_s"]
     assert _positive(half) and half == result["details"]["decoder_half"]["per_s"]
     # five p50 forecasts and a key per context: slower than one model's forecasts alone

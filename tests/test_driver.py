@@ -1007,3 +1007,12 @@ def test_an_online_calibrated_sampler_runs_the_tree(tmp_path):
     make_run(tmp_path / "split.zarr", split_cfg)
     a, s = store_arrays(tmp_path / "a.zarr"), store_arrays(tmp_path / "split.zarr")
     assert not np.array_equal(a["level_01/paths"], s["level_01/paths"])
+
+
+def test_decoders_on_two_kinds_of_device_are_refused():
+    """Decoders on two GPU models (or GPUs and CPUs) round differently: which one took a task
+    would decide the bytes, so such a run stops before its first level, in one line."""
+    driver._check_one_decoder_kind({"cuda NVIDIA H100 80GB HBM3"})  # one kind: fine
+    with pytest.raises(ConfigError, match=r"cuda NVIDIA A10G and cuda NVIDIA H100 .* one GPU "
+                                          r"model"):
+        driver._check_one_decoder_kind({"cuda NVIDIA H100 80GB HBM3", "cuda NVIDIA A10G"})

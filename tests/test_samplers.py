@@ -225,7 +225,7 @@ def test_a_fold_model_never_learns_its_own_blocks_outcomes(point):
 
 
 @pytest.mark.parametrize("point", ["cvae", "pca-ar"])
-def test_each_residual_rides_on_the_fold_model_that_made_it(point):
+def test_each_residual_rides_on_the_fold_model_that_made_it(point, monkeypatch):
     """CV+: a residual drawn for a context is added to the forecast of the model that made it,
     so a bank window's own context with its own residual gives back its realised path
     exactly; and every drawn sample is its fold model's forecast plus its residual."""
@@ -256,9 +256,23 @@ def test_each_residual_rides_on_the_fold_model_that_made_it(point):
         from engine.model import models_on
 
         assert move_models(sampler, "cpu") == 3 + 1  # the fold models and the keys' CVAE
-        with models_on(sampler, "cpu") as n:
-            assert n == 3 + 1
-        assert all(m.loc.device.type == "cpu" for m in sampler.point_models_)  # where they were
+        import torch
+
+        moves = []
+        with monkeypatch.context() as mp:  # every move, in order: to the CPU, then back
+            real_to = torch.nn.Module.to
+
+            def to(module, *args, **kwargs):
+                moves.append((id(module), str(args[0])))
+                return real_to(module, *args, **kwargs)
+
+            mp.setattr(torch.nn.Module, "to", to)
+            with models_on(sampler, "cpu") as n:
+                assert n == 3 + 1 and len(moves) == 4
+            assert len(moves) == 8
+        ids = [i for i, _ in moves]
+        assert ids[:4] == ids[4:] and len(set(ids)) == 4  # each model once, and back
+        assert all(where == "cpu" for _, where in moves)  # to the CPU, back to where it was
 
 
 def test_context_features_shape_and_constants():
