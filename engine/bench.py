@@ -289,14 +289,18 @@ def tree_throughput(fitted: _Fitted, depth: int, backend: str, workdir: Path,
                        for s in stats], "digest": sha}
 
 
+def _real_contexts(fitted: _Fitted, n: int) -> np.ndarray:
+    """``n`` log-IV contexts (n, C, n_m, n_tau) of the data's complete windows, in order,
+    cycled when the data has fewer."""
+    panel, c, h = fitted.prep.panel, fitted.config.data.context, fitted.config.data.horizon
+    return panel.contexts_at(np.resize(np.arange(c - 1, panel.n_days - h), n), c)
+
+
 def decoder_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict:
     """p50 forecasts per second of the CVAE on ``n`` real contexts at once."""
     from engine.model import MICRO
 
-    panel, c, h = fitted.prep.panel, fitted.config.data.context, fitted.config.data.horizon
-    anchors = np.arange(c - 1, panel.n_days - h)
-    anchors = np.resize(anchors, n)  # cycled when the data has fewer windows
-    log_ctx = panel.contexts_at(anchors, c)
+    log_ctx = _real_contexts(fitted, n)
     model = fitted.model
 
     def call():
@@ -319,11 +323,9 @@ def decoder_resident(fitted: _Fitted, n: int, min_seconds: float) -> dict:
 
     from engine.model import MICRO
 
-    panel, c, h = fitted.prep.panel, fitted.config.data.context, fitted.config.data.horizon
     model = fitted.model
     device = model.loc.device
-    anchors = np.resize(np.arange(c - 1, panel.n_days - h), n)
-    x = torch.as_tensor(panel.contexts_at(anchors, c), dtype=torch.float32, device=device)
+    x = torch.as_tensor(_real_contexts(fitted, n), dtype=torch.float32, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     @torch.no_grad()
@@ -347,8 +349,7 @@ def decoder_half_throughput(fitted: _Fitted, n: int, min_seconds: float) -> dict
 
     if not driver.is_split(fitted.sampler):
         return None
-    panel, c, h = fitted.prep.panel, fitted.config.data.context, fitted.config.data.horizon
-    contexts = np.exp(panel.contexts_at(np.resize(np.arange(c - 1, panel.n_days - h), n), c))
+    contexts = np.exp(_real_contexts(fitted, n))  # decode_batch takes iv
 
     def call():
         driver.decode_batch(fitted.sampler, contexts)
