@@ -486,7 +486,9 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
     of its passes), the lookahead (the candidates: found, decoded, drawn, and every marginal
     sum of the level) and the tree half (``_branch``: children by quantization, their
     weights; without the lookahead, the marginal sums too), as
-    ``expand_batch`` times them; nothing is written."""
+    ``expand_batch`` times them; nothing is written. Also counts what a node costs whatever
+    the hardware: the contexts it decodes and the values (paths x days x grid points) its
+    kNN half draws, both passes and its candidates' draws."""
     from engine import driver
     from engine.tree import stride_days
 
@@ -508,12 +510,22 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
     driver.decode_batch(sampler, contexts[: min(n_nodes, 64)])  # warm-up
     t = {"decode": 0.0, "draw": 0.0, "lookahead": 0.0, "branch": 0.0}
     looked = [0]  # lookahead contexts decoded (the nodes' own: expand_batch, one each)
+    drawn = [0]  # values the kNN half returned: paths x days x grid points, every pass
 
     def decode(candidates):
         looked[0] += len(candidates)
         return driver.decode_batch(sampler, candidates)
 
-    driver.expand_batch(sampler, batch, plan, timings=t, decode=decode)
+    def draw(*args, **kwargs):
+        out = type(sampler).draw(sampler, *args, **kwargs)
+        drawn[0] += out.size
+        return out
+
+    sampler.draw = draw  # counted for this one call (an instance attribute, removed below)
+    try:
+        driver.expand_batch(sampler, batch, plan, timings=t, decode=decode)
+    finally:
+        del sampler.draw
     total = sum(t.values())
     contexts_per_node = 1.0 + looked[0] / n_nodes
     n_models = len(getattr(sampler, "point_models_", ())) or 1
@@ -521,7 +533,8 @@ def stage_profile(fitted: _Fitted, n_nodes: int, n_samples: int) -> dict:
             "seconds": t, "ms_per_node": {k: 1e3 * v / n_nodes for k, v in t.items()},
             "share": {k: v / total for k, v in t.items()}, "nodes_per_s": n_nodes / total,
             "lookahead": plan.look, "contexts_per_node": contexts_per_node,
-            "point_models": n_models, "forecasts_per_node": contexts_per_node * n_models}
+            "point_models": n_models, "forecasts_per_node": contexts_per_node * n_models,
+            "sampled_values_per_node": drawn[0] / n_nodes}
 
 
 def decoder_bound(contexts_per_s: float | None, profile: dict) -> float | None:
@@ -596,6 +609,8 @@ def run_gpu_bench(config: Config, *, samples: tuple[int, ...] = (64, 512),
                 say(f"M = {m}: a {kind} decodes {prof['contexts_per_node']:.1f} contexts "
                     f"({prof['forecasts_per_node']:.0f} p50 forecasts), so the decoder half "
                     f"alone allows {prof['decoder_bound_nodes_per_s']:,.0f} of them a second")
+            say(f"M = {m}: the kNN half draws {prof['sampled_values_per_node']:,.0f} values "
+                "(paths x days x grid points) per node")
             small = m == min(samples)
             for depth in depths if small else depths[:1]:
                 for n_threads in threads if small else (max(threads),):
@@ -653,6 +668,8 @@ def render_gpu_table(result: dict):
             parts = ", ".join(f"{k} {v:.3f}" for k, v in prof["ms_per_node"].items())
             table.add_row("node expansion by stage", f"M = {m}", parts, "ms/node")
             table.add_row("", f"M = {m}, stages only", _fmt(prof["nodes_per_s"]), "nodes/s")
+            table.add_row("", f"M = {m}, values the kNN half draws (paths x days x grid)",
+                          _fmt(prof["sampled_values_per_node"]), "per node")
             if prof.get("decoder_bound_nodes_per_s") is not None:
                 table.add_row("", f"M = {m}, decoder half alone ({prof['contexts_per_node']:.1f}"
                               " contexts/node)", _fmt(prof["decoder_bound_nodes_per_s"]),

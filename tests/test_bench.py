@@ -210,6 +210,13 @@ def test_gpu_bench_counts_what_a_node_decodes(tmp_path):
     assert 2.0 < prof["contexts_per_node"] <= 1 + min(cfg.tree.lookahead, 16)
     assert prof["lookahead"] and prof["forecasts_per_node"] == pytest.approx(
         prof["contexts_per_node"] * prof["point_models"])
+    # what its kNN half draws: M paths twice (the choice's two passes) and lookahead_samples
+    # for each candidate, of H days on the grid
+    per_path = cfg.data.horizon * math.prod(result["details"]["grid"])
+    n_look = max(8, -(-cfg.tree.branching * 16 // cfg.tree.lookahead))
+    assert prof["sampled_values_per_node"] == pytest.approx(
+        (2 * 16 + (prof["contexts_per_node"] - 1) * n_look) * per_path)
+    assert "the kNN half draws" in proc.stdout
     half = result["decoder_half_contexts_per_s"]
     assert _positive(half) and half == result["details"]["decoder_half"]["per_s"]
     # five p50 forecasts and a key per context: slower than one model's forecasts alone
