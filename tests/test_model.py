@@ -258,7 +258,7 @@ def test_cuda_decoder_is_batch_independent_and_close_to_the_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_models_shipped_on_the_cpu_go_back_to_their_gpu():
+def test_cuda_models_shipped_on_the_cpu_go_back_to_their_gpu():
     """The Ray driver puts a sampler in the object store with its weights on the CPU; the
     caller's models stay on their GPU afterwards (a later inline run decodes there)."""
     import types
