@@ -157,8 +157,12 @@ class CVAE(nn.Module):
             if n < MICRO:
                 chunk = np.concatenate([chunk, np.repeat(chunk[:1], MICRO - n, axis=0)])
             x = torch.as_tensor(chunk, dtype=torch.float32, device=device)
-            outs.append(fn(x)[:n].cpu().numpy().astype(np.float64))
-        return np.concatenate(outs) if outs else np.zeros((0,))
+            outs.append(fn(x)[:n])  # left on the device: the next call queues behind it
+        if not outs:
+            return np.zeros((0,))
+        # one copy back, in float64 (exact from float32, on whichever side): a GPU is not
+        # made to wait for the host after every micro-batch
+        return torch.cat(outs).to(torch.float64).cpu().numpy()
 
     def embed(self, log_ctx: np.ndarray) -> np.ndarray:
         """Context embeddings (B, E): the kNN index's space."""
