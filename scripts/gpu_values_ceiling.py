@@ -9,9 +9,11 @@ lookahead). This script times the same steps as torch kernels on one device, wit
 resident there and the draws never leaving it: a random pick per sample (torch's generator,
 not the engine's per-node streams), the residual gather, the point added, the calibration
 scale, each node's sums of iv and iv^2 rounded to int64 fixed point, and an int64
-``scatter_add_`` of each value's mass into its (day, grid point) histogram row. Values/s over the values a node draws is the node rate such a redesign could
-not exceed; it leaves out the decoder, the neighbour search, the choice of children and the
-store.
+``scatter_add_`` of each value's mass into its (day, grid point) histogram row. Values/s
+over the values a node draws is the node rate such a redesign could not exceed; it leaves
+out the decoder, the neighbour search, the choice of children and the store. Measured on an
+H100 (nineteenth session, ``cluster/README.md``): 11.6 billion values/s in float64, 17 in
+float32.
 
     python scripts/gpu_values_ceiling.py [--device cuda] [--seconds 2]
 """
