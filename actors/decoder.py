@@ -13,17 +13,7 @@ import os
 import ray
 
 from engine.driver import decode_batch
-from engine.model import device_label, torch_modules
-
-
-def move_models(obj, device: str, depth: int = 2) -> int:
-    """Move every torch module among ``obj``'s attributes and their lists (``depth`` levels
-    down) to ``device``; returns how many moved (each once: the keys' CVAE and the fold
-    models may be reached along several paths)."""
-    modules = torch_modules(obj, depth)
-    for m in modules:
-        m.to(device)
-    return len(modules)
+from engine.model import device_label, move_models
 
 
 def shared_info(ref, sampler) -> dict:

@@ -293,12 +293,22 @@ def torch_modules(obj, depth: int = 2) -> list[nn.Module]:
     return found
 
 
+def move_models(obj, device: str, depth: int = 2) -> int:
+    """Move every torch module among ``obj``'s attributes and their lists (``depth`` levels
+    down) to ``device`` for good (a decoder actor's copy to its GPU); returns how many moved
+    (each once: the keys' CVAE and the fold models may be reached along several paths)."""
+    modules = torch_modules(obj, depth)
+    for m in modules:
+        m.to(device)
+    return len(modules)
+
+
 @contextlib.contextmanager
 def models_on(obj, device: str, depth: int = 2):
     """``obj``'s torch modules (``torch_modules``) on ``device`` inside the block, and back
     where each was after it (also on an error): the Ray driver ships a sampler's weights on
     the CPU, and the store's probe draws there, without moving the caller's models off
-    their GPU. Yields how many modules there are."""
+    their GPU (``move_models`` moves them for good). Yields how many modules there are."""
     modules = torch_modules(obj, depth)
     home = [next((t.device for t in itertools.chain(m.parameters(), m.buffers())), None)
             for m in modules]

@@ -252,8 +252,7 @@ def test_each_residual_rides_on_the_fold_model_that_made_it(point, monkeypatch):
     picks, res = sampler.residual_draw(ids, w, 16, [np.random.default_rng(i) for i in range(3)])
     np.testing.assert_allclose(out, fc[np.arange(3)[:, None], bank.fold[picks]] + res)
     if point == "cvae":
-        from actors.decoder import move_models
-        from engine.model import models_on
+        from engine.model import models_on, move_models
 
         assert move_models(sampler, "cpu") == 3 + 1  # the fold models and the keys' CVAE
         import torch
