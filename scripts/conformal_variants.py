@@ -2,7 +2,7 @@
 
 The VIX file's test span (2021-2023) is over-covered at 60 and 90 days by the default
 (see README, known limitations). This script fits ``knn-conformal`` as ``backfill
-evaluate`` does and scores, on every daily window of the evaluation's test span, five
+evaluate`` does and scores, on every daily window of the evaluation's test span, six
 alternatives that need no look at the test span:
 
 - ``per grid point``: one split scale per (horizon, grid point) instead of one per horizon;
@@ -11,6 +11,9 @@ alternatives that need no look at the test span:
   the bank's;
 - ``centred on the point``: bands about the point forecast instead of the neighbour
   mixture's mean (scores ``y / (hi - mu)``, ``-y / (mu - lo)``; samples ``c * (r - mu)``);
+- ``one scale per side``: the upper and the lower half-band calibrated apart, each to
+  1 - alpha/2 (asymmetric conformalized quantiles, Romano et al. 2019); its scale column
+  lists the upper side's over the default's, then the lower side's;
 - ``point recalibrated``: the fold models' forecasts of the change from the context's
   last day mapped by a Mincer-Zarnowitz fit per horizon on the bank (``a_h + b_h x``),
   residuals and scores recomputed.
@@ -18,6 +21,13 @@ alternatives that need no look at the test span:
   (``sampler.embedding = "features"``) instead of the CVAE embedding, scores and split
   scale recomputed (``rekeyed``: what ``evaluate`` reports as ``knn-conformal-features``;
   its scale column: over the default's).
+
+Whether the fitted history itself favours the online scale: each day of the bank, both
+scales as a forecaster had them that day (the expanding equal-weight conformal quantile of
+the scores realised by then, and the default online scale), scored by the quantile
+(pinball) loss at the nominal level against the scores the bank's windows anchored that day
+then realised. A lower loss for the online scale would have said, before the test span,
+that this market drifts enough to prefer it.
 
 First, how far a span's scores may stray from the split scale on this history: the 90%
 quantile of the bank's leave-one-out scores within each of its cross-fitting time blocks
@@ -94,6 +104,62 @@ def block_quantiles(sampler, panel, test_scores: np.ndarray, cols: list[int],
     return out
 
 
+def prequential_losses(sampler, cfg, panel, cols: list[int]) -> dict[str, list[float]]:
+    """Mean pinball loss at the coverage level over the bank's windows: the equal-weight
+    expanding scale (``split``) and the online one, each as issued on the window's anchor
+    day; per horizon at ``cols``, then pooled over every horizon. Only days on which both
+    had at least max(h, 10) realised h-day windows behind them count. ``panel``: the
+    fitted history."""
+    def path(**over):
+        c = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(
+            update={"conformal": "online", **over})})
+        return sampler.recalibrated(c, panel)._online_path(panel)
+
+    paths = {"split": path(online_memory_days=1e12, online_prior_episodes=0.0),
+             "online": path()}
+    tau, anchors = cfg.sampler.coverage, sampler.bank_.anchors
+    s = sampler.scores_.astype(np.float64)  # (N, H, G)
+    hs = np.arange(1, s.shape[1] + 1)
+    ok = (anchors[:, None] - anchors[0] >= hs[None, :] - 1 + np.maximum(hs, 10)[None, :])
+    ok = ok[:, :, None] & ~np.isnan(s)
+    out = {}
+    for name, p in paths.items():
+        d = np.where(ok, s - p[anchors][:, :, None], 0.0)
+        loss = np.maximum(tau * d, (tau - 1) * d)
+        per_h = loss.sum(axis=(0, 2)) / ok.sum(axis=(0, 2))
+        out[name] = [round(float(per_h[c]), 5) for c in cols] + [
+            round(float(loss.sum() / ok.sum()), 5)]
+    return out
+
+
+def signed(sampler):
+    """A copy of the fitted sampler whose scores keep their side: the usual score above
+    the mixture's mean, minus it below."""
+    c = copy.copy(sampler)
+
+    def _score(self, keys, y, exclude, extra):
+        lo, hi, mu = self._band(keys, exclude, extra)
+        up = (y - mu) / np.maximum(hi - mu, 1e-9)
+        down = (mu - y) / np.maximum(mu - lo, 1e-9)
+        return np.where(y >= mu, up, -down).astype(np.float32)
+
+    c._score = types.MethodType(_score, c)
+    c.scores_ = c._scores(np.arange(len(c.bank_.anchors)), c.horizon)
+    return c
+
+
+def side_scales(scores: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(H,) each: the conformal 1 - alpha/2 quantile of the upper and of the lower side's
+    score (asymmetric conformalized quantiles, Romano et al. 2019), from signed scores
+    (N, H, G); a window on the other side scores below zero on this one."""
+    s = scores.transpose(1, 0, 2).reshape(scores.shape[1], -1).astype(np.float64)
+    n = s.shape[1]
+    k = min(n, int(np.ceil((n + 1) * (1 - alpha / 2) - 1e-9)))
+    up = np.partition(np.where(s >= 0, s, -1.0), k - 1, axis=1)[:, k - 1]
+    down = np.partition(np.where(s < 0, -s, -1.0), k - 1, axis=1)[:, k - 1]
+    return up, down
+
+
 def centred(sampler):
     """A copy of the fitted sampler whose scores measure from the point forecast."""
     c = copy.copy(sampler)
@@ -159,12 +225,14 @@ def main() -> None:
     cols = [h - 1 for h in hz]
     rows = {}
 
-    def row(name: str, test_scores: np.ndarray, scale: np.ndarray) -> None:
-        """scale broadcasts against test_scores (n, H, G)."""
+    def row(name: str, test_scores: np.ndarray, scale: np.ndarray, rel=None) -> None:
+        """scale broadcasts against test_scores (n, H, G); ``rel``: the scale over the
+        default's to show, if not the mean of ``scale`` over it."""
         cover = (test_scores <= scale)[:, cols]
         ok = ~np.isnan(test_scores[:, cols])
-        rel = np.broadcast_to(scale, test_scores.shape)[:, cols].mean(
-            axis=(0, 2), dtype=np.float64) / sampler.split_scale_[cols]
+        if rel is None:
+            rel = np.broadcast_to(scale, test_scores.shape)[:, cols].mean(
+                axis=(0, 2), dtype=np.float64) / sampler.split_scale_[cols]
         rows[name] = {"coverage90": ((cover & ok).sum(axis=(0, 2)) / ok.sum(axis=(0, 2))
                                      ).round(3).tolist(),
                       "scale_over_default": rel.round(3).tolist()}
@@ -178,6 +246,11 @@ def main() -> None:
           f"{panel.dates[every[0]]!s:.10}..{panel.dates[every[-1]]!s:.10} the test span:")
     for name, q in blocks.items():
         print(f"  {name:27s} {q}")
+    pre = prequential_losses(sampler, cfg, prep.fit_panel(), cols)
+    print(f"pinball loss over the bank of the scale issued day by day, at {hz} and over "
+          "every horizon:")
+    for name, q in pre.items():
+        print(f"  {name:27s} {q}")
     row("split (default)", scores, sampler.split_scale_[None, :, None])
     # the sampler's own conformal quantile, of each grid point's scores alone: (H, G)
     per_point = np.stack([sampler._global_scale(sampler.scores_[:, :, [g]])
@@ -188,6 +261,13 @@ def main() -> None:
     c = centred(sampler)
     row("centred on the point", c.window_scores(panel)[every - a0],
         c._global_scale(c.scores_)[None, :, None])
+    sg = signed(sampler)
+    up, down = side_scales(sg.scores_, alpha)
+    ts = sg.window_scores(panel)[every - a0]  # signed; NaN stays NaN
+    per_side = np.where(ts >= 0, ts / up[None, :, None], -ts / down[None, :, None])
+    # its scale column: the upper side's over the default's, then the lower side's
+    row("one scale per side", per_side, np.ones((1, H, 1)),
+        rel=np.concatenate([up[cols], down[cols]]) / np.tile(sampler.split_scale_[cols], 2))
     r, slope = recalibrated_point(sampler, prep.fit_panel())
     print(f"bank's Mincer-Zarnowitz slopes at {hz}: {slope[cols].round(3).tolist()}")
     row("point recalibrated", r.window_scores(panel)[every - a0],
@@ -199,7 +279,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"data": args.data, "horizons": hz, "rows": rows, "blocks": blocks,
-                       "mz_slopes": slope[cols].round(4).tolist()}, f, indent=1)
+                       "mz_slopes": slope[cols].round(4).tolist(),
+                       "prequential_pinball": pre}, f, indent=1)
 
 
 if __name__ == "__main__":
