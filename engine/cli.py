@@ -400,17 +400,14 @@ def paths(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="F.np
     _console().print(f"wrote {full.shape[0]} paths of {full.shape[1]} days to {out}")
 
 
-@app.command()
+@app.command(help="VaR and ES of a long-one-vega-everywhere position at each level's "
+             "horizon.\n\nP&L = sum over the grid of (iv on the level's last day - iv at the "
+             "start), in iv units; from the weighted distribution of the level's nodes.")
 @user_errors
 def var(store: StoreOpt,
         levels: Annotated[str, typer.Option(help="Confidence levels, e.g. 0.95,0.99")] = "0.95,0.99",
         json_out: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
         ) -> None:
-    """VaR and ES of a long-one-vega-everywhere position at each level's horizon.
-
-    P&L = sum over the grid of (iv on the level's last day - iv at the start), in iv units;
-    from the weighted distribution of the level's nodes.
-    """
     from engine import driver
 
     alphas = list(dict.fromkeys(_csv(levels, float, "--levels")))  # one column per level
@@ -486,14 +483,14 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     _console().print(f"wrote {out}")
 
 
-@app.command()
+@app.command(help="Read a whole store back and check it; exit 2 if anything fails.\n\n"
+             "Every chunk decodes, no node is lost, doubled or given another parent, "
+             "children's weights sum to their parent's, every vol is finite and positive, "
+             "the marginals are complete and ordered.")
 @user_errors
 def check(store: StoreOpt,
           json_out: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
           ) -> None:
-    """Read a whole store back: every chunk decodes, no node is lost, doubled or given
-    another parent, children's weights sum to their parent's, every vol is finite and
-    positive, the marginals are complete and ordered. Exit 2 if anything fails."""
     import json
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn

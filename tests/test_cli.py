@@ -337,6 +337,27 @@ def test_help_exits_0(monkeypatch, capsys):
     assert stop.value.code == 0 and "--levels" in capsys.readouterr().out
 
 
+def test_help_paragraphs_have_no_hard_line_breaks():
+    """Rich keeps a help text's newlines, so a docstring wrapped at the source's width
+    prints as ragged lines in `--help`: every command's and option's help paragraphs must
+    be single lines."""
+    import typer
+
+    def commands(cmd, path=()):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from commands(sub, (*path, name))
+
+    seen = 0
+    for path, cmd in commands(typer.main.get_command(app)):
+        texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        for text in texts:
+            for paragraph in text.strip().split("\n\n"):
+                assert "\n" not in paragraph, f"backfill {' '.join(path)}: {paragraph!r}"
+        seen += 1
+    assert seen > 10
+
+
 def test_os_errors_get_the_fix_that_fits_them():
     import errno
 
