@@ -427,8 +427,8 @@ def calendar_violations(sample_surfaces: ArrayLike, maturity_days: ArrayLike) ->
 
     sample_surfaces (N, n_m, n_tau) iv, maturity_days (n_tau,) strictly increasing -> float.
     Total variance w = iv^2 * T, T = days / 365, must not decrease with maturity along any
-    moneyness row; a surface violates if some step has w[j] - w[j+1] > 1e-12 * |w[j]| (a
-    relative tolerance, so float rounding of equal total variances is not an arbitrage).
+    moneyness row; a surface violates if some step has w[j] - w[j+1] > 1e-6 * |w[j]| (a
+    relative tolerance, so float32 rounding of equal total variances is not an arbitrage).
     Flatten any extra leading axes (windows, samples, days) into N first.
     """
     surfaces = np.asarray(sample_surfaces)
