@@ -300,11 +300,22 @@ _UNREADABLE = (ValueError, KeyError, RuntimeError, OSError, EOFError, zarr.error
 # what a metadata file that does not decode raises (empty or garbled JSON, fields zarr
 # refuses); not I/O errors (a full disk): those must not restart a level
 _BAD_METADATA = (ValueError, KeyError, TypeError, zarr.errors.BaseZarrError)
+# what a chunk that does not decode raises; not I/O errors (a full disk has its own fix)
+_GARBLED = (ValueError, RuntimeError, zarr.errors.BaseZarrError)
 # the fix for a store whose data cannot be trusted (damaged, or failing `backfill check`)
 REDO = "rerun it into a new path (or with --overwrite)"
 _TEMP_SUFFIX = ".partial"
 _TEMP_MIN_AGE = 60.0  # seconds
 _DAMAGED = f"the store is damaged: {REDO}"
+
+
+def _whole(arr: np.ndarray, top: int) -> bool:
+    """Every value a whole number in 0..top (an integer array, or floats that are)."""
+    if arr.dtype.kind not in "iuf":
+        return False
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+        return False
+    return bool(arr.min() >= 0 and arr.max() <= top)
 
 
 def _is_temporary(name: str) -> bool:
@@ -661,6 +672,10 @@ class ScenarioStore:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=ZarrUserWarning)
             zarr.consolidate_metadata(self._root.store)
+        # durable now, not at the next level's completion: a crash of the machine must not
+        # leave the root's metadata (the run's attributes) empty under finished levels
+        _fsync(self.path / "zarr.json")
+        _fsync(self.path, directory=True)
 
     def _check_level_number(self, level: int) -> None:
         if not isinstance(level, (int, np.integer)) or not 1 <= level <= self.meta.depth:
@@ -846,12 +861,22 @@ class ScenarioStore:
         if paths.shape != want:
             raise StoreError(f"level {level}: paths have shape {paths.shape}, required {want} "
                              "(nodes, days, moneyness, maturity)")
+        # min > 0 is False for a NaN too
+        if not (paths.min() > 0 and paths.max() < np.inf):
+            bad = int(np.count_nonzero(~(np.isfinite(paths) & (paths > 0))))
+            raise StoreError(f"level {level}: {bad} path values are not finite positive vols "
+                             f"(min {paths.min()}, max {paths.max()}); fix the sampler's "
+                             "output, nothing was written")
         cols = {}
         for name, values, dtype in (("parent", parent, np.int64), ("branch", branch, np.int8),
                                     ("weight", weight, np.float64)):
             arr = np.asarray(values)
             if arr.shape != (n,):
                 raise StoreError(f"level {level}: {name} has shape {arr.shape}, required ({n},)")
+            if name != "weight" and not _whole(arr, np.iinfo(dtype).max):
+                raise StoreError(f"level {level}: {name} must hold whole numbers in "
+                                 f"0..{np.iinfo(dtype).max}, found {arr.dtype} values "
+                                 f"{arr.min()}..{arr.max()}; fix the tree's indices")
             cols[name] = arr.astype(dtype)
         w = cols["weight"]
         if not np.all(np.isfinite(w)) or np.any(w < 0):
@@ -1085,7 +1110,10 @@ class ScenarioStore:
             values = np.asarray(values, dtype=np.float32)
             if values.shape != shape:
                 raise StoreError(f"marginals: {name} has shape {values.shape}, required {shape}")
-            group[name][start_day: start_day + d] = values
+            try:  # a partial chunk is read first: one a crash left garbled does not decode
+                group[name][start_day: start_day + d] = values
+            except _GARBLED as err:
+                raise self._unreadable(f"{MARGINALS}/{name}", err) from None
 
     def write_marginals(self, days: np.ndarray, quantile_levels, quantiles: np.ndarray,
                         mean: np.ndarray, std: np.ndarray) -> None:

@@ -169,6 +169,24 @@ def test_marginals_round_trip_and_tidy_frame(tmp_path):
         store.write_marginal_days(0, q[:2], mean[:1], std[:2])
 
 
+def test_a_garbled_marginals_chunk_is_a_store_error_when_days_are_added(tmp_path):
+    """Days of the next level can share a marginals chunk with the last one's: the write
+    reads that chunk first, and one a machine crash left empty or garbled is reported as
+    damage in one line, not a codec's RuntimeError."""
+    store = make_store(tmp_path / "run.zarr")
+    D, Q = 2 * H, len(QUANTILES)
+    store.create_marginals(D, QUANTILES)
+    q = np.ones((H, Q, 3, 2), np.float32)
+    m = np.ones((H, 3, 2), np.float32)
+    store.write_marginal_days(0, q[:2], m[:2], m[:2])
+    chunks = [f for f in (store.path / "marginals" / "quantiles").rglob("*")
+              if f.is_file() and f.name != "zarr.json"]
+    assert len(chunks) == 1
+    chunks[0].write_bytes(b"\x00garbled")
+    with pytest.raises(StoreError, match="marginals/quantiles cannot be read.*damaged"):
+        store.write_marginal_days(2, q[:2], m[:2], m[:2])
+
+
 def test_write_marginals_in_one_call_and_unwritten_days_left_out_of_frame(tmp_path):
     store = make_store(tmp_path / "run.zarr")
     days = business_days_after(START, 3)
@@ -223,7 +241,7 @@ def test_xarray_sees_levels_created_after_others_were_complete(tree_store, tmp_p
     store = make_store(tmp_path / "deep.zarr", depth=3)
     days = business_days_after(START, 3 * H)
     store.create_level(1, 2, days[:H], (3, 2))
-    store.write_chunk(1, 0, np.zeros((2, H, 3, 2)), [0, 0], [0, 1], [0.5, 0.5])
+    store.write_chunk(1, 0, np.ones((2, H, 3, 2)), [0, 0], [0, 1], [0.5, 0.5])
     store.mark_level_complete(1)
     store.create_level(2, 4, days[H:2 * H], (3, 2))
     assert open_quietly(store.path, "level_02").sizes["node"] == 4
@@ -440,14 +458,15 @@ def test_a_read_of_a_level_waits_for_that_levels_writes_only(tmp_path, monkeypat
 def test_a_reopened_store_writes_a_chunk_equal_to_the_fill_value(tmp_path):
     """An array's write_empty_chunks is not stored in its zarr.json: the store sets it again
     on opening, so every chunk written has its file (what damage() counts), even one that
-    equals the fill value (branch -1 here)."""
+    equals the fill value (branch -1 here: write_chunk refuses it, so straight into the
+    array)."""
     store = make_store(tmp_path / "run.zarr", depth=1)
     store.create_level(1, 4, business_days_after(START, H), (3, 2))
     again = ScenarioStore.open(store.path, "r+")
-    p = np.ones((2, H, 3, 2), np.float32)
-    again.write_chunk(1, 0, p, [0, 0], [-1, -1], [0.5, 0.5])
+    branch = again._level(1).branch
+    branch[0:2] = np.int8(-1)
     assert (store.path / "level_01" / "branch" / "c.0").is_file()
-    assert again.read_level(1, 0, 2)["branch"].tolist() == [-1, -1]
+    assert branch[0:2].tolist() == [-1, -1]
 
 
 def test_a_failed_write_handed_over_is_raised_and_leaves_its_chunk_undone(tmp_path):
@@ -490,7 +509,7 @@ def test_writeback_hint_is_found_on_linux_and_ignores_a_missing_file(tmp_path):
 def test_misaligned_or_malformed_writes_are_refused(tmp_path):
     store = make_store(tmp_path / "run.zarr", chunk_nodes=4)
     store.create_level(1, 10, business_days_after(START, H), (3, 2))
-    p = np.zeros((4, H, 3, 2), np.float32)
+    p = np.ones((4, H, 3, 2), np.float32)
     z, w = np.zeros(4, int), np.full(4, 0.1)
     with pytest.raises(StoreError, match="whole chunks of 4"):
         store.write_chunk(1, 2, p, z, z, w)  # start inside a chunk
@@ -506,8 +525,20 @@ def test_misaligned_or_malformed_writes_are_refused(tmp_path):
         store.write_chunk(1, 0, p, z, z, np.full(4, np.nan))
     with pytest.raises(StoreError, match="parents run 0..1"):
         store.write_chunk(1, 0, p, [0, 0, 1, 0], z, w)  # level 1 hangs off the start
+    for bad in (0.0, -0.2, np.nan, np.inf):  # vols are finite and positive
+        q = p.copy()
+        q[1, 3, 2, 1] = bad
+        with pytest.raises(StoreError, match="1 path values are not finite positive"):
+            store.write_chunk(1, 0, q, z, z, w)
+    for column, values in (("parent", [0, 0.5, 0, 0]), ("parent", [0, -1, 0, 0]),
+                           ("branch", [0, 1, 200, 3]), ("branch", [0, -1, 2, 3]),
+                           ("branch", [0, 1, np.nan, 3])):
+        args = {"parent": z, "branch": z, column: np.asarray(values)}
+        with pytest.raises(StoreError, match=f"{column} must hold whole numbers"):
+            store.write_chunk(1, 0, p, args["parent"], args["branch"], w)
+    assert store.chunks_done(1).tolist() == [False, False, False]  # none of those wrote
     store.write_chunk(1, 8, p[:2], z[:2], z[:2], w[:2])  # the short last chunk is whole
-    store.write_chunk(1, 0, np.zeros((8, H, 3, 2)), np.zeros(8), np.zeros(8), np.full(8, 0.1))
+    store.write_chunk(1, 0, np.ones((8, H, 3, 2)), np.zeros(8), np.zeros(8), np.full(8, 0.1))
     assert store.chunks_done(1).tolist() == [True, True, True]
     with pytest.raises(StoreError, match="no level_02"):
         store.write_chunk(2, 0, p, z, z, w)
@@ -538,7 +569,7 @@ def test_chunks_done_and_mark_level_complete(tmp_path):
     days = business_days_after(START, 2 * H)
     store.create_level(1, 5, days[:H], (3, 2))
     assert store.chunks_done(1).tolist() == [False, False, False]
-    p = np.zeros((2, H, 3, 2), np.float32)
+    p = np.ones((2, H, 3, 2), np.float32)
     store.write_chunk(1, 2, p, [0, 0], [2, 3], [0.2, 0.2])
     assert store.chunks_done(1).tolist() == [False, True, False]
     with pytest.raises(StoreError, match="2 of 3 chunks unwritten"):
