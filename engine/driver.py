@@ -1195,6 +1195,7 @@ def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
     s = stride_days(config.tree.stride, config.data.horizon)
     days = business_days_after(store.meta.start_date, depth * s)
     store.create_marginals(days, QUANTILE_LEVELS)
+    store.ensure_consolidated()
     for old in range(1, store.levels_complete + 1):  # stale checkpoints of finished levels
         _Checkpoint(store.path, old).remove()
     stats: list[LevelStats] = []

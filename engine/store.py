@@ -666,6 +666,15 @@ class ScenarioStore:
         if self.mode != "r+":
             raise StoreError(f"{self.path} is open read-only; open it with mode='r+' to write")
 
+    def ensure_consolidated(self) -> None:
+        """Consolidate the metadata again where a crash between a metadata write and its
+        consolidation left the root without it (xarray then warns at every open)."""
+        self._require_writable()
+        with self._reading("zarr.json"):
+            doc = json.loads((self.path / "zarr.json").read_bytes())
+        if not doc.get("consolidated_metadata"):
+            self._consolidate()
+
     def _consolidate(self) -> None:
         # v3 consolidated metadata is not in the spec yet (zarr warns), but xarray
         # looks for it first and warns when it is missing; we keep it fresh instead

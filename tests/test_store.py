@@ -455,6 +455,24 @@ def test_a_read_of_a_level_waits_for_that_levels_writes_only(tmp_path, monkeypat
     assert store.chunks_done(2).tolist() == [True, False, False]  # waited for it
 
 
+def test_ensure_consolidated_repairs_a_root_left_unconsolidated(tmp_path):
+    """A crash between writing the root's attributes and consolidating leaves the root
+    without consolidated metadata (xarray warns at every open); a resume puts it back."""
+    store = make_store(tmp_path / "run.zarr", depth=1)
+    store.create_level(1, 2, business_days_after(START, H), (3, 2))
+    store.write_chunk(1, 0, np.ones((2, H, 3, 2)), [0, 0], [0, 1], [0.5, 0.5])
+    store.mark_level_complete(1)
+    other = zarr.open_group(store.path, mode="r+", use_consolidated=False)
+    other.attrs["levels_complete"] = 1  # as mark_level_complete's write, then the crash
+    with pytest.warns(RuntimeWarning, match="consolidated metadata"):
+        xr.open_zarr(store.path, group="level_01")
+    again = ScenarioStore.open(store.path, "r+")
+    again.ensure_consolidated()
+    assert open_quietly(store.path, "level_01").sizes["node"] == 2
+    again.ensure_consolidated()  # fresh: nothing to do
+    assert again.levels_complete == 1
+
+
 def test_a_reopened_store_writes_a_chunk_equal_to_the_fill_value(tmp_path):
     """An array's write_empty_chunks is not stored in its zarr.json: the store sets it again
     on opening, so every chunk written has its file (what damage() counts), even one that
