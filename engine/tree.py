@@ -808,7 +808,8 @@ def resample_frontier(weights: ArrayLike, max_frontier: int,
     cum /= cum[-1]
     cum[-1] = 1.0
     u = (as_generator(rng).random() + np.arange(max_frontier)) / max_frontier
-    hits = np.searchsorted(cum, u, side="right")
+    # U within an ulp of 1 rounds the last u to exactly 1: the last node, not one past it
+    hits = np.minimum(np.searchsorted(cum, u, side="right"), n - 1)
     idx, counts = np.unique(hits, return_counts=True)
     return idx.astype(np.int64), counts / max_frontier
 

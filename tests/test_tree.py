@@ -373,6 +373,18 @@ def test_systematic_resampling_is_unbiased():
         np.testing.assert_allclose(nw, w)
 
 
+def test_resampling_with_u_an_ulp_below_one_stays_inside_the_frontier():
+    """U = nextafter(1, 0) rounds the last point (U + n - 1) / n to exactly 1: it hits the
+    last node, not one past the end."""
+
+    class AlmostOne(np.random.Generator):
+        def random(self, *args, **kwargs):
+            return np.nextafter(1.0, 0.0)
+
+    idx, nw = tree.resample_frontier(np.full(10, 0.1), 4, AlmostOne(np.random.PCG64(0)))
+    assert idx.tolist() == [2, 4, 7, 9] and nw.tolist() == [0.25] * 4
+
+
 def test_prune_min_weight_drops_and_renormalises():
     w = np.array([0.5, 0.001, 0.3, 0.009, 0.19])
     idx, nw = tree.prune_min_weight(w, 0.01)
