@@ -42,7 +42,7 @@ points or the test windows). The bank's own Mincer-Zarnowitz slopes are printed 
 (b < 1: the point forecast over-reacts).
 
     python scripts/conformal_variants.py --data ../shared/data/vix_term_2011_2023.csv  # ~2 min
-    python scripts/conformal_variants.py                    # the synthetic market, ~21 min
+    python scripts/conformal_variants.py                    # the synthetic market, ~30 min
 """
 
 from __future__ import annotations
