@@ -132,46 +132,41 @@ def prequential_losses(sampler, cfg, panel, cols: list[int]) -> dict[str, list[f
     return out
 
 
-def signed(sampler):
-    """A copy of the fitted sampler whose scores keep their side: the usual score above
-    the mixture's mean, minus it below."""
+def rescored(sampler, score):
+    """A copy of the fitted sampler whose nonconformity is ``score(y, lo, hi, mu)``, its
+    bank's leave-one-out scores recomputed."""
     c = copy.copy(sampler)
 
     def _score(self, keys, y, exclude, extra):
         lo, hi, mu = self._band(keys, exclude, extra)
-        up = (y - mu) / np.maximum(hi - mu, 1e-9)
-        down = (mu - y) / np.maximum(mu - lo, 1e-9)
-        return np.where(y >= mu, up, -down).astype(np.float32)
+        return score(y, lo, hi, mu).astype(np.float32)
 
     c._score = types.MethodType(_score, c)
     c.scores_ = c._scores(np.arange(len(c.bank_.anchors)), c.horizon)
     return c
 
 
-def side_scales(scores: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def signed(sampler):
+    """The usual score above the mixture's mean, minus it below."""
+    return rescored(sampler, lambda y, lo, hi, mu: np.where(
+        y >= mu, (y - mu) / np.maximum(hi - mu, 1e-9), -(mu - y) / np.maximum(mu - lo, 1e-9)))
+
+
+def side_scales(sampler, scores: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """(H,) each: the conformal 1 - alpha/2 quantile of the upper and of the lower side's
     score (asymmetric conformalized quantiles, Romano et al. 2019), from signed scores
     (N, H, G); a window on the other side scores below zero on this one."""
-    s = scores.transpose(1, 0, 2).reshape(scores.shape[1], -1).astype(np.float64)
-    n = s.shape[1]
-    k = min(n, int(np.ceil((n + 1) * (1 - alpha / 2) - 1e-9)))
-    up = np.partition(np.where(s >= 0, s, -1.0), k - 1, axis=1)[:, k - 1]
-    down = np.partition(np.where(s < 0, -s, -1.0), k - 1, axis=1)[:, k - 1]
-    return up, down
+    def side(s):
+        return sampler._global_scale(np.where(s >= 0, s, -1.0), 1 - alpha / 2
+                                     ).astype(np.float64)
+
+    return side(scores), side(-scores)
 
 
 def centred(sampler):
-    """A copy of the fitted sampler whose scores measure from the point forecast."""
-    c = copy.copy(sampler)
-
-    def _score(self, keys, y, exclude, extra):
-        lo, hi, mu = self._band(keys, exclude, extra)
-        up, down = y / np.maximum(hi - mu, 1e-9), -y / np.maximum(mu - lo, 1e-9)
-        return np.where(y >= 0, up, down).astype(np.float32)
-
-    c._score = types.MethodType(_score, c)
-    c.scores_ = c._scores(np.arange(len(c.bank_.anchors)), c.horizon)
-    return c
+    """Scores measured from the point forecast instead of the mixture's mean."""
+    return rescored(sampler, lambda y, lo, hi, mu: np.where(
+        y >= 0, y / np.maximum(hi - mu, 1e-9), -y / np.maximum(mu - lo, 1e-9)))
 
 
 def recalibrated_point(sampler, panel):
@@ -262,7 +257,7 @@ def main() -> None:
     row("centred on the point", c.window_scores(panel)[every - a0],
         c._global_scale(c.scores_)[None, :, None])
     sg = signed(sampler)
-    up, down = side_scales(sg.scores_, alpha)
+    up, down = side_scales(sampler, sg.scores_, alpha)
     ts = sg.window_scores(panel)[every - a0]  # signed; NaN stays NaN
     per_side = np.where(ts >= 0, ts / up[None, :, None], -ts / down[None, :, None])
     # its scale column: the upper side's over the default's, then the lower side's

@@ -103,10 +103,11 @@ class KnnConformalSampler(KnnResidualSampler):
         else:
             self.scale_ = self.split_scale_
 
-    def _global_scale(self, scores: np.ndarray) -> np.ndarray:
+    def _global_scale(self, scores: np.ndarray, level: float | None = None) -> np.ndarray:
         """(H,) conformal quantile of the scores pooled over windows and grid points: the
-        ceil((n + 1)(1 - alpha))-th smallest of the n scores (the largest if that is > n)."""
-        alpha = 1.0 - self.config.sampler.coverage
+        ceil((n + 1)(1 - alpha))-th smallest of the n scores (the largest if that is > n);
+        1 - alpha is ``level``, by default the coverage."""
+        alpha = 1.0 - (self.config.sampler.coverage if level is None else level)
         s = scores.transpose(1, 0, 2).reshape(scores.shape[1], -1)
         n = s.shape[1]
         k = min(n, int(np.ceil((n + 1) * (1 - alpha) - 1e-9)))
