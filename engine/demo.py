@@ -52,8 +52,9 @@ def run_demo(config: Config, out: Path, console) -> dict:
         sampler.progress = progress
         sampler.fit(panel, model)  # production: learn from all history
         sampler.progress = None
-    console.print(f"trained the CVAE in {result.seconds:.0f}s (validation pinball "
-                  f"{result.val_pinball:.4f}); fitted '{sampler.name}'")
+    val = ("no validation windows" if result.val_pinball is None
+           else f"validation pinball {result.val_pinball:.4f}")
+    console.print(f"trained the CVAE in {result.seconds:.0f}s ({val}); fitted '{sampler.name}'")
 
     start = panel.n_days - 1
     context = panel.surface[start - C + 1 : start + 1][None]
@@ -64,12 +65,15 @@ def run_demo(config: Config, out: Path, console) -> dict:
     cal = np.quantile(calibrated[0, :, :, i_m, i_t], [0.05, 0.5, 0.95], axis=0)
     oracle = panel.market.oracle(start, N_PATHS, H, np.random.default_rng(config.seed))
     orc = np.quantile(oracle[:, :, i_m, i_t], [0.05, 0.5, 0.95], axis=0)
-    cvae_band = (cvae_q[levels.index(min(levels))], cvae_q[levels.index(0.5)],
-                 cvae_q[levels.index(max(levels))])
+    # The CVAE's own outer quantiles: p05 / p95 at the default model.quantiles; a config
+    # without those levels gets its band named by the levels it has.
+    lo, hi = min(levels), max(levels)
+    cvae_band = (cvae_q[levels.index(lo)], cvae_q[levels.index(0.5)], cvae_q[levels.index(hi)])
+    cvae_label = f"p{100 * lo:02g}/p50/p{100 * hi:02g}"
 
     fan = out / f"fan_{H}d.png"
     plot_fans(fan, panel, start, C, H, i_m, i_t,
-              {"CVAE p05/p50/p95": cvae_band, f"{sampler.name} q05/q50/q95": cal,
+              {f"CVAE {cvae_label}": cvae_band, f"{sampler.name} q05/q50/q95": cal,
                "oracle q05/q50/q95": orc})
     width = {"cvae": float(np.mean(cvae_band[2] - cvae_band[0])),
              "calibrated": float(np.mean(cal[2] - cal[0])),
@@ -80,6 +84,7 @@ def run_demo(config: Config, out: Path, console) -> dict:
                       "maturity_days": float(panel.maturity_days[i_t])},
         "last_atm_iv": float(context[0, -1, i_m, i_t]),
         "mean_band_width_90": width,
+        "cvae_band": cvae_label,
         "horizon": H,
         "last_day_bands": {"cvae": [float(b[-1]) for b in cvae_band],
                         "calibrated": [float(b) for b in cal[:, -1]],
@@ -99,15 +104,19 @@ def run_demo(config: Config, out: Path, console) -> dict:
 def summary_text(s: dict) -> str:
     w = s["mean_band_width_90"]
     b = s["last_day_bands"]
+    band = s.get("cvae_band", "p05/p50/p95")
+    own_band = band == "p05/p50/p95"
     lines = [
         (f"start {s['start_date']}: ATM (moneyness {s['atm_point']['moneyness']:g}, "
          f"{s['atm_point']['maturity_days']:g} days) iv {s['last_atm_iv']:.3f}"),
         f"mean width of the 90% band over {s['horizon']} days (iv units):",
-        f"  raw CVAE      {w['cvae']:.4f}   ({w['cvae'] / w['oracle']:.0%} of the oracle's)",
+        f"  raw CVAE      {w['cvae']:.4f}   ({w['cvae'] / w['oracle']:.0%} of the oracle's)"
+        + ("" if own_band else f"   (its {band} band: model.quantiles has no 0.05 / 0.95)"),
         f"  calibrated    {w['calibrated']:.4f}   ({w['calibrated'] / w['oracle']:.0%} of the oracle's)",
         f"  oracle        {w['oracle']:.4f}",
         f"day-{s['horizon']} q05 / q50 / q95:",
-        *(f"  {k:<12}  {v[0]:.3f} / {v[1]:.3f} / {v[2]:.3f}" for k, v in b.items()),
+        *(f"  {k:<12}  {v[0]:.3f} / {v[1]:.3f} / {v[2]:.3f}"
+          + ("" if own_band or k != "cvae" else f"   ({band})") for k, v in b.items()),
         f"fan chart: {s['fan_chart']}",
     ]
     t = s.get("tree")
@@ -175,7 +184,8 @@ def run_tree(config: Config, prep, sampler, start: int, out: Path, console) -> d
     atm = oracle[:, :, i_m, i_t]  # (5000, D)
     orc_q = np.quantile(atm, [0.05, 0.5, 0.95], axis=0)
     inside = (atm >= tree_q[0]) & (atm <= tree_q[2])  # (5000, D)
-    checkpoints = [d for d in (90, 180, 270, 360) if d <= n_days]
+    step = n_days // config.tree.depth  # each level's last day
+    checkpoints = [step * k for k in range(1, config.tree.depth + 1)]
     fan = out / f"tree_fan_{n_days}d.png"
     plot_fans(fan, panel, start, config.data.context, n_days, i_m, i_t,
               {"tree q05/q50/q95 (weighted marginals)": tuple(tree_q),

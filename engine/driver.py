@@ -1292,8 +1292,9 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
                 del sampler.progress  # a rich Progress does not pickle (Ray ships the sampler)
     if console is not None and isinstance(sampler, KnnResidualSampler):
         console.print(sampler.bank_summary())
-        if (note := sampler.locality_note()) is not None:
-            console.print(f"note: {note}")
+        for note in (sampler.locality_note(), sampler.fold_note()):
+            if note is not None:
+                console.print(f"note: {note}")
     return sampler
 
 

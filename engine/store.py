@@ -836,7 +836,10 @@ class ScenarioStore:
 
     def level_days(self, level: int) -> np.ndarray:
         """The business days that a level covers, datetime64[D]."""
-        return self._days_of(self._level(level).group)
+        group = self._level(level).group
+        # No wait for the chunk writes in flight: the day coordinate is written with the level.
+        with self._reading(f"{_level_name(level)}/day"):
+            return self._days_of(group)
 
     def n_chunks(self, level: int) -> int:
         return self._level(level).done.shape[0]

@@ -11,11 +11,14 @@ import torch
 
 from engine.config import Config
 from engine.data.panel import Panel
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DataError
 from engine.model import CVAE
 
 
 def pick_device(pref: str) -> torch.device:
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is 'cuda' but this torch ({torch.__version__}) sees no "
+                          "CUDA device; set it to 'auto' or 'cpu', or install a CUDA build")
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -52,6 +55,9 @@ def train_model(panel: Panel, anchors: np.ndarray, config: Config,
     device = pick_device(tcfg.device)
 
     anchors = np.asarray(anchors)
+    if len(anchors) == 0:
+        raise DataError(f"no training window: the data holds no complete window of {C} context "
+                        f"and {H} horizon days where this model may learn; give more history")
     if val_anchors is None and tcfg.val_fraction > 0:
         anchors, val_anchors = holdout_tail(anchors, tcfg.val_fraction, H)
     anchors = anchors[:: tcfg.window_stride]

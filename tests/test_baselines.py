@@ -90,6 +90,23 @@ def test_fhs_fit_standardizes_with_arch_ewma():
         np.testing.assert_allclose(sampler.std_changes_[:, i, j], r / np.sqrt(sigma2), rtol=1e-10)
 
 
+def test_a_stale_quote_neither_blows_up_fhs_nor_reaches_zero():
+    """A grid point quoted unchanged for 400 days drove its EWMA to 0.94**400 of its level,
+    so the next real move became a z of 4e5 that any later path could draw (iv 0.0). Its
+    variance is floored at 1% of the long-run one; the other points keep their z exactly."""
+    config, panel = tiny_config(), toy_panel(n_days=800)
+    surface = panel.surface.copy()
+    surface[100:500, 0, 2] = surface[100, 0, 2]
+    stale = Panel(surface, panel.dates, panel.moneyness, panel.maturity_days)
+    fhs = make_sampler("fhs", config).fit(stale)
+    assert np.abs(fhs.std_changes_[:, 0, 2]).max() < 100
+    fresh = make_sampler("fhs", config).fit(panel)
+    np.testing.assert_array_equal(fhs.std_changes_[:, 1], fresh.std_changes_[:, 1])
+    ctx = stale.contexts_at(np.array([700]), config.data.context, log=False)
+    out = fhs.sample(ctx, 2000, 0)
+    assert np.isfinite(out).all() and out.min() > 0.2 * ctx.min() and out.max() < 5 * ctx.max()
+
+
 def test_fhs_spread_follows_recent_context_volatility():
     config, panel = tiny_config(), toy_panel()
     sampler = make_sampler("fhs", config).fit(panel)

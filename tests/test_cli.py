@@ -9,6 +9,7 @@ by the module fixture ``runs``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -367,3 +368,55 @@ def test_os_errors_get_the_fix_that_fits_them():
     assert "Ray cluster" in _os_error(ConnectionError("reset by peer"))
     assert "permissions" in _os_error(PermissionError(errno.EACCES, "denied", "/x"))
     assert len(_os_error(OSError("line one\nline two")).splitlines()) == 1
+
+
+DEMO_TOML = """
+[data]
+context = 12
+horizon = 6
+
+[data.synthetic]
+n_days = 400
+test_days = 0
+
+[model]
+hidden = 16
+embed_dim = 4
+latent_dim = 2
+quantiles = [0.1, 0.5, 0.9]
+
+[train]
+val_fraction = 0
+epochs = 1
+batch_size = 64
+threads = 1
+
+[sampler]
+n_folds = 3
+
+[tree]
+depth = 2
+n_samples = 32
+
+[engine]
+backend = "inline"
+batch_size = 25
+checkpoint_seconds = 0
+"""
+
+
+def test_demo_runs_end_to_end_on_a_tiny_market(tmp_path):
+    """The main job, shrunk: no validation windows, a CVAE without p05 / p95 heads, a
+    depth-2 tree of 6-day levels. The oracle's share inside the tree's band is read at each
+    level's last day, and the raw CVAE's band is named by the levels it has."""
+    (tmp_path / "demo.toml").write_text(DEMO_TOML)
+    out = tmp_path / "demo_out"
+    result = invoke(["demo", "--config", str(tmp_path / "demo.toml"), "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    assert "no validation windows" in result.stderr  # the console's status goes to stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cvae_band"] == "p10/p50/p90"
+    assert "its p10/p50/p90 band" in (out / "summary.txt").read_text()
+    inside = summary["tree"]["oracle_inside_90"]
+    assert list(inside) == ["6", "12"] and all(0 <= v <= 1 for v in inside.values())
+    assert (out / "fan_6d.png").stat().st_size > 0 and (out / "tree_fan_12d.png").is_file()

@@ -353,6 +353,13 @@ def _garble(root: Path) -> None:
     (root / "level_03" / "paths" / "c.5.0.0.0").write_bytes(b"not a chunk")
 
 
+def _garble_days(root: Path) -> None:
+    """A level's day coordinate garbled (check read it outside the store's guard)."""
+    (chunk,) = [f for f in (root / "level_01" / "day").rglob("*")
+                if f.is_file() and f.name != "zarr.json"]
+    chunk.write_bytes(b"garbage!")
+
+
 def _lose(root: Path) -> None:
     (root / "level_02" / "paths" / "c.1.0.0.0").unlink()
 
@@ -381,6 +388,7 @@ def _root_attribute(**attrs):
     (_corrupt_path, ["level 2", "row 5", "not finite positive"]),
     (_corrupt_marginals, ["marginals", "quantiles fall"]),
     (_garble, ["level 3", "chunk 5", "cannot be read"]),
+    (_garble_days, ["level_01/day cannot be read"]),
     (_lose, ["level_02/paths lacks 1"]),
     (_lose_coordinate, ["level_01/maturity lacks 1"]),
     (_root_attribute(start_context=[[0.2]]), ["start context is not 12 days", "(1, 1)"]),

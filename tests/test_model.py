@@ -11,7 +11,7 @@ import torch
 import engine.train
 from engine.config import Config, parse_config
 from engine.data.panel import make_splits
-from engine.errors import CheckpointError, ConfigError
+from engine.errors import CheckpointError, ConfigError, DataError
 from engine.model import CVAE, MICRO, load_checkpoint, save_checkpoint
 from engine.train import holdout_tail, train_model, validation_pinball
 from tests.conftest import tiny_config, toy_panel
@@ -289,3 +289,17 @@ def test_training_settings_out_of_any_sane_range_are_refused(key, value):
     section, field = key.split(".")
     with pytest.raises(ConfigError, match=f"invalid value for '{key}'"):
         parse_config({section: {field: value}})
+
+
+def test_training_without_a_window_or_on_a_missing_gpu_is_one_clear_error(monkeypatch):
+    """Both used to be tracebacks: an IndexError from the validation split of no windows, and
+    torch's 'not compiled with CUDA' from moving the model."""
+    cfg = tiny_config()
+    for val_fraction in (0.0, 0.15):
+        with pytest.raises(DataError, match="no training window"):
+            train_model(toy_panel(), np.array([], dtype=np.int64),
+                        tiny_config(**{"train.val_fraction": val_fraction}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="train.device is 'cuda' but .* sees no CUDA device"):
+        train_model(toy_panel(), np.arange(cfg.data.context - 1, 300),
+                    tiny_config(**{"train.device": "cuda"}))

@@ -8,8 +8,17 @@ import pytest
 from engine.data.panel import make_splits
 from engine.errors import DataError
 from engine.knn import KnnIndex, brute_knn, kernel_weights
+from engine.rng import CALIBRATION, node_rng
 from engine.samplers import make_sampler
-from engine.samplers.bank import block_train_mask, build_bank, context_features, point_forecast
+from engine.samplers.bank import (
+    bank_anchors,
+    block_train_mask,
+    build_bank,
+    context_features,
+    fold_plan,
+    point_forecast,
+)
+from engine.samplers.cvae_scaled import N_CAL_DRAWS
 from engine.samplers.knn_conformal import weighted_quantiles
 from engine.train import train_model
 from tests.conftest import tiny_config, toy_panel
@@ -198,6 +207,46 @@ def test_bank_residuals_are_out_of_sample():
     assert np.isfinite(bank.residuals).all() and np.abs(bank.residuals).max() > 0
 
 
+def _worst_fold(anchors, blocks, H, E) -> int:
+    return min(int(block_train_mask(anchors, b, H, E).sum()) for b in blocks)
+
+
+def test_the_fold_plan_leaves_every_fold_model_the_most_training_windows_it_can():
+    """Each fold loses its block and H + E - 1 windows on each side: the plan takes the block
+    count (2 .. n_folds) whose worst fold keeps the most windows, the larger on a tie, and
+    refuses a history where every count leaves a fold with none."""
+    config = tiny_config()  # C 12, H 6, E 6, 3 folds
+    C, H, E = config.data.context, config.data.horizon, config.data.embargo_days
+    need = 2 * (H + E) + C + H - 1
+    with pytest.raises(DataError, match=rf"\({need - 1} days\).*give at least {need} days"):
+        fold_plan(bank_anchors(need - 1, C, H), config)
+    for n_days in range(need, 160):
+        anchors = bank_anchors(n_days, C, H)
+        cap = min(config.sampler.n_folds, max(2, len(anchors) // H))
+        worst = {f: _worst_fold(anchors, np.array_split(anchors, f), H, E) for f in range(2, cap + 1)}
+        best = max(worst.values())
+        blocks = fold_plan(anchors, config)
+        assert best >= 1 and _worst_fold(anchors, blocks, H, E) == best
+        assert len(blocks) == max(f for f, w in worst.items() if w == best)
+        assert np.array_equal(np.concatenate(blocks), anchors)
+    # 45 days: three blocks would leave the middle fold nothing (7, 0, 8 windows); two keep 3.
+    anchors = bank_anchors(45, C, H)
+    assert _worst_fold(anchors, np.array_split(anchors, 3), H, E) == 0
+    assert len(fold_plan(anchors, config)) == 2
+    # A long history keeps sampler.n_folds blocks.
+    assert len(fold_plan(bank_anchors(400, C, H), config)) == config.sampler.n_folds
+
+
+def test_a_history_too_short_to_cross_fit_is_refused_before_training_and_a_thin_one_noted():
+    config = tiny_config(**{"sampler.embedding": "features"})  # CVAE fold models
+    with pytest.raises(DataError, match="cannot be cut into time blocks"):
+        make_sampler("knn", config).fit(toy_panel(n_days=37))  # used to be an IndexError
+    s = make_sampler("knn", config).fit(toy_panel(n_days=45))
+    assert len(s.point_models_) == 2
+    note = s.fold_note()
+    assert note is not None and "kept only 3 of the 28 windows" in note and "\n" not in note
+
+
 @pytest.mark.parametrize("point", ["cvae", "pca-ar"])
 def test_a_fold_model_never_learns_its_own_blocks_outcomes(point):
     """Poison the target days of block b (every day a window of block b forecasts): block
@@ -329,7 +378,7 @@ def test_conformal_widens_an_overconfident_mixture():
 def test_a_short_history_whose_neighbours_are_most_of_the_bank_is_flagged():
     config = tiny_config(**{"sampler.point": "pca-ar", "sampler.embedding": "features"})
     s = make_sampler("knn", config).fit(toy_panel(n_days=500))
-    assert 2 * s.k_ <= s.n_episodes and s.locality_note() is None
+    assert 2 * s.k_ <= s.n_episodes and s.locality_note() is None and s.fold_note() is None
     assert f"{s.n_episodes} episodes" in s.bank_summary() and f"k = {s.k_}" in s.bank_summary()
     wide = tiny_config(**{"sampler.point": "pca-ar", "sampler.embedding": "features",
                           "sampler.k": s.n_episodes // 2 + 1})
@@ -473,6 +522,23 @@ def test_cvae_prior_is_overconfident_and_scaled_is_wider():
     scaled = scaled_sampler.sample(ctx, 200, 0)
     assert np.log(scaled).std(axis=1).mean() > np.log(prior).std(axis=1).mean()
     assert (scaled_sampler.scale_ > 1).all()
+
+
+def test_cvae_scaled_meets_its_variance_target_about_the_centre_it_scales_around():
+    """Samples are p50 + s (decode(z) - p50), so the model's within variance is measured
+    about p50: redrawn with the fit's own streams, the scaled draws' mean square about p50
+    is the target within variance at every horizon (about the draws' own mean, as before,
+    it fell short wherever their mean sits off p50)."""
+    config, panel = tiny_config(), toy_panel()
+    model = trained_model(config, panel)
+    s = make_sampler("cvae-scaled", config).fit(panel, model)
+    anchors = s.calibration_anchors_
+    ctx = panel.contexts_at(anchors, config.data.context, log=False)
+    rngs = [node_rng(config.seed, 0, int(a), CALIBRATION) for a in anchors]
+    draws = np.log(s.sample(ctx, N_CAL_DRAWS, rngs))  # (B, N, H, n_m, n_tau)
+    p50 = model.median(np.log(ctx))[:, None]
+    got = ((draws - p50) ** 2).mean(axis=(0, 1, 3, 4))
+    np.testing.assert_allclose(got, s.budget_["target"], rtol=1e-6)
 
 
 def test_model_sampler_without_model_is_refused():

@@ -25,6 +25,7 @@ import numpy as np
 
 from engine.config import Config
 from engine.data.panel import Panel
+from engine.errors import DataError
 from engine.samplers.pca_ar import PcaArSampler
 
 RV_DAYS = 20
@@ -78,7 +79,12 @@ class KeySpace:
 
 
 def block_train_mask(anchors: np.ndarray, block: np.ndarray, horizon: int, embargo: int) -> np.ndarray:
-    """Windows whose targets stay at least ``embargo`` days clear of the block's target days."""
+    """Windows whose targets stay at least ``embargo`` days clear of the block's target days.
+
+    Only targets are kept clear: with an embargo shorter than the context (the default is one
+    horizon, longer than the 60-day context) a window just after the block reads some of the
+    block's target days as context, so the fold model sees them as inputs (never as outcomes).
+    """
     lo, hi = block[0] + 1, block[-1] + horizon
     return (anchors + horizon < lo - embargo) | (anchors + 1 > hi + embargo)
 
@@ -88,14 +94,51 @@ def bank_anchors(n_days: int, context: int, horizon: int) -> np.ndarray:
     return np.arange(context - 1, n_days - horizon, dtype=np.int64)
 
 
+def fold_plan(anchors: np.ndarray, config: Config) -> list[np.ndarray]:
+    """The time blocks of the bank: ``sampler.n_folds`` of them where the history allows.
+
+    Each fold model loses its own block and, on each side of it, the H + E - 1 windows
+    whose targets come within the embargo of the block's, so on a short history a middle
+    block can leave its model few training windows or none. Of the block counts from 2 up
+    to ``n_folds`` (at most one block per horizon of windows) this takes the one whose worst
+    fold keeps the most training windows, the larger count on a tie; on a long history that
+    is ``n_folds`` itself (a middle fold keeps N - N / F - 2 (H + E - 1) windows, which grows
+    with F). A history where every count leaves some fold without a window is refused.
+    """
+    C, H, E = config.data.context, config.data.horizon, config.data.embargo_days
+    cap = min(config.sampler.n_folds, max(2, len(anchors) // max(H, 1)))
+    best, best_kept = None, -1
+    for n_folds in range(cap, 1, -1):
+        blocks = np.array_split(anchors, n_folds)
+        kept = min(int(block_train_mask(anchors, b, H, E).sum()) for b in blocks)
+        if kept > best_kept:
+            best, best_kept = blocks, kept
+    if best_kept < 1:
+        need = 2 * (H + E) + C + H - 1  # two blocks of H + E windows: each fold keeps one
+        raise DataError(
+            f"the history's {len(anchors)} windows ({len(anchors) + C + H - 1} days) cannot be "
+            f"cut into time blocks whose fold models keep a training window: each loses its "
+            f"block and the {H + E - 1} windows on each side whose targets come within "
+            f"data.embargo_days = {E} days of its own; give at least {need} days of history "
+            f"or a smaller data.embargo_days")
+    return best
+
+
+def fold_training_windows(bank: ResidualBank, config: Config) -> list[int]:
+    """How many of the bank's windows each fold model trained on (before its validation tail)."""
+    H, E = config.data.horizon, config.data.embargo_days
+    return [int(block_train_mask(bank.anchors, bank.anchors[bank.fold == b], H, E).sum())
+            for b in range(len(bank.models))]
+
+
 def build_bank(panel: Panel, config: Config, point: str, progress=None) -> ResidualBank:
     """Cross-fitted residual paths over every complete window of ``panel``."""
     from engine.train import train_model
 
     C, H, E = config.data.context, config.data.horizon, config.data.embargo_days
     anchors = bank_anchors(panel.n_days, C, H)
-    n_folds = min(config.sampler.n_folds, max(2, len(anchors) // max(H, 1)))
-    blocks = np.array_split(anchors, n_folds)
+    blocks = fold_plan(anchors, config)
+    n_folds = len(blocks)
     residuals = np.empty((len(anchors), H, *panel.grid_shape), dtype=np.float32)
     fold = np.empty(len(anchors), dtype=np.int64)
     models = []

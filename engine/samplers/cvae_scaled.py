@@ -6,7 +6,8 @@ of prior decodes) is far too small, so each draw's deviation from the prior-mean
 scaled by s_h = sqrt(target within variance / model within variance), with the target
 ``Var X_h - Var(p50)_h`` (floored at the p50's mean squared error's tenth, so the budget
 cannot go negative on a short split). Scaling is done in output space: one decode per
-draw, then ``p50 + s_h * (decode(z) - p50)``, which to first order equals scaling z.
+draw, then ``p50 + s_h * (decode(z) - p50)``, which to first order equals scaling z; the
+model's within variance is measured about p50 too.
 """
 
 from __future__ import annotations
@@ -41,13 +42,18 @@ class CvaeScaledSampler(CvaePriorSampler):
         p50 = model.median(ctx).reshape(len(anchors), H, -1)
         rngs = [node_rng(self.config.seed, 0, int(a), CALIBRATION) for a in anchors]
         draws = self.prior_paths(ctx, N_CAL_DRAWS, rngs).reshape(len(anchors), N_CAL_DRAWS, H, -1)
-        model_within = draws.var(axis=1).mean(axis=(0, 2))  # (H,)
+        # About p50, the centre the samples are scaled around: the draws' mean sits a little
+        # off it (the decoder is not linear in z), and the scaled samples' spread about p50
+        # then meets the target exactly (no ddof to get right either).
+        model_within = ((draws - p50[:, None]) ** 2).mean(axis=(0, 1, 3))  # (H,)
         var_x = real.var(axis=0).mean(axis=1)
         between = p50.var(axis=0).mean(axis=1)
         mse = ((real - p50) ** 2).mean(axis=(0, 2))
         target = np.maximum(var_x - between, 0.1 * mse)
         self.scale_ = np.sqrt(target / np.maximum(model_within, 1e-12))  # (H,)
-        self.budget_ = {"var_x": var_x, "between": between, "model_within": model_within}
+        self.calibration_anchors_ = anchors
+        self.budget_ = {"var_x": var_x, "between": between, "model_within": model_within,
+                        "target": target}
 
     def _sample(self, log_contexts, n_samples, rngs):
         draws = self.prior_paths(log_contexts, n_samples, rngs)

@@ -20,6 +20,11 @@ from engine.samplers.base import ConditionalSampler
 
 # Variance floor: a grid point that never moves gets z = 0 instead of 0 / 0.
 _VAR_FLOOR = 1e-20
+# An EWMA variance under 1% of the point's long-run one (its vol under a tenth) is a stale
+# quote, not a calm market: after n unchanged days the EWMA is 0.94**n of what it was, and
+# the next real move would become a z of thousands, to be drawn into any later path. The
+# real and synthetic histories stay above 8% of their long-run variance.
+_STALE_SHARE = 0.01
 
 
 def ewma_variance(resids: np.ndarray, lam: float, sigma2_0: np.ndarray | float,
@@ -48,15 +53,18 @@ class FilteredHistoricalSampler(ConditionalSampler):
         lam = float(self.config.sampler.ewma_lambda)
         changes = np.diff(panel.log_surface, axis=0)  # (T-1, n_m, n_tau)
         uncond = np.maximum(np.mean(changes**2, axis=0), _VAR_FLOOR)  # (n_m, n_tau), zero mean
-        sigma2 = ewma_variance(changes, lam, uncond)[:-1]  # (T-1, n_m, n_tau)
         self.lam_ = lam
         self.uncond_var_ = uncond
-        self.std_changes_ = changes / np.sqrt(np.maximum(sigma2, _VAR_FLOOR))  # (T-1, n_m, n_tau)
+        sigma2 = self._floored(ewma_variance(changes, lam, uncond)[:-1])  # (T-1, n_m, n_tau)
+        self.std_changes_ = changes / np.sqrt(sigma2)  # (T-1, n_m, n_tau)
+
+    def _floored(self, sigma2: np.ndarray) -> np.ndarray:
+        return np.maximum(sigma2, np.maximum(_STALE_SHARE * self.uncond_var_, _VAR_FLOOR))
 
     def current_variance(self, log_contexts: np.ndarray) -> np.ndarray:
         """Next-day EWMA variance of each context, (B, C, n_m, n_tau) -> (B, n_m, n_tau)."""
         changes = np.diff(log_contexts, axis=1)  # (B, C-1, n_m, n_tau)
-        return ewma_variance(changes, self.lam_, self.uncond_var_, axis=1)[:, -1]
+        return self._floored(ewma_variance(changes, self.lam_, self.uncond_var_, axis=1)[:, -1])
 
     def _sample(self, log_contexts: np.ndarray, n_samples: int,
                 rngs: list[np.random.Generator]) -> np.ndarray:

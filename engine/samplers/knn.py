@@ -20,7 +20,13 @@ import numpy as np
 from engine.data.panel import Panel
 from engine.errors import ConfigError, DataError, not_fitted
 from engine.knn import KnnIndex, kernel_weights
-from engine.samplers.bank import KeySpace, bank_anchors, build_bank, point_forecast
+from engine.samplers.bank import (
+    KeySpace,
+    bank_anchors,
+    build_bank,
+    fold_training_windows,
+    point_forecast,
+)
 from engine.samplers.base import ConditionalSampler
 
 # fewer distinct residual paths than this cannot hold both tails of a 90% band
@@ -117,6 +123,21 @@ class KnnResidualSampler(ConditionalSampler):
         return (f"{label or self.name} takes k = {self.k_} neighbours out of only {self.n_episodes} "
                 f"episodes of history, so they are hardly local and its law is close to the "
                 f"pooled one; more history, or a smaller sampler.k, makes it conditional")
+
+    def fold_note(self, label: str | None = None) -> str | None:
+        """A warning when a fold model of the bank kept under half its windows for training
+        (a short history): its errors, the residuals drawn around every context, are then
+        those of a model fit on far less than the history."""
+        kept = min(fold_training_windows(self.bank_, self.config))
+        n = len(self.bank_.anchors)
+        if 2 * kept >= n:
+            return None
+        return (f"{label or self.name}: a fold model of its cross-fitted bank kept only {kept} of "
+                f"the {n} windows for training (each loses its block and the windows on each side "
+                f"whose targets come within data.embargo_days of its own), so its residuals are "
+                f"wider than a "
+                f"model of the whole history would make; more history or a smaller "
+                f"data.embargo_days helps")
 
     # --- the decoder's half -------------------------------------------------------------------
     def point_forecast(self, log_ctx: np.ndarray) -> np.ndarray:
