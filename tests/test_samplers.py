@@ -244,7 +244,7 @@ def test_a_history_too_short_to_cross_fit_is_refused_before_training_and_a_thin_
     s = make_sampler("knn", config).fit(toy_panel(n_days=45))
     assert len(s.point_models_) == 2
     note = s.fold_note()
-    assert note is not None and "kept only 3 of the 28 windows" in note and "\n" not in note
+    assert note is not None and "only 3 of its 28 windows to train on" in note and "\n" not in note
 
 
 @pytest.mark.parametrize("point", ["cvae", "pca-ar"])

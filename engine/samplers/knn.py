@@ -132,12 +132,11 @@ class KnnResidualSampler(ConditionalSampler):
         n = len(self.bank_.anchors)
         if 2 * kept >= n:
             return None
-        return (f"{label or self.name}: a fold model of its cross-fitted bank kept only {kept} of "
-                f"the {n} windows for training (each loses its block and the windows on each side "
-                f"whose targets come within data.embargo_days of its own), so its residuals are "
-                f"wider than a "
-                f"model of the whole history would make; more history or a smaller "
-                f"data.embargo_days helps")
+        return (f"{label or self.name}'s cross-fitted bank leaves a fold model only {kept} of its "
+                f"{n} windows to train on (each fold loses its block and the windows on each "
+                f"side whose targets come within data.embargo_days of it), so its residuals are "
+                f"wider than a model of the whole history would make; more history or a "
+                f"smaller data.embargo_days helps")
 
     # --- the decoder's half -------------------------------------------------------------------
     def point_forecast(self, log_ctx: np.ndarray) -> np.ndarray:
