@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tomli_w
 from typer.testing import CliRunner
 
 from engine.cli import app, main
 from engine.config import Config, load_config
 from engine.data.io import read_panel
 from engine.model import load_checkpoint
-from tests.conftest import SHARED_DATA, shared_file
+from tests.conftest import SHARED_DATA, cli_toml, shared_file
 from tests.test_data import tidy_frame
 
 TINY_TOML = """\
@@ -370,46 +371,14 @@ def test_os_errors_get_the_fix_that_fits_them():
     assert len(_os_error(OSError("line one\nline two")).splitlines()) == 1
 
 
-DEMO_TOML = """
-[data]
-context = 12
-horizon = 6
-
-[data.synthetic]
-n_days = 400
-test_days = 0
-
-[model]
-hidden = 16
-embed_dim = 4
-latent_dim = 2
-quantiles = [0.1, 0.5, 0.9]
-
-[train]
-val_fraction = 0
-epochs = 1
-batch_size = 64
-threads = 1
-
-[sampler]
-n_folds = 3
-
-[tree]
-depth = 2
-n_samples = 32
-
-[engine]
-backend = "inline"
-batch_size = 25
-checkpoint_seconds = 0
-"""
-
-
 def test_demo_runs_end_to_end_on_a_tiny_market(tmp_path):
     """The main job, shrunk: no validation windows, a CVAE without p05 / p95 heads, a
     depth-2 tree of 6-day levels. The oracle's share inside the tree's band is read at each
     level's last day, and the raw CVAE's band is named by the levels it has."""
-    (tmp_path / "demo.toml").write_text(DEMO_TOML)
+    config = tomllib.loads(cli_toml(depth=2))
+    config["model"]["quantiles"] = [0.1, 0.5, 0.9]
+    config["train"]["val_fraction"] = 0
+    (tmp_path / "demo.toml").write_text(tomli_w.dumps(config))
     out = tmp_path / "demo_out"
     result = invoke(["demo", "--config", str(tmp_path / "demo.toml"), "--out", str(out)])
     assert result.returncode == 0, result.stderr
