@@ -65,9 +65,9 @@ def run_demo(config: Config, out: Path, console) -> dict:
     cal = np.quantile(calibrated[0, :, :, i_m, i_t], [0.05, 0.5, 0.95], axis=0)
     oracle = panel.market.oracle(start, N_PATHS, H, np.random.default_rng(config.seed))
     orc = np.quantile(oracle[:, :, i_m, i_t], [0.05, 0.5, 0.95], axis=0)
-    # The CVAE's own outer quantiles: p05 / p95 at the default model.quantiles; a config
-    # without those levels gets its band named by the levels it has.
-    lo, hi = min(levels), max(levels)
+    # The CVAE's p05 / p95 heads (the default model.quantiles); a config without them gets
+    # its outer heads, the band named by their levels.
+    lo, hi = (0.05, 0.95) if {0.05, 0.95} <= set(levels) else (min(levels), max(levels))
     cvae_band = (cvae_q[levels.index(lo)], cvae_q[levels.index(0.5)], cvae_q[levels.index(hi)])
     cvae_label = f"p{100 * lo:02g}/p50/p{100 * hi:02g}"
 

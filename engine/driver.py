@@ -1169,7 +1169,8 @@ def _check_sampler_fingerprint(store: ScenarioStore, fingerprint: str) -> None:
         raise StoreError(
             f"cannot resume {store.path}: the sampler fitted now draws other paths than the one "
             f"that began it (fingerprint {stored} in the store, {fingerprint} now: another "
-            "--model, a model trained on another machine, or decoders on another device); "
+            "--model, a model trained on another machine, another version of backfill, or "
+            "decoders on another device); "
             "resume with the model and the kind of machine that began it, or pass a new path "
             "or --overwrite")
 

@@ -24,22 +24,13 @@ LOOKAHEAD = 5
 PROBE = 6
 
 
-_WORD = 2**32
-
-
 def node_rng(seed: int, level: int, node: int, stream: int = TREE,
              sub: int | None = None) -> np.random.Generator:
     """The stream of one tree node (level, node), or of window ``node`` for another purpose;
     ``sub``: one of several streams of that node (its lookahead candidates)."""
-    key = [int(stream), int(seed), int(level), int(node)] + ([] if sub is None else [int(sub)])
-    if all(0 <= k < _WORD for k in key):
-        return np.random.default_rng(np.random.SeedSequence(key))
-    # SeedSequence splits an integer of 2**32 or more into as many 32-bit words as it needs,
-    # which would shift the fields after it (seed 2**32 + 5's node (3, 7) read as seed 5's
-    # lookahead stream). Such a key has every field as two words and a spawn key that no
-    # key of one-word fields has; those keep their streams.
-    words = [w for k in key for w in (k % _WORD, k // _WORD)]
-    return np.random.default_rng(np.random.SeedSequence(words, spawn_key=(1,)))
+    key = [int(stream), int(seed), int(level), int(node)]
+    return np.random.default_rng(np.random.SeedSequence(key if sub is None else
+                                                        key + [int(sub)]))
 
 
 def as_generator(seed: SeedLike) -> np.random.Generator:

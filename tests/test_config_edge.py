@@ -337,22 +337,3 @@ def test_a_stride_beyond_the_horizon_is_refused_before_a_run_touches_its_store(t
 def test_a_start_date_not_written_year_first_is_refused(tmp_path):
     proc = invoke(["run", "--store", str(tmp_path / "s.zarr"), "--start", "20200401"])
     assert_one_line_error(proc, ["20200401", "YYYY-MM-DD"])
-
-
-def test_seeds_past_32_bits_get_streams_of_their_own():
-    """numpy's SeedSequence splits an integer of 2**32 or more into two words, which shifted
-    the fields after it: seed 2**32 + 5's tree node (3, 7) drew seed 5's lookahead stream of
-    node (1, 3). Keys of one-word fields keep the streams they always had."""
-    from engine.rng import LOOKAHEAD, TREE, node_rng
-
-    def draw(*args, **kw):
-        return node_rng(*args, **kw).random(4)
-
-    assert not np.array_equal(draw(2**32 + 5, 3, 7), draw(5, 1, 3, TREE, sub=7))
-    assert not np.array_equal(draw(2**32 + 5, 3, 7), draw(5, 3, 2**32 + 7))
-    narrow = np.random.default_rng(np.random.SeedSequence([LOOKAHEAD, 5, 3, 7, 2])).random(4)
-    np.testing.assert_array_equal(draw(5, 3, 7, LOOKAHEAD, sub=2), narrow)
-    wide = [draw(s, lv, n) for s, lv, n in [(2**32, 0, 0), (0, 2**32, 0), (0, 0, 2**32),
-                                             (2**33, 0, 0), (2**32, 1, 0), (2**63 - 1, 0, 0)]]
-    assert len({w.tobytes() for w in wide}) == len(wide)
-    np.testing.assert_array_equal(draw(2**63 - 1, 0, 0), wide[-1])  # still deterministic

@@ -233,8 +233,10 @@ def test_the_fold_plan_leaves_every_fold_model_the_most_training_windows_it_can(
     anchors = bank_anchors(45, C, H)
     assert _worst_fold(anchors, np.array_split(anchors, 3), H, E) == 0
     assert len(fold_plan(anchors, config)) == 2
-    # A long history keeps sampler.n_folds blocks.
+    # A long history keeps sampler.n_folds blocks; pca-ar fold models fit on days (their own
+    # fit refuses too few), so they keep the blocks the history allows.
     assert len(fold_plan(bank_anchors(400, C, H), config)) == config.sampler.n_folds
+    assert len(fold_plan(anchors, config, "pca-ar")) == 3
 
 
 def test_a_history_too_short_to_cross_fit_is_refused_before_training_and_a_thin_one_noted():
@@ -244,7 +246,15 @@ def test_a_history_too_short_to_cross_fit_is_refused_before_training_and_a_thin_
     s = make_sampler("knn", config).fit(toy_panel(n_days=45))
     assert len(s.point_models_) == 2
     note = s.fold_note()
-    assert note is not None and "only 3 of its 28 windows to train on" in note and "\n" not in note
+    assert note is not None and "only 3 of the 14 windows outside its block" in note
+    assert "\n" not in note
+    # Two blocks on a long history: each fold keeps most of the other block, no note.
+    two = tiny_config(**{"sampler.embedding": "features", "sampler.n_folds": 2})
+    assert make_sampler("knn", two).fit(toy_panel(n_days=400)).fold_note() is None
+    # pca-ar fold models fit on days: the same short history still fits, as it always did.
+    pca = tiny_config(**{"sampler.embedding": "features", "sampler.point": "pca-ar"})
+    s = make_sampler("knn", pca).fit(toy_panel(n_days=37))
+    assert len(s.point_models_) == 3 and s.fold_note() is None
 
 
 @pytest.mark.parametrize("point", ["cvae", "pca-ar"])

@@ -2,9 +2,9 @@
 
 Overlapping 90-day windows of one calibration split hold only a handful of independent
 episodes, so the bank covers all the history the sampler may learn from: the anchors
-are cut into ``n_folds`` contiguous time blocks; for each block the point model is fit
-without that block's windows and an embargo of one horizon on each side, and scores
-the block. Every residual is therefore out of sample for the model that made it.
+are cut into ``n_folds`` contiguous time blocks (fewer on a short history: ``fold_plan``);
+for each block the point model is fit without that block's windows and an embargo of one
+horizon on each side, and scores the block. Every residual is therefore out of sample for the model that made it.
 
 The fold models are kept (``ResidualBank.models``): a new context's residual drawn from
 block b rides on block b's model, as in CV+ (Barber et al., 2021). A residual is a
@@ -94,19 +94,25 @@ def bank_anchors(n_days: int, context: int, horizon: int) -> np.ndarray:
     return np.arange(context - 1, n_days - horizon, dtype=np.int64)
 
 
-def fold_plan(anchors: np.ndarray, config: Config) -> list[np.ndarray]:
+def fold_plan(anchors: np.ndarray, config: Config, point: str = "cvae") -> list[np.ndarray]:
     """The time blocks of the bank: ``sampler.n_folds`` of them where the history allows.
 
-    Each fold model loses its own block and, on each side of it, the H + E - 1 windows
-    whose targets come within the embargo of the block's, so on a short history a middle
-    block can leave its model few training windows or none. Of the block counts from 2 up
-    to ``n_folds`` (at most one block per horizon of windows) this takes the one whose worst
-    fold keeps the most training windows, the larger count on a tie; on a long history that
-    is ``n_folds`` itself (a middle fold keeps N - N / F - 2 (H + E - 1) windows, which grows
-    with F). A history where every count leaves some fold without a window is refused.
+    A CVAE fold model trains on the windows left when its own block and, on each side of
+    it, the H + E - 1 windows whose targets come within the embargo of the block's are taken
+    out, so on a short history a middle block can leave its model few windows or none. Of
+    the block counts from 2 up to ``n_folds`` (at most one block per horizon of windows)
+    this takes the one whose worst fold keeps the most training windows, the larger count
+    on a tie. On a long history that is ``n_folds`` itself: an interior fold keeps
+    N - (its block) - 2 (H + E - 1) windows, more as blocks shrink, and only two blocks
+    (no interior fold) can do better, where N is under about 2F (H + E) / (F - 2). A history
+    where every count leaves some fold without a window is refused. The pca-ar point model
+    fits on days, not windows (its own fit refuses too few), so it keeps ``n_folds``
+    capped by the history.
     """
     C, H, E = config.data.context, config.data.horizon, config.data.embargo_days
     cap = min(config.sampler.n_folds, max(2, len(anchors) // max(H, 1)))
+    if point != "cvae":
+        return np.array_split(anchors, cap)
     best, best_kept = None, -1
     for n_folds in range(cap, 1, -1):
         blocks = np.array_split(anchors, n_folds)
@@ -124,11 +130,16 @@ def fold_plan(anchors: np.ndarray, config: Config) -> list[np.ndarray]:
     return best
 
 
-def fold_training_windows(bank: ResidualBank, config: Config) -> list[int]:
-    """How many of the bank's windows each fold model trained on (before its validation tail)."""
+def fold_training_windows(bank: ResidualBank, config: Config) -> list[tuple[int, int]]:
+    """Per fold: the windows its model trained on (before its validation tail) and the
+    windows outside its block, of which the embargo took the rest."""
     H, E = config.data.horizon, config.data.embargo_days
-    return [int(block_train_mask(bank.anchors, bank.anchors[bank.fold == b], H, E).sum())
-            for b in range(len(bank.models))]
+    out = []
+    for b in range(len(bank.models)):
+        block = bank.anchors[bank.fold == b]
+        kept = int(block_train_mask(bank.anchors, block, H, E).sum())
+        out.append((kept, len(bank.anchors) - len(block)))
+    return out
 
 
 def build_bank(panel: Panel, config: Config, point: str, progress=None) -> ResidualBank:
@@ -137,7 +148,7 @@ def build_bank(panel: Panel, config: Config, point: str, progress=None) -> Resid
 
     C, H, E = config.data.context, config.data.horizon, config.data.embargo_days
     anchors = bank_anchors(panel.n_days, C, H)
-    blocks = fold_plan(anchors, config)
+    blocks = fold_plan(anchors, config, point)
     n_folds = len(blocks)
     residuals = np.empty((len(anchors), H, *panel.grid_shape), dtype=np.float32)
     fold = np.empty(len(anchors), dtype=np.int64)

@@ -125,18 +125,21 @@ class KnnResidualSampler(ConditionalSampler):
                 f"pooled one; more history, or a smaller sampler.k, makes it conditional")
 
     def fold_note(self, label: str | None = None) -> str | None:
-        """A warning when a fold model of the bank kept under half its windows for training
-        (a short history): its errors, the residuals drawn around every context, are then
-        those of a model fit on far less than the history."""
-        kept = min(fold_training_windows(self.bank_, self.config))
-        n = len(self.bank_.anchors)
-        if 2 * kept >= n:
+        """A warning when the embargo took more than half of the windows outside a CVAE fold
+        model's block (a short history): that model, whose errors are the residuals drawn
+        around every context, was fit on far less than the history. (pca-ar fold models fit
+        on days.)"""
+        if self.config.sampler.point != "cvae":
             return None
-        return (f"{label or self.name}'s cross-fitted bank leaves a fold model only {kept} of its "
-                f"{n} windows to train on (each fold loses its block and the windows on each "
-                f"side whose targets come within data.embargo_days of it), so its residuals are "
-                f"wider than a model of the whole history would make; more history or a "
-                f"smaller data.embargo_days helps")
+        kept, outside = min(fold_training_windows(self.bank_, self.config),
+                            key=lambda ko: ko[0] / ko[1])
+        if 2 * kept >= outside:
+            return None
+        return (f"{label or self.name}'s cross-fitted bank leaves a fold model only {kept} of the "
+                f"{outside} windows outside its block to train on (the rest have targets within "
+                f"data.embargo_days of the block's), so its residuals are wider than a model of "
+                f"the whole history would make; more history or a smaller data.embargo_days "
+                f"helps")
 
     # --- the decoder's half -------------------------------------------------------------------
     def point_forecast(self, log_ctx: np.ndarray) -> np.ndarray:
