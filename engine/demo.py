@@ -104,7 +104,7 @@ def run_demo(config: Config, out: Path, console) -> dict:
 def summary_text(s: dict) -> str:
     w = s["mean_band_width_90"]
     b = s["last_day_bands"]
-    band = s.get("cvae_band", "p05/p50/p95")
+    band = s["cvae_band"]
     own_band = band == "p05/p50/p95"
     lines = [
         (f"start {s['start_date']}: ATM (moneyness {s['atm_point']['moneyness']:g}, "

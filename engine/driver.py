@@ -1293,9 +1293,8 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
                 del sampler.progress  # a rich Progress does not pickle (Ray ships the sampler)
     if console is not None and isinstance(sampler, KnnResidualSampler):
         console.print(sampler.bank_summary())
-        for note in (sampler.locality_note(), sampler.fold_note()):
-            if note is not None:
-                console.print(f"note: {note}")
+        for note in sampler.notes():
+            console.print(f"note: {note}")
     return sampler
 
 

@@ -169,9 +169,8 @@ def fit_methods(prep: Prepared, model, specs: list[MethodSpec], progress=None,
         knn = isinstance(sampler, KnnResidualSampler)
         bank = f" ({sampler.bank_summary()})" if knn else ""
         _say(console, f"{spec.name}: fitted in {seconds:.1f}s{bank}")
-        for note in (sampler.locality_note(spec.name), sampler.fold_note(spec.name)) if knn else ():
-            if note is not None:
-                _say(console, f"note: {note}")
+        for note in sampler.notes(spec.name) if knn else ():
+            _say(console, f"note: {note}")
     return {s.name: fitted[s.name] for s in specs}
 
 

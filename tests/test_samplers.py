@@ -17,6 +17,7 @@ from engine.samplers.bank import (
     context_features,
     fold_plan,
     point_forecast,
+    training_windows,
 )
 from engine.samplers.cvae_scaled import N_CAL_DRAWS
 from engine.samplers.knn_conformal import weighted_quantiles
@@ -208,7 +209,7 @@ def test_bank_residuals_are_out_of_sample():
 
 
 def _worst_fold(anchors, blocks, H, E) -> int:
-    return min(int(block_train_mask(anchors, b, H, E).sum()) for b in blocks)
+    return min(training_windows(anchors, blocks, H, E))
 
 
 def test_the_fold_plan_leaves_every_fold_model_the_most_training_windows_it_can():

@@ -4,7 +4,8 @@ Overlapping 90-day windows of one calibration split hold only a handful of indep
 episodes, so the bank covers all the history the sampler may learn from: the anchors
 are cut into ``n_folds`` contiguous time blocks (fewer on a short history: ``fold_plan``);
 for each block the point model is fit without that block's windows and an embargo of one
-horizon on each side, and scores the block. Every residual is therefore out of sample for the model that made it.
+horizon on each side, and scores the block. Every residual is therefore out of sample for
+the model that made it.
 
 The fold models are kept (``ResidualBank.models``): a new context's residual drawn from
 block b rides on block b's model, as in CV+ (Barber et al., 2021). A residual is a
@@ -94,6 +95,12 @@ def bank_anchors(n_days: int, context: int, horizon: int) -> np.ndarray:
     return np.arange(context - 1, n_days - horizon, dtype=np.int64)
 
 
+def training_windows(anchors: np.ndarray, blocks: list[np.ndarray], horizon: int,
+                     embargo: int) -> list[int]:
+    """How many of ``anchors`` each block's fold model may train on (``block_train_mask``)."""
+    return [int(block_train_mask(anchors, b, horizon, embargo).sum()) for b in blocks]
+
+
 def fold_plan(anchors: np.ndarray, config: Config, point: str = "cvae") -> list[np.ndarray]:
     """The time blocks of the bank: ``sampler.n_folds`` of them where the history allows.
 
@@ -116,7 +123,7 @@ def fold_plan(anchors: np.ndarray, config: Config, point: str = "cvae") -> list[
     best, best_kept = None, -1
     for n_folds in range(cap, 1, -1):
         blocks = np.array_split(anchors, n_folds)
-        kept = min(int(block_train_mask(anchors, b, H, E).sum()) for b in blocks)
+        kept = min(training_windows(anchors, blocks, H, E))
         if kept > best_kept:
             best, best_kept = blocks, kept
     if best_kept < 1:
@@ -133,13 +140,9 @@ def fold_plan(anchors: np.ndarray, config: Config, point: str = "cvae") -> list[
 def fold_training_windows(bank: ResidualBank, config: Config) -> list[tuple[int, int]]:
     """Per fold: the windows its model trained on (before its validation tail) and the
     windows outside its block, of which the embargo took the rest."""
-    H, E = config.data.horizon, config.data.embargo_days
-    out = []
-    for b in range(len(bank.models)):
-        block = bank.anchors[bank.fold == b]
-        kept = int(block_train_mask(bank.anchors, block, H, E).sum())
-        out.append((kept, len(bank.anchors) - len(block)))
-    return out
+    blocks = [bank.anchors[bank.fold == b] for b in range(len(bank.models))]
+    kept = training_windows(bank.anchors, blocks, config.data.horizon, config.data.embargo_days)
+    return [(k, len(bank.anchors) - len(b)) for k, b in zip(kept, blocks, strict=True)]
 
 
 def build_bank(panel: Panel, config: Config, point: str, progress=None) -> ResidualBank:

@@ -124,6 +124,10 @@ class KnnResidualSampler(ConditionalSampler):
                 f"episodes of history, so they are hardly local and its law is close to the "
                 f"pooled one; more history, or a smaller sampler.k, makes it conditional")
 
+    def notes(self, label: str | None = None) -> list[str]:
+        """The warnings a caller prints after the fit: locality, then the fold models."""
+        return [n for n in (self.locality_note(label), self.fold_note(label)) if n is not None]
+
     def fold_note(self, label: str | None = None) -> str | None:
         """A warning when the embargo took more than half of the windows outside a CVAE fold
         model's block (a short history): that model, whose errors are the residuals drawn
