@@ -29,13 +29,13 @@ import numpy as np
 
 from engine.config import Config
 from engine.errors import BackfillError, StoreError, first_line
-from engine.store import ScenarioStore, business_days_after
+from engine.store import WEIGHT_ATOL, ScenarioStore, business_days_after
 from engine.tree import stride_days
 
 # a child's weight is its parent's times a share, and the K shares sum to 1 up to rounding
 BRANCH_RTOL = 1e-9
 # a level's weights sum to 1 (as ``ScenarioStore.mark_level_complete`` requires)
-LEVEL_ATOL = 1e-6
+LEVEL_ATOL = WEIGHT_ATOL
 MAX_LISTED = 5  # problems kept per level (the count goes on)
 
 

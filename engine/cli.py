@@ -383,9 +383,11 @@ def paths(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="F.np
     grid = scenario.meta.grid
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npz":
-        np.savez_compressed(out, paths=full, weight=weight, dates=days.astype("datetime64[D]"),
-                            moneyness=np.asarray(grid["moneyness"]),
-                            maturity_days=np.asarray(grid["maturity_days"]))
+        with open(out, "wb") as f:  # a file, not a name: numpy adds .npz to "P.NPZ"
+            np.savez_compressed(f, paths=full, weight=weight,
+                                dates=days.astype("datetime64[D]"),
+                                moneyness=np.asarray(grid["moneyness"]),
+                                maturity_days=np.asarray(grid["maturity_days"]))
     else:
         import pandas as pd
 
@@ -515,7 +517,7 @@ def check(store: StoreOpt,
     if not report["finished"]:
         typer.echo(f"the run is not finished ({report['levels_complete']} of "
                    f"{report['depth']} levels complete); finish it with "
-                   f"`{scenario.resume_command}`", err=True)
+                   f"{scenario.resume_command}", err=True)
 
 
 def _check_table(report: dict):
@@ -574,6 +576,8 @@ def bench(config: ConfigOpt = None,
 
     if json_out is not None:
         _out_file(json_out, "--json")
+    if workdir is not None:
+        _writable_dir(workdir, f"--workdir {workdir}")
     if n_samples is not None and n_samples < 8:
         raise ConfigError(f"--n-samples {n_samples} is below 8 (tree.n_samples' minimum)")
     depth_list = _csv(depths, int, "--depths")

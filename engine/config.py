@@ -399,9 +399,11 @@ def _format_validation_error(err: ValidationError, origin: str,
                              flags: dict[str, str] | None = None) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(root)"
-    if flags and loc in flags:  # set by a command-line flag: blame the flag, not the file
+    # set by a command-line flag (one item of a list flag too): blame the flag, not the file
+    key = next((k for k in (flags or {}) if loc == k or loc.startswith(f"{k}.")), None)
+    if key is not None:
         msg = first["msg"].removeprefix("Value error, ")
-        return f"{flags[loc]} {first.get('input')!r}: invalid value for '{loc}': {msg}"
+        return f"{flags[key]} {first.get('input')!r}: invalid value for '{loc}': {msg}"
     if first["type"] == "extra_forbidden":
         return (f"{origin}: unknown key '{loc}'; remove it or fix its spelling "
                 "(`backfill config show` lists every key)")
@@ -434,7 +436,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
             found = "not found" if not p.exists() else "is not a regular file"
             raise ConfigError(f"config file {p} {found}; pass an existing TOML file to --config")
         try:
-            raw = tomllib.loads(p.read_text())
+            # TOML is UTF-8; a byte-order mark (Windows editors) is not part of it
+            raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{p}: not valid TOML ({err}); fix the syntax") from None
     for dotted, value in (overrides or {}).items():

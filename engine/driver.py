@@ -503,7 +503,7 @@ def open_store(path: str | Path, *, kind: str, config: Config, fingerprint: str,
         store = ScenarioStore.open(path, "r+")
         if store.meta.kind != kind:
             raise StoreError(f"{store.path} holds a {store.meta.kind} run, not {kind}; resume "
-                             f"it with `{store.resume_command}` or pass a new path")
+                             f"it with {store.resume_command} or pass a new path")
         store.check_compatible(config.to_dict(), fingerprint, config.seed)
         problems = []
         if store.meta.start_date != start:
@@ -1220,9 +1220,10 @@ def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
 # ============================================================================ CLI glue
 
 
-def start_index(panel, start: str | None, context: int) -> int:
+def start_index(panel, start: str | None, context: int, horizon: int) -> int:
     """The panel day a run starts from: the last day (default) or the last on or before
-    ``start``; it needs ``context`` days up to it."""
+    ``start``; it needs ``context`` + ``horizon`` days up to it (a context to start from,
+    and the least history a sampler fits on)."""
     if start is None:
         i = panel.n_days - 1
     else:
@@ -1231,9 +1232,11 @@ def start_index(panel, start: str | None, context: int) -> int:
         if i < 0:
             raise DataError(f"--start {start} is before the first day of the data "
                             f"({panel.dates[0]}); pick a date inside the data")
-    if i < context - 1:
-        raise DataError(f"the start day {panel.dates[i]} has only {i + 1} days of history but a "
-                        f"context needs {context}; pick a later --start")
+    need = context + horizon
+    if i < need - 1:
+        raise DataError(f"the start day {panel.dates[i]} has only {i + 1} days of history up "
+                        f"to it, but a run's sampler fits on at least context + horizon = "
+                        f"{need}; pick a later --start")
     return i
 
 
@@ -1250,7 +1253,7 @@ class RunInputs:
 
 def run_inputs(prep, start: str | None) -> RunInputs:
     c = prep.config.data.context
-    i = start_index(prep.panel, start, c)
+    i = start_index(prep.panel, start, c, prep.config.data.horizon)
     panel = prep.panel
     return RunInputs(panel.fingerprint, panel.grid_dict(), str(panel.dates[i]),
                      panel.surface[i - c + 1: i + 1].astype(np.float64), i + 1)
@@ -1272,6 +1275,12 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
     model = None
     if sampler.uses_model and model_path is not None:
         model = get_model(prep, model_path, console)  # checked against the whole data file
+        if (console is not None and model.train_end is not None
+                and np.datetime64(model.train_end, "D") > np.datetime64(inputs.start_date, "D")):
+            console.print(f"note: {model_path} learned from days up to {model.train_end}, "
+                          f"after the start {inputs.start_date}: its paths may know what "
+                          "came next; leave --model out to train on the history before the "
+                          "start only")
     elif sampler.uses_model:
         # trained here on the train split of the history up to the start day only, so a run
         # from a past date never learns from the days after it
@@ -1355,7 +1364,7 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99)) -> list[dict]:
             last = block["paths"][:, -1].astype(np.float64)  # (n, n_m, n_tau)
             pnl.append((last - start).reshape(len(last), -1).sum(-1))
             weight.append(block["weight"])
-        pnl, weight = np.concatenate(pnl), np.concatenate(weight)
+        pnl, weight = np.concatenate(pnl), store.complete_weights(level, np.concatenate(weight))
         days = store.level_days(level)
         row = {"level": level, "date": str(days[-1]),
                "days_ahead": int(level * len(days)), "nodes": len(pnl),

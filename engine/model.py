@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import Config, ModelConfig
+from engine.config import Config, ModelConfig, iso_day
 from engine.errors import CheckpointError, ConfigError, first_line
 
 CHECKPOINT_VERSION = 1
@@ -248,9 +249,11 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
         raise CheckpointError(f"model file {path} {found}; train one with `backfill train "
                               "--out model.pt` or leave --model out")
     try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-        meta = json.loads(blob["meta"])
-        state = blob["state_dict"]
+        with warnings.catch_warnings():  # torch's warnings about a foreign file: the error says it
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location=device, weights_only=True)
+            meta = json.loads(blob["meta"])
+            state = blob["state_dict"]
     except Exception as err:  # noqa: BLE001 - any failure means "not our checkpoint"
         raise CheckpointError(f"{path} is not a backfill checkpoint ({type(err).__name__}); "
                               "train one with `backfill train --out model.pt`") from None
@@ -262,12 +265,25 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
         config = Config.from_dict(meta["config"])
         model = CVAE(config.model, tuple(meta["grid_shape"]), meta["context"], meta["horizon"])
         model.load_state_dict(state)
+        model.train_end = _train_end(meta.get("train_end"))
     except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as err:
         # a field or weight is off, or the stored config is one this version refuses
         raise CheckpointError(f"{path} is a damaged or outdated backfill checkpoint "
                               f"({first_line(err)}); retrain the model") from None
-    model.train_end = meta.get("train_end")
     return model.to(device), meta
+
+
+def _train_end(value) -> str | None:
+    """A checkpoint's last training date as YYYY-MM-DD (None: not recorded); TypeError or
+    ValueError if it is not a date."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"train_end {value!r} is not a date")
+    try:
+        return str(iso_day(value))
+    except ValueError:  # its fix (how to write a date) is not the reader's: retrain
+        raise ValueError(f"train_end {value!r} is not a date") from None
 
 
 def torch_modules(obj, depth: int = 2) -> list[nn.Module]:

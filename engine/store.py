@@ -54,10 +54,12 @@ import errno
 import functools
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -139,9 +141,8 @@ def parse_store_path(path: str | Path, new: bool = True) -> Path:
 def parse_start_date(value: str | np.datetime64) -> np.datetime64:
     try:
         return iso_day(value)
-    except ValueError:
-        raise StoreError(f"start date {value!r} is not a date written YYYY-MM-DD; pass an "
-                         "ISO date such as 2024-01-31") from None
+    except ValueError as err:  # says which: not written YYYY-MM-DD, or no day of the calendar
+        raise StoreError(f"start date {first_line(err)}") from None
 
 
 def parse_grid(grid: Mapping) -> dict:
@@ -307,6 +308,7 @@ REDO = "rerun it into a new path (or with --overwrite)"
 _TEMP_SUFFIX = ".partial"
 _TEMP_MIN_AGE = 60.0  # seconds
 _DAMAGED = f"the store is damaged: {REDO}"
+WEIGHT_ATOL = 1e-6  # a complete level's weights sum to 1 within this
 
 
 def _whole(arr: np.ndarray, top: int) -> bool:
@@ -437,6 +439,84 @@ def _write_rows(lv: _Level, rows: slice, data: tuple, chunks: slice) -> None:
                 start_writeback(_chunk_file(arr, chunk))
 
 
+class _WriterLock:
+    """An open lock file whose ``flock`` this process holds; closed (released) when the last
+    store holding it is collected."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __del__(self):
+        self.file.close()
+
+
+_HELD: weakref.WeakValueDictionary[str, _WriterLock] = weakref.WeakValueDictionary()
+
+
+def writer_lock(path: Path) -> _WriterLock | None:
+    """This process's hold on ``path``'s writer lock (shared by its stores of that path, let
+    go with the last of them or when the process dies), or StoreError if another process
+    holds it. Two writers of one store would interleave chunks, or one's --overwrite would
+    delete the other's levels while it still reports success. The lock is ``flock`` on a
+    hidden file beside the store (not in it: --overwrite deletes the store). Where the
+    filesystem has no locks (or no such file can be made) the run goes on without one."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    real = path.resolve()  # one store, one lock: through a symlink or '..' too
+    lock_path = real.parent / f".{real.name}.lock"
+    held = _HELD.get(str(lock_path))
+    if held is not None:
+        return held
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a+")  # noqa: SIM115 - held open for the run: the lock lives on it
+    except OSError:
+        try:  # another user's lock file: flock needs no write access
+            f = open(lock_path)  # noqa: SIM115
+        except OSError:
+            return None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            f.close()
+            return None  # no locks on this filesystem
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise StoreError(f"{path} is being written by another backfill process (pid "
+                         f"{holder}); wait for it to finish, or pass another path") from None
+    if f.writable():  # who holds it, for the message of a refused one
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+    lock = _HELD[str(lock_path)] = _WriterLock(f)
+    return lock
+
+
+def _weights_problem(w: np.ndarray) -> str | None:
+    """What keeps a level's weights from being probabilities summing to 1 (None: nothing)."""
+    bad = ~(w >= 0)  # NaN too
+    if bad.any():
+        i = int(np.argmax(bad))
+        return f"weight of node {i} is {float(w[i])!r}"
+    total = float(np.sum(w))
+    return None if abs(total - 1.0) <= WEIGHT_ATOL else f"weights sum to {total!r}"
+
+
+def _made_by_backfill(path: Path) -> bool:
+    """Whether the Zarr group at ``path`` says it is a backfill run's store (its root
+    attributes name a schema and a run kind; a store has them from its creation on)."""
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attrs, dict) and attrs.get("kind") in KINDS and "schema_version" in attrs
+
+
 class ScenarioStore:
     """One run's scenarios on disk. Make one with ``create``, reopen it with ``open``."""
 
@@ -451,6 +531,7 @@ class ScenarioStore:
         # (level, its future)
         self._writer: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[int, Future]] = deque()
+        self._lock: _WriterLock | None = None  # a writer's hold on writer_lock
 
     # ------------------------------------------------------------------ make / open
 
@@ -459,8 +540,6 @@ class ScenarioStore:
                start_date: str, kind: str, depth: int, chunk_nodes: int,
                overwrite: bool = False) -> ScenarioStore:
         p = cls.check_new(path, overwrite)
-        if p.exists() and any(p.iterdir()):
-            shutil.rmtree(p)
         if kind not in KINDS:
             raise StoreError(f"kind {kind!r} is not one of {KINDS}; pass 'tree' or 'mc'")
         meta = StoreMeta.from_dict({
@@ -469,9 +548,16 @@ class ScenarioStore:
             "grid": grid, "chunk_nodes": chunk_nodes,
             "config": _as_json(config, "config"), "created_by": _created_by(),
         }, origin=str(p))
+        # all checked: only now lock it and (--overwrite) delete the old store, checked again
+        # under the lock (another process may have written it since)
+        lock = writer_lock(p)
+        cls.check_new(path, overwrite)
+        if p.exists() and any(p.iterdir()):
+            shutil.rmtree(p)
         root = zarr.open_group(p, mode="w", zarr_format=3,
                                attributes={**meta.to_dict(), "levels_complete": 0})
         store = cls(p, root, meta, "r+")
+        store._lock = lock
         store._consolidate()
         return store
 
@@ -491,6 +577,10 @@ class ScenarioStore:
                 # never rmtree a directory that is not a store (a typo could name $HOME)
                 raise StoreError(f"{p} exists and is not a Zarr store, so --overwrite will not "
                                  "delete it; pass a new path")
+            if not _made_by_backfill(p):
+                raise StoreError(f"{p} is a Zarr store that backfill did not make (its root "
+                                 "has no backfill run attributes), so --overwrite will not "
+                                 "delete it; pass a new path or delete it yourself")
         return p
 
     @classmethod
@@ -502,6 +592,7 @@ class ScenarioStore:
             what = "does not exist" if not p.exists() else "is not a Zarr store"
             raise StoreError(f"{p} {what}; pass the path of a store made by `backfill run` or "
                              "`backfill mc`")
+        lock = writer_lock(p) if mode == "r+" else None
         try:
             # never consolidated: a worker must see the metadata as it is now
             root = zarr.open_group(p, mode=mode, zarr_format=3, use_consolidated=False)
@@ -510,7 +601,9 @@ class ScenarioStore:
                              "the path of a store made by `backfill run` or `backfill mc`"
                              ) from None
         meta = StoreMeta.from_dict(root.attrs.asdict(), origin=str(p))
-        return cls(p, root, meta, mode)
+        store = cls(p, root, meta, mode)
+        store._lock = lock
+        return store
 
     def check_compatible(self, config: dict, fingerprint: str, seed: int,
                          ignore: tuple[str, ...] = RESUME_IGNORED) -> None:
@@ -563,7 +656,10 @@ class ScenarioStore:
 
     def levels(self) -> list[int]:
         """The levels whose group exists (complete or not), in order."""
-        with self._reading("(metadata)"):  # groups() decodes each group's metadata
+        # groups() decodes each group's metadata, and passes over (with a warning) a folder
+        # whose metadata is lost: the check finds that level missing and says so
+        with self._reading("(metadata)"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=ZarrUserWarning)
             names = [n for n, _ in self._root.groups() if n.startswith("level_")]
         return sorted(int(n.removeprefix("level_")) for n in names)
 
@@ -630,13 +726,20 @@ class ScenarioStore:
         done = self.levels_complete
         if done < 1:
             raise StoreError(f"{self.path} has no complete level yet; finish the run with "
-                             f"`{self.resume_command}`")
+                             f"{self.resume_command}")
         return done
 
     @property
     def resume_command(self) -> str:
-        """The command that finishes this store's run."""
-        return f"backfill {'run' if self.meta.kind == 'tree' else 'mc'} --resume"
+        """The command that finishes this store's run (with the options it was started with:
+        a resume must match them, and says what differs if not)."""
+        m = self.meta
+        cmd = (f"backfill {'run' if m.kind == 'tree' else 'mc'} --store "
+               f"{shlex.quote(str(self.path))} --resume --start {m.start_date} --depth "
+               f"{m.depth} --seed {m.seed}")
+        if m.kind == "mc":
+            cmd += f" --n-paths {self.run_attr('n_paths')}"
+        return f"`{cmd}` with the run's own --config, --data and --model"
 
     def to_dict(self) -> dict:
         out = self.meta.to_dict()
@@ -810,7 +913,7 @@ class ScenarioStore:
         self._check_level_number(level)
         name = _level_name(level)
         damaged = level <= self.levels_complete  # a finished level must be whole
-        fix = _DAMAGED if damaged else f"resume the run (`{self.resume_command}`) to write it"
+        fix = _DAMAGED if damaged else f"resume the run ({self.resume_command}) to write it"
         with self._reading(name):
             if name not in self._root:
                 raise StoreError(f"{self.path} has no {name} yet; {fix}")
@@ -995,10 +1098,10 @@ class ScenarioStore:
             missing = np.flatnonzero(~done)
             raise StoreError(f"level {level} has {missing.size} of {done.size} chunks unwritten "
                              f"(first: chunk {missing[0]}); write them before marking it complete")
-        total = float(np.sum(self.read_weights(level)))
-        if not abs(total - 1.0) <= 1e-6:  # NaN too: a weight chunk read as its fill value
-            raise StoreError(f"level {level}: weights sum to {total!r}, required 1 (absolute "
-                             "probabilities); fix the weights and rewrite the level")
+        problem = _weights_problem(self.read_weights(level))  # NaN: a chunk read as its fill
+        if problem is not None:
+            raise StoreError(f"level {level}: {problem}, required probabilities summing to 1; "
+                             "fix the weights and rewrite the level")
         # durable before it is recorded: a crash of the machine (not only of the process)
         # must not leave a level marked complete whose chunks never reached the disk
         self._sync(_level_name(level), *([MARGINALS] if MARGINALS in self._root else []))
@@ -1021,6 +1124,19 @@ class ScenarioStore:
         lv = self._level(level)
         with self._reading(f"{_level_name(level)}/weight", level):
             return np.asarray(lv.weight[:], dtype=np.float64)
+
+    def complete_weights(self, level: int, weights: np.ndarray | None = None) -> np.ndarray:
+        """A complete level's weights (read, or ``weights`` as read by the caller), or
+        StoreError if they are no longer probabilities summing to 1, as they were when it
+        was marked complete: a chunk file changed since (only ``backfill check`` decodes
+        everything else)."""
+        w = self.read_weights(level) if weights is None else np.asarray(weights, np.float64)
+        problem = _weights_problem(w)
+        if problem is not None:
+            raise StoreError(f"{self.path} level {level}'s {problem} (required: probabilities "
+                             f"summing to 1), so a chunk changed after the run: run `backfill "
+                             f"check --store {shlex.quote(str(self.path))}`; {_DAMAGED}")
+        return w
 
     def read_level(self, level: int, start: int = 0, stop: int | None = None) -> dict:
         """Rows [start, stop) of a level as numpy: paths, parent, branch, weight."""
@@ -1136,7 +1252,7 @@ class ScenarioStore:
     def _marginals_group(self) -> zarr.Group:
         if MARGINALS not in self._root:
             fix = (_DAMAGED if self.levels_complete >= self.meta.depth
-                   else f"finish the run with `{self.resume_command}` first")
+                   else f"finish the run with {self.resume_command} first")
             raise StoreError(f"{self.path} has no marginals; {fix}")
         return self._root[MARGINALS]
 
@@ -1182,4 +1298,4 @@ def terminal_paths(store: ScenarioStore, level: int | None = None) -> tuple[np.n
         raise StoreError(f"level {level!r} is not a complete level of {store.path}; pass a "
                          f"level in 1..{done}")
     n = store.level_size(level)
-    return store.ancestor_paths(level, 0, n), store.read_level(level)["weight"]
+    return store.ancestor_paths(level, 0, n), store.complete_weights(level)

@@ -17,6 +17,11 @@ alternatives that need no look at the test span:
 - ``point recalibrated``: the fold models' forecasts of the change from the context's
   last day mapped by a Mincer-Zarnowitz fit per horizon on the bank (``a_h + b_h x``),
   residuals and scores recomputed.
+- ``realised-vol normalized``: each score divided by its context's realised volatility (the
+  20-day std of the surface's mean daily log change, as in the hand-made features), one split
+  scale of those, each window's band that scale times its own realised vol (normalized
+  conformal, Papadopoulos et al. 2008; the volatility scaling of filtered historical
+  simulation);
 - ``features keys``: the same bank searched in the hand-made feature space
   (``sampler.embedding = "features"``) instead of the CVAE embedding, scores and split
   scale recomputed (``rekeyed``: what ``evaluate`` reports as ``knn-conformal-features``;
@@ -41,8 +46,8 @@ variant's scale over the default's (per grid point and localized: its mean over 
 points or the test windows). The bank's own Mincer-Zarnowitz slopes are printed too
 (b < 1: the point forecast over-reacts).
 
-    python scripts/conformal_variants.py --data ../shared/data/vix_term_2011_2023.csv  # ~2 min
-    python scripts/conformal_variants.py                    # the synthetic market, ~30 min
+    python scripts/conformal_variants.py --data ../shared/data/vix_term_2011_2023.csv  # ~4 min
+    python scripts/conformal_variants.py                    # the synthetic market, ~35 min
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from engine.config import load_config
 from engine.evaluate import evaluation_windows, set_threads
 from engine.pipeline import get_model, prepare
 from engine.samplers import make_sampler
+from engine.samplers.bank import context_features
 from engine.samplers.knn_conformal import weighted_quantiles
 
 HORIZONS = (1, 5, 10, 20, 30, 60, 90)
@@ -200,6 +206,11 @@ def recalibrated_point(sampler, panel):
     return c, slope
 
 
+def realised_vol(panel, anchors: np.ndarray, context: int) -> np.ndarray:
+    """(n,) the realised volatility of each window's context: the hand-made features' own."""
+    return np.exp(context_features(panel.contexts_at(anchors, context))[:, 3])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="synthetic")
@@ -267,6 +278,15 @@ def main() -> None:
     print(f"bank's Mincer-Zarnowitz slopes at {hz}: {slope[cols].round(3).tolist()}")
     row("point recalibrated", r.window_scores(panel)[every - a0],
         r._global_scale(r.scores_)[None, :, None])
+    vol_bank = realised_vol(prep.fit_panel(), sampler.bank_.anchors, cfg.data.context)
+    vol_test = realised_vol(panel, every, cfg.data.context)
+    vol_scale = sampler._global_scale(sampler.scores_ / vol_bank[:, None, None])
+    print(f"realised vol of the contexts, test span over bank: mean "
+          f"{vol_test.mean() / vol_bank.mean():.3f}, median "
+          f"{np.median(vol_test) / np.median(vol_bank):.3f}")
+    row("realised-vol normalized", scores / vol_test[:, None, None],
+        vol_scale[None, :, None],
+        rel=vol_scale[cols] * vol_test.mean() / sampler.split_scale_[cols])
     feat = sampler.rekeyed(cfg.model_copy(update={"sampler": cfg.sampler.model_copy(
         update={"embedding": "features"})}), prep.fit_panel(), model)
     row("features keys", feat.window_scores(panel)[every - a0],

@@ -153,8 +153,9 @@ def test_gpu_bench_compares_the_stores_of_each_thread_count():
 
 @pytest.mark.parametrize("args, says", [(["--depths", "5"], "belong to --gpu"),
                                         (["--gpu", "--depths", "0,5"], "from 1 to 64"),
-                                        (["--gpu", "--threads", "1,x"], "comma-separated")])
-def test_bench_refuses_bad_gpu_options_in_one_line(args, says):
+                                        (["--gpu", "--threads", "1,x"], "comma-separated"),
+                                        (["--workdir", __file__], "is a file, not a folder")])
+def test_bench_refuses_bad_options_in_one_line(args, says):
     from typer.testing import CliRunner
 
     from engine.cli import app

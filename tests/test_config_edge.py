@@ -22,6 +22,7 @@ from engine.config import (
     parse_config,
 )
 from engine.errors import ConfigError
+from tests.conftest import cli_toml
 from tests.test_cli import assert_one_line_error, invoke
 
 
@@ -279,6 +280,24 @@ def test_names_and_dates_are_checked_when_the_config_loads(key, value, words):
         load_config(None, {key: value})
 
 
+@pytest.mark.parametrize("horizons, words", [
+    ([0], "--horizons 0: invalid value for 'evaluate.horizons.0'"),
+    ([1, -2], "--horizons -2: invalid value for 'evaluate.horizons.1'"),
+])
+def test_a_bad_item_of_a_list_flag_blames_the_flag(horizons, words):
+    """Not the config file (or 'defaults'), which never held it."""
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(None, {"evaluate.horizons": horizons}, {"evaluate.horizons": "--horizons"})
+
+
+def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path):
+    """As the data CSVs do: some Windows editors write one before UTF-8 text."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbfseed = 3\n[tree]\ndepth = 2\n")
+    cfg = load_config(path)
+    assert (cfg.seed, cfg.tree.depth) == (3, 2)
+
+
 def test_known_names_and_dates_still_load():
     cfg = load_config(None, {"evaluate.methods": ["knn-conformal-online", "oracle"],
                              "data.calibration_start": "2020-01-02", "sampler.method": "fhs"})
@@ -337,3 +356,18 @@ def test_a_stride_beyond_the_horizon_is_refused_before_a_run_touches_its_store(t
 def test_a_start_date_not_written_year_first_is_refused(tmp_path):
     proc = invoke(["run", "--store", str(tmp_path / "s.zarr"), "--start", "20200401"])
     assert_one_line_error(proc, ["20200401", "YYYY-MM-DD"])
+    proc = invoke(["run", "--store", str(tmp_path / "s.zarr"), "--start", "2001-02-30"])
+    assert_one_line_error(proc, ["2001-02-30", "no day of the calendar"])
+
+
+def test_a_start_with_too_little_history_asks_for_a_later_one(tmp_path):
+    """Before any fit, and with the fix (the sampler's own refusal knows no --start)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(cli_toml(depth=1))
+    first = np.datetime64(load_config(cfg).data.synthetic.start_date, "D")
+    start = str(np.busday_offset(first, 14, roll="forward"))  # a context (12), not a horizon
+    proc = invoke(["run", "--config", str(cfg), "--store", str(tmp_path / "s.zarr"),
+                   "--start", start])
+    assert_one_line_error(proc, ["has only 15 days of history", "context + horizon = 18",
+                                 "pick a later --start"])
+    assert not (tmp_path / "s.zarr").exists()

@@ -12,6 +12,7 @@ import functools
 import json
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from engine.audit import check_store
 from engine.cli import app
 from engine.config import Config, TreeConfig
 from engine.errors import ConfigError, DataError, StoreError
+from engine.model import load_checkpoint
 from engine.rng import LOOKAHEAD, TREE, node_rng
 from engine.samplers import make_sampler
 from engine.store import ScenarioStore
@@ -313,7 +315,10 @@ def test_check_passes_an_unfinished_store_on_its_written_chunks(tmp_path):
     assert (two["level"], two["complete"], two["chunks_written"]) == (2, False, 3)
     assert two["worst_branch_error"] is None  # no sums over a level in progress
     result = _invoke(["check", "--store", path])
-    assert result.exit_code == 0 and "backfill run --resume" in result.stderr
+    assert result.exit_code == 0
+    meta = ScenarioStore.open(path).meta  # the options a resume must match, from the store
+    assert (f"backfill run --store {path} --resume --start {meta.start_date} --depth "
+            f"{meta.depth} --seed {meta.seed}`") in " ".join(result.stderr.split())
 
 
 def _corrupt_parent(root: Path) -> None:
@@ -371,6 +376,10 @@ def _lose_coordinate(root: Path) -> None:
     chunk.unlink()
 
 
+def _lose_level_metadata(root: Path) -> None:
+    (root / "level_02" / "zarr.json").unlink()
+
+
 def _root_attribute(**attrs):
     """Edit the store's root attributes by hand (zarr.json), as a user's script might."""
     def edit(root: Path) -> None:
@@ -391,6 +400,7 @@ def _root_attribute(**attrs):
     (_garble_days, ["level_01/day cannot be read"]),
     (_lose, ["level_02/paths lacks 1"]),
     (_lose_coordinate, ["level_01/maturity lacks 1"]),
+    (_lose_level_metadata, ["level_02 is missing"]),
     (_root_attribute(start_context=[[0.2]]), ["start context is not 12 days", "(1, 1)"]),
     (_root_attribute(grid={"moneyness": [1.0], "maturity_days": [30.0]}),
      ["start context", "1x1 grid"]),
@@ -400,7 +410,10 @@ def test_check_finds_each_kind_of_damage(reference, tmp_path, corrupt, words):
     path = tmp_path / "bad.zarr"
     shutil.copytree(reference, path)
     corrupt(path)
-    report = check_store(ScenarioStore.open(path))
+    with warnings.catch_warnings(record=True) as caught:  # the report says it: no more lines
+        warnings.simplefilter("always")
+        report = check_store(ScenarioStore.open(path))
+    assert not caught, [str(w.message) for w in caught]
     assert not report["ok"]
     assert all(w in report["problems"][0] for w in words), report["problems"]
     err = _one_line_error(["check", "--store", path], *words)
@@ -840,6 +853,11 @@ def test_cli_run_mc_and_exports(cli_stores, tmp_path):
     with np.load(tmp_path / "p.npz") as f:
         assert f["paths"].shape == (25, 12, 5, 5)
         assert abs(f["weight"].sum() - 1) < 1e-9
+    result = _invoke(["paths", "--store", run, "--out", tmp_path / "P.NPZ"])  # the name given
+    assert result.exit_code == 0 and (tmp_path / "P.NPZ").is_file(), result.output
+    assert not (tmp_path / "P.NPZ.npz").exists()
+    with np.load(tmp_path / "P.NPZ") as f:
+        assert f["paths"].shape == (25, 12, 5, 5)
     result = _invoke(["paths", "--store", mc, "--out", tmp_path / "p.parquet"])
     assert result.exit_code == 0, result.output
     assert len(pd.read_parquet(tmp_path / "p.parquet")) == 10 * 6 * 25
@@ -911,6 +929,15 @@ def test_cli_refuses_damaged_stores_and_unwritable_outputs(cli_stores, tmp_path)
     shutil.copytree(run, garbled)
     (garbled / "level_02" / "weight" / "c.0").write_bytes(b"not a chunk")
     _one_line_error(["var", "--store", garbled], "cannot be read", "level_02")
+    # a weight chunk swapped for another level's decodes, but its weights are no longer
+    # probabilities summing to 1: not exported as if they were
+    swapped = tmp_path / "swapped.zarr"
+    shutil.copytree(run, swapped)
+    shutil.copyfile(run / "level_01" / "weight" / "c.0", swapped / "level_02" / "weight" / "c.0")
+    for args in (["paths", "--store", swapped, "--out", tmp_path / "s.npz"],
+                 ["var", "--store", swapped]):
+        _one_line_error(args, "level 2's weight", "backfill check", "--overwrite")
+    assert not (tmp_path / "s.npz").exists()
     shutil.rmtree(garbled / "marginals" / "quantiles")
     _one_line_error(["plot", "--store", garbled, "--out", tmp_path / "f.png"],
                     "damaged", "marginals/quantiles")
@@ -967,6 +994,24 @@ def test_cli_bad_input_found_by_the_fit_leaves_stores_alone(cli_stores, tmp_path
     _one_line_error(["run", "--config", cfg, "--store", tmp_path / "new.zarr",
                      "--model", bad], "checkpoint")
     assert not (tmp_path / "new.zarr").exists()
+
+
+def test_cli_notes_a_model_that_learned_past_the_start(cli_stores, tmp_path):
+    """Without --model a run trains on the history before its start; a given model that
+    learned from later days is the user's choice, but said, not silent."""
+    cfg, _, _ = cli_stores
+    model = tmp_path / "m.pt"
+    assert _invoke(["train", "--config", cfg, "--out", model]).exit_code == 0
+    trained_to = load_checkpoint(model)[0].train_end
+    before = str(np.busday_offset(np.datetime64(trained_to, "D"), -40, roll="backward"))
+    for start, noted in ((before, True), (None, False)):
+        result = _invoke(["run", "--config", cfg, "--model", model, "--depth", "1",
+                          "--store", tmp_path / f"{start}.zarr"]
+                         + (["--start", start] if start else []))
+        assert result.exit_code == 0, result.output
+        said = " ".join(result.output.split())
+        assert ("learned from days up to" in said) == noted, result.output
+        assert not noted or f"up to {trained_to}, after the start {start}" in said
 
 
 def test_cli_a_sampler_that_diverges_leaves_the_old_store_alone(tmp_path):

@@ -144,6 +144,16 @@ def test_numeric_npz_dates_are_refused(tmp_path, dates):
     assert "ISO date strings" in message and "datetime64" in message
 
 
+def test_a_nat_among_npz_dates_is_named_by_its_index(tmp_path):
+    """Not as a row and column of the table the arrays are turned into."""
+    dates = START + np.arange(10)
+    dates[5] = np.datetime64("NaT")
+    np.savez(tmp_path / "n.npz", **{**arrays(), "dates": dates})
+    message = error(tmp_path / "n.npz")
+    assert "array 'dates' has NaT" in message and "index 5" in message
+    assert "row" not in message and "column" not in message
+
+
 def test_npz_dates_as_datetime64_or_strings_still_read(tmp_path):
     a = arrays()
     np.savez(tmp_path / "s.npz", **a)

@@ -140,6 +140,22 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(other)
 
 
+def test_foreign_files_raise_without_warnings(tmp_path):
+    """A plain pickle (never unpickled) or a bare tensor is refused by the error alone:
+    torch's warnings about them would reach the user's stderr beside it."""
+    import pickle
+    import warnings
+
+    pickle.dump({"a": 1}, (tmp_path / "plain.pt").open("wb"), protocol=4)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for name in ("plain.pt", "tensor.pt"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(CheckpointError, match="not a backfill checkpoint"):
+                load_checkpoint(tmp_path / name)
+        assert not caught, (name, [str(w.message) for w in caught])
+
+
 def test_damaged_checkpoint(tmp_path):
     model, cfg, panel = fresh_model(), tiny_config(), toy_panel(n_days=30)
     path = save_checkpoint(model, tmp_path / "m.pt", cfg, panel.fingerprint, panel.grid_dict())
@@ -152,6 +168,8 @@ def test_damaged_checkpoint(tmp_path):
         "other-grid.pt": ({**meta, "grid_shape": [3, 3]}, blob["state_dict"], "damaged"),
         "no-weights.pt": (meta, {}, "damaged"),
         "list-meta.pt": ([1, 2], blob["state_dict"], "version None"),
+        "bad-end.pt": ({**meta, "train_end": "garbage"}, blob["state_dict"], "train_end"),
+        "nat-end.pt": ({**meta, "train_end": "NaT"}, blob["state_dict"], "train_end"),
     }
     for name, (bad_meta, state, words) in cases.items():
         torch.save({"state_dict": state, "meta": json.dumps(bad_meta)}, tmp_path / name)

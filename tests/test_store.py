@@ -279,9 +279,46 @@ def test_refuses_an_existing_store_unless_overwrite(tmp_path):
     with pytest.raises(StoreError, match="not a Zarr store"):
         make_store(notes, overwrite=True)
     assert (notes / "todo.txt").read_text() == "keep me"
+    theirs = tmp_path / "theirs.zarr"  # a Zarr store of someone else's
+    zarr.open_group(theirs, mode="w", zarr_format=3).create_array("x", data=np.arange(3))
+    with pytest.raises(StoreError, match="backfill did not make"):
+        make_store(theirs, overwrite=True)
+    np.testing.assert_array_equal(zarr.open_array(theirs / "x", mode="r")[:], np.arange(3))
     for working_directory in (".", Path("")):  # an empty --store reaches us as Path(".")
         with pytest.raises(StoreError, match="names the working directory"):
             ScenarioStore.check_new(working_directory)
+
+
+def test_one_writer_per_store_across_processes(tmp_path):
+    """While another process writes a store, neither --overwrite nor --resume may touch it
+    (its own run would go on and report success over a store half deleted); readers may."""
+    import subprocess
+
+    path = tmp_path / "run.zarr"
+    make_store(path)  # made, then let go: this process holds no lock
+    hold = ("import sys; from pathlib import Path; from engine.store import ScenarioStore; "
+            "s = ScenarioStore.open(Path(sys.argv[1]), 'r+'); print('held', flush=True); "
+            "sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        link = tmp_path / "link.zarr"  # the same store by another name: the same lock
+        link.symlink_to(path)
+        for attempt in (lambda: make_store(path, overwrite=True, seed=9),
+                        lambda: ScenarioStore.open(path, "r+"),
+                        lambda: ScenarioStore.open(link, "r+")):
+            with pytest.raises(StoreError, match=f"another backfill process .pid {holder.pid}"
+                               ) as err:
+                attempt()
+            assert "\n" not in str(err.value)
+        assert ScenarioStore.open(path).meta.seed == 3  # untouched, and readable
+    finally:
+        holder.communicate("", timeout=60)
+    assert make_store(path, overwrite=True, seed=9).meta.seed == 9  # the lock went with it
+    (tmp_path / "sub").mkdir()
+    mine = ScenarioStore.open(path, "r+")  # this process's own stores share its hold
+    assert ScenarioStore.open(tmp_path / "sub" / ".." / "run.zarr", "r+")._lock is mine._lock
 
 
 def test_create_validates_its_arguments(tmp_path):
@@ -606,8 +643,12 @@ def test_chunks_done_and_mark_level_complete(tmp_path):
     assert ScenarioStore.open(store.path).levels_complete == 1
     store.create_level(2, 2, days[H:], (3, 2))
     store.write_chunk(2, 0, p, [0, 4], [0, 0], [0.5, 0.4])
-    with pytest.raises(StoreError, match="weights sum to"):
+    with pytest.raises(StoreError, match="weights sum to 0.9"):
         store.mark_level_complete(2)
+    # a reader's check of a level read back: summing to 1 is not enough
+    np.testing.assert_array_equal(store.complete_weights(1, [0.25, 0.75]), [0.25, 0.75])
+    with pytest.raises(StoreError, match="level 1's weight of node 1 is -0.1.*backfill check"):
+        store.complete_weights(1, [1.1, -0.1])
     assert store.levels_complete == 1
 
 
@@ -771,7 +812,7 @@ def test_a_level_whose_weight_chunk_is_lost_is_not_marked_complete(tmp_path):
     store.create_level(1, 3, business_days_after(START, H), (3, 2))
     write_level(store, 1, tiny_tree()[1])
     (store.path / "level_01" / "weight" / "c.1").unlink()
-    with pytest.raises(StoreError, match="weights sum to nan"):
+    with pytest.raises(StoreError, match="weight of node 2 is nan"):
         ScenarioStore.open(store.path, "r+").mark_level_complete(1)
 
 

@@ -216,6 +216,10 @@ def _read_npz(p: Path) -> Panel:
     raw = arrays["dates"].reshape(-1)
     if raw.dtype.kind == "M":
         dates = raw.astype("datetime64[D]")
+        if np.isnat(dates).any():
+            i = int(np.flatnonzero(np.isnat(dates))[0])
+            raise DataError(f"{p}: array 'dates' has NaT (no date) at index {i}; every surface "
+                            "needs its day: store datetime64[D] dates without gaps")
     elif raw.dtype.kind in "US":
         strings = pd.Series(raw.astype(str))
         parsed = _checked_dates(strings, strings, f"{p}: array 'dates'", lambda i: f"index {i}",
