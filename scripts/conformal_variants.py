@@ -46,7 +46,7 @@ variant's scale over the default's (per grid point and localized: its mean over 
 points or the test windows). The bank's own Mincer-Zarnowitz slopes are printed too
 (b < 1: the point forecast over-reacts).
 
-    python scripts/conformal_variants.py --data ../shared/data/vix_term_2011_2023.csv  # ~4 min
+    python scripts/conformal_variants.py --data ../shared/data/vix_term_2011_2023.csv  # ~2 min
     python scripts/conformal_variants.py                    # the synthetic market, ~35 min
 """
 
