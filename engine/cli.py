@@ -93,7 +93,8 @@ def _os_error(err: OSError) -> str:
                 "cluster is up, then rerun (a store resumes with --resume)")
     where = f" {err.filename}" if err.filename else ""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"cannot write{where}: {what}; free disk space, then rerun (or --resume)"
+        return (f"cannot write{where}: {what}; free disk space, then rerun (a store of run or "
+                "mc resumes with --resume)")
     return f"cannot access{where}: {what}; check the path and its permissions"
 
 
@@ -198,8 +199,14 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
     from engine.demo import DEMO_DEFAULTS, run_demo
 
     defaults = DEMO_DEFAULTS if config is None else {}
+    given = _config(config).data.source
     cfg = _config(config, **{**defaults, "data.source": "synthetic", "seed": seed})
-    run_demo(cfg, _out_dir(out), console=_console())
+    console = _console()
+    if given != "synthetic":
+        console.print(f"note: the demo runs on the built-in synthetic market (it compares "
+                      f"with the true law); data.source = {given!r} in {config} is not used: "
+                      "`backfill run` and `evaluate` read it")
+    run_demo(cfg, _out_dir(out), console=console)
 
 
 @app.command()
@@ -255,6 +262,12 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
         raise ConfigError(f"--backend {backend!r} is not 'ray' or 'inline'")
     cfg = _config(config, **{"data.source": data, "seed": seed, "tree.depth": depth,
                              "engine.backend": backend, "engine.address": address})
+    if address is not None and cfg.engine.backend != "ray":
+        from engine.errors import ConfigError
+
+        raise ConfigError(f"--address {address} joins a Ray cluster, but engine.backend is "
+                          f"{cfg.engine.backend!r}; pass --backend ray too (or leave --address "
+                          "out)")
     stride_days(cfg.tree.stride, cfg.data.horizon)  # before a fit, and before --overwrite
     console = _console()
     prep = prepare(cfg, console=console)

@@ -35,10 +35,23 @@ def atm_index(panel) -> tuple[int, int]:
     return int(np.argmin(np.abs(panel.moneyness - 1.0))), 0
 
 
+def _check_tree_target(path: Path) -> None:
+    """The demo replaces its own tree.zarr of an earlier run, never anything else there."""
+    from engine import driver
+    from engine.errors import StoreError
+
+    try:
+        driver.check_run_target(path, kind="tree", overwrite=True)
+    except StoreError:
+        raise StoreError(f"{path} exists and is not a store of an earlier demo, so the demo "
+                         "will not replace it; move it away or pass another --out") from None
+
+
 def run_demo(config: Config, out: Path, console) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_tree_target(out / "tree.zarr")  # before the training, not after it
     prep = prepare(config)
     panel, splits = prep.panel, prep.splits
     C, H = config.data.context, config.data.horizon

@@ -267,14 +267,14 @@ def run_diagnose(cfg: Config, out: Path, model_path: Path | None = None, console
         "regime_separation": regimes, "variance_budget": budget,
         "timings": {"total_seconds": time.perf_counter() - t_start},
     })
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnose.json").write_text(json.dumps(result, indent=2))
-    from engine.report import diagnose_markdown, plot_embedding
+    from engine.report import diagnose_markdown, plot_embedding, staged
 
-    (out / "diagnose.md").write_text(diagnose_markdown(result))
-    plot_embedding(coords, level, out / "embedding.png",
-                   f"context embeddings ({split} split), 2-D PCA\nsilhouette of low / high "
-                   f"level {regimes['silhouette']:.2f}")
+    with staged(out) as stage:
+        (stage / "diagnose.json").write_text(json.dumps(result, indent=2))
+        (stage / "diagnose.md").write_text(diagnose_markdown(result))
+        plot_embedding(coords, level, stage / "embedding.png",
+                       f"context embeddings ({split} split), 2-D PCA\nsilhouette of low / "
+                       f"high level {regimes['silhouette']:.2f}")
     _say(console, f"wrote {out / 'diagnose.json'}, diagnose.md, embedding.png in "
                   f"{result['timings']['total_seconds']:.1f}s")
     return result

@@ -690,6 +690,10 @@ def _check_reachable(address: str) -> None:
     import socket
 
     host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address.startswith("ray://") and not (sep and host and port.isdigit()):
+        # the Ray client would wait half a minute on it, its gRPC printing lines
+        raise ConfigError(f"--address {address!r} is not ray://HOST:PORT; pass the Ray "
+                          "client address of the cluster's head, e.g. ray://127.0.0.1:10001")
     if not sep or not host or not port.isdigit():
         return
     try:

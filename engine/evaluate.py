@@ -34,7 +34,7 @@ from engine.config import Config
 from engine.errors import ConfigError
 from engine.pipeline import Prepared, get_model, prepare
 from engine.rng import EVALUATION, node_rng
-from engine.samplers import ALIASES, REGISTRY, make_sampler
+from engine.samplers import ALIASES, known_methods, make_sampler
 from engine.samplers.knn import KnnResidualSampler
 from engine.samplers.knn_conformal import KnnConformalSampler
 from engine.train import progress_bar
@@ -89,8 +89,11 @@ def resolve_methods(config: Config, has_market: bool) -> tuple[list[MethodSpec],
                 update=overrides)})
         specs.append(MethodSpec(name, sampler, cfg))
     if not specs:
-        raise ConfigError("evaluate.methods leaves no method to score on this data; add one of "
-                          f"{', '.join(n for n in REGISTRY if n != 'oracle')}")
+        given = ", ".join(names) or "none"
+        why = " (oracle needs the synthetic market)" if "oracle" in names else ""
+        raise ConfigError(f"evaluate.methods leaves no method to score on this data (given: "
+                          f"{given}{why}); add one of "
+                          f"{', '.join(n for n in known_methods() if n != 'oracle')}")
     return specs, notes
 
 
@@ -533,11 +536,12 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
     report["timings"] = {"model_seconds": model_seconds,
                          "total_seconds": time.perf_counter() - t_start}
     report = json_safe(report)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    from engine.report import write_evaluation_report
+    from engine.report import staged, write_evaluation_report
 
-    files = write_evaluation_report(report, plots, windows, out, panel.dates, FAN_METHODS)
+    with staged(out) as stage:
+        (stage / "report.json").write_text(json.dumps(report, indent=2))
+        files = write_evaluation_report(report, plots, windows, stage, panel.dates,
+                                        FAN_METHODS)
     _say(console, f"wrote {out / 'report.json'}, " + ", ".join(str(f.name) for f in files)
          + f" in {report['timings']['total_seconds']:.1f}s")
     return report

@@ -389,3 +389,14 @@ def test_demo_runs_end_to_end_on_a_tiny_market(tmp_path):
     inside = summary["tree"]["oracle_inside_90"]
     assert list(inside) == ["6", "12"] and all(0 <= v <= 1 for v in inside.values())
     assert (out / "fan_6d.png").stat().st_size > 0 and (out / "tree_fan_12d.png").is_file()
+    # a second demo into the same folder replaces its own tree.zarr; a folder of the user's
+    # named so is refused before the training, and kept
+    again = invoke(["demo", "--config", str(tmp_path / "demo.toml"), "--out", str(out)])
+    assert again.returncode == 0, again.stderr
+    theirs = tmp_path / "theirs"
+    (theirs / "tree.zarr").mkdir(parents=True)
+    (theirs / "tree.zarr" / "notes.txt").write_text("keep me")
+    refused = invoke(["demo", "--config", str(tmp_path / "demo.toml"), "--out", str(theirs)])
+    assert_one_line_error(refused, ["not a store of an earlier demo", "another --out"])
+    assert (theirs / "tree.zarr" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in theirs.iterdir()) == ["tree.zarr"]  # nothing trained

@@ -977,6 +977,12 @@ def test_cli_an_unreachable_cluster_address_fails_at_once(cli_stores, tmp_path):
         _one_line_error(["run", "--config", cfg, "--store", tmp_path / "x.zarr", "--backend",
                          "ray", "--address", address], "cannot reach the Ray cluster",
                         "127.0.0.1:1")
+    for address in ("ray://", "ray://127.0.0.1:notaport"):  # refused, not waited on
+        _one_line_error(["run", "--config", cfg, "--store", tmp_path / "x.zarr", "--backend",
+                         "ray", "--address", address], "is not ray://HOST:PORT")
+    # an address the inline backend would silently ignore
+    _one_line_error(["run", "--config", cfg, "--store", tmp_path / "x.zarr", "--address",
+                     "auto"], "--address", "--backend ray")
     assert not (tmp_path / "x.zarr").exists()
 
 

@@ -132,6 +132,25 @@ def test_report_has_the_required_shape_and_valid_numbers(evaluated):
     assert "Coverage of the 90% band by test year" in md
 
 
+def test_the_markdown_writes_ranges_and_notes_as_they_are(evaluated):
+    """Half-open day ranges as [start, stop); the overlap caveat only for a multi-day VaR."""
+    import copy
+
+    from engine.report import evaluation_markdown
+
+    report, out = evaluated
+    md = (out / "report.md").read_text()
+    train = report["split"]["train"]
+    assert f"train [{train[0]}, {train[1]})" in md
+    keys = {k for m in report["methods"].values() for k in m["var_backtest"]}
+    assert keys and all(k.startswith("1_") for k in keys)  # horizon 6: only the 1-day VaR
+    assert "serially dependent" not in md
+    longer = copy.deepcopy(report)
+    for m in longer["methods"].values():
+        m["var_backtest"]["5_0.95"] = {"exceptions": 1, "expected": 1.0, "kupiec_p": 0.5}
+    assert "5-day VaR serially dependent" in evaluation_markdown(longer)
+
+
 def test_scores_equal_metrics_recomputed_from_the_samples(setup, evaluated):
     """hist-bootstrap needs no model: refit it and recompute the scores from full samples."""
     cfg, prep, _, _ = setup
@@ -296,7 +315,8 @@ def test_oracle_is_skipped_with_a_note_on_real_data(tmp_path):
     assert "oracle skipped" in (tmp_path / "out" / "report.md").read_text()
     only_oracle = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
         update={"methods": ["oracle"]})})
-    with pytest.raises(ConfigError, match="no method"):
+    with pytest.raises(ConfigError, match=r"no method .*given: oracle \(oracle needs the "
+                                          r"synthetic market\).*knn-conformal-online"):
         run_evaluation(only_oracle, tmp_path / "out2")
 
 
@@ -363,6 +383,29 @@ def test_cli_evaluate_runs_and_rejects_a_bad_method(setup, tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "knn-magic" in lines[0] and "Traceback" not in bad.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_a_failed_write_keeps_the_last_complete_report(setup, tmp_path, monkeypatch):
+    """A full disk half-way through the files: the folder keeps the last whole report (not
+    a truncated report.json beside a stale report.md), and no scratch files."""
+    import errno
+
+    import engine.report
+
+    _, _, _, path = setup
+    cfg = eval_config(**{"evaluate.methods": ["hist-bootstrap"], "evaluate.n_samples": 20})
+    run_evaluation(cfg, tmp_path, model_path=path)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    assert {"report.json", "report.md", "pit.png"} <= set(before)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.report, "plot_pit", full)
+    with pytest.raises(OSError, match="No space"):
+        run_evaluation(eval_config(**{"evaluate.methods": ["hist-bootstrap", "fhs"],
+                                      "evaluate.n_samples": 20}), tmp_path, model_path=path)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
 
 
 # ----------------------------------------------------------------------------- diagnose

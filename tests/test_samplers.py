@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -550,6 +552,17 @@ def test_cvae_scaled_meets_its_variance_target_about_the_centre_it_scales_around
     p50 = model.median(np.log(ctx))[:, None]
     got = ((draws - p50) ** 2).mean(axis=(0, 1, 3, 4))
     np.testing.assert_allclose(got, s.budget_["target"], rtol=1e-6)
+
+
+def test_cvae_scaled_without_calibration_windows_names_every_fix():
+    """A model whose training data end near the history's end leaves no window to calibrate
+    on: the refusal names the embargo and the splits, not only another model."""
+    config, panel = tiny_config(), toy_panel()
+    model = copy.deepcopy(trained_model(config, panel))  # the cached one stays as it is
+    model.train_end = str(panel.dates[-3])
+    with pytest.raises(DataError, match=r"has 0; give more history after the train split.*"
+                                        r"data.split_fractions.*data.embargo_days"):
+        make_sampler("cvae-scaled", config).fit(panel, model)
 
 
 def test_model_sampler_without_model_is_refused():
