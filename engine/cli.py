@@ -199,13 +199,14 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
     from engine.demo import DEMO_DEFAULTS, run_demo
 
     defaults = DEMO_DEFAULTS if config is None else {}
-    given = _config(config).data.source
-    cfg = _config(config, **{**defaults, "data.source": "synthetic", "seed": seed})
+    cfg = _config(config, **{**defaults, "seed": seed})
+    given = cfg.data.source
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "synthetic"})})
     console = _console()
     if given != "synthetic":
         console.print(f"note: the demo runs on the built-in synthetic market (it compares "
                       f"with the true law); data.source = {given!r} in {config} is not used: "
-                      "`backfill run` and `evaluate` read it")
+                      "`backfill run` and `evaluate` read it", markup=False)
     run_demo(cfg, _out_dir(out), console=console)
 
 

@@ -36,15 +36,17 @@ def atm_index(panel) -> tuple[int, int]:
 
 
 def _check_tree_target(path: Path) -> None:
-    """The demo replaces its own tree.zarr of an earlier run, never anything else there."""
+    """The demo replaces a backfill store at its tree.zarr (its own, of an earlier demo),
+    never anything else there."""
     from engine import driver
     from engine.errors import StoreError
 
     try:
         driver.check_run_target(path, kind="tree", overwrite=True)
     except StoreError:
-        raise StoreError(f"{path} exists and is not a store of an earlier demo, so the demo "
-                         "will not replace it; move it away or pass another --out") from None
+        raise StoreError(f"{path} exists and is not a backfill store (as an earlier demo "
+                         "leaves), so the demo will not replace it; move it away or pass "
+                         "another --out") from None
 
 
 def run_demo(config: Config, out: Path, console) -> dict:

@@ -11,10 +11,13 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from engine.errors import ConfigError
 
 FAN_TITLES = ("calm (lowest context level)", "median context level",
               "stressed (highest context level)")
@@ -151,8 +154,10 @@ def evaluation_markdown(report: dict) -> str:
                       key=lambda k: tuple(float(x) for x in k.split("_")))
     if var_keys:
         multi = sorted({int(k.split("_")[0]) for k in var_keys} - {1})
-        overlap = (f"; overlapping windows make exceptions of the {multi[0]}-day VaR serially "
-                   "dependent, so its p-value is optimistic" if multi else "")
+        overlap = (f"; overlapping windows make exceptions of the "
+                   f"{' and '.join(f'{h}-day' for h in multi)} VaR serially dependent, so "
+                   f"{'its p-value is' if len(multi) == 1 else 'their p-values are'} "
+                   "optimistic" if multi else "")
         parts += ["## VaR backtest of a long-vega position (one vega at every grid point)", "",
                   f"_exceptions / expected (Kupiec p-value){overlap}_", ""]
         rows = []
@@ -318,18 +323,37 @@ def plot_fans(fans: dict[str, np.ndarray], windows, dates: np.ndarray, grid: dic
     return path
 
 
+_STALE_STAGE_SECONDS = 3600.0  # a stage lives for the seconds its files take to write
+
+
 @contextlib.contextmanager
 def staged(out: Path) -> Iterator[Path]:
     """A hidden folder in ``out`` to write a report's files into. On success each file is
     moved over its namesake in ``out`` (a rename: it needs no space and is never half
-    done), the JSON last; on any failure (a full disk, an interrupt) the folder goes and
-    ``out`` keeps the last complete report, not a truncated one beside a stale one."""
+    done), the JSON last; on a failure (a full disk, an interrupt) the folder goes and
+    ``out`` keeps the last complete report, not a truncated one beside a stale one. An
+    error names the file as it would have been in ``out``. Stages that a killed run left
+    (older than an hour) are cleared first."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(".partial-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > _STALE_STAGE_SECONDS:
+                shutil.rmtree(old)
     stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
-        yield stage
-        for f in sorted(stage.iterdir(), key=lambda f: (f.suffix == ".json", f.name)):
+        try:
+            yield stage
+        except OSError as err:
+            if err.filename is None or Path(err.filename).parent != stage:
+                raise
+            raise OSError(err.errno, err.strerror, str(out / Path(err.filename).name)) from None
+        files = sorted(stage.iterdir(), key=lambda f: (f.suffix == ".json", f.name))
+        taken = [out / f.name for f in files if (out / f.name).is_dir()]
+        if taken:  # checked before any move: a clash half-way would mix two reports
+            raise ConfigError(f"{taken[0]} is a folder, where the report writes a file of "
+                              "that name; move it away or pass another --out")
+        for f in files:
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -397,6 +397,6 @@ def test_demo_runs_end_to_end_on_a_tiny_market(tmp_path):
     (theirs / "tree.zarr").mkdir(parents=True)
     (theirs / "tree.zarr" / "notes.txt").write_text("keep me")
     refused = invoke(["demo", "--config", str(tmp_path / "demo.toml"), "--out", str(theirs)])
-    assert_one_line_error(refused, ["not a store of an earlier demo", "another --out"])
+    assert_one_line_error(refused, ["is not a backfill store", "another --out"])
     assert (theirs / "tree.zarr" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in theirs.iterdir()) == ["tree.zarr"]  # nothing trained

@@ -9,6 +9,9 @@ kNN against a separately fitted one; and the fit against a poisoned test split (
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +151,10 @@ def test_the_markdown_writes_ranges_and_notes_as_they_are(evaluated):
     longer = copy.deepcopy(report)
     for m in longer["methods"].values():
         m["var_backtest"]["5_0.95"] = {"exceptions": 1, "expected": 1.0, "kupiec_p": 0.5}
-    assert "5-day VaR serially dependent" in evaluation_markdown(longer)
+    assert "5-day VaR serially dependent, so its p-value" in evaluation_markdown(longer)
+    for m in longer["methods"].values():
+        m["var_backtest"]["10_0.95"] = m["var_backtest"]["5_0.95"]
+    assert "5-day and 10-day VaR serially dependent, so their" in evaluation_markdown(longer)
 
 
 def test_scores_equal_metrics_recomputed_from_the_samples(setup, evaluated):
@@ -393,19 +399,37 @@ def test_a_failed_write_keeps_the_last_complete_report(setup, tmp_path, monkeypa
     import engine.report
 
     _, _, _, path = setup
+    killed, writing = tmp_path / ".partial-killed", tmp_path / ".partial-writing"
+    for stage in (killed, writing):  # one left by a killed run, one in use right now
+        stage.mkdir()
+        (stage / "pit.png").write_bytes(b"half")
+    os.utime(killed, (time.time() - 7200, time.time() - 7200))
     cfg = eval_config(**{"evaluate.methods": ["hist-bootstrap"], "evaluate.n_samples": 20})
     run_evaluation(cfg, tmp_path, model_path=path)
+    assert not killed.exists() and (writing / "pit.png").is_file()
+    shutil.rmtree(writing)
     before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
     assert {"report.json", "report.md", "pit.png"} <= set(before)
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full_at_pit(report, path):  # raised by the file's own write, named by its path
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(engine.report, "plot_pit", full)
-    with pytest.raises(OSError, match="No space"):
-        run_evaluation(eval_config(**{"evaluate.methods": ["hist-bootstrap", "fhs"],
-                                      "evaluate.n_samples": 20}), tmp_path, model_path=path)
+    monkeypatch.setattr(engine.report, "plot_pit", lambda pits, report, path:
+                        full_at_pit(report, path))
+    more = eval_config(**{"evaluate.methods": ["hist-bootstrap", "fhs"],
+                          "evaluate.n_samples": 20})
+    with pytest.raises(OSError, match="No space") as err:
+        run_evaluation(more, tmp_path, model_path=path)
+    assert err.value.filename == str(tmp_path / "pit.png")  # not the stage's, gone by then
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+    # a folder where a report file goes: refused before any file moves
+    monkeypatch.undo()
+    (tmp_path / "report.json").rename(tmp_path / "kept.json")
+    (tmp_path / "report.json").mkdir()
+    with pytest.raises(ConfigError, match="report.json is a folder"):
+        run_evaluation(more, tmp_path, model_path=path)
+    assert (tmp_path / "report.md").read_bytes() == before["report.md"]
+    assert not list(tmp_path.glob(".partial-*"))
 
 
 # ----------------------------------------------------------------------------- diagnose
