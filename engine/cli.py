@@ -254,18 +254,15 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 def _expand(kind: str, store: Path, config, data, model, depth, backend, address, start, seed,
             resume: bool, overwrite: bool, n_paths: int | None = None) -> None:
     from engine import driver
+    from engine.errors import ConfigError
     from engine.pipeline import prepare
     from engine.tree import stride_days
 
     if backend is not None and backend not in ("ray", "inline"):
-        from engine.errors import ConfigError
-
         raise ConfigError(f"--backend {backend!r} is not 'ray' or 'inline'")
     cfg = _config(config, **{"data.source": data, "seed": seed, "tree.depth": depth,
                              "engine.backend": backend, "engine.address": address})
     if address is not None and cfg.engine.backend != "ray":
-        from engine.errors import ConfigError
-
         raise ConfigError(f"--address {address} joins a Ray cluster, but engine.backend is "
                           f"{cfg.engine.backend!r}; pass --backend ray too (or leave --address "
                           "out)")
