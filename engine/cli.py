@@ -200,6 +200,7 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
 
     defaults = DEMO_DEFAULTS if config is None else {}
     cfg = _config(config, **{**defaults, "seed": seed})
+    _unused_address(cfg, config, None)
     given = cfg.data.source
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "synthetic"})})
     console = _console()
@@ -251,6 +252,21 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")]
 
 
+def _unused_address(cfg, config: Path | None, backend_flag: str | None) -> None:
+    """A config's engine.address with the inline backend: refused where the file itself asks
+    for both, a note where --backend inline overrides the file's backend."""
+    from engine.errors import ConfigError
+
+    if cfg.engine.backend != "inline" or cfg.engine.address is None:
+        return
+    if backend_flag is None:
+        raise ConfigError(f"{config}: engine.address = {cfg.engine.address!r} joins a Ray "
+                          "cluster, but engine.backend is 'inline' (this process alone); set "
+                          "engine.backend = \"ray\" or remove engine.address")
+    _console().print(f"note: engine.address = {cfg.engine.address!r} in {config} is not used: "
+                     "--backend inline runs in this process", markup=False)
+
+
 def _expand(kind: str, store: Path, config, data, model, depth, backend, address, start, seed,
             resume: bool, overwrite: bool, n_paths: int | None = None) -> None:
     from engine import driver
@@ -266,6 +282,7 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
         raise ConfigError(f"--address {address} joins a Ray cluster, but engine.backend is "
                           f"{cfg.engine.backend!r}; pass --backend ray too (or leave --address "
                           "out)")
+    _unused_address(cfg, config, backend)
     stride_days(cfg.tree.stride, cfg.data.horizon)  # before a fit, and before --overwrite
     console = _console()
     prep = prepare(cfg, console=console)
@@ -413,24 +430,33 @@ def paths(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="F.np
     _console().print(f"wrote {full.shape[0]} paths of {full.shape[1]} days to {out}")
 
 
-@app.command(help="VaR and ES of a long-one-vega-everywhere position at each level's "
-             "horizon.\n\nP&L = sum over the grid of (iv on the level's last day - iv at the "
-             "start), in iv units; from the weighted distribution of the level's nodes.")
+@app.command(help="VaR and ES of a vega position at each level's horizon (default: long one "
+             "vega at every grid point).\n\nP&L = sum over the grid of vega x (iv on the "
+             "level's last day - iv at the start), in iv units; from the weighted distribution "
+             "of the level's nodes. --position F reads the vegas from a CSV: moneyness, "
+             "maturity_days, vega, one row per grid point held (the rest hold none).")
 @user_errors
 def var(store: StoreOpt,
         levels: Annotated[str, typer.Option(help="Confidence levels, e.g. 0.95,0.99")] = "0.95,0.99",
         json_out: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
+        position: Annotated[Path | None, typer.Option(
+            help="CSV of moneyness, maturity_days, vega (P&L per unit of iv), one row per grid "
+            "point held; default: long 1 vega at every grid point.")] = None,
         ) -> None:
     from engine import driver
 
     alphas = list(dict.fromkeys(_csv(levels, float, "--levels")))  # one column per level
-    rows = driver.vega_risk(_open_store(store), alphas)
+    scenario = _open_store(store)
+    vega = None if position is None else driver.read_position(position, scenario.meta.grid)
+    rows = driver.vega_risk(scenario, alphas, vega)
     if json_out:
         typer.echo(driver.to_json(rows))
         return
     from rich.table import Table
 
-    table = Table(title="long 1 vega per grid point: loss in iv units (0.01 = 1 vol point)")
+    held = ("long 1 vega per grid point" if vega is None else
+            f"{position.name} ({int((vega != 0).sum())} grid points)")
+    table = Table(title=f"{held}: loss in iv units (0.01 = 1 vol point per unit of vega)")
     for col in ("level", "date", "days", "nodes", "mean P&L"):
         table.add_column(col, justify="right")
     for a in alphas:

@@ -108,6 +108,7 @@ __all__ = [
     "level_plan",
     "node_rngs",
     "open_store",
+    "read_position",
     "run_store",
     "start_index",
     "vega_risk",
@@ -1350,23 +1351,91 @@ def level_label(level: float) -> str:
     return repr(float(level))
 
 
-def vega_risk(store: ScenarioStore, levels=(0.95, 0.99)) -> list[dict]:
-    """VaR / ES per complete level of a position long one vega at every grid point.
+POSITION_COLUMNS = ("moneyness", "maturity_days", "vega")
 
-    P&L of a node at its level's last day T: sum over the grid of (iv_T - iv_start), in iv
-    units (0.01 = one vol point per grid point); weights are the nodes' probabilities.
+
+def read_position(path: str | Path, grid: dict) -> np.ndarray:
+    """A position's vega per grid point, (n_m, n_tau), from a CSV with one row per point held:
+    ``moneyness, maturity_days, vega`` (P&L per unit of iv, so 0.01 of iv is one vol point);
+    the points it leaves out hold nothing. Each row must name a point of the store's grid."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        found = "not found" if not p.exists() else "is not a regular file"
+        raise DataError(f"position file {p} {found}; pass a CSV with columns "
+                        f"{', '.join(POSITION_COLUMNS)}")
+    try:
+        df = pd.read_csv(p, skipinitialspace=True, encoding="utf-8-sig")
+    except (ValueError, UnicodeDecodeError, OSError) as err:  # empty, binary, unreadable
+        raise DataError(f"{p}: cannot read it as CSV ({first_line(err)}); write a CSV with "
+                        f"columns {', '.join(POSITION_COLUMNS)}") from None
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    missing = [c for c in POSITION_COLUMNS if c not in df.columns]
+    if missing or df.columns.duplicated().any():
+        raise DataError(f"{p}: columns are {', '.join(map(str, df.columns))} but a position "
+                        f"needs each of {', '.join(POSITION_COLUMNS)} once")
+    if df.empty:
+        raise DataError(f"{p}: no rows; write one row per grid point held "
+                        f"({', '.join(POSITION_COLUMNS)})")
+    values = {}
+    for col in POSITION_COLUMNS:
+        v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(v)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{p}: {col} is {df[col].iloc[i]!r} on row {i + 2}; write a finite "
+                            "number")
+        values[col] = v
+    axes = {"moneyness": np.asarray(grid["moneyness"], dtype=np.float64),
+            "maturity_days": np.asarray(grid["maturity_days"], dtype=np.float64)}
+    index = {}
+    for col, axis in axes.items():
+        near = np.isclose(values[col][:, None], axis[None, :], rtol=1e-9, atol=0)
+        off = ~near.any(1)
+        if off.any():
+            i = int(np.flatnonzero(off)[0])
+            raise DataError(f"{p}: {col} {values[col][i]:g} on row {i + 2} is not on the "
+                            f"store's grid ({col} {', '.join(f'{a:g}' for a in axis)}); "
+                            "name grid points only")
+        index[col] = near.argmax(1)
+    flat = index["moneyness"] * len(axes["maturity_days"]) + index["maturity_days"]
+    twice = np.flatnonzero(pd.Series(flat).duplicated().to_numpy())
+    if twice.size:
+        i = int(twice[0])
+        raise DataError(f"{p}: row {i + 2} names moneyness {values['moneyness'][i]:g}, "
+                        f"maturity {values['maturity_days'][i]:g} days again; write each grid "
+                        "point once (sum its vegas)")
+    vega = np.zeros((len(axes["moneyness"]), len(axes["maturity_days"])))
+    vega[index["moneyness"], index["maturity_days"]] = values["vega"]
+    return vega
+
+
+def vega_risk(store: ScenarioStore, levels=(0.95, 0.99),
+              vega: np.ndarray | None = None) -> list[dict]:
+    """VaR / ES per complete level of a vega position: by default long one vega at every
+    grid point, else ``vega`` (n_m, n_tau) (see ``read_position``).
+
+    P&L of a node at its level's last day T: sum over the grid of vega * (iv_T - iv_start),
+    in iv units (0.01 = one vol point per unit of vega); weights are the nodes'
+    probabilities.
     """
     levels = list(dict.fromkeys(levels))  # a level given twice is one column
     if not levels:
         raise ConfigError("no VaR level given; pass levels in (0, 1), e.g. --levels 0.95,0.99")
     done = store.require_complete_level()
     start = start_context_of(store)[-1]  # (n_m, n_tau) the start day's surface
+    if vega is None:
+        vega = np.ones_like(start)
+    if vega.shape != start.shape:
+        raise DataError(f"a position of shape {vega.shape} for a store whose grid is "
+                        f"{start.shape}; read it with read_position and the store's grid")
     rows = []
     for level in range(1, done + 1):
         pnl, weight = [], []
         for _, _, block in store.iter_chunks(level):
             last = block["paths"][:, -1].astype(np.float64)  # (n, n_m, n_tau)
-            pnl.append((last - start).reshape(len(last), -1).sum(-1))
+            pnl.append(((last - start) * vega).reshape(len(last), -1).sum(-1))
             weight.append(block["weight"])
         pnl, weight = np.concatenate(pnl), store.complete_weights(level, np.concatenate(weight))
         days = store.level_days(level)

@@ -400,3 +400,10 @@ def test_demo_runs_end_to_end_on_a_tiny_market(tmp_path):
     assert_one_line_error(refused, ["is not a backfill store", "another --out"])
     assert (theirs / "tree.zarr" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in theirs.iterdir()) == ["tree.zarr"]  # nothing trained
+    # a config that names a Ray cluster but the inline backend asks for two things at once
+    config["engine"]["address"] = "auto"
+    (tmp_path / "both.toml").write_text(tomli_w.dumps(config))
+    refused = invoke(["demo", "--config", str(tmp_path / "both.toml"), "--out",
+                      str(tmp_path / "none")])
+    assert_one_line_error(refused, ["engine.address = 'auto'", "'inline'"])
+    assert not (tmp_path / "none").exists()

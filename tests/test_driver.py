@@ -970,6 +970,54 @@ def test_cli_refuses_damaged_stores_and_unwritable_outputs(cli_stores, tmp_path)
     assert not (tmp_path / "m.csv").exists() and not (tmp_path / "f.png").exists()
 
 
+def test_cli_var_of_a_position_file(cli_stores, tmp_path):
+    """--position: a CSV of vegas per grid point; all ones gives the default's figures, one
+    point gives the VaR of that point's weighted P&L computed here from the store."""
+    _, run, _ = cli_stores
+    store = ScenarioStore.open(run)
+    grid = store.meta.grid
+    m, t = np.meshgrid(grid["moneyness"], grid["maturity_days"], indexing="ij")
+    ones = tmp_path / "ones.csv"
+    pd.DataFrame({"moneyness": m.ravel(), "maturity_days": t.ravel(), "vega": 1.0}).to_csv(
+        ones, index=False)
+    default = _invoke(["var", "--store", run, "--json"])
+    held = _invoke(["var", "--store", run, "--json", "--position", ones])
+    assert held.exit_code == 0, held.output
+    assert json.loads(held.stdout) == json.loads(default.stdout)
+    # short 2.5 vega at one point (written with spaces and a grid value's own digits)
+    i, j = 1, 2
+    one = tmp_path / "one.csv"
+    one.write_text(f"moneyness, maturity_days, vega\n{grid['moneyness'][i]!r}, "
+                   f"{grid['maturity_days'][j]!r}, -2.5\n")
+    result = _invoke(["var", "--store", run, "--json", "--position", one, "--levels", "0.9"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    start = driver.start_context_of(store)[-1, i, j]
+    for row in rows:
+        last = store.read_level(row["level"])["paths"][:, -1, i, j].astype(np.float64)
+        weight = store.read_level(row["level"])["weight"]
+        (var, es), = driver.weighted_var_es(-2.5 * (last - start), weight, [0.9])
+        assert row["var_0.9"] == pytest.approx(var, abs=1e-12)
+        assert row["es_0.9"] == pytest.approx(es, abs=1e-12)
+    table = _invoke(["var", "--store", run, "--position", one])
+    assert table.exit_code == 0 and "one.csv (1 grid points)" in table.stdout
+    # bad files: one line each, exit 2
+    off = tmp_path / "off.csv"
+    off.write_text("moneyness,maturity_days,vega\n0.123,30,1\n")
+    twice = tmp_path / "twice.csv"
+    twice.write_text("moneyness,maturity_days,vega\n"
+                     + f"{grid['moneyness'][0]},{grid['maturity_days'][0]},1\n" * 2)
+    text = tmp_path / "text.csv"
+    text.write_text(f"moneyness,maturity_days,vega\n{grid['moneyness'][0]},"
+                    f"{grid['maturity_days'][0]},lots\n")
+    cols = tmp_path / "cols.csv"
+    cols.write_text("strike,maturity_days,vega\n1,30,1\n")
+    for path, words in ((off, ("moneyness 0.123", "not on the store's grid")),
+                        (twice, ("row 3", "again")), (text, ("'lots'", "row 2")),
+                        (cols, ("strike", "moneyness")), (tmp_path / "nope.csv", ("not found",))):
+        _one_line_error(["var", "--store", run, "--position", path], *words)
+
+
 def test_cli_an_unreachable_cluster_address_fails_at_once(cli_stores, tmp_path):
     """ray.init retries an address nobody answers on for minutes; nothing listens on port 1."""
     cfg, _, _ = cli_stores
@@ -983,6 +1031,18 @@ def test_cli_an_unreachable_cluster_address_fails_at_once(cli_stores, tmp_path):
     # an address the inline backend would silently ignore
     _one_line_error(["run", "--config", cfg, "--store", tmp_path / "x.zarr", "--address",
                      "auto"], "--address", "--backend ray")
+    # and one in the config: refused where the file also says inline; a note where
+    # --backend inline overrides the file (here the run then stops at the existing store)
+    both = tmp_path / "both.toml"
+    both.write_text(TOML.replace('backend = "inline"', 'backend = "inline"\naddress = "auto"'))
+    _one_line_error(["run", "--config", both, "--store", tmp_path / "x.zarr"],
+                    "engine.address = 'auto'", "engine.backend = \"ray\"")
+    ray_file = tmp_path / "ray.toml"
+    ray_file.write_text(TOML.replace('backend = "inline"', 'backend = "ray"\naddress = "auto"'))
+    result = _invoke(["run", "--config", ray_file, "--store", cli_stores[1], "--backend",
+                      "inline"])
+    assert result.exit_code == 2 and "--resume" in result.stderr
+    assert "note: engine.address = 'auto'" in result.stderr
     assert not (tmp_path / "x.zarr").exists()
 
 

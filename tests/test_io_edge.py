@@ -330,3 +330,16 @@ def test_supported_extensions_still_read(tmp_path, name):
     panel = load(tmp_path / name)
     assert panel.surface.shape == (10, 2, 2)
     np.testing.assert_allclose(panel.surface.reshape(-1), df["iv"].to_numpy())
+
+
+def test_moneyness_in_percent_is_refused(tmp_path):
+    """Moneyness is strike / spot; a grid of 90 and 100 was written in percent (its ATM point
+    and plots would be wrong), while a wide grid in K/S still reads."""
+    df = frame()
+    df["moneyness"] *= 100
+    df.to_csv(tmp_path / "pct.csv", index=False)
+    message = error(tmp_path / "pct.csv")
+    assert "moneyness runs from 90 to 100" in message and "divide them by 100" in message
+    df["moneyness"] /= 40  # 2.25 and 2.5: far out of the money, but strike / spot
+    df.to_csv(tmp_path / "wide.csv", index=False)
+    assert load(tmp_path / "wide.csv").moneyness.tolist() == [2.25, 2.5]

@@ -24,6 +24,9 @@ from engine.errors import DataError, first_line
 COLUMNS = ("date", "moneyness", "maturity_days", "iv")
 MAX_GRID = 10
 IV_MAX = 5.0
+# Moneyness is strike / spot; a grid whose every strike lies beyond this many spots (80..120)
+# was written in percent.
+MONEYNESS_FLOOR_MAX = 5.0
 CSV_SUFFIXES = (".csv", ".txt")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst")  # pandas reads these CSVs
@@ -154,6 +157,11 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
             r = out.iloc[int(np.flatnonzero(nonpos)[0])]
             raise DataError(f"{source}: {col} = {r[col]:g} on {r['date'].date()} must be > 0; "
                             "fix or drop that row")
+    m = out["moneyness"].to_numpy()
+    if m.min() > MONEYNESS_FLOOR_MAX:
+        raise DataError(f"{source}: moneyness runs from {m.min():g} to {m.max():g}, every strike "
+                        f"over {MONEYNESS_FLOOR_MAX:g}x the spot; moneyness is strike / spot (1.0 "
+                        "at the money): if these are percent, divide them by 100")
     iv = out["iv"].to_numpy()
     bad_iv = (iv <= 0) | (iv > IV_MAX)
     if bad_iv.any():
