@@ -477,8 +477,12 @@ def var(store: StoreOpt,
 def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.png")],
          maturity: Annotated[float | None, typer.Option(
              help="Maturity in days (nearest grid point; default the shortest).")] = None,
+         moneyness: Annotated[float | None, typer.Option(
+             help="Strike / spot (nearest grid point; default the one nearest 1, at the "
+             "money).")] = None,
          ) -> None:
-    """Fan chart: q05 / q50 / q95 of the ATM vol over every day, from the marginals."""
+    """Fan chart: q05 / q50 / q95 of one grid point's vol (by default the shortest maturity at
+    the money) over every day, from the marginals."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -491,11 +495,14 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     if maturity is not None and not (np.isfinite(maturity) and maturity > 0):
         raise ConfigError(f"--maturity {maturity} is not a maturity in days; pass a positive "
                           "number (the nearest grid maturity is plotted)")
+    if moneyness is not None and not (np.isfinite(moneyness) and moneyness > 0):
+        raise ConfigError(f"--moneyness {moneyness} is not a strike / spot; pass a positive "
+                          "number, e.g. 0.9 (the nearest grid moneyness is plotted)")
     _out_suffix(out, (".png", ".pdf", ".svg"))
     scenario = _open_finished_levels(store)
     m = scenario.read_marginals()
     grid = scenario.meta.grid
-    i = int(np.argmin(np.abs(np.asarray(grid["moneyness"]) - 1.0)))
+    i = int(np.argmin(np.abs(np.asarray(grid["moneyness"]) - (moneyness or 1.0))))
     mats = np.asarray(grid["maturity_days"])
     j = int(np.argmin(mats)) if maturity is None else int(np.argmin(np.abs(mats - maturity)))
     q = {lv: int(np.argmin(np.abs(m["quantile"] - lv))) for lv in (0.05, 0.5, 0.95)}
@@ -510,8 +517,8 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     ax.fill_between(days, band[ok, q[0.05]], band[ok, q[0.95]], color="tab:blue", alpha=0.25,
                     label="q05-q95")
     ax.plot(days, band[ok, q[0.5]], color="tab:blue", lw=1.5, label="median")
-    ax.set_title(f"{scenario.meta.kind} from {scenario.meta.start_date}: ATM "
-                 f"(moneyness {grid['moneyness'][i]:g}, {mats[j]:g} days)")
+    ax.set_title(f"{scenario.meta.kind} from {scenario.meta.start_date}: moneyness "
+                 f"{grid['moneyness'][i]:g}, {mats[j]:g} days")
     ax.set_ylabel("implied volatility")
     ax.legend(loc="upper left")
     fig.autofmt_xdate()
@@ -519,7 +526,8 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
-    _console().print(f"wrote {out}")
+    _console().print(f"wrote {out} (moneyness {grid['moneyness'][i]:g}, {mats[j]:g} days)",
+                     markup=False)
 
 
 @app.command(help="Read a whole store back and check it; exit 2 if anything fails.\n\n"

@@ -879,6 +879,13 @@ def test_cli_run_mc_and_exports(cli_stores, tmp_path):
     result = _invoke(["plot", "--store", run, "--out", tmp_path / "fan.png"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fan.png").stat().st_size > 1000
+    grid = ScenarioStore.open(run).meta.grid
+    wing = min(grid["moneyness"])
+    result = _invoke(["plot", "--store", run, "--out", tmp_path / "wing.png", "--moneyness",
+                      f"{wing - 0.01}", "--maturity", "1e9"])  # the nearest grid point
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())  # rich wraps long lines at 80 columns
+    assert f"(moneyness {wing:g}, {max(grid['maturity_days']):g} days)" in said
     for store_path in (run, mc):
         result = _invoke(["check", "--store", store_path, "--json"])
         assert result.exit_code == 0, result.output
@@ -947,6 +954,8 @@ def test_cli_refuses_damaged_stores_and_unwritable_outputs(cli_stores, tmp_path)
     _one_line_error(["var", "--store", run, "--levels", ""], "--levels")
     _one_line_error(["plot", "--store", run, "--out", tmp_path / "f.png", "--maturity", "nan"],
                     "--maturity")
+    _one_line_error(["plot", "--store", run, "--out", tmp_path / "f.png", "--moneyness", "-1"],
+                    "--moneyness -1.0", "strike / spot")
     _one_line_error(["marginals", "--store", run, "--out", cfg / "m.csv"], "is a file")
     (tmp_path / "folder.csv").mkdir()
     _one_line_error(["marginals", "--store", run, "--out", tmp_path / "folder.csv"], "folder")
