@@ -481,8 +481,7 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
              help="Strike / spot (nearest grid point; default the one nearest 1, at the "
              "money).")] = None,
          ) -> None:
-    """Fan chart: q05 / q50 / q95 of one grid point's vol (by default the shortest maturity at
-    the money) over every day, from the marginals."""
+    """Fan chart: q05 / q50 / q95 of one grid point's vol over every day, from the marginals."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -152,9 +152,11 @@ def validation_pinball(model: CVAE, ctx: torch.Tensor, tgt: torch.Tensor) -> flo
 
 
 def progress_bar(enabled: bool = True):
-    """A rich progress bar with epoch, losses and ETA (or a null context)."""
+    """A rich progress bar with epoch, losses and ETA (or a null context), on stderr with the
+    rest of the status: stdout carries only what a command was asked to print."""
     if not enabled:
         return nullcontext(None)
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -166,4 +168,4 @@ def progress_bar(enabled: bool = True):
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), transient=False)
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=False)
