@@ -132,4 +132,6 @@ def cli_project(directory: Path, depth: int) -> tuple[Path, Path]:
     r = subprocess.run(backfill_cmd("train", "--config", cfg, "--out", model),
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
+    # status and progress go to stderr: stdout carries only what a command was asked to print
+    assert r.stdout == "" and "train" in r.stderr, r.stdout[-3000:]
     return cfg, model
