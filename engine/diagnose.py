@@ -190,7 +190,8 @@ def _share_of(part: np.ndarray, var_x: np.ndarray) -> float | None:
 
 def run_diagnose(cfg: Config, out: Path, model_path: Path | None = None, console=None,
                  split: str = "calibration") -> dict:
-    """Run the diagnostics on ``split``'s windows; write diagnose.json, diagnose.md, embedding.png."""
+    """Run the diagnostics on ``split``'s windows; write diagnose.json, diagnose.md,
+    diagnose.png (sensitivity to z, variance budget) and embedding.png."""
     if split not in ("train", "calibration", "test"):
         raise ConfigError(f"diagnose split must be train, calibration or test, got {split!r}")
     t_start = time.perf_counter()
@@ -267,7 +268,7 @@ def run_diagnose(cfg: Config, out: Path, model_path: Path | None = None, console
         "regime_separation": regimes, "variance_budget": budget,
         "timings": {"total_seconds": time.perf_counter() - t_start},
     })
-    from engine.report import diagnose_markdown, plot_embedding, staged
+    from engine.report import diagnose_markdown, plot_diagnose, plot_embedding, staged
 
     with staged(out) as stage:
         (stage / "diagnose.json").write_text(json.dumps(result, indent=2))
@@ -275,6 +276,7 @@ def run_diagnose(cfg: Config, out: Path, model_path: Path | None = None, console
         plot_embedding(coords, level, stage / "embedding.png",
                        f"context embeddings ({split} split), 2-D PCA\nsilhouette of low / "
                        f"high level {regimes['silhouette']:.2f}")
-    _say(console, f"wrote {out / 'diagnose.json'}, diagnose.md, embedding.png in "
+        plot_diagnose(result, stage / "diagnose.png")
+    _say(console, f"wrote {out / 'diagnose.json'}, diagnose.md, diagnose.png, embedding.png in "
                   f"{result['timings']['total_seconds']:.1f}s")
     return result

@@ -451,8 +451,54 @@ def diagnose_markdown(result: dict) -> str:
               "the residual share; a within share far below it is the over-confidence that "
               "the kNN residuals and conformal calibration repair_"), "",
               table(["horizon", "Var X", "Var E[X|C]", "E[Var(X|C)]", "between share",
-                     "within share", "residual share"], rows), ""]
+                     "within share", "residual share"], rows), "",
+              "![sensitivity and budget](diagnose.png)", ""]
     return "\n".join(parts)
+
+
+def plot_diagnose(result: dict, path: Path) -> Path:
+    """Two panels: the decoded p50's spread as the z noise grows, against the realised
+    residual std; and the variance budget per horizon as shares of Var X (log scale), the
+    raw decode's within share beside the residual share it should match."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sens = result["decoder_sensitivity"]
+    scales = [float(s) for s in sens["std_by_noise_scale"]]
+    left.plot(scales, list(sens["std_by_noise_scale"].values()), "o-", color="tab:red",
+              label="std of the decoded p50 over prior draws")
+    if sens["residual_std"] is not None:
+        left.axhline(sens["residual_std"], color="black", ls="--",
+                     label="realised residual std of the p50")
+    left.axvline(1.0, color="grey", lw=0.8, ls=":")
+    left.set_xlabel("z noise scale s (1 = the prior)")
+    left.set_ylabel("iv")
+    left.set_title("decoder sensitivity to z", fontsize=10)
+    left.legend(fontsize=8)
+    vb, nb = result["variance_budget"], result["neighbour_variance"]["share"]
+    hs = [int(h) for h in vb]
+    lines = (("residual_share", "residual E[(X - p50)^2]", "black", "o-"),
+             ("between_share", "between Var E[X|C]", "tab:blue", "s-"),
+             ("within_share", "within E[Var(X|C)], raw decode", "tab:red", "^-"))
+    for key, label, color, style in lines:
+        ys = [vb[str(h)][key] for h in hs]
+        if all(y is not None and y > 0 for y in ys):
+            right.plot(hs, ys, style, color=color, label=label)
+    ys = [nb.get(str(h)) for h in hs]
+    if all(y is not None and y > 0 for y in ys):
+        right.plot(hs, ys, "d--", color="tab:green",
+                   label=f"outcome variance of {result['neighbour_variance']['k']} nearest")
+    right.set_yscale("log")
+    right.set_xscale("log")
+    right.set_xlabel("horizon (days)")
+    right.set_ylabel("share of Var X")
+    right.set_title("variance budget", fontsize=10)
+    right.legend(fontsize=8)
+    fig.suptitle(f"{result['data']['source']}: {result['n_windows']} {result['split_name']} "
+                 "windows", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_embedding(coords: np.ndarray, level: np.ndarray, path: Path, title: str) -> Path:

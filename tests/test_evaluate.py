@@ -469,7 +469,7 @@ def test_diagnose_writes_its_report(setup, tmp_path):
     md = (tmp_path / "diagnose.md").read_text()
     within = result["variance_budget"]["6"]["within_share"]
     assert format(within, ".3g") in md and "residual share" in md and "KL(q || p)" in md
-    for name in ("diagnose.json", "diagnose.md", "embedding.png"):
+    for name in ("diagnose.json", "diagnose.md", "diagnose.png", "embedding.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "diagnose.json").read_text()) == result
 
