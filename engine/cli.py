@@ -516,6 +516,12 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     ax.fill_between(days, band[ok, q[0.05]], band[ok, q[0.95]], color="tab:blue", alpha=0.25,
                     label="q05-q95")
     ax.plot(days, band[ok, q[0.5]], color="tab:blue", lw=1.5, label="median")
+    # where each level after the first starts: its marginals come from other nodes' draws,
+    # so the band may step there (README, known limitations)
+    done = scenario.require_complete_level()
+    for level in range(2, done + 1):
+        ax.axvline(scenario.level_days(level)[0], color="grey", lw=0.6, ls=":",
+                   label="a level starts" if level == 2 else None)
     ax.set_title(f"{scenario.meta.kind} from {scenario.meta.start_date}: moneyness "
                  f"{grid['moneyness'][i]:g}, {mats[j]:g} days")
     ax.set_ylabel("implied volatility")
