@@ -434,14 +434,16 @@ def paths(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="F.np
              "vega at every grid point).\n\nP&L = sum over the grid of vega x (iv on the "
              "level's last day - iv at the start), in iv units; from the weighted distribution "
              "of the level's nodes. --position F reads the vegas from a CSV: moneyness, "
-             "maturity_days, vega, one row per grid point held (the rest hold none).")
+             "maturity_days, vega (P&L per 1.00 of iv), one row per grid point held (the rest "
+             "hold none).")
 @user_errors
 def var(store: StoreOpt,
         levels: Annotated[str, typer.Option(help="Confidence levels, e.g. 0.95,0.99")] = "0.95,0.99",
         json_out: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
         position: Annotated[Path | None, typer.Option(
-            help="CSV of moneyness, maturity_days, vega (P&L per unit of iv), one row per grid "
-            "point held; default: long 1 vega at every grid point.")] = None,
+            help="CSV of moneyness, maturity_days, vega (P&L per 1.00 of iv, i.e. per vol "
+            "point x 100), one row per grid point held; default: long 1 vega at every grid "
+            "point.")] = None,
         ) -> None:
     from engine import driver
 
@@ -454,9 +456,13 @@ def var(store: StoreOpt,
         return
     from rich.table import Table
 
-    held = ("long 1 vega per grid point" if vega is None else
-            f"{position.name} ({int((vega != 0).sum())} grid points)")
-    table = Table(title=f"{held}: loss in iv units (0.01 = 1 vol point per unit of vega)")
+    if vega is None:
+        title = "long 1 vega per grid point: loss in iv units (0.01 = 1 vol point)"
+    else:
+        n = int((vega != 0).sum())
+        title = (f"{position.name} ({n} grid point{'' if n == 1 else 's'} with a vega): loss in "
+                 "its P&L units (vega x change of iv)")
+    table = Table(title=title)
     for col in ("level", "date", "days", "nodes", "mean P&L"):
         table.add_column(col, justify="right")
     for a in alphas:

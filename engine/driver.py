@@ -49,6 +49,7 @@ and whose nodes are all in the checkpoint is not recomputed.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import itertools
 import json
@@ -1352,62 +1353,77 @@ def level_label(level: float) -> str:
 
 
 POSITION_COLUMNS = ("moneyness", "maturity_days", "vega")
+# A position's grid values match the store's to this relative tolerance: a grid read from
+# float32 (0.800000011920929) still takes the 0.8 a user writes.
+POSITION_RTOL = 1e-6
+
+
+def _position_rows(p: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """A position CSV's header and its non-blank rows, each with its line number."""
+    need = f"a CSV with the header {','.join(POSITION_COLUMNS)}"
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
+    except UnicodeDecodeError:
+        raise DataError(f"{p}: not UTF-8 text; save it as UTF-8, {need}") from None
+    except (OSError, csv.Error) as err:  # unreadable, NUL bytes, an unclosed quote
+        raise DataError(f"{p}: cannot read it as CSV ({first_line(err)}); write {need}") from None
+    if not rows:
+        raise DataError(f"{p}: empty; write {need} and one row per grid point held")
+    raw = rows[0][1]
+    header = [c.strip().lower() for c in raw]
+    if any(header.count(c) != 1 for c in POSITION_COLUMNS):
+        raise DataError(f"{p}: the header is {','.join(repr(c) for c in raw)} but a position "
+                        f"needs each of {', '.join(POSITION_COLUMNS)} once")
+    if len(rows) == 1:
+        raise DataError(f"{p}: no rows under the header; write one row per grid point held")
+    return header, rows[1:]
 
 
 def read_position(path: str | Path, grid: dict) -> np.ndarray:
     """A position's vega per grid point, (n_m, n_tau), from a CSV with one row per point held:
-    ``moneyness, maturity_days, vega`` (P&L per unit of iv, so 0.01 of iv is one vol point);
-    the points it leaves out hold nothing. Each row must name a point of the store's grid."""
-    import pandas as pd
-
+    ``moneyness, maturity_days, vega``, the vega being the P&L per 1.00 of iv (so per vol
+    point x 100); the points it leaves out hold nothing. Each row must name a point of the
+    store's grid."""
     p = Path(path)
     if not p.is_file():
         found = "not found" if not p.exists() else "is not a regular file"
         raise DataError(f"position file {p} {found}; pass a CSV with columns "
                         f"{', '.join(POSITION_COLUMNS)}")
-    try:
-        df = pd.read_csv(p, skipinitialspace=True, encoding="utf-8-sig")
-    except (ValueError, UnicodeDecodeError, OSError) as err:  # empty, binary, unreadable
-        raise DataError(f"{p}: cannot read it as CSV ({first_line(err)}); write a CSV with "
-                        f"columns {', '.join(POSITION_COLUMNS)}") from None
-    df.columns = [str(c).strip().lower() for c in df.columns]
-    missing = [c for c in POSITION_COLUMNS if c not in df.columns]
-    if missing or df.columns.duplicated().any():
-        raise DataError(f"{p}: columns are {', '.join(map(str, df.columns))} but a position "
-                        f"needs each of {', '.join(POSITION_COLUMNS)} once")
-    if df.empty:
-        raise DataError(f"{p}: no rows; write one row per grid point held "
-                        f"({', '.join(POSITION_COLUMNS)})")
-    values = {}
-    for col in POSITION_COLUMNS:
-        v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(v)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{p}: {col} is {df[col].iloc[i]!r} on row {i + 2}; write a finite "
-                            "number")
-        values[col] = v
+    header, rows = _position_rows(p)
     axes = {"moneyness": np.asarray(grid["moneyness"], dtype=np.float64),
             "maturity_days": np.asarray(grid["maturity_days"], dtype=np.float64)}
-    index = {}
-    for col, axis in axes.items():
-        near = np.isclose(values[col][:, None], axis[None, :], rtol=1e-9, atol=0)
-        off = ~near.any(1)
-        if off.any():
-            i = int(np.flatnonzero(off)[0])
-            raise DataError(f"{p}: {col} {values[col][i]:g} on row {i + 2} is not on the "
-                            f"store's grid ({col} {', '.join(f'{a:g}' for a in axis)}); "
-                            "name grid points only")
-        index[col] = near.argmax(1)
-    flat = index["moneyness"] * len(axes["maturity_days"]) + index["maturity_days"]
-    twice = np.flatnonzero(pd.Series(flat).duplicated().to_numpy())
-    if twice.size:
-        i = int(twice[0])
-        raise DataError(f"{p}: row {i + 2} names moneyness {values['moneyness'][i]:g}, "
-                        f"maturity {values['maturity_days'][i]:g} days again; write each grid "
-                        "point once (sum its vegas)")
     vega = np.zeros((len(axes["moneyness"]), len(axes["maturity_days"])))
-    vega[index["moneyness"], index["maturity_days"]] = values["vega"]
+    seen: dict[tuple[int, int], int] = {}
+    for line, row in rows:
+        if len(row) != len(header):
+            raise DataError(f"{p}: line {line} has {len(row)} fields but the header has "
+                            f"{len(header)}; write one value under each column")
+        value, at = {}, []
+        for col in POSITION_COLUMNS:
+            text = row[header.index(col)].strip()
+            try:
+                value[col] = float(text)
+            except ValueError:
+                value[col] = math.nan
+            if not math.isfinite(value[col]):
+                shown = repr(text) if text else "empty"
+                raise DataError(f"{p}: {col} is {shown} on line {line}; write a finite number")
+        for col, axis in axes.items():
+            near = np.flatnonzero(np.isclose(value[col], axis, rtol=POSITION_RTOL, atol=0))
+            if near.size == 0:
+                raise DataError(f"{p}: {col} {value[col]!r} on line {line} is not on the "
+                                f"store's grid ({col} {', '.join(f'{a:.10g}' for a in axis)}); "
+                                "name grid points only")
+            at.append(int(near[0]))
+        point = (at[0], at[1])
+        if point in seen:
+            raise DataError(f"{p}: line {line} names moneyness {value['moneyness']!r}, maturity "
+                            f"{value['maturity_days']!r} days again (line {seen[point]}); "
+                            "write each grid point once (sum its vegas)")
+        seen[point] = line
+        vega[point] = value["vega"]
     return vega
 
 

@@ -492,7 +492,8 @@ def plot_diagnose(result: dict, path: Path) -> Path:
     right.set_xlabel("horizon (days)")
     right.set_ylabel("share of Var X")
     right.set_title("variance budget", fontsize=10)
-    right.legend(fontsize=8)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=8)
     fig.suptitle(f"{result['data']['source']}: {result['n_windows']} {result['split_name']} "
                  "windows", fontsize=10)
     fig.tight_layout()

@@ -1009,21 +1009,33 @@ def test_cli_var_of_a_position_file(cli_stores, tmp_path):
         assert row["var_0.9"] == pytest.approx(var, abs=1e-12)
         assert row["es_0.9"] == pytest.approx(es, abs=1e-12)
     table = _invoke(["var", "--store", run, "--position", one])
-    assert table.exit_code == 0 and "one.csv (1 grid points)" in table.stdout
+    assert table.exit_code == 0 and "one.csv (1 grid point with a vega)" in table.stdout
+    # a grid value as float32 gave it (0.800000011920929) still matches
+    near = tmp_path / "near.csv"
+    near.write_text(f"moneyness,maturity_days,vega\n{float(np.float32(grid['moneyness'][i]))!r},"
+                    f"{grid['maturity_days'][j]},-2.5\n")
+    result = _invoke(["var", "--store", run, "--json", "--position", near, "--levels", "0.9"])
+    assert result.exit_code == 0 and json.loads(result.stdout) == rows, result.output
     # bad files: one line each, exit 2
-    off = tmp_path / "off.csv"
-    off.write_text("moneyness,maturity_days,vega\n0.123,30,1\n")
-    twice = tmp_path / "twice.csv"
-    twice.write_text("moneyness,maturity_days,vega\n"
-                     + f"{grid['moneyness'][0]},{grid['maturity_days'][0]},1\n" * 2)
-    text = tmp_path / "text.csv"
-    text.write_text(f"moneyness,maturity_days,vega\n{grid['moneyness'][0]},"
-                    f"{grid['maturity_days'][0]},lots\n")
-    cols = tmp_path / "cols.csv"
-    cols.write_text("strike,maturity_days,vega\n1,30,1\n")
-    for path, words in ((off, ("moneyness 0.123", "not on the store's grid")),
-                        (twice, ("row 3", "again")), (text, ("'lots'", "row 2")),
-                        (cols, ("strike", "moneyness")), (tmp_path / "nope.csv", ("not found",))):
+    head = "moneyness,maturity_days,vega\n"
+    point = f"{grid['moneyness'][0]},{grid['maturity_days'][0]}"
+    bad = {"off": (head + "0.123,30,1\n", ("moneyness 0.123", "not on the store's grid")),
+           "twice": (head + f"{point},1\n\n{point},2\n", ("line 4", "again", "line 2")),
+           "text": (head + f"{point},lots\n", ("'lots'", "line 2")),
+           "blank": (head + f"{point},\n", ("vega is empty", "line 2")),
+           "true": (head + f"{point},True\n", ("'True'",)),
+           "wide": (head + f"{point},1,\n", ("line 2 has 4 fields", "header has 3")),
+           "cols": ("strike,maturity_days,vega\n1,30,1\n", ("'strike'", "moneyness")),
+           "dup": ("moneyness,maturity_days,vega,Vega\n1,30,1,2\n", ("'Vega'", "once")),
+           "nl": ('"money\nness",maturity_days,vega\n1,30,1\n', ("'money\\nness'",)),
+           "header": (head, ("no rows",)), "empty": ("", ("empty",))}
+    for name, (text, words) in bad.items():
+        (tmp_path / f"{name}.csv").write_text(text)
+        _one_line_error(["var", "--store", run, "--position", tmp_path / f"{name}.csv"], *words)
+    (tmp_path / "latin.csv").write_bytes(head.encode() + b"1,30,\xe91\n")
+    _one_line_error(["var", "--store", run, "--position", tmp_path / "latin.csv"], "UTF-8")
+    for path, words in ((tmp_path / "nope.csv", ("not found",)),
+                        (tmp_path, ("not a regular file",))):
         _one_line_error(["var", "--store", run, "--position", path], *words)
 
 
