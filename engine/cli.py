@@ -399,35 +399,19 @@ def paths(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="F.np
           level: Annotated[int | None, typer.Option(
               help="Level (default: the deepest complete one).")] = None) -> None:
     """Export full terminal paths (rebuilt from parent pointers) with their weights."""
-    import numpy as np
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from engine.store import terminal_paths
+    from engine.store import export_paths
 
-    suffix = _out_suffix(out, (".npz", ".parquet"))
+    _out_suffix(out, (".npz", ".parquet"))
     scenario = _open_finished_levels(store)
-    full, weight = terminal_paths(scenario, level)
-    lv = scenario.levels_complete if level is None else level
-    days = np.concatenate([scenario.level_days(k) for k in range(1, lv + 1)])
-    grid = scenario.meta.grid
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".npz":
-        with open(out, "wb") as f:  # a file, not a name: numpy adds .npz to "P.NPZ"
-            np.savez_compressed(f, paths=full, weight=weight,
-                                dates=days.astype("datetime64[D]"),
-                                moneyness=np.asarray(grid["moneyness"]),
-                                maturity_days=np.asarray(grid["maturity_days"]))
-    else:
-        import pandas as pd
-
-        n, d, n_m, n_tau = full.shape
-        node, date, mny, mat = np.meshgrid(np.arange(n), days.astype("datetime64[ns]"),
-                                           np.asarray(grid["moneyness"]),
-                                           np.asarray(grid["maturity_days"]), indexing="ij")
-        pd.DataFrame({"path": node.ravel(), "weight": np.repeat(weight, d * n_m * n_tau),
-                      "date": date.ravel(), "moneyness": mny.ravel(),
-                      "maturity_days": mat.ravel(), "iv": full.ravel()}
-                     ).to_parquet(out, index=False)
-    _console().print(f"wrote {full.shape[0]} paths of {full.shape[1]} days to {out}")
+    console = _console()
+    with Progress(TextColumn("[bold]export"), BarColumn(), MofNCompleteColumn(), console=console,
+                  transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("export", total=None)
+        n, days = export_paths(scenario, out, level,
+                               lambda k, total: progress.update(task, advance=k, total=total))
+    console.print(f"wrote {n} paths of {days} days to {out}", markup=False)
 
 
 @app.command(help="VaR and ES of a vega position at each level's horizon (default: long one "

@@ -52,6 +52,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import itertools
 import json
 import os
 import shlex
@@ -1289,13 +1290,108 @@ def marginals_frame(store: ScenarioStore) -> pd.DataFrame:
     return frame.dropna(subset=["iv"]).reset_index(drop=True)
 
 
-def terminal_paths(store: ScenarioStore, level: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Every node of ``level`` (default: the deepest complete one) as its full path from
-    day 0, rebuilt from parent pointers: paths (N, days, n_m, n_tau), weights (N,)."""
+def _export_level(store: ScenarioStore, level: int | None) -> int:
+    """``level``, or the deepest complete one; refused unless complete."""
     done = store.require_complete_level()
     level = done if level is None else level
     if not isinstance(level, (int, np.integer)) or not 1 <= level <= done:
         raise StoreError(f"level {level!r} is not a complete level of {store.path}; pass a "
                          f"level in 1..{done}")
+    return int(level)
+
+
+def terminal_paths(store: ScenarioStore, level: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every node of ``level`` (default: the deepest complete one) as its full path from
+    day 0, rebuilt from parent pointers: paths (N, days, n_m, n_tau), weights (N,)."""
+    level = _export_level(store, level)
     n = store.level_size(level)
     return store.ancestor_paths(level, 0, n), store.complete_weights(level)
+
+
+# Vols per block of nodes that ``export_paths`` rebuilds at once (8 MB of float32; a parquet
+# block's columns take about 40 bytes a vol more).
+EXPORT_BLOCK_VALUES = 1 << 21
+
+
+def export_paths(store: ScenarioStore, out: Path, level: int | None = None,
+                 on_block: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+    """Write ``terminal_paths`` to ``out`` a block of nodes at a time, so memory stays flat
+    however deep the tree: ``.npz`` (arrays paths, weight, dates, moneyness, maturity_days) or
+    ``.parquet`` (columns path, weight, date, moneyness, maturity_days, iv; one row per path,
+    day and grid point). The file is written beside ``out`` and moved into place at the end,
+    so a failed export leaves no partial file (and an older ``out`` whole). ``on_block(k, n)``
+    is told the k nodes each block adds of the n. Returns (paths, days)."""
+    level = _export_level(store, level)
+    n = store.level_size(level)
+    weight = store.complete_weights(level)
+    days = np.concatenate([store.level_days(k) for k in range(1, level + 1)])
+    grid = store.meta.grid
+    mny, mat = np.asarray(grid["moneyness"]), np.asarray(grid["maturity_days"])
+    step = max(1, EXPORT_BLOCK_VALUES // (len(days) * mny.size * mat.size))
+
+    def blocks() -> Iterator[tuple[int, np.ndarray]]:
+        for lo in range(0, n, step):
+            block = store.ancestor_paths(level, lo, min(lo + step, n))
+            yield lo, block
+            if on_block is not None:
+                on_block(len(block), n)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        if out.suffix.lower() == ".npz":
+            _write_paths_npz(partial, blocks(), n, {
+                "weight": weight, "dates": days.astype("datetime64[D]"), "moneyness": mny,
+                "maturity_days": mat})
+        else:
+            _write_paths_parquet(partial, blocks(), weight, days, mny, mat)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return n, len(days)
+
+
+def _write_paths_npz(path: Path, blocks: Iterator[tuple[int, np.ndarray]], n: int,
+                     arrays: dict[str, np.ndarray]) -> None:
+    """What ``numpy.savez_compressed(paths=..., **arrays)`` writes, with ``paths`` streamed
+    block by block into its zip member (the rows of a C-order array are contiguous)."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        _, first = next(blocks)
+        header = {"descr": npy.dtype_to_descr(first.dtype), "fortran_order": False,
+                  "shape": (n, *first.shape[1:])}
+        with zf.open("paths.npy", "w", force_zip64=True) as f:
+            npy.write_array_header_1_0(f, header)
+            for block in itertools.chain([first], (b for _, b in blocks)):
+                f.write(np.ascontiguousarray(block, dtype=first.dtype).tobytes())
+        for name, a in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                npy.write_array(f, np.asarray(a), allow_pickle=False)
+
+
+def _write_paths_parquet(path: Path, blocks: Iterator[tuple[int, np.ndarray]],
+                         weight: np.ndarray, days: np.ndarray, mny: np.ndarray,
+                         mat: np.ndarray) -> None:
+    """One parquet row group per block of nodes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    try:
+        for lo, block in blocks:
+            k, d, n_m, n_tau = block.shape
+            node, date, m, t = np.meshgrid(np.arange(lo, lo + k), days.astype("datetime64[ns]"),
+                                           mny, mat, indexing="ij")
+            table = pa.Table.from_pandas(pd.DataFrame({
+                "path": node.ravel(), "weight": np.repeat(weight[lo:lo + k], d * n_m * n_tau),
+                "date": date.ravel(), "moneyness": m.ravel(), "maturity_days": t.ravel(),
+                "iv": block.ravel()}), preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()

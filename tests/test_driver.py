@@ -949,8 +949,9 @@ def test_cli_refuses_damaged_stores_and_unwritable_outputs(cli_stores, tmp_path)
     _one_line_error(["plot", "--store", garbled, "--out", tmp_path / "f.png"],
                     "damaged", "marginals/quantiles")
     # bad flags and outputs that cannot be written, refused before any work
-    _one_line_error(["paths", "--store", run, "--out", tmp_path / "p.npz", "--level", "0"],
-                    "1..2")
+    _one_line_error(["paths", "--store", run, "--out", tmp_path / "new" / "p.npz", "--level",
+                     "0"], "1..2")
+    assert not (tmp_path / "new").exists()
     _one_line_error(["var", "--store", run, "--levels", ""], "--levels")
     _one_line_error(["plot", "--store", run, "--out", tmp_path / "f.png", "--maturity", "nan"],
                     "--maturity")

@@ -21,6 +21,7 @@ from engine.store import (
     ScenarioStore,
     StoreMeta,
     business_days_after,
+    export_paths,
     marginals_frame,
     parse_store_path,
     remove_temporary_files,
@@ -670,6 +671,62 @@ def test_terminal_paths_follow_parents(tree_store):
     tail = store.ancestor_paths(2, 3, 6, n_days=H + 1)  # one day reaches into level 1
     np.testing.assert_array_equal(tail, paths[3:6, -(H + 1):])
     assert store.ancestor_paths(2, 0, 2, n_days=2).shape == (2, 2, 3, 2)
+
+
+@pytest.mark.parametrize("block_values", [1, 2 * H * 6 * 2, 1 << 21])
+def test_export_paths_streams_blocks_into_the_same_files(tree_store, tmp_path, monkeypatch,
+                                                         block_values):
+    """Blocks of 1 node, of 2 nodes, or all at once: the same arrays and rows as the whole
+    rebuild, with the progress told every node once."""
+    import pandas as pd
+
+    import engine.store as store_module
+
+    store, _ = tree_store
+    monkeypatch.setattr(store_module, "EXPORT_BLOCK_VALUES", block_values)
+    out = tmp_path / "out"
+    out.mkdir()
+    full, weight = terminal_paths(store)
+    told = []
+    assert export_paths(store, out / "p.npz", on_block=lambda k, n: told.append((k, n))) \
+        == (6, 2 * H)
+    assert sum(k for k, _ in told) == 6 and {n for _, n in told} == {6}
+    with np.load(out / "p.npz", allow_pickle=False) as f:
+        assert list(f) == ["paths", "weight", "dates", "moneyness", "maturity_days"]
+        np.testing.assert_array_equal(f["paths"], full)
+        assert f["paths"].dtype == full.dtype
+        np.testing.assert_array_equal(f["weight"], weight)
+        np.testing.assert_array_equal(f["dates"], business_days_after(START, 2 * H))
+        np.testing.assert_array_equal(f["moneyness"], store.meta.grid["moneyness"])
+    export_paths(store, out / "p.parquet", level=1)
+    rows = pd.read_parquet(out / "p.parquet")
+    level1, w1 = terminal_paths(store, level=1)
+    assert len(rows) == level1.size and rows["path"].is_monotonic_increasing
+    np.testing.assert_array_equal(rows["iv"].to_numpy(), level1.ravel())
+    np.testing.assert_array_equal(rows.groupby("path")["weight"].first().to_numpy(), w1)
+    assert rows["date"].iloc[0] == pd.Timestamp(business_days_after(START, H)[0])
+    assert sorted(p.name for p in out.iterdir()) == ["p.npz", "p.parquet"]
+
+
+def test_a_failed_export_keeps_the_old_file(tree_store, tmp_path, monkeypatch):
+    import engine.store as store_module
+
+    store, _ = tree_store
+    monkeypatch.setattr(store_module, "EXPORT_BLOCK_VALUES", 1)  # a block per node
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "p.npz"
+    out.write_bytes(b"the last export")
+    calls = []
+
+    def full_disk(k, n):
+        calls.append(k)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        export_paths(store, out, on_block=full_disk)
+    assert out.read_bytes() == b"the last export"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.npz"]
 
 
 def test_terminal_paths_need_a_complete_level(tmp_path):
