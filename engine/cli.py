@@ -470,6 +470,10 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
          moneyness: Annotated[float | None, typer.Option(
              help="Strike / spot (nearest grid point; default the one nearest 1, at the "
              "money).")] = None,
+         realised: Annotated[str | None, typer.Option(
+             help="A data file (or 'synthetic': the store's market run on) whose days after the "
+             "start are drawn over the fan, e.g. the file a backfill from a past date used.")
+         ] = None,
          ) -> None:
     """Fan chart: q05 / q50 / q95 of one grid point's vol over every day, from the marginals."""
     import matplotlib
@@ -506,6 +510,16 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     ax.fill_between(days, band[ok, q[0.05]], band[ok, q[0.95]], color="tab:blue", alpha=0.25,
                     label="q05-q95")
     ax.plot(days, band[ok, q[0.5]], color="tab:blue", lw=1.5, label="median")
+    said = ""
+    if realised is not None:
+        r_days, r_iv = _realised_after_start(realised, scenario, start, days[-1], i, j)
+        ax.plot(r_days, r_iv, color="tab:red", lw=1.2, label="realised")
+        on = np.isin(days, r_days)
+        lo, hi = band[ok, q[0.05]][on], band[ok, q[0.95]][on]
+        r_on = r_iv[np.isin(r_days, days)]
+        inside = int(((r_on >= lo) & (r_on <= hi)).sum())
+        said = (f"; realised inside q05-q95 on {inside} of {len(r_on)} days"
+                if len(r_on) else "")
     # where each level after the first starts: its marginals come from other nodes' draws,
     # so the band may step there (README, known limitations)
     done = scenario.require_complete_level()
@@ -521,8 +535,45 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
-    _console().print(f"wrote {out} (moneyness {grid['moneyness'][i]:g}, {mats[j]:g} days)",
-                     markup=False)
+    _console().print(f"wrote {out} (moneyness {grid['moneyness'][i]:g}, {mats[j]:g} days"
+                     f"{said})", markup=False)
+
+
+def _realised_after_start(source: str, scenario, start, last, i: int, j: int):
+    """(days, iv) of grid point (i, j) in the data ``source`` on the days after the store's
+    start up to ``last``; the data must have the store's grid and run past the start."""
+    import numpy as np
+
+    from engine.config import Config
+    from engine.data.io import load_panel, read_panel
+    from engine.errors import DataError
+
+    if source == "synthetic":  # the store's own market, run on past its history
+        data = Config.from_dict(scenario.meta.config).data
+        if data.source != "synthetic":
+            raise DataError(f"--realised synthetic: {scenario.path} was run on {data.source}, "
+                            "not the synthetic market; pass that file")
+        panel = load_panel(data, evaluation=True)
+    else:
+        panel = read_panel(source)
+    grid = scenario.meta.grid
+    same = (panel.moneyness.shape == np.shape(grid["moneyness"])
+            and panel.maturity_days.shape == np.shape(grid["maturity_days"])
+            and np.allclose(panel.moneyness, grid["moneyness"], rtol=1e-6, atol=0)
+            and np.allclose(panel.maturity_days, grid["maturity_days"], rtol=1e-6, atol=0))
+    if not same:
+        raise DataError(f"--realised {source}: its grid (moneyness "
+                        f"{', '.join(f'{v:g}' for v in panel.moneyness)} x maturity "
+                        f"{', '.join(f'{v:g}' for v in panel.maturity_days)}) is not the store's "
+                        f"({', '.join(f'{v:g}' for v in grid['moneyness'])} x "
+                        f"{', '.join(f'{v:g}' for v in grid['maturity_days'])}); pass the data "
+                        "the run used, or a later version of it")
+    after = (panel.dates > start) & (panel.dates <= last)
+    if not after.any():
+        raise DataError(f"--realised {source}: no day after the start {start} (its days run "
+                        f"{panel.dates[0]} to {panel.dates[-1]}); pass data that goes on past "
+                        "the start, or leave --realised out")
+    return panel.dates[after], panel.surface[after, i, j]
 
 
 @app.command(help="Read a whole store back and check it; exit 2 if anything fails.\n\n"

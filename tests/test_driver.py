@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 import shutil
 import subprocess
 import warnings
@@ -886,6 +887,39 @@ def test_cli_run_mc_and_exports(cli_stores, tmp_path):
     assert result.exit_code == 0, result.output
     said = " ".join(result.stderr.split())  # rich wraps long lines at 80 columns
     assert f"(moneyness {wing:g}, {max(grid['maturity_days']):g} days)" in said
+    # the synthetic market's days after the start, drawn over the fan and counted: its
+    # 400-day history ends on 2001-07-13, ten business days after the start
+    result = _invoke(["plot", "--store", run, "--out", tmp_path / "real.png", "--realised",
+                      "synthetic"])
+    assert result.exit_code == 0, result.output
+    counted = re.search(r"realised inside q05-q95 on (\d+) of (\d+) days",
+                        " ".join(result.stderr.split()))
+    assert counted and int(counted[2]) == 10, result.stderr
+    from engine.config import Config
+    from engine.data.io import load_panel
+
+    store = ScenarioStore.open(run)
+    marg = store.read_marginals()
+    truth = load_panel(Config.from_dict(store.meta.config).data, evaluation=True)
+    i = int(np.argmin(np.abs(np.asarray(grid["moneyness"]) - 1)))
+    j = int(np.argmin(grid["maturity_days"]))
+    lo, hi = (list(marg["quantile"]).index(q) for q in (0.05, 0.95))
+    inside = sum(marg["quantiles"][d, lo, i, j] <= truth.surface[t, i, j]
+                 <= marg["quantiles"][d, hi, i, j]
+                 for d, day in enumerate(marg["days"])
+                 for t in np.flatnonzero(truth.dates == day))
+    assert int(counted[1]) == inside
+    # data that ends at the start, or on another grid, is refused
+    m, t = np.meshgrid(grid["moneyness"], grid["maturity_days"], indexing="ij")
+    early = pd.DataFrame({"date": "2001-06-29", "moneyness": m.ravel(),
+                          "maturity_days": t.ravel(), "iv": 0.2})
+    early.to_csv(tmp_path / "early.csv", index=False)
+    _one_line_error(["plot", "--store", run, "--out", tmp_path / "x.png", "--realised",
+                     tmp_path / "early.csv"], "no day after the start 2001-06-29")
+    early.assign(date="2001-07-02", moneyness=early["moneyness"] * 1.5).to_csv(
+        tmp_path / "other.csv", index=False)
+    _one_line_error(["plot", "--store", run, "--out", tmp_path / "x.png", "--realised",
+                     tmp_path / "other.csv"], "is not the store's")
     for store_path in (run, mc):
         result = _invoke(["check", "--store", store_path, "--json"])
         assert result.exit_code == 0, result.output
