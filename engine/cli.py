@@ -436,7 +436,8 @@ def var(store: StoreOpt,
     vega = None if position is None else driver.read_position(position, scenario.meta.grid)
     rows = driver.vega_risk(scenario, alphas, vega)
     if json_out:
-        typer.echo(driver.to_json(rows))
+        held = "long 1 vega per grid point" if position is None else str(position)
+        typer.echo(driver.to_json([{**r, "position": held} for r in rows]))
         return
     from rich.table import Table
 
