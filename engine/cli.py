@@ -9,11 +9,14 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from engine.errors import BackfillError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Calibrated scenarios of implied-volatility surfaces.")
@@ -472,8 +475,9 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
              help="Strike / spot (nearest grid point; default the one nearest 1, at the "
              "money).")] = None,
          realised: Annotated[str | None, typer.Option(
-             help="A data file (or 'synthetic': the store's market run on) whose days after the "
-             "start are drawn over the fan, e.g. the file a backfill from a past date used.")
+             help="A data file (or 'synthetic': the store's own simulated market, continued) "
+             "whose days after the start are drawn over the fan, its k-th row after the start "
+             "against the fan's k-th day: e.g. the file a backfill from a past date used.")
          ] = None,
          ) -> None:
     """Fan chart: q05 / q50 / q95 of one grid point's vol over every day, from the marginals."""
@@ -513,14 +517,15 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     ax.plot(days, band[ok, q[0.5]], color="tab:blue", lw=1.5, label="median")
     said = ""
     if realised is not None:
-        r_days, r_iv = _realised_after_start(realised, scenario, start, days[-1], i, j)
-        ax.plot(r_days, r_iv, color="tab:red", lw=1.2, label="realised")
-        on = np.isin(days, r_days)
-        lo, hi = band[ok, q[0.05]][on], band[ok, q[0.95]][on]
-        r_on = r_iv[np.isin(r_days, days)]
-        inside = int(((r_on >= lo) & (r_on <= hi)).sum())
-        said = (f"; realised inside q05-q95 on {inside} of {len(r_on)} days"
-                if len(r_on) else "")
+        # the model steps a data row a day: the k-th row after the start is the fan's k-th day
+        steps = _realised_after_start(realised, scenario, i, j, len(ok))
+        shown = ok[:len(steps)]
+        r_iv, r_band = steps[shown], band[:len(steps)][shown]
+        ax.plot(m["days"][:len(steps)][shown].astype("datetime64[D]"), r_iv, color="tab:red",
+                lw=1.2, marker="." if len(r_iv) == 1 else None, label="realised")
+        inside = int(((r_iv >= r_band[:, q[0.05]]) & (r_iv <= r_band[:, q[0.95]])).sum())
+        said = (f"; realised inside q05-q95 on {inside} of {len(r_iv)} "
+                f"day{'' if len(r_iv) == 1 else 's'}")
     # where each level after the first starts: its marginals come from other nodes' draws,
     # so the band may step there (README, known limitations)
     done = scenario.require_complete_level()
@@ -540,16 +545,18 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
                      f"{said})", markup=False)
 
 
-def _realised_after_start(source: str, scenario, start, last, i: int, j: int):
-    """(days, iv) of grid point (i, j) in the data ``source`` on the days after the store's
-    start up to ``last``; the data must have the store's grid and run past the start."""
+def _realised_after_start(source: str, scenario, i: int, j: int, n_steps: int) -> np.ndarray:
+    """Grid point (i, j) of the data ``source`` on its (at most ``n_steps``) rows after the
+    store's start day, which it must hold, on the store's grid; a note if its start-day
+    surface is not the one the run started from."""
     import numpy as np
 
+    from engine import driver
     from engine.config import Config
     from engine.data.io import load_panel, read_panel
     from engine.errors import DataError
 
-    if source == "synthetic":  # the store's own market, run on past its history
+    if source == "synthetic":  # the store's own market, simulated on past its history
         data = Config.from_dict(scenario.meta.config).data
         if data.source != "synthetic":
             raise DataError(f"--realised synthetic: {scenario.path} was run on {data.source}, "
@@ -569,12 +576,21 @@ def _realised_after_start(source: str, scenario, start, last, i: int, j: int):
                         f"({', '.join(f'{v:g}' for v in grid['moneyness'])} x "
                         f"{', '.join(f'{v:g}' for v in grid['maturity_days'])}); pass the data "
                         "the run used, or a later version of it")
-    after = (panel.dates > start) & (panel.dates <= last)
-    if not after.any():
-        raise DataError(f"--realised {source}: no day after the start {start} (its days run "
-                        f"{panel.dates[0]} to {panel.dates[-1]}); pass data that goes on past "
-                        "the start, or leave --realised out")
-    return panel.dates[after], panel.surface[after, i, j]
+    start = np.datetime64(scenario.meta.start_date, "D")
+    at = int(np.searchsorted(panel.dates, start))
+    if at == len(panel.dates) or panel.dates[at] != start:
+        raise DataError(f"--realised {source}: no row on the start {start} (its days run "
+                        f"{panel.dates[0]} to {panel.dates[-1]}); pass the data the run used, "
+                        "or a later version of it")
+    steps = panel.surface[at + 1 : at + 1 + n_steps, i, j]
+    if steps.size == 0:
+        raise DataError(f"--realised {source}: it ends on the start {start}; pass data that "
+                        "goes on past it, or leave --realised out")
+    if not np.allclose(panel.surface[at], driver.start_context_of(scenario)[-1], rtol=1e-6,
+                       atol=0):
+        _console().print(f"note: {source}'s surface on {start} is not the one the run started "
+                         "from: these are not the data it ran on", markup=False)
+    return steps
 
 
 @app.command(help="Read a whole store back and check it; exit 2 if anything fails.\n\n"

@@ -1336,8 +1336,13 @@ def export_paths(store: ScenarioStore, out: Path, level: int | None = None,
             if on_block is not None:
                 on_block(len(block), n)
 
+    import tempfile
+
+    out = Path(os.path.realpath(out))  # a link is written through, as open(out, "wb") would
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=".backfill-", suffix=".partial")
+    os.close(fd)
+    partial = Path(name)
     try:
         if out.suffix.lower() == ".npz":
             _write_paths_npz(partial, blocks(), n, {
@@ -1345,6 +1350,9 @@ def export_paths(store: ScenarioStore, out: Path, level: int | None = None,
                 "maturity_days": mat})
         else:
             _write_paths_parquet(partial, blocks(), weight, days, mny, mat)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)  # mkstemp's 0600 would outlive the move
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
@@ -1363,10 +1371,17 @@ def _write_paths_npz(path: Path, blocks: Iterator[tuple[int, np.ndarray]], n: in
         _, first = next(blocks)
         header = {"descr": npy.dtype_to_descr(first.dtype), "fortran_order": False,
                   "shape": (n, *first.shape[1:])}
+        rows = 0
         with zf.open("paths.npy", "w", force_zip64=True) as f:
             npy.write_array_header_1_0(f, header)
             for block in itertools.chain([first], (b for _, b in blocks)):
+                if block.shape[1:] != first.shape[1:]:
+                    raise StoreError(f"a block of paths of shape {block.shape} after "
+                                     f"{first.shape}: {_DAMAGED}")
                 f.write(np.ascontiguousarray(block, dtype=first.dtype).tobytes())
+                rows += len(block)
+        if rows != n:
+            raise StoreError(f"{rows} paths rebuilt of the level's {n}: {_DAMAGED}")
         for name, a in arrays.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
                 npy.write_array(f, np.asarray(a), allow_pickle=False)

@@ -915,7 +915,18 @@ def test_cli_run_mc_and_exports(cli_stores, tmp_path):
                           "maturity_days": t.ravel(), "iv": 0.2})
     early.to_csv(tmp_path / "early.csv", index=False)
     _one_line_error(["plot", "--store", run, "--out", tmp_path / "x.png", "--realised",
-                     tmp_path / "early.csv"], "no day after the start 2001-06-29")
+                     tmp_path / "early.csv"], "ends on the start 2001-06-29")
+    early.assign(date="2001-06-28").to_csv(tmp_path / "before.csv", index=False)
+    _one_line_error(["plot", "--store", run, "--out", tmp_path / "x.png", "--realised",
+                     tmp_path / "before.csv"], "no row on the start 2001-06-29")
+    # other data on the store's grid: drawn, with a note that it is not the run's
+    pd.concat([early, early.assign(date="2001-07-02")]).to_csv(tmp_path / "two.csv",
+                                                                 index=False)
+    result = _invoke(["plot", "--store", run, "--out", tmp_path / "two.png", "--realised",
+                      tmp_path / "two.csv"])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 0 and "not the one the run started from" in said, said
+    assert "realised inside q05-q95 on" in said and "of 1 day)" in said
     early.assign(date="2001-07-02", moneyness=early["moneyness"] * 1.5).to_csv(
         tmp_path / "other.csv", index=False)
     _one_line_error(["plot", "--store", run, "--out", tmp_path / "x.png", "--realised",

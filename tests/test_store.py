@@ -729,6 +729,21 @@ def test_a_failed_export_keeps_the_old_file(tree_store, tmp_path, monkeypatch):
     assert sorted(p.name for p in out.parent.iterdir()) == ["p.npz"]
 
 
+def test_export_writes_through_a_link_with_the_usual_mode(tree_store, tmp_path):
+    store, _ = tree_store
+    (tmp_path / "out").mkdir()
+    target, link = tmp_path / "out" / "target.npz", tmp_path / "out" / "link.npz"
+    link.symlink_to(target)
+    export_paths(store, link)
+    assert link.is_symlink() and target.is_file()
+    with np.load(link) as f:
+        assert f["paths"].shape == (6, 2 * H, 3, 2)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["link.npz", "target.npz"]
+
+
 def test_terminal_paths_need_a_complete_level(tmp_path):
     with pytest.raises(StoreError, match="no complete level"):
         terminal_paths(make_store(tmp_path / "run.zarr"))
