@@ -431,13 +431,22 @@ def var(store: StoreOpt,
             help="CSV of moneyness, maturity_days, vega (P&L per 1.00 of iv, i.e. per vol "
             "point x 100), one row per grid point held; default: long 1 vega at every grid "
             "point.")] = None,
+        realised: Annotated[str | None, typer.Option(
+            help="A data file (or 'synthetic') that runs past the start: each level's realised "
+            "P&L, where it ranks in the level's distribution and whether it breached each VaR.")
+        ] = None,
         ) -> None:
     from engine import driver
 
     alphas = list(dict.fromkeys(_csv(levels, float, "--levels")))  # one column per level
     scenario = _open_store(store)
     vega = None if position is None else driver.read_position(position, scenario.meta.grid)
-    rows = driver.vega_risk(scenario, alphas, vega)
+    surfaces = None
+    if realised is not None:
+        steps = sum(len(scenario.level_days(k))
+                    for k in range(1, scenario.require_complete_level() + 1))
+        surfaces = _realised_after_start(realised, scenario, steps)
+    rows = driver.vega_risk(scenario, alphas, vega, surfaces)
     if json_out:
         held = "long 1 vega per grid point" if position is None else str(position)
         typer.echo(driver.to_json([{**r, "position": held} for r in rows]))
@@ -456,14 +465,24 @@ def var(store: StoreOpt,
     for a in alphas:
         table.add_column(f"VaR {driver.level_label(a)}", justify="right")
         table.add_column(f"ES {driver.level_label(a)}", justify="right")
+    if surfaces is not None:
+        table.add_column("realised P&L", justify="right")
+        table.add_column("P(P&L <= it)", justify="right")
     for r in rows:
         cells = [str(r["level"]), r["date"], str(r["days_ahead"]), str(r["nodes"]),
                  f"{r['mean_pnl']:+.4f}"]
         for a in alphas:
             label = driver.level_label(a)
-            cells += [f"{r[f'var_{label}']:.4f}", f"{r[f'es_{label}']:.4f}"]
+            breach = " *" if r.get(f"breach_{label}") else ""
+            cells += [f"{r[f'var_{label}']:.4f}{breach}", f"{r[f'es_{label}']:.4f}"]
+        if surfaces is not None:
+            cells += ([f"{r['realised_pnl']:+.4f}", f"{r['realised_rank']:.3f}"]
+                      if "realised_pnl" in r else ["-", "-"])
         table.add_row(*cells)
     _table_console().print(table)
+    if surfaces is not None:
+        _console().print("* the realised loss exceeded that VaR; '-': the data end before that "
+                         "level's last day", markup=False)
 
 
 @app.command()
@@ -518,7 +537,7 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     said = ""
     if realised is not None:
         # the model steps a data row a day: the k-th row after the start is the fan's k-th day
-        steps = _realised_after_start(realised, scenario, i, j, len(ok))
+        steps = _realised_after_start(realised, scenario, len(ok))[:, i, j]
         shown = ok[:len(steps)]
         r_iv, r_band = steps[shown], band[:len(steps)][shown]
         ax.plot(m["days"][:len(steps)][shown].astype("datetime64[D]"), r_iv, color="tab:red",
@@ -545,10 +564,11 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
                      f"{said})", markup=False)
 
 
-def _realised_after_start(source: str, scenario, i: int, j: int, n_steps: int) -> np.ndarray:
-    """Grid point (i, j) of the data ``source`` on its (at most ``n_steps``) rows after the
-    store's start day, which it must hold, on the store's grid; a note if its start-day
-    surface is not the one the run started from."""
+def _realised_after_start(source: str, scenario, n_steps: int) -> np.ndarray:
+    """The surfaces (steps, n_m, n_tau) of the data ``source`` on its (at most ``n_steps``)
+    rows after the store's start day, which it must hold, on the store's grid: the k-th row
+    after the start is the model's k-th step. A note if its start-day surface is not the one
+    the run started from."""
     import numpy as np
 
     from engine import driver
@@ -582,7 +602,7 @@ def _realised_after_start(source: str, scenario, i: int, j: int, n_steps: int) -
         raise DataError(f"--realised {source}: no row on the start {start} (its days run "
                         f"{panel.dates[0]} to {panel.dates[-1]}); pass the data the run used, "
                         "or a later version of it")
-    steps = panel.surface[at + 1 : at + 1 + n_steps, i, j]
+    steps = panel.surface[at + 1 : at + 1 + n_steps]
     if steps.size == 0:
         raise DataError(f"--realised {source}: it ends on the start {start}; pass data that "
                         "goes on past it, or leave --realised out")

@@ -1427,14 +1427,17 @@ def read_position(path: str | Path, grid: dict) -> np.ndarray:
     return vega
 
 
-def vega_risk(store: ScenarioStore, levels=(0.95, 0.99),
-              vega: np.ndarray | None = None) -> list[dict]:
+def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None = None,
+              realised: np.ndarray | None = None) -> list[dict]:
     """VaR / ES per complete level of a vega position: by default long one vega at every
     grid point, else ``vega`` (n_m, n_tau) (see ``read_position``).
 
     P&L of a node at its level's last day T: sum over the grid of vega * (iv_T - iv_start),
     in iv units (0.01 = one vol point per unit of vega); weights are the nodes'
-    probabilities.
+    probabilities. ``realised`` (steps, n_m, n_tau): the surfaces that came after the start,
+    a step a row; for each level they reach, the row gets ``realised_pnl``,
+    ``realised_rank`` (the level's probability of a P&L at most that) and ``breach_<a>``
+    (the realised loss exceeded VaR a).
     """
     levels = list(dict.fromkeys(levels))  # a level given twice is one column
     if not levels:
@@ -1461,6 +1464,12 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99),
         for a, (var, es) in zip(levels, weighted_var_es(pnl, weight, levels), strict=True):
             row[f"var_{level_label(a)}"] = var
             row[f"es_{level_label(a)}"] = es
+        if realised is not None and row["days_ahead"] <= len(realised):
+            real = float(((realised[row["days_ahead"] - 1] - start) * vega).sum())
+            row["realised_pnl"] = real
+            row["realised_rank"] = float(weight[pnl <= real].sum() / weight.sum())
+            for a in levels:
+                row[f"breach_{level_label(a)}"] = bool(-real > row[f"var_{level_label(a)}"])
         rows.append(row)
     return rows
 

@@ -1058,6 +1058,28 @@ def test_cli_var_of_a_position_file(cli_stores, tmp_path):
         (var, es), = driver.weighted_var_es(-2.5 * (last - start), weight, [0.9])
         assert row["var_0.9"] == pytest.approx(var, abs=1e-12)
         assert row["es_0.9"] == pytest.approx(es, abs=1e-12)
+    # against what came: the synthetic history runs 10 rows past the start, so level 1
+    # (6 days) gets its realised P&L, rank and breaches, level 2 (12 days) none
+    from engine.config import Config
+    from engine.data.io import load_panel
+
+    result = _invoke(["var", "--store", run, "--json", "--position", one, "--realised",
+                      "synthetic"])
+    assert result.exit_code == 0, result.output
+    first, second = json.loads(result.stdout)
+    truth = load_panel(Config.from_dict(store.meta.config).data, evaluation=True)
+    at = int(np.flatnonzero(truth.dates == np.datetime64(store.meta.start_date))[0])
+    real = -2.5 * (truth.surface[at + 6, i, j] - start)
+    assert first["realised_pnl"] == pytest.approx(real, abs=1e-12)
+    last = store.read_level(1)["paths"][:, -1, i, j].astype(np.float64)
+    weight = store.read_level(1)["weight"]
+    assert first["realised_rank"] == pytest.approx(weight[-2.5 * (last - start) <= real].sum())
+    for a in ("0.95", "0.99"):
+        assert first[f"breach_{a}"] == (-real > first[f"var_{a}"])
+    assert "realised_pnl" not in second and "breach_0.95" not in second
+    table = _invoke(["var", "--store", run, "--realised", "synthetic"])
+    assert table.exit_code == 0 and "realised P&L" in table.stdout
+    assert "the data end before that level's last day" in " ".join(table.stderr.split())
     table = _invoke(["var", "--store", run, "--position", one])
     assert table.exit_code == 0 and "one.csv (1 grid point with a vega)" in table.stdout
     # a grid value as float32 gave it (0.800000011920929) still matches
