@@ -58,6 +58,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 import weakref
@@ -1335,8 +1336,6 @@ def export_paths(store: ScenarioStore, out: Path, level: int | None = None,
             yield lo, block
             if on_block is not None:
                 on_block(len(block), n)
-
-    import tempfile
 
     out = Path(os.path.realpath(out))  # a link is written through, as open(out, "wb") would
     out.parent.mkdir(parents=True, exist_ok=True)
