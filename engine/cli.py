@@ -435,10 +435,15 @@ def var(store: StoreOpt,
             help="A data file (or 'synthetic') that runs past the start: each level's realised "
             "P&L, where it ranks in the level's distribution and whether it breached each VaR.")
         ] = None,
+        plot_out: Annotated[Path | None, typer.Option(
+            "--plot", help="Also draw each level's P&L distribution with its VaRs (and the "
+            "realised P&L): F.png, .pdf or .svg.")] = None,
         ) -> None:
     from engine import driver
 
     alphas = list(dict.fromkeys(_csv(levels, float, "--levels")))  # one column per level
+    if plot_out is not None:
+        _out_suffix(plot_out, (".png", ".pdf", ".svg"))
     scenario = _open_store(store)
     vega = None if position is None else driver.read_position(position, scenario.meta.grid)
     surfaces = None
@@ -446,9 +451,21 @@ def var(store: StoreOpt,
         steps = sum(len(scenario.level_days(k))
                     for k in range(1, scenario.require_complete_level() + 1))
         surfaces = _realised_after_start(realised, scenario, steps)
-    rows = driver.vega_risk(scenario, alphas, vega, surfaces)
+    pnls: list = []
+    rows = driver.vega_risk(scenario, alphas, vega, surfaces,
+                            None if plot_out is None else lambda *a: pnls.append(a))
+    held = "long 1 vega per grid point" if position is None else str(position)
+    if plot_out is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from engine.report import plot_pnl
+
+        plot_out.parent.mkdir(parents=True, exist_ok=True)
+        plot_pnl(pnls, rows, alphas, plot_out,
+                 f"{scenario.meta.kind} from {scenario.meta.start_date}: {held}")
+        _console().print(f"wrote {plot_out}", markup=False)
     if json_out:
-        held = "long 1 vega per grid point" if position is None else str(position)
         typer.echo(driver.to_json([{**r, "position": held} for r in rows]))
         return
     from rich.table import Table

@@ -1428,7 +1428,9 @@ def read_position(path: str | Path, grid: dict) -> np.ndarray:
 
 
 def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None = None,
-              realised: np.ndarray | None = None) -> list[dict]:
+              realised: np.ndarray | None = None,
+              on_level: Callable[[int, np.ndarray, np.ndarray], None] | None = None
+              ) -> list[dict]:
     """VaR / ES per complete level of a vega position: by default long one vega at every
     grid point, else ``vega`` (n_m, n_tau) (see ``read_position``).
 
@@ -1437,7 +1439,8 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
     probabilities. ``realised`` (steps, n_m, n_tau): the surfaces that came after the start,
     a step a row; for each level they reach, the row gets ``realised_pnl``,
     ``realised_rank`` (the level's probability of a P&L at most that) and ``breach_<a>``
-    (the realised loss exceeded VaR a).
+    (the realised loss exceeded VaR a). ``on_level(level, pnl, weight)`` is shown each
+    level's node P&Ls and weights (for a plot).
     """
     levels = list(dict.fromkeys(levels))  # a level given twice is one column
     if not levels:
@@ -1457,6 +1460,8 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
             pnl.append(((last - start) * vega).reshape(len(last), -1).sum(-1))
             weight.append(block["weight"])
         pnl, weight = np.concatenate(pnl), store.complete_weights(level, np.concatenate(weight))
+        if on_level is not None:
+            on_level(level, pnl, weight)
         days = store.level_days(level)
         row = {"level": level, "date": str(days[-1]),
                "days_ahead": int(level * len(days)), "nodes": len(pnl),

@@ -502,6 +502,39 @@ def plot_diagnose(result: dict, path: Path) -> Path:
     return path
 
 
+def plot_pnl(levels: list[tuple[int, np.ndarray, np.ndarray]], rows: list[dict],
+             alphas: list[float], path: Path, title: str) -> Path:
+    """One panel per level: the weighted histogram of the nodes' P&L, each VaR (as the P&L
+    it marks, -VaR), the mean, and the realised P&L where ``rows`` have one."""
+    plt = _pyplot()
+    n = len(levels)
+    cols = min(n, 3)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(4.2 * cols, 3.2 * -(-n // cols)),
+                             squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (level, pnl, weight), row in zip(axes.flat, levels, rows, strict=False):
+        ax.hist(pnl, bins=min(60, max(10, len(pnl) // 5)), weights=weight / weight.sum(),
+                color="tab:blue", alpha=0.6)
+        ax.axvline(row["mean_pnl"], color="grey", lw=1, label="mean")
+        for k, a in enumerate(alphas):
+            label = repr(float(a))
+            ax.axvline(-row[f"var_{label}"], color=colors[(k + 1) % len(colors)], ls="--",
+                       lw=1.2, label=f"-VaR {label}")
+        if "realised_pnl" in row:
+            ax.axvline(row["realised_pnl"], color="black", lw=2, label="realised")
+        ax.set_title(f"level {level}: {row['days_ahead']} days ({row['date']})", fontsize=9)
+        ax.set_xlabel("P&L")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    axes[0, 0].set_ylabel("probability")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_embedding(coords: np.ndarray, level: np.ndarray, path: Path, title: str) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))

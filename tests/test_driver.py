@@ -1077,6 +1077,12 @@ def test_cli_var_of_a_position_file(cli_stores, tmp_path):
     for a in ("0.95", "0.99"):
         assert first[f"breach_{a}"] == (-real > first[f"var_{a}"])
     assert "realised_pnl" not in second and "breach_0.95" not in second
+    drawn = _invoke(["var", "--store", run, "--realised", "synthetic", "--plot",
+                     tmp_path / "var.png", "--json"])
+    assert drawn.exit_code == 0 and (tmp_path / "var.png").stat().st_size > 1000, drawn.output
+    assert [r["var_0.95"] for r in json.loads(drawn.stdout)] == \
+        [r["var_0.95"] for r in json.loads(_invoke(["var", "--store", run, "--json"]).stdout)]
+    _one_line_error(["var", "--store", run, "--plot", tmp_path / "var.jpg"], "var.jpg")
     table = _invoke(["var", "--store", run, "--realised", "synthetic"])
     assert table.exit_code == 0 and "realised P&L" in table.stdout
     assert "the data end before that level's last day" in " ".join(table.stderr.split())
