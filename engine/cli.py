@@ -203,7 +203,7 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
 
     defaults = DEMO_DEFAULTS if config is None else {}
     cfg = _config(config, **{**defaults, "seed": seed})
-    _unused_address(cfg, config, None)
+    _check_address(cfg, config, None, None)
     given = cfg.data.source
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "synthetic"})})
     console = _console()
@@ -255,13 +255,18 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")]
 
 
-def _unused_address(cfg, config: Path | None, backend_flag: str | None) -> None:
-    """A config's engine.address with the inline backend: refused where the file itself asks
-    for both, a note where --backend inline overrides the file's backend."""
+def _check_address(cfg, config: Path | None, address_flag: str | None,
+                   backend_flag: str | None) -> None:
+    """A Ray cluster address with the inline backend: refused where --address asks for it or
+    the config file asks for both, a note where --backend inline overrides the file's."""
     from engine.errors import ConfigError
 
-    if cfg.engine.backend != "inline" or cfg.engine.address is None:
+    if cfg.engine.backend == "ray" or cfg.engine.address is None:
         return
+    if address_flag is not None:
+        raise ConfigError(f"--address {address_flag} joins a Ray cluster, but engine.backend is "
+                          f"{cfg.engine.backend!r}; pass --backend ray too (or leave --address "
+                          "out)")
     if backend_flag is None:
         raise ConfigError(f"{config}: engine.address = {cfg.engine.address!r} joins a Ray "
                           "cluster, but engine.backend is 'inline' (this process alone); set "
@@ -281,11 +286,7 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
         raise ConfigError(f"--backend {backend!r} is not 'ray' or 'inline'")
     cfg = _config(config, **{"data.source": data, "seed": seed, "tree.depth": depth,
                              "engine.backend": backend, "engine.address": address})
-    if address is not None and cfg.engine.backend != "ray":
-        raise ConfigError(f"--address {address} joins a Ray cluster, but engine.backend is "
-                          f"{cfg.engine.backend!r}; pass --backend ray too (or leave --address "
-                          "out)")
-    _unused_address(cfg, config, backend)
+    _check_address(cfg, config, address, backend)
     stride_days(cfg.tree.stride, cfg.data.horizon)  # before a fit, and before --overwrite
     console = _console()
     prep = prepare(cfg, console=console)
@@ -368,14 +369,14 @@ def _open_finished_levels(store: Path):
     return scenario
 
 
-def _out_suffix(out: Path, allowed: tuple[str, ...]) -> str:
+def _out_suffix(out: Path, allowed: tuple[str, ...], flag: str = "--out") -> str:
     suffix = out.suffix.lower()
     if suffix not in allowed:
         from engine.errors import ConfigError
 
-        raise ConfigError(f"--out {out} has suffix {suffix or '(none)'!r}; use one of "
+        raise ConfigError(f"{flag} {out} has suffix {suffix or '(none)'!r}; use one of "
                           f"{', '.join(allowed)}")
-    _out_file(out)
+    _out_file(out, flag)
     return suffix
 
 
@@ -443,22 +444,15 @@ def var(store: StoreOpt,
 
     alphas = list(dict.fromkeys(_csv(levels, float, "--levels")))  # one column per level
     if plot_out is not None:
-        _out_suffix(plot_out, (".png", ".pdf", ".svg"))
+        _out_suffix(plot_out, (".png", ".pdf", ".svg"), "--plot")
     scenario = _open_store(store)
     vega = None if position is None else driver.read_position(position, scenario.meta.grid)
-    surfaces = None
-    if realised is not None:
-        steps = sum(len(scenario.level_days(k))
-                    for k in range(1, scenario.require_complete_level() + 1))
-        surfaces = _realised_after_start(realised, scenario, steps)
+    surfaces = None if realised is None else _realised_after_start(realised, scenario)
     pnls: list = []
     rows = driver.vega_risk(scenario, alphas, vega, surfaces,
                             None if plot_out is None else lambda *a: pnls.append(a))
     held = "long 1 vega per grid point" if position is None else str(position)
     if plot_out is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
         from engine.report import plot_pnl
 
         plot_out.parent.mkdir(parents=True, exist_ok=True)
@@ -581,9 +575,9 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
                      f"{said})", markup=False)
 
 
-def _realised_after_start(source: str, scenario, n_steps: int) -> np.ndarray:
-    """The surfaces (steps, n_m, n_tau) of the data ``source`` on its (at most ``n_steps``)
-    rows after the store's start day, which it must hold, on the store's grid: the k-th row
+def _realised_after_start(source: str, scenario, n_steps: int | None = None) -> np.ndarray:
+    """The surfaces (steps, n_m, n_tau) of the data ``source`` on its (at most ``n_steps``;
+    None: all) rows after the store's start day, which it must hold, on the store's grid: the k-th row
     after the start is the model's k-th step. A note if its start-day surface is not the one
     the run started from."""
     import numpy as np
@@ -604,8 +598,9 @@ def _realised_after_start(source: str, scenario, n_steps: int) -> np.ndarray:
     grid = scenario.meta.grid
     same = (panel.moneyness.shape == np.shape(grid["moneyness"])
             and panel.maturity_days.shape == np.shape(grid["maturity_days"])
-            and np.allclose(panel.moneyness, grid["moneyness"], rtol=1e-6, atol=0)
-            and np.allclose(panel.maturity_days, grid["maturity_days"], rtol=1e-6, atol=0))
+            and np.allclose(panel.moneyness, grid["moneyness"], rtol=driver.GRID_RTOL, atol=0)
+            and np.allclose(panel.maturity_days, grid["maturity_days"], rtol=driver.GRID_RTOL,
+                            atol=0))
     if not same:
         raise DataError(f"--realised {source}: its grid (moneyness "
                         f"{', '.join(f'{v:g}' for v in panel.moneyness)} x maturity "
@@ -619,7 +614,7 @@ def _realised_after_start(source: str, scenario, n_steps: int) -> np.ndarray:
         raise DataError(f"--realised {source}: no row on the start {start} (its days run "
                         f"{panel.dates[0]} to {panel.dates[-1]}); pass the data the run used, "
                         "or a later version of it")
-    steps = panel.surface[at + 1 : at + 1 + n_steps]
+    steps = panel.surface[at + 1 :][:n_steps]
     if steps.size == 0:
         raise DataError(f"--realised {source}: it ends on the start {start}; pass data that "
                         "goes on past it, or leave --realised out")

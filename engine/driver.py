@@ -1353,9 +1353,9 @@ def level_label(level: float) -> str:
 
 
 POSITION_COLUMNS = ("moneyness", "maturity_days", "vega")
-# A position's grid values match the store's to this relative tolerance: a grid read from
-# float32 (0.800000011920929) still takes the 0.8 a user writes.
-POSITION_RTOL = 1e-6
+# A user's grid values (a position's, realised data's) match the store's to this relative
+# tolerance: a grid read from float32 (0.800000011920929) still takes the 0.8 a user writes.
+GRID_RTOL = 1e-6
 
 
 def _position_rows(p: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -1411,7 +1411,7 @@ def read_position(path: str | Path, grid: dict) -> np.ndarray:
                 shown = repr(text) if text else "empty"
                 raise DataError(f"{p}: {col} is {shown} on line {line}; write a finite number")
         for col, axis in axes.items():
-            near = np.flatnonzero(np.isclose(value[col], axis, rtol=POSITION_RTOL, atol=0))
+            near = np.flatnonzero(np.isclose(value[col], axis, rtol=GRID_RTOL, atol=0))
             if near.size == 0:
                 raise DataError(f"{p}: {col} {value[col]!r} on line {line} is not on the "
                                 f"store's grid ({col} {', '.join(f'{a:.10g}' for a in axis)}); "

@@ -58,7 +58,6 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 import weakref
@@ -1319,8 +1318,9 @@ def export_paths(store: ScenarioStore, out: Path, level: int | None = None,
     """Write ``terminal_paths`` to ``out`` a block of nodes at a time, so memory stays flat
     however deep the tree: ``.npz`` (arrays paths, weight, dates, moneyness, maturity_days) or
     ``.parquet`` (columns path, weight, date, moneyness, maturity_days, iv; one row per path,
-    day and grid point). The file is written beside ``out`` and moved into place at the end,
-    so a failed export leaves no partial file (and an older ``out`` whole). ``on_block(k, n)``
+    day and grid point). The file is written in a stage beside ``out`` and moved into place
+    at the end (``report.staged``), so a failed export leaves no partial file (and an older
+    ``out`` whole). ``on_block(k, n)``
     is told the k nodes each block adds of the n. Returns (paths, days)."""
     level = _export_level(store, level)
     n = store.level_size(level)
@@ -1337,24 +1337,16 @@ def export_paths(store: ScenarioStore, out: Path, level: int | None = None,
             if on_block is not None:
                 on_block(len(block), n)
 
+    from engine.report import staged
+
     out = Path(os.path.realpath(out))  # a link is written through, as open(out, "wb") would
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=".backfill-", suffix=".partial")
-    os.close(fd)
-    partial = Path(name)
-    try:
+    with staged(out.parent) as stage:
         if out.suffix.lower() == ".npz":
-            _write_paths_npz(partial, blocks(), n, {
+            _write_paths_npz(stage / out.name, blocks(), n, {
                 "weight": weight, "dates": days.astype("datetime64[D]"), "moneyness": mny,
                 "maturity_days": mat})
         else:
-            _write_paths_parquet(partial, blocks(), weight, days, mny, mat)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)  # mkstemp's 0600 would outlive the move
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+            _write_paths_parquet(stage / out.name, blocks(), weight, days, mny, mat)
     return n, len(days)
 
 
