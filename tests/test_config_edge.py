@@ -22,6 +22,7 @@ from engine.config import (
     parse_config,
 )
 from engine.errors import ConfigError
+from engine.samplers.knn_conformal import KnnConformalSampler
 from tests.conftest import cli_toml
 from tests.test_cli import assert_one_line_error, invoke
 
@@ -371,3 +372,45 @@ def test_a_start_with_too_little_history_asks_for_a_later_one(tmp_path):
     assert_one_line_error(proc, ["has only 15 days of history", "context + horizon = 18",
                                  "pick a later --start"])
     assert not (tmp_path / "s.zarr").exists()
+
+
+_FILE_SUFFIXES = {"pt", "pkl", "zarr", "json", "md", "png", "toml", "csv", "npz", "parquet"}
+
+
+def _config_keys_named(text: str, sections: dict, modules: set[str]):
+    """`section.key` spans of a message or document whose key the section lacks."""
+    pat = re.compile(r"(?<![\w.])(" + "|".join(sections) + r")\.([a-z_]+)\b")
+    for m in pat.finditer(text):
+        sec, key = m.groups()
+        if key in _FILE_SUFFIXES or (sec == "engine" and key in modules):
+            continue  # tree.zarr, model.pt; engine.store (a module)
+        if key in sections[sec].model_fields:  # not a property such as data.embargo_days
+            continue
+        if sec == "sampler" and hasattr(KnnConformalSampler, key):
+            continue  # a sampler object's method: sampler.draw
+        yield m.group(0)
+
+
+def test_every_config_key_a_message_or_the_readme_names_exists():
+    """A message that tells users to set `data.embargo_days` sends them to a key the config
+    refuses: every `section.key` written in the code's strings and the READMEs' code spans
+    must be one the config takes (methods such as `sampler.draw` aside)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sections = {n: f.annotation for n, f in Config.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    modules = {p.stem for p in (root / "engine").rglob("*.py")} | {
+        p.name for p in (root / "engine").iterdir() if p.is_dir()}
+    wrong = []
+    for path in sorted([*(root / "engine").rglob("*.py"), *(root / "actors").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                wrong += [f"{path.name}:{node.lineno} {k}"
+                          for k in _config_keys_named(node.value, sections, modules)]
+    for path in (root / "README.md", root / "cluster" / "README.md"):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            for span in re.findall(r"`([^`]*)`", line):
+                wrong += [f"{path.name}:{i} {k}" for k in _config_keys_named(span, sections, modules)]
+    assert not wrong, wrong

@@ -561,7 +561,7 @@ def test_cvae_scaled_without_calibration_windows_names_every_fix():
     model = copy.deepcopy(trained_model(config, panel))  # the cached one stays as it is
     model.train_end = str(panel.dates[-3])
     with pytest.raises(DataError, match=r"has 0; give more history after the train split.*"
-                                        r"data.split_fractions.*data.embargo_days"):
+                                        r"data.split_fractions.*data\.embargo\b"):
         make_sampler("cvae-scaled", config).fit(panel, model)
 
 

@@ -132,8 +132,8 @@ def fold_plan(anchors: np.ndarray, config: Config, point: str = "cvae") -> list[
             f"the history's {len(anchors)} windows ({len(anchors) + C + H - 1} days) cannot be "
             f"cut into time blocks whose fold models keep a training window: each loses its "
             f"block and the {H + E - 1} windows on each side whose targets come within "
-            f"data.embargo_days = {E} days of its own; give at least {need} days of history "
-            f"or a smaller data.embargo_days")
+            f"data.embargo = {E} days of its own; give at least {need} days of history "
+            f"or a smaller data.embargo")
     return best
 
 

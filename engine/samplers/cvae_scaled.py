@@ -37,11 +37,11 @@ class CvaeScaledSampler(CvaePriorSampler):
                             f"{len(anchors)}; give more days of history")
         if len(anchors) < 2:
             raise DataError(f"cvae-scaled needs 2 calibration windows whose targets start "
-                            f"{E} days (data.embargo_days) after the model's training data (ends "
+                            f"{E} days (data.embargo) after the model's training data (ends "
                             f"{model.train_end}), but the history has {len(anchors)}; give more "
                             "history after the train split (more days, or a larger calibration "
                             "share in data.split_fractions, then retrain), a smaller "
-                            "data.embargo_days, or a model trained on less of it")
+                            "data.embargo, or a model trained on less of it")
         anchors = anchors[:: max(1, len(anchors) // MAX_CAL_WINDOWS)]
         ctx = panel.contexts_at(anchors, C)
         real = panel.targets_at(anchors, H).reshape(len(anchors), H, -1)

@@ -141,8 +141,8 @@ class KnnResidualSampler(ConditionalSampler):
             return None
         return (f"{label or self.name}'s cross-fitted bank leaves a fold model only {kept} of the "
                 f"{outside} windows outside its block to train on (the rest have targets within "
-                f"data.embargo_days of the block's), so its residuals are wider than a model of "
-                f"the whole history would make; more history or a smaller data.embargo_days "
+                f"data.embargo of the block's), so its residuals are wider than a model of "
+                f"the whole history would make; more history or a smaller data.embargo "
                 f"helps")
 
     # --- the decoder's half -------------------------------------------------------------------
