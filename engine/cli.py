@@ -321,7 +321,8 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
                   + (f" (resuming after level {scenario.levels_complete})" if resume else ""))
     stats = driver.run_store(scenario, sampler, cfg, console=console)
     for st in stats:
-        console.print(f"level {st.level}: {st.nodes} nodes expanded into {st.children} in "
+        console.print(f"level {st.level}: {st.nodes} node{'s' * (st.nodes != 1)} expanded into "
+                      f"{st.children} in "
                       f"{st.seconds:.2f}s ({st.nodes_per_second:,.1f} nodes/s)")
     console.print(f"wrote {scenario.path}")
 
@@ -439,19 +440,36 @@ def var(store: StoreOpt,
         plot_out: Annotated[Path | None, typer.Option(
             "--plot", help="Also draw each level's P&L distribution with its VaRs (and the "
             "realised P&L): F.png, .pdf or .svg.")] = None,
+        tail: Annotated[Path | None, typer.Option(
+            help="Also write the scenarios that make each level's tail: the nodes at or "
+            "beyond the VaR of the lowest --levels, worst first, with their weight, P&L, share "
+            "of the tail (ES = sum of tail_share x loss) and surface on the level's last day "
+            "(one row per grid point): F.csv or F.parquet.")] = None,
         ) -> None:
     from engine import driver
 
     alphas = list(dict.fromkeys(_csv(levels, float, "--levels")))  # one column per level
     if plot_out is not None:
         _out_suffix(plot_out, (".png", ".pdf", ".svg"), "--plot")
+    if tail is not None:
+        _out_suffix(tail, (".csv", ".parquet"), "--tail")
     scenario = _open_store(store)
     vega = None if position is None else driver.read_position(position, scenario.meta.grid)
     surfaces = None if realised is None else _realised_after_start(realised, scenario)
     pnls: list = []
+    tails: list = []
+
+    def on_level(level, pnl, weight) -> None:
+        if plot_out is not None:
+            pnls.append((level, pnl, weight))
+        if tail is not None:
+            tails.append(driver.tail_scenarios(scenario, level, pnl, weight, min(alphas)))
+
     rows = driver.vega_risk(scenario, alphas, vega, surfaces,
-                            None if plot_out is None else lambda *a: pnls.append(a))
+                            None if plot_out is None and tail is None else on_level)
     held = "long 1 vega per grid point" if position is None else str(position)
+    if tail is not None:
+        _write_tail(tails, tail, min(alphas))
     if plot_out is not None:
         from engine.report import plot_pnl
 
@@ -494,6 +512,28 @@ def var(store: StoreOpt,
     if surfaces is not None:
         _console().print("* the realised loss exceeded that VaR; '-': the data end before that "
                          "level's last day", markup=False)
+
+
+def _write_tail(frames: list, out: Path, a: float) -> None:
+    """Each level's tail scenarios to ``out`` (.csv or .parquet), staged so a failed write
+    keeps an older file whole."""
+    import os
+
+    import pandas as pd
+
+    from engine.driver import level_label
+    from engine.report import staged
+
+    frame = pd.concat(frames, ignore_index=True)
+    target = Path(os.path.realpath(out))
+    with staged(target.parent) as stage:
+        if target.suffix.lower() == ".csv":
+            frame.to_csv(stage / target.name, index=False)
+        else:
+            frame.to_parquet(stage / target.name, index=False)
+    n = frame.groupby("level")["path"].nunique()
+    _console().print(f"wrote the scenarios at or beyond VaR {level_label(a)} to {out}: "
+                     + ", ".join(f"{k} at level {lv}" for lv, k in n.items()), markup=False)
 
 
 @app.command()

@@ -1316,6 +1316,27 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
 # ============================================================================ reports
 
 
+def _by_loss(pnl: np.ndarray, weights: np.ndarray):
+    """A weighted P&L sample sorted by loss L = -P&L, smallest first: (order, sorted losses,
+    their probabilities, cdf)."""
+    loss = -np.asarray(pnl, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if loss.shape != w.shape or loss.ndim != 1 or loss.size == 0 or np.any(w < 0) or \
+            not w.sum() > 0:
+        raise DataError(f"P&L {loss.shape} and weights {w.shape} must be matching non-empty "
+                        "1-D arrays with non-negative weights")
+    order = np.argsort(loss, kind="stable")
+    ws = w[order] / w.sum()
+    return order, loss[order], ws, np.cumsum(ws)
+
+
+def _var_position(cdf: np.ndarray, a: float) -> int:
+    """Where VaR_a sits in the sorted losses: the first with P(L <= l) >= a."""
+    if not 0 < a < 1:
+        raise ConfigError(f"VaR level {a} must lie in (0, 1), e.g. 0.99")
+    return min(int(np.searchsorted(cdf, a - 1e-12, side="left")), len(cdf) - 1)
+
+
 def weighted_var_es(pnl: np.ndarray, weights: np.ndarray,
                     levels) -> list[tuple[float, float]]:
     """Value at risk and expected shortfall (as positive losses) of a weighted P&L sample.
@@ -1324,25 +1345,26 @@ def weighted_var_es(pnl: np.ndarray, weights: np.ndarray,
     mean loss in the worst 1 - a of probability, with the atom at VaR split exactly:
     ES_a = (E[L 1{L > VaR}] + (P(L <= VaR) - a) VaR) / (1 - a).
     """
-    loss = -np.asarray(pnl, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    if loss.shape != w.shape or loss.ndim != 1 or loss.size == 0 or np.any(w < 0) or \
-            not w.sum() > 0:
-        raise DataError(f"P&L {loss.shape} and weights {w.shape} must be matching non-empty "
-                        "1-D arrays with non-negative weights")
-    order = np.argsort(loss, kind="stable")
-    ls, ws = loss[order], w[order] / w.sum()
-    cdf = np.cumsum(ws)
+    _, ls, ws, cdf = _by_loss(pnl, weights)
     out = []
     for a in levels:
-        if not 0 < a < 1:
-            raise ConfigError(f"VaR level {a} must lie in (0, 1), e.g. 0.99")
-        j = min(int(np.searchsorted(cdf, a - 1e-12, side="left")), len(ls) - 1)
+        j = _var_position(cdf, a)
         var = ls[j]
         tail = ws[j + 1:] @ ls[j + 1:]
         es = (tail + (cdf[j] - a) * var) / (1 - a)
         out.append((float(var), float(es)))
     return out
+
+
+def tail_shares(pnl: np.ndarray, weights: np.ndarray, a: float) -> tuple[np.ndarray, np.ndarray]:
+    """The sample's points at or beyond VaR_a, worst first (indices into ``pnl``), and each
+    one's share of the worst 1 - a of probability: all of its own beyond VaR, the part of
+    the atom at VaR that ES counts. The shares sum to 1 and ES_a = sum(share * loss)."""
+    order, _, ws, cdf = _by_loss(pnl, weights)
+    j = _var_position(cdf, a)
+    share = ws[j:].copy()
+    share[0] = max(cdf[j] - a, 0.0)
+    return order[j:][::-1], share[::-1] / (1 - a)
 
 
 def level_label(level: float) -> str:
@@ -1477,6 +1499,36 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
                 row[f"breach_{level_label(a)}"] = bool(-real > row[f"var_{level_label(a)}"])
         rows.append(row)
     return rows
+
+
+def tail_scenarios(store: ScenarioStore, level: int, pnl: np.ndarray, weight: np.ndarray,
+                   a: float):
+    """The nodes of ``level`` at or beyond its VaR_a, worst first, as a tidy frame: level,
+    date (the level's last day), path (the node's index in the level, as ``paths`` exports
+    it), weight, pnl, tail_share (see ``tail_shares``: ES_a = sum of tail_share x -pnl over
+    the level's nodes), then one row per grid point of the node's surface that day: moneyness,
+    maturity_days, iv, iv_start (the start day's). ``pnl`` and ``weight``: every node's, as
+    ``vega_risk`` shows them to ``on_level``."""
+    import pandas as pd
+
+    nodes, share = tail_shares(pnl, weight, a)
+    start = start_context_of(store)[-1]
+    surfaces = np.empty((len(nodes), *start.shape), dtype=np.float32)  # as the store keeps them
+    for chunk in range(store.n_chunks(level)):  # only the chunks that hold a tail node
+        lo, hi = store.chunk_range(level, chunk)
+        here = np.flatnonzero((nodes >= lo) & (nodes < hi))
+        if len(here):
+            surfaces[here] = store.read_level(level, lo, hi)["paths"][nodes[here] - lo, -1]
+    grid = store.meta.grid
+    m, t = np.meshgrid(np.asarray(grid["moneyness"], dtype=np.float64),
+                       np.asarray(grid["maturity_days"], dtype=np.float64), indexing="ij")
+    g = m.size
+    return pd.DataFrame({
+        "level": level, "date": store.level_days(level)[-1].astype("datetime64[ns]"),
+        "path": np.repeat(nodes, g), "weight": np.repeat(weight[nodes], g),
+        "pnl": np.repeat(pnl[nodes], g), "tail_share": np.repeat(share, g),
+        "moneyness": np.tile(m.ravel(), len(nodes)), "maturity_days": np.tile(t.ravel(), len(nodes)),
+        "iv": surfaces.reshape(-1), "iv_start": np.tile(start.ravel(), len(nodes))})
 
 
 def to_json(rows: list[dict]) -> str:

@@ -1118,6 +1118,80 @@ def test_cli_var_of_a_position_file(cli_stores, tmp_path):
         _one_line_error(["var", "--store", run, "--position", path], *words)
 
 
+def test_tail_shares_split_the_atom_at_var_as_es_does():
+    """Four scenarios of 0.25 each: the worst 10% lies inside the worst one's 25%, so at 0.9
+    it has the whole tail; at 0.6 the tail is the worst one's 0.25 and 0.15 of the atom at
+    VaR (the second worst), and its shares times the losses give the ES."""
+    pnl, weight = np.array([-1.0, -4.0, 2.0, -3.0]), np.full(4, 0.25)
+    nodes, share = driver.tail_shares(pnl, weight, 0.9)
+    assert nodes.tolist() == [1] and share.tolist() == pytest.approx([1.0])
+    nodes, share = driver.tail_shares(pnl, weight, 0.6)
+    assert nodes.tolist() == [1, 3] and share == pytest.approx([0.25 / 0.4, 0.15 / 0.4])
+    (_, es), = driver.weighted_var_es(pnl, weight, [0.6])
+    assert es == pytest.approx(share @ -pnl[nodes])
+    rng = np.random.default_rng(3)
+    pnl, weight = rng.normal(size=500), rng.random(500)
+    for a in (0.5, 0.95, 0.99, 0.999):
+        nodes, share = driver.tail_shares(pnl, weight, a)
+        (var, es), = driver.weighted_var_es(pnl, weight, [a])
+        assert share.sum() == pytest.approx(1.0, abs=1e-12) and np.all(share >= 0)
+        assert share @ -pnl[nodes] == pytest.approx(es, rel=1e-12)
+        assert np.all(np.diff(-pnl[nodes]) <= 0) and -pnl[nodes[-1]] == var  # worst first
+        assert np.all(-np.delete(pnl, nodes) <= var)
+
+
+def test_cli_var_tail_writes_the_scenarios_behind_each_level_es(cli_stores, tmp_path):
+    """--tail F: the nodes at or beyond each level's VaR at the lowest level, worst first; the
+    file alone gives back each level's ES, its P&Ls and the store's surfaces."""
+    _, run, _ = cli_stores
+    store = ScenarioStore.open(run)
+    grid = store.meta.grid
+    book = tmp_path / "book.csv"
+    book.write_text(f"moneyness,maturity_days,vega\n{grid['moneyness'][1]!r},"
+                    f"{grid['maturity_days'][2]!r},-2.5\n{grid['moneyness'][3]!r},"
+                    f"{grid['maturity_days'][0]!r},4\n")
+    result = _invoke(["var", "--store", run, "--json", "--position", book, "--levels",
+                      "0.95,0.8", "--tail", tmp_path / "tail.csv"])
+    assert result.exit_code == 0, result.output
+    assert "at or beyond VaR 0.8" in " ".join(result.stderr.split())
+    rows = {r["level"]: r for r in json.loads(result.stdout)}
+    vega = driver.read_position(book, grid)
+    start = driver.start_context_of(store)[-1]
+    frame = pd.read_csv(tmp_path / "tail.csv", parse_dates=["date"])
+    assert list(frame.columns) == ["level", "date", "path", "weight", "pnl", "tail_share",
+                                   "moneyness", "maturity_days", "iv", "iv_start"]
+    assert sorted(frame["level"].unique()) == sorted(rows) == [1, 2]
+    for level, got in frame.groupby("level", sort=True):
+        nodes = got["path"].drop_duplicates().to_numpy()
+        per = got.groupby("path", sort=False).first().loc[nodes]
+        assert len(got) == len(nodes) * 25  # a row per grid point of each scenario
+        # the file's surfaces are the store's, and its P&Ls follow from them
+        last = store.read_level(level)["paths"][:, -1]
+        iv = got["iv"].to_numpy().reshape(len(nodes), 5, 5).astype(np.float32)  # as stored
+        np.testing.assert_array_equal(iv, last[nodes])
+        np.testing.assert_allclose(got["iv_start"].to_numpy().reshape(len(nodes), 5, 5),
+                                   np.broadcast_to(start, iv.shape), rtol=1e-12)
+        pnl_all = ((last.astype(np.float64) - start) * vega).reshape(len(last), -1).sum(-1)
+        np.testing.assert_allclose(per["pnl"], pnl_all[nodes], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(per["weight"], store.complete_weights(level)[nodes],
+                                   rtol=1e-12)
+        # worst first, every node outside no worse than the VaR, and the shares give the ES
+        var, es = rows[level]["var_0.8"], rows[level]["es_0.8"]
+        assert np.all(np.diff(-per["pnl"].to_numpy()) <= 1e-12)
+        assert -per["pnl"].iloc[-1] == pytest.approx(var, abs=1e-12)
+        assert np.all(-np.delete(pnl_all, nodes) <= var + 1e-12)
+        assert per["tail_share"].sum() == pytest.approx(1.0, abs=1e-9)
+        assert (per["tail_share"] * -per["pnl"]).sum() == pytest.approx(es, rel=1e-9)
+        assert (got["date"] == pd.Timestamp(store.level_days(level)[-1])).all()
+    # parquet holds the same; a wrong suffix is refused before any work
+    assert _invoke(["var", "--store", run, "--position", book, "--levels", "0.95,0.8",
+                    "--tail", tmp_path / "tail.parquet"]).exit_code == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "tail.parquet"), frame,
+                                  check_dtype=False)
+    _one_line_error(["var", "--store", run, "--tail", tmp_path / "tail.txt"], "--tail",
+                    "tail.txt")
+
+
 def test_cli_an_unreachable_cluster_address_fails_at_once(cli_stores, tmp_path):
     """ray.init retries an address nobody answers on for minutes; nothing listens on port 1."""
     cfg, _, _ = cli_stores
