@@ -221,7 +221,11 @@ def evaluate(out: Annotated[Path, typer.Option("--out", help="Report folder.")],
              methods: Annotated[str | None, typer.Option(help="Comma-separated methods.")] = None,
              horizons: Annotated[str | None, typer.Option(help="e.g. 1,5,10,20,30,60,90")] = None,
              n_samples: Annotated[int | None, typer.Option("--n-samples")] = None,
-             seed: SeedOpt = None) -> None:
+             seed: SeedOpt = None,
+             position: Annotated[Path | None, typer.Option(
+                 help="Backtest the VaR of this book instead of long 1 vega at every grid "
+                 "point: a CSV of moneyness, maturity_days, vega (as `var --position`).")
+             ] = None) -> None:
     """Fit every method on the same splits and score them on the same test windows."""
     from engine.evaluate import run_evaluation
 
@@ -229,7 +233,7 @@ def evaluate(out: Annotated[Path, typer.Option("--out", help="Report folder.")],
         "data.source": data, "seed": seed, "evaluate.n_samples": n_samples,
         "evaluate.methods": _csv(methods, str, "--methods"),
         "evaluate.horizons": _csv(horizons, int, "--horizons")})
-    run_evaluation(cfg, _out_dir(out), model_path=model, console=_console())
+    run_evaluation(cfg, _out_dir(out), model_path=model, console=_console(), position=position)
 
 
 @app.command()

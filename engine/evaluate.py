@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +206,7 @@ class EvalWindows:
     fan_rows: np.ndarray  # (3,) windows with the lowest, median and highest level
     atm: tuple[int, int]  # grid index of moneyness nearest 1, shortest maturity
     year: np.ndarray  # (W,) calendar year of the anchor
+    vega: np.ndarray | None = None  # (G,) the VaR backtest's position; None: 1 at every point
 
     @property
     def n(self) -> int:
@@ -339,7 +340,7 @@ def sample_windows(sampler, windows: EvalWindows, horizons: list[int], n_samples
             kept[j, sl] = flat[:, :, h - 1]
         start_surface = windows.contexts[sl, -1].reshape(b, G)
         for h in var_h:
-            var_pnl[h][sl] = metrics.vega_pnl(start_surface, flat[:, :, h - 1])
+            var_pnl[h][sl] = metrics.vega_pnl(start_surface, flat[:, :, h - 1], windows.vega)
         if H >= 2:
             # The issue's roughness: daily changes of the sample paths, in iv units; beside
             # it in log-IV (the model's space: scale-free, not dominated by the few stressed
@@ -422,7 +423,7 @@ def score_draws(draws: Draws, windows: EvalWindows, horizons: list[int],
     out["var_backtest"] = {}
     start_surface = windows.contexts[:, -1].reshape(W, G)
     for h, pnl in draws.var_pnl.items():
-        realised_pnl = metrics.vega_pnl(start_surface, real[:, h - 1][:, None])[:, 0]
+        realised_pnl = metrics.vega_pnl(start_surface, real[:, h - 1][:, None], windows.vega)[:, 0]
         for level in VAR_LEVELS:
             out["var_backtest"][f"{h}_{level:g}"] = metrics.var_backtest(pnl, realised_pnl, level)
     return out, pits
@@ -452,9 +453,14 @@ class PlotData:
     fans: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (3, H, 3)
 
 
+LONG_VEGA = "long 1 vega per grid point"
+
+
 def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
-                   console=None) -> dict:
-    """Fit, sample and score every method; write report.json, report.md and the plots."""
+                   console=None, position: Path | None = None) -> dict:
+    """Fit, sample and score every method; write report.json, report.md and the plots.
+    ``position``: a CSV of vegas (``driver.read_position``) whose VaR the backtest scores,
+    instead of long one vega at every grid point."""
     t_start = time.perf_counter()
     out = Path(out)
     set_threads(cfg)
@@ -466,6 +472,10 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
     for note in notes:
         _say(console, f"note: {note}")
     windows = evaluation_windows(prep)
+    if position is not None:  # read before any training: a bad file fails at once
+        from engine.driver import read_position
+
+        windows = replace(windows, vega=read_position(position, panel.grid_dict()).ravel())
     M = cfg.evaluate.n_samples
     extra = panel.n_days - panel.history_days
     _say(console, f"data {panel.source}: {panel.history_days} days"
@@ -497,6 +507,7 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
                   "window_stride": window_stride(prep)},
         "n_windows": windows.n, "n_samples": M, "horizons": horizons,
         "seed": cfg.seed, "notes": notes,
+        "var_position": LONG_VEGA if position is None else str(position),
         "model": {"path": str(model_path) if model_path else None,
                   "trained_here": model is not None and model_path is None},
         "test_year_windows": {str(y): int(n) for y, n in

@@ -498,13 +498,16 @@ def var_backtest(sample_pnl: ArrayLike, realised_pnl: ArrayLike, level: float
     }
 
 
-def vega_pnl(start_surface: ArrayLike, paths: ArrayLike) -> FloatArray:
-    """P&L of a position long one unit of vega at every grid point.
+def vega_pnl(start_surface: ArrayLike, paths: ArrayLike, vega: ArrayLike | None = None
+             ) -> FloatArray:
+    """P&L of a vega position: by default long one unit of vega at every grid point.
 
     start_surface (W, G), paths (W, ..., G) (e.g. end surfaces (W, M, G) or paths
-    (W, M, H, G)) -> (W, ...): sum over g of (iv_end - iv_start), in iv units, i.e. a vega of
-    1 per unit of iv at each point (multiply by 100 for a vega of 1 per vol point). Computed
-    as a difference of grid sums, so no temporary of the size of ``paths`` is made.
+    (W, M, H, G)) -> (W, ...): sum over g of vega_g (iv_end - iv_start), in iv units, i.e. a
+    vega of 1 per unit of iv at each point by default (multiply by 100 for a vega of 1 per
+    vol point); ``vega`` (G,) a position's own (``driver.read_position``, flattened).
+    Computed as a difference of weighted grid sums, so no temporary of the size of
+    ``paths`` is made.
     """
     start = np.asarray(start_surface, dtype=np.float64)
     paths = np.asarray(paths)
@@ -512,6 +515,14 @@ def vega_pnl(start_surface: ArrayLike, paths: ArrayLike) -> FloatArray:
             or paths.shape[-1] != start.shape[1]:
         raise DataError(f"vega_pnl needs start_surface (W, G) and paths (W, ..., G), got "
                         f"{start.shape} and {paths.shape}")
-    end_sum = paths.sum(axis=-1, dtype=np.float64)  # (W, ...)
-    start_sum = start.sum(axis=-1).reshape((-1,) + (1,) * (paths.ndim - 2))
-    return end_sum - start_sum
+    if vega is None:
+        end_sum = paths.sum(axis=-1, dtype=np.float64)  # (W, ...)
+        start_sum = start.sum(axis=-1)
+    else:
+        vega = np.asarray(vega, dtype=np.float64)
+        if vega.shape != start.shape[1:]:
+            raise DataError(f"vega_pnl needs a vega per grid point ({start.shape[1]},), got "
+                            f"{vega.shape}")
+        end_sum = np.einsum("...g,g->...", paths, vega, dtype=np.float64)
+        start_sum = start @ vega
+    return end_sum - start_sum.reshape((-1,) + (1,) * (paths.ndim - 2))

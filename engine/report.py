@@ -158,7 +158,8 @@ def evaluation_markdown(report: dict) -> str:
                    f"{' and '.join(f'{h}-day' for h in multi)} VaR serially dependent, so "
                    f"{'its p-value is' if len(multi) == 1 else 'their p-values are'} "
                    "optimistic" if multi else "")
-        parts += ["## VaR backtest of a long-vega position (one vega at every grid point)", "",
+        held = report.get("var_position") or "long 1 vega per grid point"
+        parts += [f"## VaR backtest of a vega position: {held}", "",
                   f"_exceptions / expected (Kupiec p-value){overlap}_", ""]
         rows = []
         for name, m in methods.items():

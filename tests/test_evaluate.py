@@ -391,6 +391,59 @@ def test_cli_evaluate_runs_and_rejects_a_bad_method(setup, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_cli_evaluate_backtests_the_var_of_a_position_file(setup, tmp_path):
+    """--position: the VaR backtest scores that book (here short 3 vega at one point, long 1
+    at another), recomputed here from a refitted sampler's samples by a plain loop; a bad
+    file is refused in one line before any work."""
+    cfg, prep, _, _ = setup
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(to_toml(cfg))
+    grid = prep.panel.grid_dict()
+    book = tmp_path / "book.csv"
+    book.write_text(f"moneyness,maturity_days,vega\n{grid['moneyness'][0]!r},"
+                    f"{grid['maturity_days'][1]!r},-3\n{grid['moneyness'][2]!r},"
+                    f"{grid['maturity_days'][0]!r},1\n")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["evaluate", "--config", str(toml), "--out", str(tmp_path / "o"),
+                             "--methods", "hist-bootstrap", "--n-samples", "200", "--position",
+                             str(book)])
+    assert ok.exit_code == 0, ok.stderr + ok.stdout
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["var_position"] == str(book)
+    assert f"VaR backtest of a vega position: {book}" in (tmp_path / "o" / "report.md").read_text()
+    sampler = make_sampler("hist-bootstrap", cfg).fit(prep.fit_panel())
+    w = evaluation_windows(prep)
+    rngs = [node_rng(cfg.seed, 0, int(a), EVALUATION) for a in w.anchors]
+    paths = sampler.sample(w.contexts, 200, rngs)  # (W, M, H, n_m, n_tau)
+    start = w.contexts[:, -1]
+    got = report["methods"]["hist-bootstrap"]["var_backtest"]
+    assert sorted(got) == ["1_0.95", "1_0.99"]  # the 10-day VaR lies past this horizon (6)
+    for key, scored in got.items():
+        h, level = int(key.split("_")[0]), float(key.split("_")[1])
+        n = 0
+        for i in range(w.n):
+            end = paths[i, :, h - 1].astype(np.float32).astype(np.float64)  # (M, n_m, n_tau)
+            pnl = -3 * (end[:, 0, 1] - start[i, 0, 1]) + (end[:, 2, 0] - start[i, 2, 0])
+            real = (-3 * (w.realised[i, h - 1, 0, 1] - start[i, 0, 1])
+                    + (w.realised[i, h - 1, 2, 0] - start[i, 2, 0]))
+            n += int(-real > np.quantile(-pnl, level))
+        assert scored["exceptions"] == n, key
+    default = runner.invoke(app, ["evaluate", "--config", str(toml), "--out", str(tmp_path / "d"),
+                                  "--methods", "hist-bootstrap", "--n-samples", "200"])
+    assert default.exit_code == 0, default.stderr
+    plain = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert plain["var_position"] == "long 1 vega per grid point"
+    assert plain["methods"]["hist-bootstrap"]["crps"] == report["methods"]["hist-bootstrap"]["crps"]
+    assert plain["methods"]["hist-bootstrap"]["var_backtest"] != got
+    off = tmp_path / "off.csv"
+    off.write_text("moneyness,maturity_days,vega\n0.123,30,1\n")
+    bad = runner.invoke(app, ["evaluate", "--config", str(toml), "--out", str(tmp_path / "b"),
+                              "--methods", "hist-bootstrap", "--position", str(off)])
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "not on the" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "b" / "report.json").exists()
+
+
 def test_a_failed_write_keeps_the_last_complete_report(setup, tmp_path, monkeypatch):
     """A full disk half-way through the files: the folder keeps the last whole report (not
     a truncated report.json beside a stale report.md), and no scratch files."""

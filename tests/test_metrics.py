@@ -322,6 +322,14 @@ def test_vega_pnl():
                       for d in range(7)] for k in range(5)] for i in range(3)])
     np.testing.assert_allclose(got, ref, atol=1e-12)
     np.testing.assert_allclose(mt.vega_pnl(start, start), np.zeros(3), atol=1e-15)
+    vega = np.array([2.0, 0.0, -1.5, 0.25])  # a book's own vegas
+    got = mt.vega_pnl(start, paths, vega)
+    ref = np.array([[[sum(vega[j] * (float(paths[i, k, d, j]) - start[i, j]) for j in range(4))
+                      for d in range(7)] for k in range(5)] for i in range(3)])
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+    np.testing.assert_array_equal(mt.vega_pnl(start, paths, np.ones(4)), mt.vega_pnl(start, paths))
+    with pytest.raises(DataError, match="a vega per grid point"):
+        mt.vega_pnl(start, paths, vega[:3])
 
 
 def test_shape_errors_are_clear():
