@@ -631,14 +631,14 @@ def _realised_after_start(source: str, scenario, n_steps: int | None = None) -> 
     from engine.data.io import load_panel, read_panel
     from engine.errors import DataError
 
+    data = Config.from_dict(scenario.meta.config).data
     if source == "synthetic":  # the store's own market, simulated on past its history
-        data = Config.from_dict(scenario.meta.config).data
         if data.source != "synthetic":
             raise DataError(f"--realised synthetic: {scenario.path} was run on {data.source}, "
                             "not the synthetic market; pass that file")
         panel = load_panel(data, evaluation=True)
-    else:
-        panel = read_panel(source)
+    else:  # read as the run read its data (data.fill)
+        panel = read_panel(source, data.fill, data.fill_limit)
     grid = scenario.meta.grid
     same = (panel.moneyness.shape == np.shape(grid["moneyness"])
             and panel.maturity_days.shape == np.shape(grid["maturity_days"])

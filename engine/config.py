@@ -153,6 +153,12 @@ class DataConfig(_Section):
     embargo: int | None = Field(
         None, ge=0, description="Days left out between splits; default one horizon."
     )
+    fill: Literal["none", "previous"] = Field(
+        "none", description="A file's missing grid points (rows absent, or iv NaN): 'none' "
+        "refuses the file, naming the first; 'previous' carries each point's last quote "
+        "forward, at most fill_limit dates in a row (a note counts them).")
+    fill_limit: int = Field(5, ge=1, le=250, description="Most dates in a row data.fill = "
+                            "'previous' fills at one grid point; a longer gap is refused.")
     synthetic: SyntheticConfig = SyntheticConfig()
 
     _check_dates = field_validator("calibration_start", "test_start", mode="before")(_iso_text)

@@ -28,11 +28,12 @@ class Prepared:
 
 def prepare(config: Config, evaluation: bool = False, console=None) -> Prepared:
     """Load and split the data; ``evaluation`` adds the synthetic market's test extension.
-    ``console``: where notes go (gaps in the data's calendar, split shares that replaced
-    the default ones on a short history)."""
+    ``console``: where notes go (points data.fill filled, gaps in the data's calendar, split
+    shares that replaced the default ones on a short history)."""
     panel = load_panel(config.data, evaluation=evaluation)
-    if console is not None and (note := panel.gap_note()) is not None:
-        console.print(f"note: {note}")
+    for note in (panel.fill_note, panel.gap_note()):
+        if console is not None and note is not None:
+            console.print(f"note: {note}")
     splits = make_splits(panel, config.data)
     if console is not None and splits.note is not None:
         console.print(f"note: {splits.note}")

@@ -343,3 +343,109 @@ def test_moneyness_in_percent_is_refused(tmp_path):
     df["moneyness"] /= 40  # 2.25 and 2.5: far out of the money, but strike / spot
     df.to_csv(tmp_path / "wide.csv", index=False)
     assert load(tmp_path / "wide.csv").moneyness.tolist() == [2.25, 2.5]
+
+
+# ----------------------------------------------------------------------------- data.fill
+
+
+def _fill_loop(surface: np.ndarray, limit: int) -> np.ndarray | None:
+    """data.fill = 'previous' by a plain loop: each NaN takes the last earlier value of its
+    point; None where a point has no earlier value or misses more than ``limit`` in a row."""
+    out = surface.copy()
+    T, n_m, n_tau = surface.shape
+    for i in range(n_m):
+        for j in range(n_tau):
+            run = 0
+            for t in range(T):
+                if np.isnan(surface[t, i, j]):
+                    run += 1
+                    if t == run - 1 or run > limit:  # missing since the first date, or too long
+                        return None
+                    out[t, i, j] = out[t - 1, i, j]
+                else:
+                    run = 0
+    return out
+
+
+def test_fill_previous_equals_a_plain_loop():
+    from engine.data.io import fill_previous
+
+    rng = np.random.default_rng(4)
+    days = START + np.arange(40)
+    for trial in range(200):
+        surface = 0.2 + 0.1 * rng.random((40, 2, 2))
+        surface[1:][rng.random((39, 2, 2)) < rng.choice([0.05, 0.2, 0.5])] = np.nan
+        limit = int(rng.integers(1, 6))
+        want = _fill_loop(surface, limit)
+        if want is None:
+            with pytest.raises(DataError, match="data.fill"):
+                fill_previous(surface, days, MONEYNESS, MATURITIES, limit, "f")
+        else:
+            np.testing.assert_array_equal(
+                fill_previous(surface, days, MONEYNESS, MATURITIES, limit, "f"), want)
+
+
+def test_missing_points_are_refused_or_filled_as_data_fill_says(tmp_path):
+    """By default a missing row or a NaN iv is refused, and the message names data.fill;
+    with data.fill = 'previous' both take the point's previous quote, up to data.fill_limit
+    dates in a row, and a complete file reads the same either way."""
+    df = frame(12)
+    whole = panel_from_frame(df, "f")
+    holes = df.drop(index=[10]).copy()  # day 2's (1.0, 30) row is absent
+    holes.loc[13, "iv"] = np.nan  # day 3's (0.9, 90) quote is NaN
+    holes.to_csv(tmp_path / "holes.csv", index=False)
+    assert "data.fill = 'previous'" in error(tmp_path / "holes.csv")
+    holes.drop(index=[13]).to_csv(tmp_path / "absent.csv", index=False)
+    assert "data.fill = 'previous'" in error(tmp_path / "absent.csv")
+    filled = read_panel(tmp_path / "holes.csv", "previous", 5)
+    want = whole.surface.copy()
+    want[2, 1, 0], want[3, 0, 1] = want[1, 1, 0], want[2, 0, 1]
+    np.testing.assert_array_equal(filled.surface, want)
+    assert filled.fill_note == (f"{tmp_path / 'holes.csv'}: 2 missing iv values on 2 of 12 "
+                                "dates filled with each point's previous quote (data.fill = "
+                                "'previous')")
+    full = panel_from_frame(df, "f", "previous", 5)
+    assert full.fill_note is None and full.fingerprint == whole.fingerprint
+    # a date whose every quote is NaN keeps its row, filled from the day before
+    blank = df.copy()
+    blank.loc[blank["date"] == str(START + 4), "iv"] = np.nan
+    got = panel_from_frame(blank, "f", "previous", 5)
+    assert got.n_days == 12 and (got.surface[4] == whole.surface[3]).all()
+    # too long a gap, or nothing before it: one line naming the point, the dates, the fix
+    long = df[~((df["moneyness"] == 0.9) & (df["maturity_days"] == 30.0)
+                & df["date"].isin([str(START + k) for k in range(3, 9)]))]
+    with pytest.raises(DataError, match=r"moneyness 0.9, maturity 30 days is missing on 6 dates "
+                                        r"in a row from 2020-01-04 to 2020-01-09, more than "
+                                        r"data.fill_limit = 5"):
+        panel_from_frame(long, "f", "previous", 5)
+    assert panel_from_frame(long, "f", "previous", 6).fill_note.startswith("f: 6 missing")
+    with pytest.raises(DataError, match=r"missing on 2020-01-01, with no earlier quote"):
+        panel_from_frame(df.drop(index=[0]), "f", "previous", 5)
+    # an NPZ's NaN too
+    a = arrays(12)
+    a["surface"] = a["surface"].copy()
+    a["surface"][5, 1, 1] = np.nan
+    np.savez(tmp_path / "holes.npz", **a)
+    assert "data.fill" in error(tmp_path / "holes.npz")
+    assert read_panel(tmp_path / "holes.npz", "previous", 1).surface[5, 1, 1] == a["surface"][4, 1, 1]
+
+
+def test_the_commands_say_what_data_fill_filled(tmp_path):
+    """`prepare` (every command's loader) prints the fill note beside its other notes."""
+    import io
+
+    from rich.console import Console
+
+    from engine.pipeline import prepare
+    from tests.conftest import tiny_config
+
+    df = frame(200).drop(index=[41, 42])
+    df.to_csv(tmp_path / "holes.csv", index=False)
+    buf = io.StringIO()
+    prep = prepare(tiny_config(**{"data.source": str(tmp_path / "holes.csv"),
+                                  "data.fill": "previous"}), console=Console(file=buf, width=400))
+    assert prep.panel.n_days == 200
+    assert "note: " + str(tmp_path / "holes.csv") + ": 2 missing iv values on 1 of 200 dates" \
+        in buf.getvalue()
+    with pytest.raises(DataError, match="data.fill"):
+        prepare(tiny_config(**{"data.source": str(tmp_path / "holes.csv")}))

@@ -43,10 +43,12 @@ def load_panel(data_cfg, evaluation: bool = False) -> Panel:
 
         extra = data_cfg.synthetic.test_days if evaluation else 0
         return SyntheticMarket(data_cfg.synthetic, extra_days=extra).panel()
-    return read_panel(data_cfg.source)
+    return read_panel(data_cfg.source, data_cfg.fill, data_cfg.fill_limit)
 
 
-def read_panel(path: str | Path) -> Panel:
+def read_panel(path: str | Path, fill: str = "none", fill_limit: int = 5) -> Panel:
+    """A data file as a Panel; ``fill`` / ``fill_limit``: ``data.fill`` / ``data.fill_limit``
+    (missing grid points refused, or carried forward from the point's last quote)."""
     if isinstance(path, str) and not path.strip():  # Path("") would be ".", "not a file"
         raise DataError("data path is empty; pass a CSV, Parquet or NPZ file, or 'synthetic'")
     p = Path(path)
@@ -60,7 +62,7 @@ def read_panel(path: str | Path) -> Panel:
         raise DataError(f"data file {p} is empty; it needs a header "
                         f"({', '.join(COLUMNS)}) and one row per date and grid point")
     if kind == "NPZ":
-        return _read_npz(p)
+        return _read_npz(p, fill, fill_limit)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reader warnings would be extra stderr lines
@@ -73,7 +75,7 @@ def read_panel(path: str | Path) -> Panel:
     except Exception as err:  # noqa: BLE001 - any reader failure is the user's file
         raise DataError(f"cannot read {p} as {kind} ({first_line(err)}); check the file's "
                         "format") from None
-    return panel_from_frame(df, str(p))
+    return panel_from_frame(df, str(p), fill, fill_limit)
 
 
 def _format_of(p: Path) -> str:
@@ -94,8 +96,11 @@ def _format_of(p: Path) -> str:
                     f"table, also .csv.gz), .parquet (tidy table) and .npz (arrays){hint}")
 
 
-def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
-    """Validate a tidy frame and pivot it into a Panel."""
+def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
+                     fill_limit: int = 5) -> Panel:
+    """Validate a tidy frame and pivot it into a Panel. ``fill = 'previous'``: rows whose iv is
+    NaN count as missing, and missing grid points take the point's last quote (see
+    ``fill_previous``)."""
     if len(df) == 0:
         raise DataError(f"{source} has a header but no rows; add one row per date and grid point")
     names = [str(c).strip().lower() for c in df.columns]
@@ -144,13 +149,20 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
                             f"{_plain(column.iloc[row])!r} on {out['date'].iloc[row].date()} "
                             f"(row {row + 2}); write a number")
         out[col] = vals.astype(float)
+    listed = out["date"].unique()  # a date whose quotes are all NaN keeps its row when filled
+    if fill == "previous":  # a NaN quote is a missing one, filled below like an absent row
+        out = out[~np.isnan(out["iv"].to_numpy())]
+        if len(out) == 0:
+            raise DataError(f"{source}: every iv is NaN; there is nothing to fill from")
     for col in ("moneyness", "maturity_days", "iv"):
         finite = np.isfinite(out[col].to_numpy())
         if not finite.all():
             row = int(np.flatnonzero(~finite)[0])
             r = out.iloc[row]
+            hint = (" (or set data.fill = 'previous' to carry the point's last quote forward)"
+                    if col == "iv" and np.isnan(out[col].iloc[row]) else "")
             raise DataError(f"{source}: {col} is {df[col].iloc[row]} (NaN or inf) on "
-                            f"{r['date'].date()} at {_point(r)}; drop or fill that row")
+                            f"{r['date'].date()} at {_point(r)}; drop or fill that row{hint}")
     for col in ("moneyness", "maturity_days"):
         nonpos = out[col].to_numpy() <= 0
         if nonpos.any():
@@ -180,6 +192,8 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
     widest = out.groupby("date")[["moneyness", "maturity_days"]].nunique().max()
     if widest["moneyness"] > MAX_GRID or widest["maturity_days"] > MAX_GRID:
         raise DataError(_too_big(source, int(widest["moneyness"]), int(widest["maturity_days"])))
+    if fill == "previous":
+        return _filled_panel(out, listed, source, moneyness, maturities, fill_limit)
     if (out.groupby("date").size() != len(moneyness) * len(maturities)).any():
         _grid_error(out, source)
     if len(moneyness) > MAX_GRID or len(maturities) > MAX_GRID:
@@ -192,7 +206,57 @@ def panel_from_frame(df: pd.DataFrame, source: str) -> Panel:
                  source=source)
 
 
-def _read_npz(p: Path) -> Panel:
+def _filled_panel(out: pd.DataFrame, listed, source: str, moneyness: np.ndarray,
+                  maturities: np.ndarray, limit: int) -> Panel:
+    """Every ``listed`` date on the union grid of the quotes, its missing points carried
+    forward (``fill_previous``)."""
+    if len(moneyness) > MAX_GRID or len(maturities) > MAX_GRID:
+        raise DataError(_too_big(source, len(moneyness), len(maturities)))
+    days = np.sort(np.asarray(listed).astype("datetime64[D]"))
+    surface = np.full((len(days), len(moneyness), len(maturities)), np.nan)
+    surface[np.searchsorted(days, out["date"].to_numpy().astype("datetime64[D]")),
+            np.searchsorted(moneyness, out["moneyness"].to_numpy()),
+            np.searchsorted(maturities, out["maturity_days"].to_numpy())] = out["iv"].to_numpy()
+    missing = np.isnan(surface)
+    surface = fill_previous(surface, days, moneyness, maturities, limit, source)
+    note = None
+    if missing.any():
+        n, n_days = int(missing.sum()), int(missing.any(axis=(1, 2)).sum())
+        note = (f"{source}: {n} missing iv value{'s' * (n != 1)} on {n_days} of {len(days)} "
+                "dates filled with each point's previous quote (data.fill = 'previous')")
+    return Panel(surface, days, moneyness, maturities, source=source, fill_note=note)
+
+
+def fill_previous(surface: np.ndarray, days: np.ndarray, moneyness: np.ndarray,
+                  maturities: np.ndarray, limit: int, source: str) -> np.ndarray:
+    """Each NaN of ``surface`` (T, n_m, n_tau) takes its grid point's last earlier value, at
+    most ``limit`` dates in a row; a point missing on the first dates (nothing to carry) or
+    for longer is refused, naming it."""
+    T = len(surface)
+    flat = surface.reshape(T, -1)
+    valid = ~np.isnan(flat)
+    rows = np.arange(T)[:, None]
+    last = np.maximum.accumulate(np.where(valid, rows, -1), axis=0)  # (T, G) last quote's row
+    bad = (last < 0) | (rows - last > limit)
+    if bad.any():
+        t, g = (int(i[0]) for i in np.nonzero(bad))  # the earliest date, then the first point
+        point = _point((moneyness[g // len(maturities)], maturities[g % len(maturities)]))
+        if last[t, g] < 0:
+            raise DataError(f"{source}: iv at {point} is missing on {days[t]}, with no earlier "
+                            "quote to carry forward (data.fill = 'previous' fills a point from "
+                            "its own past); add that value or drop the dates before the point's "
+                            "first quote")
+        run_end = t
+        while run_end + 1 < T and not valid[run_end + 1, g]:
+            run_end += 1
+        start = int(last[t, g]) + 1
+        raise DataError(f"{source}: iv at {point} is missing on {run_end - start + 1} dates in a "
+                        f"row from {days[start]} to {days[run_end]}, more than data.fill_limit = "
+                        f"{limit}; fill that gap, drop those dates or raise data.fill_limit")
+    return np.ascontiguousarray(np.take_along_axis(flat, last, axis=0).reshape(surface.shape))
+
+
+def _read_npz(p: Path, fill: str = "none", fill_limit: int = 5) -> Panel:
     if not zipfile.is_zipfile(p):  # np.load would blame pickles and hint at allow_pickle
         raise DataError(f"cannot read {p} as NPZ (not a zip archive); write it with numpy.savez")
     try:
@@ -248,7 +312,7 @@ def _read_npz(p: Path) -> Panel:
         "maturity_days": np.tile(maturities, T * n_m),
         "iv": surface.reshape(-1),
     })
-    return panel_from_frame(frame, str(p))
+    return panel_from_frame(frame, str(p), fill, fill_limit)
 
 
 def _point(r) -> str:
@@ -311,7 +375,8 @@ def _grid_error(out: pd.DataFrame, source: str) -> NoReturn:
                         "drop that row or add the point to every date")
     raise DataError(f"{source}: date {d} has {len(per_date[d])} of {len(common)} grid points "
                     f"(missing {_point(missing[0])}{more(missing)}){also}; every date needs the "
-                    "full grid: drop that date or fill the point")
+                    "full grid: drop that date or fill the point (data.fill = 'previous' carries "
+                    "each point's last quote forward)")
 
 
 # A UTC offset after a time of day ('2011-01-04T00:00:00Z', '... 09:30-05:00').

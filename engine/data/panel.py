@@ -33,6 +33,8 @@ class Panel:
     source: str = "array"
     # The synthetic market keeps its hidden state here so the oracle can use it.
     market: Any = field(default=None, repr=False)
+    # What data.fill = 'previous' filled, said once where the data is loaded.
+    fill_note: str | None = field(default=None, repr=False)
 
     @property
     def n_days(self) -> int:
