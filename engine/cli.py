@@ -540,6 +540,9 @@ def _write_tail(frames: list, out: Path, a: float) -> None:
                      + ", ".join(f"{k} at level {lv}" for lv, k in n.items()), markup=False)
 
 
+MAX_PLOT_PATHS = 100  # more lines than this are a smear, not paths one can follow
+
+
 @app.command()
 @user_errors
 def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.png")],
@@ -553,6 +556,10 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
              "whose days after the start are drawn over the fan, its k-th row after the start "
              "against the fan's k-th day: e.g. the file a backfill from a past date used.")
          ] = None,
+         paths: Annotated[int, typer.Option(
+             "--paths", help="Also draw this many (at most 100) whole scenario paths of the "
+             "deepest level, spread over their last day's vol (the nodes at its 1/2n, 3/2n, .. "
+             "weighted quantiles).")] = 0,
          ) -> None:
     """Fan chart: q05 / q50 / q95 of one grid point's vol over every day, from the marginals."""
     import matplotlib
@@ -570,6 +577,8 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     if moneyness is not None and not (np.isfinite(moneyness) and moneyness > 0):
         raise ConfigError(f"--moneyness {moneyness} is not a strike / spot; pass a positive "
                           "number, e.g. 0.9 (the nearest grid moneyness is plotted)")
+    if not 0 <= paths <= MAX_PLOT_PATHS:
+        raise ConfigError(f"--paths {paths}: draw 0 to {MAX_PLOT_PATHS} scenario paths")
     _out_suffix(out, (".png", ".pdf", ".svg"))
     scenario = _open_finished_levels(store)
     m = scenario.read_marginals()
@@ -589,6 +598,11 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     ax.fill_between(days, band[ok, q[0.05]], band[ok, q[0.95]], color="tab:blue", alpha=0.25,
                     label="q05-q95")
     ax.plot(days, band[ok, q[0.5]], color="tab:blue", lw=1.5, label="median")
+    if paths:
+        path_days, drawn, _ = driver.scenario_paths(scenario, i, j, paths)
+        for k, path in enumerate(drawn):
+            ax.plot(path_days.astype("datetime64[D]"), path, color="tab:purple", lw=0.6,
+                    alpha=0.7, label=f"{len(drawn)} scenario paths" if k == 0 else None)
     said = ""
     if realised is not None:
         # the model steps a data row a day: the k-th row after the start is the fan's k-th day

@@ -1531,5 +1531,31 @@ def tail_scenarios(store: ScenarioStore, level: int, pnl: np.ndarray, weight: np
         "iv": surfaces.reshape(-1), "iv_start": np.tile(start.ravel(), len(nodes))})
 
 
+def spread_nodes(values: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
+    """Up to ``n`` distinct nodes spread over the weighted distribution of ``values``: the
+    ones at its (k + 1/2) / n quantiles, k = 0..n-1, lowest first (a heavy node standing at
+    two quantiles is taken once)."""
+    order = np.argsort(values, kind="stable")
+    cdf = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    at = np.searchsorted(cdf / cdf[-1], (np.arange(n) + 0.5) / n, side="left")
+    return order[np.unique(np.minimum(at, len(order) - 1))]
+
+
+def scenario_paths(store: ScenarioStore, i: int, j: int, n: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` whole paths of the deepest complete level at grid point (i, j), spread over its
+    last day's vol there (``spread_nodes``): days (D,), paths (k, D) iv and the nodes' weights."""
+    level = store.require_complete_level()
+    last, weight = [], []
+    for _, _, block in store.iter_chunks(level):
+        last.append(block["paths"][:, -1, i, j])
+        weight.append(block["weight"])
+    weight = store.complete_weights(level, np.concatenate(weight))
+    nodes = spread_nodes(np.concatenate(last), weight, n)
+    days = np.concatenate([store.level_days(k) for k in range(1, level + 1)])
+    paths = np.stack([store.ancestor_paths(level, int(v), int(v) + 1)[0, :, i, j] for v in nodes])
+    return days, paths, weight[nodes]
+
+
 def to_json(rows: list[dict]) -> str:
     return json.dumps(rows, indent=2)

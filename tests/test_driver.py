@@ -31,7 +31,7 @@ from engine.errors import ConfigError, DataError, StoreError
 from engine.model import load_checkpoint
 from engine.rng import LOOKAHEAD, TREE, node_rng
 from engine.samplers import make_sampler
-from engine.store import ScenarioStore
+from engine.store import ScenarioStore, terminal_paths
 from engine.train import train_model
 from tests.conftest import backfill_cmd, cli_toml, tiny_config, toy_panel
 
@@ -1190,6 +1190,47 @@ def test_cli_var_tail_writes_the_scenarios_behind_each_level_es(cli_stores, tmp_
                                   check_dtype=False)
     _one_line_error(["var", "--store", run, "--tail", tmp_path / "tail.txt"], "--tail",
                     "tail.txt")
+
+
+def test_spread_nodes_stand_at_the_weighted_quantiles():
+    """The nodes at the (k + 1/2) / n weighted quantiles, by a plain scan of the sorted
+    values; a node heavy enough to hold two of them is taken once."""
+    rng = np.random.default_rng(8)
+    for n_nodes, n in ((50, 5), (7, 7), (300, 20), (3, 10)):
+        values, weights = rng.normal(size=n_nodes), rng.random(n_nodes)
+        got = driver.spread_nodes(values, weights, n)
+        order = np.argsort(values, kind="stable")
+        want = []
+        for k in range(n):
+            acc = 0.0
+            for node in order:
+                acc += weights[node] / weights.sum()
+                if acc >= (k + 0.5) / n - 1e-12:
+                    break
+            if node not in want:
+                want.append(node)
+        assert got.tolist() == want
+        assert np.all(np.diff(values[got]) >= 0)  # lowest first
+    heavy = driver.spread_nodes(np.arange(4.0), np.array([0.01, 0.97, 0.01, 0.01]), 4)
+    assert heavy.tolist() == [1]
+
+
+def test_cli_plot_draws_scenario_paths(cli_stores, tmp_path):
+    """--paths N: the deepest level's whole paths at the plotted point, rebuilt from the
+    parents (checked here against the paths export), spread over the last day's vol."""
+    _, run, _ = cli_stores
+    store = ScenarioStore.open(run)
+    days, drawn, weight = driver.scenario_paths(store, 1, 2, 4)
+    assert drawn.shape == (4, 12) and len(days) == 12
+    every, weights = terminal_paths(store)
+    last = every[:, -1, 1, 2]
+    nodes = driver.spread_nodes(last, weights, 4)
+    np.testing.assert_array_equal(drawn, every[nodes][:, :, 1, 2])
+    np.testing.assert_array_equal(weight, weights[nodes])
+    result = _invoke(["plot", "--store", run, "--out", tmp_path / "p.png", "--paths", "4"])
+    assert result.exit_code == 0 and (tmp_path / "p.png").stat().st_size > 1000, result.output
+    _one_line_error(["plot", "--store", run, "--out", tmp_path / "x.png", "--paths", "101"],
+                    "--paths 101", "0 to 100")
 
 
 def test_cli_an_unreachable_cluster_address_fails_at_once(cli_stores, tmp_path):
