@@ -332,6 +332,19 @@ def test_supported_extensions_still_read(tmp_path, name):
     np.testing.assert_allclose(panel.surface.reshape(-1), df["iv"].to_numpy())
 
 
+def test_maturities_in_years_are_refused(tmp_path):
+    """maturity_days is calendar days; 0.25 / 0.5 / 1 was written in years, while a grid of
+    whole short maturities (a 1-day VIX) still reads."""
+    df = frame()
+    df["maturity_days"] = df["maturity_days"].map({30.0: 0.25, 90.0: 1.0})
+    df.to_csv(tmp_path / "years.csv", index=False)
+    message = error(tmp_path / "years.csv")
+    assert "maturity_days runs from 0.25 to 1" in message and "multiply them by 365" in message
+    df["maturity_days"] = df["maturity_days"].map({0.25: 1.0, 1.0: 2.0})
+    df.to_csv(tmp_path / "short.csv", index=False)
+    assert load(tmp_path / "short.csv").maturity_days.tolist() == [1.0, 2.0]
+
+
 def test_moneyness_in_percent_is_refused(tmp_path):
     """Moneyness is strike / spot; a grid of 90 and 100 was written in percent (its ATM point
     and plots would be wrong), while a wide grid in K/S still reads."""
