@@ -469,8 +469,16 @@ def var(store: StoreOpt,
         if tail is not None:
             tails.append(driver.tail_scenarios(scenario, level, pnl, weight, min(alphas)))
 
-    rows = driver.vega_risk(scenario, alphas, vega, surfaces,
-                            None if plot_out is None and tail is None else on_level)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    console = _console()
+    done = scenario.require_complete_level()
+    with Progress(TextColumn("[bold]read chunks"), BarColumn(), MofNCompleteColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("read", total=sum(scenario.n_chunks(k) for k in range(1, done + 1)))
+        rows = driver.vega_risk(scenario, alphas, vega, surfaces,
+                                None if plot_out is None and tail is None else on_level,
+                                lambda: progress.advance(task))
     held = "long 1 vega per grid point" if position is None else str(position)
     if tail is not None:
         _write_tail(tails, tail, min(alphas))

@@ -1451,8 +1451,8 @@ def read_position(path: str | Path, grid: dict) -> np.ndarray:
 
 def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None = None,
               realised: np.ndarray | None = None,
-              on_level: Callable[[int, np.ndarray, np.ndarray], None] | None = None
-              ) -> list[dict]:
+              on_level: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+              on_chunk: Callable[[], None] | None = None) -> list[dict]:
     """VaR / ES per complete level of a vega position: by default long one vega at every
     grid point, else ``vega`` (n_m, n_tau) (see ``read_position``).
 
@@ -1462,7 +1462,8 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
     a step a row; for each level they reach, the row gets ``realised_pnl``,
     ``realised_rank`` (the level's probability of a P&L at most that) and ``breach_<a>``
     (the realised loss exceeded VaR a). ``on_level(level, pnl, weight)`` is shown each
-    level's node P&Ls and weights (for a plot).
+    level's node P&Ls and weights (for a plot); ``on_chunk()`` is called after each chunk
+    read (a progress bar's tick).
     """
     levels = list(dict.fromkeys(levels))  # a level given twice is one column
     if not levels:
@@ -1481,6 +1482,8 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
             last = block["paths"][:, -1].astype(np.float64)  # (n, n_m, n_tau)
             pnl.append(((last - start) * vega).reshape(len(last), -1).sum(-1))
             weight.append(block["weight"])
+            if on_chunk is not None:
+                on_chunk()
         pnl, weight = np.concatenate(pnl), store.complete_weights(level, np.concatenate(weight))
         if on_level is not None:
             on_level(level, pnl, weight)
