@@ -74,6 +74,58 @@ HORIZON_TABLES: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
+BASELINES = ("hist-bootstrap", "fhs", "pca-ar")
+DEFAULT_METHOD = "knn-conformal"
+COVERAGE_BAND = (0.85, 0.95)  # what "near nominal" means in the summary
+
+
+def summary_markdown(report: dict) -> list[str]:
+    """The report's first section: how much the test windows can decide, which methods hold
+    the 90% band near nominal, which has the lowest CRPS at each horizon, and the default
+    sampler's CRPS over the best baseline's. Every figure is one of the tables below."""
+    methods, horizons = report["methods"], report["horizons"]
+    lo, hi = COVERAGE_BAND
+    n, stride = report["n_windows"], report["split"].get("window_stride", 1)
+    longest = max(horizons)
+    episodes = n * stride / longest
+    parts = ["## Summary", ""]
+    parts.append(f"- the {n} test windows overlap: at {longest} days they hold about "
+                 f"{episodes:.1f} non-overlapping outcomes"
+                 + (", too few for a coverage or CRPS there to say much (more test days, or "
+                    "the synthetic market, decide more)" if episodes < 20 else ""))
+    rows = []
+    for name, m in methods.items():
+        cov = [m["coverage90"].get(str(h)) for h in horizons]
+        known = [(h, c) for h, c in zip(horizons, cov, strict=True) if c is not None]
+        if not known:
+            continue
+        inside = sum(lo <= c <= hi for _, c in known)
+        worst_h, worst = max(known, key=lambda hc: abs(hc[1] - 0.9))
+        rows.append((-inside, np.mean([abs(c - 0.9) for _, c in known]), name,
+                     f"{inside} of {len(known)}", f"{worst:.3f} at {worst_h}d"))
+    rows.sort()
+    parts += ["", (f"_coverage of the 90% band: horizons within [{lo:g}, {hi:g}], and the "
+                   "one farthest from 0.9_"), "",
+              table(["method", "horizons in band", "farthest"], [r[2:] for r in rows]), ""]
+    best = []
+    for h in horizons:
+        crps = {name: m["crps"].get(str(h)) for name, m in methods.items()
+                if name != "oracle" and m["crps"].get(str(h)) is not None}
+        best.append(min(crps, key=crps.get) if crps else "–")
+    rows = [["lowest CRPS (oracle aside)"] + best]
+    if DEFAULT_METHOD in methods:
+        ratio = []
+        for h in horizons:
+            base = [methods[b]["crps"].get(str(h)) for b in BASELINES if b in methods]
+            base = [v for v in base if v is not None]
+            own = methods[DEFAULT_METHOD]["crps"].get(str(h))
+            ratio.append(fmt(own / min(base)) if base and own is not None and min(base) > 0
+                         else "–")
+        rows.append([f"{DEFAULT_METHOD} CRPS / best baseline's"] + ratio)
+    parts += [table(["CRPS"] + [f"{h}d" for h in horizons], rows), ""]
+    return parts
+
+
 def evaluation_markdown(report: dict) -> str:
     data, split, methods = report["data"], report["split"], report["methods"]
     horizons = report["horizons"]
@@ -105,6 +157,7 @@ def evaluation_markdown(report: dict) -> str:
     for note in report.get("notes", []):
         parts.append(f"- note: {note}")
     parts.append("")
+    parts += summary_markdown(report)
     for key, title, spec, note in HORIZON_TABLES:
         body = horizon_table(methods, key, horizons, spec)
         if body is None:

@@ -157,6 +157,29 @@ def test_the_markdown_writes_ranges_and_notes_as_they_are(evaluated):
     assert "5-day and 10-day VaR serially dependent, so their" in evaluation_markdown(longer)
 
 
+def test_the_summary_restates_the_tables(evaluated):
+    """The summary's counts, farthest coverage, lowest CRPS and CRPS ratio, recomputed from
+    report.json; and the warning about overlapping windows on so short a test span."""
+    report, out = evaluated
+    md = (out / "report.md").read_text()
+    summary = md[md.index("## Summary"):md.index("## Coverage of the 90% band\n")]
+    horizons = report["horizons"]
+    n, stride = report["n_windows"], report["split"]["window_stride"]
+    assert f"at {max(horizons)} days they hold about {n * stride / max(horizons):.1f}" in summary
+    for name, m in report["methods"].items():
+        cov = {h: m["coverage90"][str(h)] for h in horizons}
+        inside = sum(0.85 <= c <= 0.95 for c in cov.values())
+        far = max(horizons, key=lambda h: abs(cov[h] - 0.9))
+        assert f"| {name} | {inside} of {len(horizons)} | {cov[far]:.3f} at {far}d |" in summary
+    best = [min((name for name in report["methods"] if name != "oracle"),
+                key=lambda name: report["methods"][name]["crps"][str(h)]) for h in horizons]
+    assert "| lowest CRPS (oracle aside) | " + " | ".join(best) + " |" in summary
+    own = report["methods"]["knn-conformal"]["crps"]
+    base = report["methods"]["hist-bootstrap"]["crps"]  # the one baseline evaluated here
+    assert "| knn-conformal CRPS / best baseline's | " + " | ".join(
+        f"{own[str(h)] / base[str(h)]:.3f}" for h in horizons) + " |" in summary
+
+
 def test_scores_equal_metrics_recomputed_from_the_samples(setup, evaluated):
     """hist-bootstrap needs no model: refit it and recompute the scores from full samples."""
     cfg, prep, _, _ = setup
