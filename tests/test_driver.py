@@ -1181,6 +1181,7 @@ def test_cli_var_tail_writes_the_scenarios_behind_each_level_es(cli_stores, tmp_
         assert -per["pnl"].iloc[-1] == pytest.approx(var, abs=1e-12)
         assert np.all(-np.delete(pnl_all, nodes) <= var + 1e-12)
         assert per["tail_share"].sum() == pytest.approx(1.0, abs=1e-9)
+        assert rows[level]["tail_nodes_0.8"] == int((per["tail_share"] > 0).sum())
         assert (per["tail_share"] * -per["pnl"]).sum() == pytest.approx(es, rel=1e-9)
         assert (got["date"] == pd.Timestamp(store.level_days(level)[-1])).all()
     # parquet holds the same; a wrong suffix is refused before any work
@@ -1190,6 +1191,14 @@ def test_cli_var_tail_writes_the_scenarios_behind_each_level_es(cli_stores, tmp_
                                   check_dtype=False)
     _one_line_error(["var", "--store", run, "--tail", tmp_path / "tail.txt"], "--tail",
                     "tail.txt")
+    # a tail that lies on one node is marked: its VaR and ES are that node's loss
+    table = _invoke(["var", "--store", run, "--levels", "0.5,0.999"])
+    deep = json.loads(_invoke(["var", "--store", run, "--levels", "0.5,0.999", "--json"]).stdout)
+    assert [r["tail_nodes_0.999"] for r in deep] == [1, 1] and all(
+        r["tail_nodes_0.5"] > 1 for r in deep)
+    assert table.exit_code == 0 and table.stdout.count("†") == 4  # VaR and ES, two levels
+    assert "worst node alone holds" in " ".join(table.stderr.split())
+    assert "†" not in _invoke(["var", "--store", run, "--levels", "0.5"]).output
 
 
 def test_spread_nodes_stand_at_the_weighted_quantiles():
