@@ -457,6 +457,12 @@ def var(store: StoreOpt,
         _out_suffix(plot_out, (".png", ".pdf", ".svg"), "--plot")
     if tail is not None:
         _out_suffix(tail, (".csv", ".parquet"), "--tail")
+        for flag, given in (("--position", position), ("--realised", realised)):
+            if given is not None and _same_file(tail, Path(given)):
+                from engine.errors import ConfigError
+
+                raise ConfigError(f"--tail {tail} is the {flag} file; write the tail to "
+                                  "another path")
     scenario = _open_store(store)
     vega = None if position is None else driver.read_position(position, scenario.meta.grid)
     surfaces = None if realised is None else _realised_after_start(realised, scenario)
@@ -529,6 +535,16 @@ def var(store: StoreOpt,
     if surfaces is not None:
         _console().print("* the realised loss exceeded that VaR; '-': the data end before that "
                          "level's last day", markup=False)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through links), where both exist."""
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _write_tail(frames: list, out: Path, a: float) -> None:
@@ -611,12 +627,15 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
     ax.fill_between(days, band[ok, q[0.05]], band[ok, q[0.95]], color="tab:blue", alpha=0.25,
                     label="q05-q95")
     ax.plot(days, band[ok, q[0.5]], color="tab:blue", lw=1.5, label="median")
+    said = ""
     if paths:
         path_days, drawn, _ = driver.scenario_paths(scenario, i, j, paths)
         for k, path in enumerate(drawn):
             ax.plot(path_days.astype("datetime64[D]"), path, color="tab:purple", lw=0.6,
                     alpha=0.7, label=f"{len(drawn)} scenario paths" if k == 0 else None)
-    said = ""
+        said = f"; {len(drawn)} scenario path{'s' * (len(drawn) != 1)}" + (
+            f" of the {paths} asked (nodes heavy enough to stand at several quantiles, or too "
+            "few nodes, are drawn once)" if len(drawn) < paths else "")
     if realised is not None:
         # the model steps a data row a day: the k-th row after the start is the fan's k-th day
         steps = _realised_after_start(realised, scenario, len(ok))[:, i, j]
@@ -625,8 +644,8 @@ def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.p
         ax.plot(m["days"][:len(steps)][shown].astype("datetime64[D]"), r_iv, color="tab:red",
                 lw=1.2, marker="." if len(r_iv) == 1 else None, label="realised")
         inside = int(((r_iv >= r_band[:, q[0.05]]) & (r_iv <= r_band[:, q[0.95]])).sum())
-        said = (f"; realised inside q05-q95 on {inside} of {len(r_iv)} "
-                f"day{'' if len(r_iv) == 1 else 's'}")
+        said += (f"; realised inside q05-q95 on {inside} of {len(r_iv)} "
+                 f"day{'' if len(r_iv) == 1 else 's'}")
     # where each level after the first starts: its marginals come from other nodes' draws,
     # so the band may step there (README, known limitations)
     done = scenario.require_complete_level()
@@ -664,8 +683,10 @@ def _realised_after_start(source: str, scenario, n_steps: int | None = None) -> 
             raise DataError(f"--realised synthetic: {scenario.path} was run on {data.source}, "
                             "not the synthetic market; pass that file")
         panel = load_panel(data, evaluation=True)
-    else:  # read as the run read its data (data.fill)
-        panel = read_panel(source, data.fill, data.fill_limit)
+    else:  # read as the run read its data (data.fill, which its store's config decides)
+        panel = read_panel(source, data.fill, data.fill_limit, fill_hint=False)
+        if panel.fill_note is not None:
+            _console().print(f"note: {panel.fill_note}", markup=False)
     grid = scenario.meta.grid
     same = (panel.moneyness.shape == np.shape(grid["moneyness"])
             and panel.maturity_days.shape == np.shape(grid["maturity_days"])

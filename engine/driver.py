@@ -1330,11 +1330,23 @@ def _by_loss(pnl: np.ndarray, weights: np.ndarray):
     return order, loss[order], ws, np.cumsum(ws)
 
 
+# The highest VaR level: beyond it the tail's mass is lost in the rounding of float64 sums
+# of the weights (a million nodes' cumulative sum errs by about 1e-10).
+MAX_VAR_LEVEL = 1 - 1e-9
+
+
 def _var_position(cdf: np.ndarray, a: float) -> int:
     """Where VaR_a sits in the sorted losses: the first with P(L <= l) >= a."""
-    if not 0 < a < 1:
-        raise ConfigError(f"VaR level {a} must lie in (0, 1), e.g. 0.99")
+    if not 0 < a <= MAX_VAR_LEVEL:
+        raise ConfigError(f"VaR level {a!r} must lie in (0, {MAX_VAR_LEVEL!r}], e.g. 0.99")
     return min(int(np.searchsorted(cdf, a - 1e-12, side="left")), len(cdf) - 1)
+
+
+def _atom(ws: np.ndarray, j: int, a: float) -> float:
+    """The part of the atom at VaR_a (sorted position ``j``) in the worst 1 - a: what the
+    nodes beyond it leave of 1 - a, within [0, its own weight] (summed from the tail's
+    end, so the shares add up to 1 - a even where the cdf rounds past 1)."""
+    return float(np.clip((1 - a) - ws[j + 1:].sum(), 0.0, ws[j]))
 
 
 def weighted_var_es(pnl: np.ndarray, weights: np.ndarray,
@@ -1343,7 +1355,8 @@ def weighted_var_es(pnl: np.ndarray, weights: np.ndarray,
 
     VaR_a is the a-quantile of the loss L = -P&L (the smallest l with P(L <= l) >= a); ES_a the
     mean loss in the worst 1 - a of probability, with the atom at VaR split exactly:
-    ES_a = (E[L 1{L > VaR}] + (P(L <= VaR) - a) VaR) / (1 - a).
+    ES_a = (E[L 1{L > VaR}] + (P(L <= VaR) - a) VaR) / (1 - a), the atom's part taken as
+    what P(L > VaR) leaves of 1 - a (``_atom``).
     """
     _, ls, ws, cdf = _by_loss(pnl, weights)
     out = []
@@ -1351,7 +1364,7 @@ def weighted_var_es(pnl: np.ndarray, weights: np.ndarray,
         j = _var_position(cdf, a)
         var = ls[j]
         tail = ws[j + 1:] @ ls[j + 1:]
-        es = (tail + (cdf[j] - a) * var) / (1 - a)
+        es = (tail + _atom(ws, j, a) * var) / (1 - a)
         out.append((float(var), float(es)))
     return out
 
@@ -1363,12 +1376,12 @@ def tail_shares(pnl: np.ndarray, weights: np.ndarray, a: float) -> tuple[np.ndar
     order, _, ws, cdf = _by_loss(pnl, weights)
     j = _var_position(cdf, a)
     share = ws[j:].copy()
-    share[0] = max(cdf[j] - a, 0.0)
+    share[0] = _atom(ws, j, a)
     return order[j:][::-1], share[::-1] / (1 - a)
 
 
 def level_label(level: float) -> str:
-    """A confidence level as its row keys and columns name it: 0.95, 0.995, 0.99999999999
+    """A confidence level as its row keys and columns name it: 0.95, 0.995, 0.999999999
     (the shortest text that reads back as the same float, so two levels never share a label
     and none is rounded to 1)."""
     return repr(float(level))
@@ -1403,11 +1416,15 @@ def _position_rows(p: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows[1:]
 
 
-def read_position(path: str | Path, grid: dict) -> np.ndarray:
+# A vega beyond this (P&L per 1.00 of iv) is no book: its P&L would overflow float64 sums.
+MAX_VEGA = 1e15
+
+
+def read_position(path: str | Path, grid: dict, whose: str = "store") -> np.ndarray:
     """A position's vega per grid point, (n_m, n_tau), from a CSV with one row per point held:
     ``moneyness, maturity_days, vega``, the vega being the P&L per 1.00 of iv (so per vol
     point x 100); the points it leaves out hold nothing. Each row must name a point of the
-    store's grid."""
+    grid (``whose``: the store's, or the data's), and some vega must be nonzero."""
     p = Path(path)
     if not p.is_file():
         found = "not found" if not p.exists() else "is not a regular file"
@@ -1432,11 +1449,15 @@ def read_position(path: str | Path, grid: dict) -> np.ndarray:
             if not math.isfinite(value[col]):
                 shown = repr(text) if text else "empty"
                 raise DataError(f"{p}: {col} is {shown} on line {line}; write a finite number")
+        if abs(value["vega"]) > MAX_VEGA:
+            raise DataError(f"{p}: vega {value['vega']:g} on line {line} is beyond "
+                            f"{MAX_VEGA:g} per 1.00 of iv; write the book's vega in its own "
+                            "units (a vega of 1,000 per vol point is 100000)")
         for col, axis in axes.items():
             near = np.flatnonzero(np.isclose(value[col], axis, rtol=GRID_RTOL, atol=0))
             if near.size == 0:
                 raise DataError(f"{p}: {col} {value[col]!r} on line {line} is not on the "
-                                f"store's grid ({col} {', '.join(f'{a:.10g}' for a in axis)}); "
+                                f"{whose}'s grid ({col} {', '.join(f'{a:.10g}' for a in axis)}); "
                                 "name grid points only")
             at.append(int(near[0]))
         point = (at[0], at[1])
@@ -1446,6 +1467,9 @@ def read_position(path: str | Path, grid: dict) -> np.ndarray:
                             "write each grid point once (sum its vegas)")
         seen[point] = line
         vega[point] = value["vega"]
+    if not vega.any():
+        raise DataError(f"{p} holds no vega (every vega is 0): such a book cannot lose, so it "
+                        "has no VaR; give the vegas held")
     return vega
 
 

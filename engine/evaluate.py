@@ -475,7 +475,7 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
     if position is not None:  # read before any training: a bad file fails at once
         from engine.driver import read_position
 
-        windows = replace(windows, vega=read_position(position, panel.grid_dict()).ravel())
+        windows = replace(windows, vega=read_position(position, panel.grid_dict(), "data").ravel())
     M = cfg.evaluate.n_samples
     extra = panel.n_days - panel.history_days
     _say(console, f"data {panel.source}: {panel.history_days} days"

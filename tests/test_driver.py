@@ -871,12 +871,15 @@ def test_cli_run_mc_and_exports(cli_stores, tmp_path):
     result = _invoke(["var", "--store", mc])
     assert result.exit_code == 0 and "VaR 0.95" in result.stdout
     # a level given twice is one column; a level near 1 keeps its digits (not "VaR 1")
-    result = _invoke(["var", "--store", run, "--levels", "0.95,0.95,0.99999999999", "--json"])
+    result = _invoke(["var", "--store", run, "--levels", "0.95,0.95,0.999999999", "--json"])
     assert result.exit_code == 0, result.output
     assert sorted(k for k in json.loads(result.stdout)[0] if k.startswith("var_")) == \
-        ["var_0.95", "var_0.99999999999"]
-    result = _invoke(["var", "--store", run, "--levels", "0.95,0.95,0.99999999999"])
-    assert result.stdout.count("VaR 0.95 ") == 1 and "VaR 0.99999999999" in result.stdout
+        ["var_0.95", "var_0.999999999"]
+    result = _invoke(["var", "--store", run, "--levels", "0.95,0.95,0.999999999"])
+    assert result.stdout.count("VaR 0.95 ") == 1 and "VaR 0.999999999" in result.stdout
+    # nearer 1 than float64 sums of weights can tell: refused, not an ES past the worst loss
+    _one_line_error(["var", "--store", run, "--levels", "0.99999999999"], "0.99999999999",
+                    "0.999999999")
     result = _invoke(["plot", "--store", run, "--out", tmp_path / "fan.png"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fan.png").stat().st_size > 1000
@@ -927,6 +930,14 @@ def test_cli_run_mc_and_exports(cli_stores, tmp_path):
     said = " ".join(result.stderr.split())
     assert result.exit_code == 0 and "not the one the run started from" in said, said
     assert "realised inside q05-q95 on" in said and "of 1 day)" in said
+    # a NaN there: refused as the run would have read it, without a data.fill these
+    # commands cannot set
+    holed = pd.concat([early, early.assign(date="2001-07-02")], ignore_index=True)
+    holed.loc[len(early) + 3, "iv"] = np.nan
+    holed.to_csv(tmp_path / "holed.csv", index=False)
+    message = _one_line_error(["plot", "--store", run, "--out", tmp_path / "x.png",
+                               "--realised", tmp_path / "holed.csv"], "NaN")
+    assert "data.fill" not in message
     early.assign(date="2001-07-02", moneyness=early["moneyness"] * 1.5).to_csv(
         tmp_path / "other.csv", index=False)
     _one_line_error(["plot", "--store", run, "--out", tmp_path / "x.png", "--realised",
@@ -1140,6 +1151,21 @@ def test_tail_shares_split_the_atom_at_var_as_es_does():
         assert np.all(-np.delete(pnl, nodes) <= var)
 
 
+def test_tail_shares_and_es_stay_whole_where_the_weights_sum_past_1():
+    """Weights whose float sum rounds past 1: at a level near 1 the shares still sum to 1 and
+    the ES stays within the losses (from the cdf alone they summed to 1.9)."""
+    weight = np.array([0.7, 0.66, 0.7, 0.4])
+    assert np.cumsum(weight / weight.sum())[-1] > 1
+    pnl = np.array([-1.0, -2.0, -3.0, -9.0])
+    for a in (0.99, 0.999999, driver.MAX_VAR_LEVEL):
+        nodes, share = driver.tail_shares(pnl, weight, a)
+        (var, es), = driver.weighted_var_es(pnl, weight, [a])
+        assert nodes.tolist() == [3] and share.sum() == pytest.approx(1.0, abs=1e-9)
+        assert var == 9.0 and es == pytest.approx(9.0, abs=1e-12)
+    with pytest.raises(ConfigError, match="must lie in"):
+        driver.weighted_var_es(pnl, weight, [1 - 1e-12])
+
+
 def test_cli_var_tail_writes_the_scenarios_behind_each_level_es(cli_stores, tmp_path):
     """--tail F: the nodes at or beyond each level's VaR at the lowest level, worst first; the
     file alone gives back each level's ES, its P&Ls and the store's surfaces."""
@@ -1191,6 +1217,17 @@ def test_cli_var_tail_writes_the_scenarios_behind_each_level_es(cli_stores, tmp_
                                   check_dtype=False)
     _one_line_error(["var", "--store", run, "--tail", tmp_path / "tail.txt"], "--tail",
                     "tail.txt")
+    # never over an input; a book that cannot lose, or beyond any real vega, is refused
+    _one_line_error(["var", "--store", run, "--position", book, "--tail", book],
+                    "is the --position file")
+    assert book.read_text().startswith("moneyness,maturity_days,vega")
+    flat = tmp_path / "flat.csv"
+    flat.write_text(f"moneyness,maturity_days,vega\n{grid['moneyness'][1]!r},"
+                    f"{grid['maturity_days'][2]!r},0\n")
+    _one_line_error(["var", "--store", run, "--position", flat], "holds no vega")
+    flat.write_text(f"moneyness,maturity_days,vega\n{grid['moneyness'][1]!r},"
+                    f"{grid['maturity_days'][2]!r},1e308\n")
+    _one_line_error(["var", "--store", run, "--position", flat], "vega 1e+308", "beyond")
     # a tail that lies on one node is marked: its VaR and ES are that node's loss
     table = _invoke(["var", "--store", run, "--levels", "0.5,0.999"])
     deep = json.loads(_invoke(["var", "--store", run, "--levels", "0.5,0.999", "--json"]).stdout)
@@ -1240,6 +1277,11 @@ def test_cli_plot_draws_scenario_paths(cli_stores, tmp_path):
     assert result.exit_code == 0 and (tmp_path / "p.png").stat().st_size > 1000, result.output
     _one_line_error(["plot", "--store", run, "--out", tmp_path / "x.png", "--paths", "101"],
                     "--paths 101", "0 to 100")
+    # more than the level's distinct quantile nodes: fewer drawn, and said so
+    result = _invoke(["plot", "--store", run, "--out", tmp_path / "p.png", "--paths", "100"])
+    drawn = len(driver.spread_nodes(last, weights, 100))
+    assert result.exit_code == 0 and drawn < 100
+    assert f"{drawn} scenario paths of the 100 asked" in " ".join(result.stderr.split())
 
 
 def test_cli_an_unreachable_cluster_address_fails_at_once(cli_stores, tmp_path):

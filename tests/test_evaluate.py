@@ -463,7 +463,7 @@ def test_cli_evaluate_backtests_the_var_of_a_position_file(setup, tmp_path):
     bad = runner.invoke(app, ["evaluate", "--config", str(toml), "--out", str(tmp_path / "b"),
                               "--methods", "hist-bootstrap", "--position", str(off)])
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-    assert "not on the" in bad.stderr and "Traceback" not in bad.stderr
+    assert "not on the data's grid" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "b" / "report.json").exists()
 
 

@@ -434,6 +434,19 @@ def test_missing_points_are_refused_or_filled_as_data_fill_says(tmp_path):
     assert panel_from_frame(long, "f", "previous", 6).fill_note.startswith("f: 6 missing")
     with pytest.raises(DataError, match=r"missing on 2020-01-01, with no earlier quote"):
         panel_from_frame(df.drop(index=[0]), "f", "previous", 5)
+    # a point quoted NaN on every date is refused, not dropped from the grid; an inf is
+    # named as it is; a NaN copy of a quoted row is a duplicate, as without data.fill
+    column = df.copy()
+    column.loc[column["maturity_days"] == 90.0, "iv"] = np.nan
+    with pytest.raises(DataError, match=r"maturity 90 days is missing on 2020-01-01, with no "):
+        panel_from_frame(column, "f", "previous", 5)
+    odd = df.copy()
+    odd.loc[5, "iv"], odd.loc[20, "iv"] = np.nan, np.inf
+    with pytest.raises(DataError, match=r"iv is inf \(NaN or inf\) on 2020-01-06"):
+        panel_from_frame(odd, "f", "previous", 5)
+    twice = pd.concat([df, df.iloc[[6]].assign(iv=np.nan)], ignore_index=True)
+    with pytest.raises(DataError, match="duplicate rows for 2020-01-02"):
+        panel_from_frame(twice, "f", "previous", 5)
     # an NPZ's NaN too
     a = arrays(12)
     a["surface"] = a["surface"].copy()

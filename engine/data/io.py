@@ -49,9 +49,11 @@ def load_panel(data_cfg, evaluation: bool = False) -> Panel:
     return read_panel(data_cfg.source, data_cfg.fill, data_cfg.fill_limit)
 
 
-def read_panel(path: str | Path, fill: str = "none", fill_limit: int = 5) -> Panel:
+def read_panel(path: str | Path, fill: str = "none", fill_limit: int = 5,
+               fill_hint: bool = True) -> Panel:
     """A data file as a Panel; ``fill`` / ``fill_limit``: ``data.fill`` / ``data.fill_limit``
-    (missing grid points refused, or carried forward from the point's last quote)."""
+    (missing grid points refused, or carried forward from the point's last quote);
+    ``fill_hint``: see ``panel_from_frame``."""
     if isinstance(path, str) and not path.strip():  # Path("") would be ".", "not a file"
         raise DataError("data path is empty; pass a CSV, Parquet or NPZ file, or 'synthetic'")
     p = Path(path)
@@ -65,7 +67,7 @@ def read_panel(path: str | Path, fill: str = "none", fill_limit: int = 5) -> Pan
         raise DataError(f"data file {p} is empty; it needs a header "
                         f"({', '.join(COLUMNS)}) and one row per date and grid point")
     if kind == "NPZ":
-        return _read_npz(p, fill, fill_limit)
+        return _read_npz(p, fill, fill_limit, fill_hint)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reader warnings would be extra stderr lines
@@ -78,7 +80,7 @@ def read_panel(path: str | Path, fill: str = "none", fill_limit: int = 5) -> Pan
     except Exception as err:  # noqa: BLE001 - any reader failure is the user's file
         raise DataError(f"cannot read {p} as {kind} ({first_line(err)}); check the file's "
                         "format") from None
-    return panel_from_frame(df, str(p), fill, fill_limit)
+    return panel_from_frame(df, str(p), fill, fill_limit, fill_hint)
 
 
 def _format_of(p: Path) -> str:
@@ -100,10 +102,11 @@ def _format_of(p: Path) -> str:
 
 
 def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
-                     fill_limit: int = 5) -> Panel:
+                     fill_limit: int = 5, fill_hint: bool = True) -> Panel:
     """Validate a tidy frame and pivot it into a Panel. ``fill = 'previous'``: rows whose iv is
     NaN count as missing, and missing grid points take the point's last quote (see
-    ``fill_previous``)."""
+    ``fill_previous``). ``fill_hint``: a refusal of a NaN may suggest data.fill (not where
+    the reader cannot set it: a store's --realised data is read as the run read its own)."""
     if len(df) == 0:
         raise DataError(f"{source} has a header but no rows; add one row per date and grid point")
     names = [str(c).strip().lower() for c in df.columns]
@@ -152,18 +155,20 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
                             f"{_plain(column.iloc[row])!r} on {out['date'].iloc[row].date()} "
                             f"(row {row + 2}); write a number")
         out[col] = vals.astype(float)
-    listed = out["date"].unique()  # a date whose quotes are all NaN keeps its row when filled
-    if fill == "previous":  # a NaN quote is a missing one, filled below like an absent row
-        out = out[~np.isnan(out["iv"].to_numpy())]
-        if len(out) == 0:
-            raise DataError(f"{source}: every iv is NaN; there is nothing to fill from")
+    # data.fill = 'previous': a NaN quote is a missing one, kept (its date and grid point stay
+    # in the panel) and filled below like an absent row
+    nan_missing = fill == "previous"
+    if nan_missing and np.isnan(out["iv"].to_numpy()).all():
+        raise DataError(f"{source}: every iv is NaN; there is nothing to fill from")
     for col in ("moneyness", "maturity_days", "iv"):
         finite = np.isfinite(out[col].to_numpy())
+        if col == "iv" and nan_missing:
+            finite |= np.isnan(out[col].to_numpy())
         if not finite.all():
             row = int(np.flatnonzero(~finite)[0])
             r = out.iloc[row]
             hint = (" (or set data.fill = 'previous' to carry the point's last quote forward)"
-                    if col == "iv" and np.isnan(out[col].iloc[row]) else "")
+                    if col == "iv" and np.isnan(out[col].iloc[row]) and fill_hint else "")
             raise DataError(f"{source}: {col} is {df[col].iloc[row]} (NaN or inf) on "
                             f"{r['date'].date()} at {_point(r)}; drop or fill that row{hint}")
     for col in ("moneyness", "maturity_days"):
@@ -202,9 +207,9 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
     if widest["moneyness"] > MAX_GRID or widest["maturity_days"] > MAX_GRID:
         raise DataError(_too_big(source, int(widest["moneyness"]), int(widest["maturity_days"])))
     if fill == "previous":
-        return _filled_panel(out, listed, source, moneyness, maturities, fill_limit)
+        return _filled_panel(out, source, moneyness, maturities, fill_limit)
     if (out.groupby("date").size() != len(moneyness) * len(maturities)).any():
-        _grid_error(out, source)
+        _grid_error(out, source, fill_hint)
     if len(moneyness) > MAX_GRID or len(maturities) > MAX_GRID:
         raise DataError(_too_big(source, len(moneyness), len(maturities)))
     out = out.sort_values(["date", "moneyness", "maturity_days"], kind="stable")
@@ -215,13 +220,14 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
                  source=source)
 
 
-def _filled_panel(out: pd.DataFrame, listed, source: str, moneyness: np.ndarray,
+def _filled_panel(out: pd.DataFrame, source: str, moneyness: np.ndarray,
                   maturities: np.ndarray, limit: int) -> Panel:
-    """Every ``listed`` date on the union grid of the quotes, its missing points carried
-    forward (``fill_previous``)."""
+    """Every date of ``out`` on the union grid of its rows (NaN quotes included, so a date
+    or a point quoted NaN throughout is kept, to be filled or refused), its missing points
+    carried forward (``fill_previous``)."""
     if len(moneyness) > MAX_GRID or len(maturities) > MAX_GRID:
         raise DataError(_too_big(source, len(moneyness), len(maturities)))
-    days = np.sort(np.asarray(listed).astype("datetime64[D]"))
+    days = np.sort(out["date"].unique()).astype("datetime64[D]")
     surface = np.full((len(days), len(moneyness), len(maturities)), np.nan)
     surface[np.searchsorted(days, out["date"].to_numpy().astype("datetime64[D]")),
             np.searchsorted(moneyness, out["moneyness"].to_numpy()),
@@ -265,7 +271,7 @@ def fill_previous(surface: np.ndarray, days: np.ndarray, moneyness: np.ndarray,
     return np.ascontiguousarray(np.take_along_axis(flat, last, axis=0).reshape(surface.shape))
 
 
-def _read_npz(p: Path, fill: str = "none", fill_limit: int = 5) -> Panel:
+def _read_npz(p: Path, fill: str = "none", fill_limit: int = 5, fill_hint: bool = True) -> Panel:
     if not zipfile.is_zipfile(p):  # np.load would blame pickles and hint at allow_pickle
         raise DataError(f"cannot read {p} as NPZ (not a zip archive); write it with numpy.savez")
     try:
@@ -321,7 +327,7 @@ def _read_npz(p: Path, fill: str = "none", fill_limit: int = 5) -> Panel:
         "maturity_days": np.tile(maturities, T * n_m),
         "iv": surface.reshape(-1),
     })
-    return panel_from_frame(frame, str(p), fill, fill_limit)
+    return panel_from_frame(frame, str(p), fill, fill_limit, fill_hint)
 
 
 def _point(r) -> str:
@@ -347,7 +353,7 @@ def _too_big(source: str, n_m: int, n_tau: int) -> str:
             f"{MAX_GRID} is supported; interpolate onto a coarser grid")
 
 
-def _grid_error(out: pd.DataFrame, source: str) -> NoReturn:
+def _grid_error(out: pd.DataFrame, source: str, fill_hint: bool = True) -> NoReturn:
     """Name the dates whose grid points differ from the grid most dates share."""
     per_date = {d.date(): frozenset(zip(g["moneyness"].to_numpy(), g["maturity_days"].to_numpy()))
                 for d, g in out.groupby("date", sort=True)}
@@ -384,8 +390,9 @@ def _grid_error(out: pd.DataFrame, source: str) -> NoReturn:
                         "drop that row or add the point to every date")
     raise DataError(f"{source}: date {d} has {len(per_date[d])} of {len(common)} grid points "
                     f"(missing {_point(missing[0])}{more(missing)}){also}; every date needs the "
-                    "full grid: drop that date or fill the point (data.fill = 'previous' carries "
-                    "each point's last quote forward)")
+                    "full grid: drop that date or fill the point"
+                    + (" (data.fill = 'previous' carries each point's last quote forward)"
+                       if fill_hint else ""))
 
 
 # A UTC offset after a time of day ('2011-01-04T00:00:00Z', '... 09:30-05:00').
