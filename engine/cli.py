@@ -521,17 +521,17 @@ def var(store: StoreOpt,
         for a in alphas:
             label = driver.level_label(a)
             breach = " *" if r.get(f"breach_{label}") else ""
-            coarse = " †" if r[f"tail_nodes_{label}"] == 1 else ""
+            coarse = " †" if r[f"tail_losses_{label}"] == 1 else ""
             cells += [f"{r[f'var_{label}']:.4f}{breach}{coarse}", f"{r[f'es_{label}']:.4f}{coarse}"]
         if surfaces is not None:
             cells += ([f"{r['realised_pnl']:+.4f}", f"{r['realised_rank']:.3f}"]
                       if "realised_pnl" in r else ["-", "-"])
         table.add_row(*cells)
     _table_console().print(table)
-    if any(r[f"tail_nodes_{driver.level_label(a)}"] == 1 for r in rows for a in alphas):
-        _console().print("† the level's worst node alone holds that tail's probability, so VaR "
-                         "and ES are its loss, not the law's tail beyond it: read a deeper level "
-                         "(more nodes), or the paths of `backfill mc`", markup=False)
+    if any(r[f"tail_losses_{driver.level_label(a)}"] == 1 for r in rows for a in alphas):
+        _console().print("† that tail lies on one loss (one node, or paths that repeat one "
+                         "drawn path), so VaR and ES are that loss, not the law's tail beyond "
+                         "it: read a deeper level, or more `backfill mc` paths", markup=False)
     if surfaces is not None:
         _console().print("* the realised loss exceeded that VaR; '-': the data end before that "
                          "level's last day", markup=False)

@@ -1482,7 +1482,8 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
 
     P&L of a node at its level's last day T: sum over the grid of vega * (iv_T - iv_start),
     in iv units (0.01 = one vol point per unit of vega); weights are the nodes'
-    probabilities. ``tail_nodes_<a>``: the nodes the worst 1 - a of probability lies on. ``realised`` (steps, n_m, n_tau): the surfaces that came after the start,
+    probabilities. ``tail_losses_<a>``: the distinct losses the worst 1 - a of probability
+    lies on. ``realised`` (steps, n_m, n_tau): the surfaces that came after the start,
     a step a row; for each level they reach, the row gets ``realised_pnl``,
     ``realised_rank`` (the level's probability of a P&L at most that) and ``breach_<a>``
     (the realised loss exceeded VaR a). ``on_level(level, pnl, weight)`` is shown each
@@ -1518,9 +1519,11 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
         for a, (var, es) in zip(levels, weighted_var_es(pnl, weight, levels), strict=True):
             row[f"var_{level_label(a)}"] = var
             row[f"es_{level_label(a)}"] = es
-            # how many nodes the worst 1 - a of probability lies on: one, and VaR = ES = that
-            # node's loss, which says little of the law's tail beyond it
-            row[f"tail_nodes_{level_label(a)}"] = int((tail_shares(pnl, weight, a)[1] > 0).sum())
+            # how many distinct losses the worst 1 - a of probability lies on: one (a single
+            # node, or paths that repeat one drawn residual path), and VaR = ES = that loss,
+            # which says little of the law's tail beyond it
+            nodes, share = tail_shares(pnl, weight, a)
+            row[f"tail_losses_{level_label(a)}"] = int(np.unique(pnl[nodes[share > 0]]).size)
         if realised is not None and row["days_ahead"] <= len(realised):
             real = float(((realised[row["days_ahead"] - 1] - start) * vega).sum())
             row["realised_pnl"] = real

@@ -1207,7 +1207,7 @@ def test_cli_var_tail_writes_the_scenarios_behind_each_level_es(cli_stores, tmp_
         assert -per["pnl"].iloc[-1] == pytest.approx(var, abs=1e-12)
         assert np.all(-np.delete(pnl_all, nodes) <= var + 1e-12)
         assert per["tail_share"].sum() == pytest.approx(1.0, abs=1e-9)
-        assert rows[level]["tail_nodes_0.8"] == int((per["tail_share"] > 0).sum())
+        assert rows[level]["tail_losses_0.8"] == per.loc[per["tail_share"] > 0, "pnl"].nunique()
         assert (per["tail_share"] * -per["pnl"]).sum() == pytest.approx(es, rel=1e-9)
         assert (got["date"] == pd.Timestamp(store.level_days(level)[-1])).all()
     # parquet holds the same; a wrong suffix is refused before any work
@@ -1228,13 +1228,13 @@ def test_cli_var_tail_writes_the_scenarios_behind_each_level_es(cli_stores, tmp_
     flat.write_text(f"moneyness,maturity_days,vega\n{grid['moneyness'][1]!r},"
                     f"{grid['maturity_days'][2]!r},1e308\n")
     _one_line_error(["var", "--store", run, "--position", flat], "vega 1e+308", "beyond")
-    # a tail that lies on one node is marked: its VaR and ES are that node's loss
+    # a tail that lies on one loss is marked: its VaR and ES are that loss
     table = _invoke(["var", "--store", run, "--levels", "0.5,0.999"])
     deep = json.loads(_invoke(["var", "--store", run, "--levels", "0.5,0.999", "--json"]).stdout)
-    assert [r["tail_nodes_0.999"] for r in deep] == [1, 1] and all(
-        r["tail_nodes_0.5"] > 1 for r in deep)
+    assert [r["tail_losses_0.999"] for r in deep] == [1, 1] and all(
+        r["tail_losses_0.5"] > 1 for r in deep)
     assert table.exit_code == 0 and table.stdout.count("†") == 4  # VaR and ES, two levels
-    assert "worst node alone holds" in " ".join(table.stderr.split())
+    assert "that tail lies on one loss" in " ".join(table.stderr.split())
     assert "†" not in _invoke(["var", "--store", run, "--levels", "0.5"]).output
 
 
