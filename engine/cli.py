@@ -530,8 +530,9 @@ def var(store: StoreOpt,
     _table_console().print(table)
     if any(r[f"tail_losses_{driver.level_label(a)}"] == 1 for r in rows for a in alphas):
         _console().print("† that tail lies on one loss (one node, or paths that repeat one "
-                         "drawn path), so VaR and ES are that loss, not the law's tail beyond "
-                         "it: read a deeper level, or more `backfill mc` paths", markup=False)
+                         "drawn path): its ES is that loss, and the law's tail beyond it is not "
+                         "resolved; read a deeper level, or more `backfill mc` paths",
+                         markup=False)
     if surfaces is not None:
         _console().print("* the realised loss exceeded that VaR; '-': the data end before that "
                          "level's last day", markup=False)

@@ -1345,8 +1345,10 @@ def _var_position(cdf: np.ndarray, a: float) -> int:
 def _atom(ws: np.ndarray, j: int, a: float) -> float:
     """The part of the atom at VaR_a (sorted position ``j``) in the worst 1 - a: what the
     nodes beyond it leave of 1 - a, within [0, its own weight] (summed from the tail's
-    end, so the shares add up to 1 - a even where the cdf rounds past 1)."""
-    return float(np.clip((1 - a) - ws[j + 1:].sum(), 0.0, ws[j]))
+    end, so the shares add up to 1 - a even where the cdf rounds past 1). A rounding
+    remainder is 0: with 100 equal weights at 0.99 the tail is the worst node alone."""
+    part = (1 - a) - ws[j + 1:].sum()
+    return 0.0 if part <= 1e-9 * (1 - a) else float(min(part, ws[j]))
 
 
 def weighted_var_es(pnl: np.ndarray, weights: np.ndarray,
@@ -1520,7 +1522,7 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
             row[f"var_{level_label(a)}"] = var
             row[f"es_{level_label(a)}"] = es
             # how many distinct losses the worst 1 - a of probability lies on: one (a single
-            # node, or paths that repeat one drawn residual path), and VaR = ES = that loss,
+            # node, or paths that repeat one drawn residual path), and the ES is that loss,
             # which says little of the law's tail beyond it
             nodes, share = tail_shares(pnl, weight, a)
             row[f"tail_losses_{level_label(a)}"] = int(np.unique(pnl[nodes[share > 0]]).size)

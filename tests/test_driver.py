@@ -1164,6 +1164,15 @@ def test_tail_shares_and_es_stay_whole_where_the_weights_sum_past_1():
         assert var == 9.0 and es == pytest.approx(9.0, abs=1e-12)
     with pytest.raises(ConfigError, match="must lie in"):
         driver.weighted_var_es(pnl, weight, [1 - 1e-12])
+    # equal weights with n (1 - a) whole: the tail is the worst n (1 - a) nodes exactly, the
+    # VaR node's share 0 (not a rounding remainder that counts it in)
+    rng = np.random.default_rng(2)
+    for n, a in ((100, 0.99), (10, 0.9), (2000, 0.99), (2000, 0.95), (40, 0.95)):
+        pnl = rng.normal(size=n)
+        nodes, share = driver.tail_shares(pnl, np.ones(n), a)
+        whole = round(n * (1 - a))
+        assert (share > 0).sum() == whole and share[share > 0] == pytest.approx(1 / whole)
+        assert set(nodes[share > 0]) == set(np.argsort(pnl)[:whole])
 
 
 def test_cli_var_tail_writes_the_scenarios_behind_each_level_es(cli_stores, tmp_path):
