@@ -392,13 +392,9 @@ def marginals(store: StoreOpt,
     """Export the marginal quantiles: date, moneyness, maturity_days, quantile, iv."""
     from engine.store import marginals_frame
 
-    suffix = _out_suffix(out, (".parquet", ".csv"))
+    _out_suffix(out, (".parquet", ".csv"))
     frame = marginals_frame(_open_finished_levels(store))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".csv":
-        frame.to_csv(out, index=False)
-    else:
-        frame.to_parquet(out, index=False)
+    _write_frame(frame, out)
     _console().print(f"wrote {len(frame)} rows to {out}")
 
 
@@ -485,7 +481,9 @@ def var(store: StoreOpt,
         rows = driver.vega_risk(scenario, alphas, vega, surfaces,
                                 None if plot_out is None and tail is None else on_level,
                                 lambda: progress.advance(task))
-    held = "long 1 vega per grid point" if position is None else str(position)
+    from engine.metrics import LONG_VEGA
+
+    held = LONG_VEGA if position is None else str(position)
     if tail is not None:
         _write_tail(tails, tail, min(alphas))
     if plot_out is not None:
@@ -501,7 +499,7 @@ def var(store: StoreOpt,
     from rich.table import Table
 
     if vega is None:
-        title = "long 1 vega per grid point: loss in iv units (0.01 = 1 vol point)"
+        title = f"{LONG_VEGA}: loss in iv units (0.01 = 1 vol point)"
     else:
         n = int((vega != 0).sum())
         title = (f"{position.name} ({n} grid point{'' if n == 1 else 's'} with a vega): loss in "
@@ -548,23 +546,30 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _write_tail(frames: list, out: Path, a: float) -> None:
-    """Each level's tail scenarios to ``out`` (.csv or .parquet), staged so a failed write
-    keeps an older file whole."""
+def _write_frame(frame, out: Path) -> None:
+    """A table to ``out`` (.csv or .parquet, by its suffix), staged beside it
+    (``report.staged``): a failed write keeps an older file whole; a link is written
+    through."""
     import os
 
-    import pandas as pd
-
-    from engine.driver import level_label
     from engine.report import staged
 
-    frame = pd.concat(frames, ignore_index=True)
     target = Path(os.path.realpath(out))
     with staged(target.parent) as stage:
         if target.suffix.lower() == ".csv":
             frame.to_csv(stage / target.name, index=False)
         else:
             frame.to_parquet(stage / target.name, index=False)
+
+
+def _write_tail(frames: list, out: Path, a: float) -> None:
+    """Each level's tail scenarios to ``out``."""
+    import pandas as pd
+
+    from engine.driver import level_label
+
+    frame = pd.concat(frames, ignore_index=True)
+    _write_frame(frame, out)
     n = frame.groupby("level")["path"].nunique()
     _console().print(f"wrote the scenarios at or beyond VaR {level_label(a)} to {out}: "
                      + ", ".join(f"{k} at level {lv}" for lv, k in n.items()), markup=False)

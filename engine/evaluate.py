@@ -453,9 +453,6 @@ class PlotData:
     fans: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (3, H, 3)
 
 
-LONG_VEGA = "long 1 vega per grid point"
-
-
 def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
                    console=None, position: Path | None = None) -> dict:
     """Fit, sample and score every method; write report.json, report.md and the plots.
@@ -471,6 +468,8 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
     notes += skip_notes
     for note in notes:
         _say(console, f"note: {note}")
+    if panel.fill_note is not None:  # said by prepare; kept in the report too
+        notes.append(panel.fill_note)
     windows = evaluation_windows(prep)
     if position is not None:  # read before any training: a bad file fails at once
         from engine.driver import read_position
@@ -507,7 +506,7 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
                   "window_stride": window_stride(prep)},
         "n_windows": windows.n, "n_samples": M, "horizons": horizons,
         "seed": cfg.seed, "notes": notes,
-        "var_position": LONG_VEGA if position is None else str(position),
+        "var_position": metrics.LONG_VEGA if position is None else str(position),
         "model": {"path": str(model_path) if model_path else None,
                   "trained_here": model is not None and model_path is None},
         "test_year_windows": {str(y): int(n) for y, n in

@@ -498,6 +498,10 @@ def var_backtest(sample_pnl: ArrayLike, realised_pnl: ArrayLike, level: float
     }
 
 
+# The reference position of the VaR figures when no book is given (``vega_pnl``'s default).
+LONG_VEGA = "long 1 vega per grid point"
+
+
 def vega_pnl(start_surface: ArrayLike, paths: ArrayLike, vega: ArrayLike | None = None
              ) -> FloatArray:
     """P&L of a vega position: by default long one unit of vega at every grid point.

@@ -33,7 +33,7 @@ def prepare(config: Config, evaluation: bool = False, console=None) -> Prepared:
     panel = load_panel(config.data, evaluation=evaluation)
     for note in (panel.fill_note, panel.gap_note()):
         if console is not None and note is not None:
-            console.print(f"note: {note}")
+            console.print(f"note: {note}", markup=False)  # a path may hold [brackets]
     splits = make_splits(panel, config.data)
     if console is not None and splits.note is not None:
         console.print(f"note: {splits.note}")

@@ -87,10 +87,12 @@ def summary_markdown(report: dict) -> list[str]:
     lo, hi = COVERAGE_BAND
     n, stride = report["n_windows"], report["split"].get("window_stride", 1)
     longest = max(horizons)
-    episodes = n * stride / longest
+    # the days the windows' outcomes span, in non-overlapping stretches of the horizon
+    episodes = min(n, ((n - 1) * stride + longest) / longest)
     parts = ["## Summary", ""]
-    parts.append(f"- the {n} test windows overlap: at {longest} days they hold about "
-                 f"{episodes:.1f} non-overlapping outcomes"
+    parts.append((f"- the {n} test windows overlap: at {longest} days they hold about "
+                  f"{episodes:.1f} non-overlapping outcomes" if stride < longest else
+                  f"- the {n} test windows do not overlap at {longest} days")
                  + (", too few for a coverage or CRPS there to say much (more test days, or "
                     "the synthetic market, decide more)" if episodes < 20 else ""))
     rows = []
@@ -211,7 +213,9 @@ def evaluation_markdown(report: dict) -> str:
                    f"{' and '.join(f'{h}-day' for h in multi)} VaR serially dependent, so "
                    f"{'its p-value is' if len(multi) == 1 else 'their p-values are'} "
                    "optimistic" if multi else "")
-        held = report.get("var_position") or "long 1 vega per grid point"
+        from engine.metrics import LONG_VEGA
+
+        held = report.get("var_position") or LONG_VEGA
         parts += [f"## VaR backtest of a vega position: {held}", "",
                   f"_exceptions / expected (Kupiec p-value){overlap}_", ""]
         rows = []

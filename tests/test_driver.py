@@ -1284,6 +1284,9 @@ def test_cli_plot_draws_scenario_paths(cli_stores, tmp_path):
     np.testing.assert_array_equal(weight, weights[nodes])
     result = _invoke(["plot", "--store", run, "--out", tmp_path / "p.png", "--paths", "4"])
     assert result.exit_code == 0 and (tmp_path / "p.png").stat().st_size > 1000, result.output
+    assert "; 4 scenario paths" in " ".join(result.stderr.split())
+    assert _invoke(["plot", "--store", run, "--out", tmp_path / "none.png"]).exit_code == 0
+    assert (tmp_path / "p.png").read_bytes() != (tmp_path / "none.png").read_bytes()
     _one_line_error(["plot", "--store", run, "--out", tmp_path / "x.png", "--paths", "101"],
                     "--paths 101", "0 to 100")
     # more than the level's distinct quantile nodes: fewer drawn, and said so

@@ -165,7 +165,15 @@ def test_the_summary_restates_the_tables(evaluated):
     summary = md[md.index("## Summary"):md.index("## Coverage of the 90% band\n")]
     horizons = report["horizons"]
     n, stride = report["n_windows"], report["split"]["window_stride"]
-    assert f"at {max(horizons)} days they hold about {n * stride / max(horizons):.1f}" in summary
+    h = max(horizons)
+    spanned = ((n - 1) * stride + h) / h  # the outcomes' days in stretches of h
+    assert f"at {h} days they hold about {spanned:.1f} non-overlapping" in summary
+    assert ("too few for a coverage" in summary) == (spanned < 20)
+    from engine.report import summary_markdown
+
+    sparse = {**report, "n_windows": 10, "split": {**report["split"], "window_stride": 100}}
+    text = "\n".join(summary_markdown(sparse))
+    assert f"the 10 test windows do not overlap at {h} days, too few" in text
     for name, m in report["methods"].items():
         cov = {h: m["coverage90"][str(h)] for h in horizons}
         inside = sum(0.85 <= c <= 0.95 for c in cov.values())

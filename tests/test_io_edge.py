@@ -438,8 +438,15 @@ def test_missing_points_are_refused_or_filled_as_data_fill_says(tmp_path):
     # named as it is; a NaN copy of a quoted row is a duplicate, as without data.fill
     column = df.copy()
     column.loc[column["maturity_days"] == 90.0, "iv"] = np.nan
-    with pytest.raises(DataError, match=r"maturity 90 days is missing on 2020-01-01, with no "):
+    with pytest.raises(DataError, match=r"maturity 90 days is never quoted"):
         panel_from_frame(column, "f", "previous", 5)
+    # a stray row off the grid most dates share is refused as without fill, not made a
+    # point missing on every other date
+    stray = pd.concat([df, pd.DataFrame({"date": [str(START + 6)], "moneyness": [1.001],
+                                         "maturity_days": [30.0], "iv": [0.2]})])
+    with pytest.raises(DataError, match=r"date 2020-01-07 has a grid point the other dates lack "
+                                        r"\(moneyness 1.001, maturity 30 days\)"):
+        panel_from_frame(stray, "f", "previous", 5)
     odd = df.copy()
     odd.loc[5, "iv"], odd.loc[20, "iv"] = np.nan, np.inf
     with pytest.raises(DataError, match=r"iv is inf \(NaN or inf\) on 2020-01-06"):
@@ -475,3 +482,11 @@ def test_the_commands_say_what_data_fill_filled(tmp_path):
         in buf.getvalue()
     with pytest.raises(DataError, match="data.fill"):
         prepare(tiny_config(**{"data.source": str(tmp_path / "holes.csv")}))
+    # and an evaluation's report keeps the note
+    from engine.evaluate import run_evaluation
+
+    report = run_evaluation(tiny_config(**{
+        "data.source": str(tmp_path / "holes.csv"), "data.fill": "previous",
+        "evaluate.methods": ["hist-bootstrap"], "evaluate.n_samples": 20}), tmp_path / "ev")
+    assert any("2 missing iv values on 1 of 200 dates" in n for n in report["notes"])
+    assert "2 missing iv values" in (tmp_path / "ev" / "report.md").read_text()

@@ -207,7 +207,7 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
     if widest["moneyness"] > MAX_GRID or widest["maturity_days"] > MAX_GRID:
         raise DataError(_too_big(source, int(widest["moneyness"]), int(widest["maturity_days"])))
     if fill == "previous":
-        return _filled_panel(out, source, moneyness, maturities, fill_limit)
+        return _filled_panel(out, source, *_fill_grid(out, source), fill_limit)
     if (out.groupby("date").size() != len(moneyness) * len(maturities)).any():
         _grid_error(out, source, fill_hint)
     if len(moneyness) > MAX_GRID or len(maturities) > MAX_GRID:
@@ -222,11 +222,9 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
 
 def _filled_panel(out: pd.DataFrame, source: str, moneyness: np.ndarray,
                   maturities: np.ndarray, limit: int) -> Panel:
-    """Every date of ``out`` on the union grid of its rows (NaN quotes included, so a date
-    or a point quoted NaN throughout is kept, to be filled or refused), its missing points
-    carried forward (``fill_previous``)."""
-    if len(moneyness) > MAX_GRID or len(maturities) > MAX_GRID:
-        raise DataError(_too_big(source, len(moneyness), len(maturities)))
+    """Every date of ``out`` on ``_fill_grid``'s grid (NaN quotes count as rows there, so a
+    date or a point quoted NaN throughout is kept, to be filled or refused), its missing
+    points carried forward (``fill_previous``)."""
     days = np.sort(out["date"].unique()).astype("datetime64[D]")
     surface = np.full((len(days), len(moneyness), len(maturities)), np.nan)
     surface[np.searchsorted(days, out["date"].to_numpy().astype("datetime64[D]")),
@@ -256,6 +254,10 @@ def fill_previous(surface: np.ndarray, days: np.ndarray, moneyness: np.ndarray,
     if bad.any():
         t, g = (int(i[0]) for i in np.nonzero(bad))  # the earliest date, then the first point
         point = _point((moneyness[g // len(maturities)], maturities[g % len(maturities)]))
+        if not valid[:, g].any():
+            raise DataError(f"{source}: iv at {point} is never quoted (no row, or NaN on every "
+                            "date), so there is nothing to fill it from; drop that point's rows "
+                            "or give its quotes")
         if last[t, g] < 0:
             raise DataError(f"{source}: iv at {point} is missing on {days[t]}, with no earlier "
                             "quote to carry forward (data.fill = 'previous' fills a point from "
@@ -353,13 +355,37 @@ def _too_big(source: str, n_m: int, n_tau: int) -> str:
             f"{MAX_GRID} is supported; interpolate onto a coarser grid")
 
 
-def _grid_error(out: pd.DataFrame, source: str, fill_hint: bool = True) -> NoReturn:
-    """Name the dates whose grid points differ from the grid most dates share."""
+def _date_grids(out: pd.DataFrame) -> tuple[dict, frozenset]:
+    """Each date's grid points, and the grid most dates share (on a tie, the larger one):
+    the one the others should match."""
     per_date = {d.date(): frozenset(zip(g["moneyness"].to_numpy(), g["maturity_days"].to_numpy()))
                 for d, g in out.groupby("date", sort=True)}
     tally = Counter(per_date.values())
-    # The grid of most dates (on a tie, the larger one) is the one the others should match.
-    common = max(tally, key=lambda pts: (tally[pts], len(pts)))
+    return per_date, max(tally, key=lambda pts: (tally[pts], len(pts)))
+
+
+def _fill_grid(out: pd.DataFrame, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """data.fill's grid: the rectangle of the grid most dates share. Points missing from it
+    on some dates are filled; a point outside it (a stray row) is refused as without fill."""
+    per_date, common = _date_grids(out)
+    m_c, t_c = sorted({m for m, _ in common}), sorted({t for _, t in common})
+    if len(m_c) > MAX_GRID or len(t_c) > MAX_GRID:
+        raise DataError(_too_big(source, len(m_c), len(t_c)))
+    rect = {(m, t) for m in m_c for t in t_c}
+    off = [d for d, pts in per_date.items() if not pts <= rect]
+    if off:
+        extra = sorted(per_date[off[0]] - rect)
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        also = f" ({len(off)} of {len(per_date)} dates have such points)" if len(off) > 1 else ""
+        raise DataError(f"{source}: date {off[0]} has a grid point the other dates lack "
+                        f"({_point(extra[0])}{more}){also}; data.fill fills the points most dates "
+                        "have, not others: drop that row or add the point to every date")
+    return np.array(m_c, dtype=np.float64), np.array(t_c, dtype=np.float64)
+
+
+def _grid_error(out: pd.DataFrame, source: str, fill_hint: bool = True) -> NoReturn:
+    """Name the dates whose grid points differ from the grid most dates share."""
+    per_date, common = _date_grids(out)
     m_c = sorted({m for m, _ in common})
     t_c = sorted({t for _, t in common})
     if len(m_c) > MAX_GRID or len(t_c) > MAX_GRID:
