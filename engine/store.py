@@ -255,16 +255,28 @@ class StoreMeta:
         )
 
 
+_MISSING = "<missing>"
+
+
 def first_difference(stored: Any, given: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """Every dotted key where two JSON-like trees differ, in sorted key order."""
     if isinstance(stored, Mapping) and isinstance(given, Mapping):
         out = []
         for key in sorted(set(stored) | set(given), key=str):
             dotted = f"{prefix}.{key}" if prefix else str(key)
-            out += first_difference(stored.get(key, "<missing>"), given.get(key, "<missing>"),
+            out += first_difference(stored.get(key, _MISSING), given.get(key, _MISSING),
                                     dotted)
         return out
     return [] if stored == given else [(prefix or "(root)", stored, given)]
+
+
+def _dotted(tree: Any, key: str) -> Any:
+    """The value at a dotted key of a JSON-like tree (``_MISSING`` where there is none)."""
+    for part in key.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
 
 
 # ----------------------------------------------------------------------------- the store
@@ -607,8 +619,12 @@ class ScenarioStore:
         return store
 
     def check_compatible(self, config: dict, fingerprint: str, seed: int,
-                         ignore: tuple[str, ...] = RESUME_IGNORED) -> None:
-        """Refuse to resume a run that would not give the same bytes: say what differs."""
+                         ignore: tuple[str, ...] = RESUME_IGNORED,
+                         defaults: Mapping | None = None) -> None:
+        """Refuse to resume a run that would not give the same bytes: say what differs.
+        ``defaults``: the config's defaults; a key the store's config lacks (a setting added
+        to backfill after the store was written) is no difference where the command gives it
+        its default, which keeps what the store's version did."""
         problems = []
         if self.meta.schema_version != SCHEMA_VERSION:
             problems.append(f"schema version {self.meta.schema_version} in the store, "
@@ -623,7 +639,10 @@ class ScenarioStore:
         skip = set(ignore) | {"seed"}
         stored = {k: v for k, v in self.meta.config.items() if k not in skip}
         given = {k: v for k, v in _as_json(config, "config").items() if k not in skip}
-        diffs = first_difference(stored, given)
+        defaults = _as_json(defaults, "defaults") if defaults is not None else None
+        diffs = [(key, old, new) for key, old, new in first_difference(stored, given)
+                 if not (old == _MISSING and defaults is not None
+                         and _dotted(defaults, key) == new)]
         if diffs:
             key, old, new = diffs[0]
             more = f" (and {len(diffs) - 1} more keys)" if len(diffs) > 1 else ""

@@ -398,6 +398,23 @@ def test_check_compatible_names_what_differs(tree_store, config, fingerprint, se
     assert "\n" not in str(err.value) and "--overwrite" in str(err.value)
 
 
+def test_a_setting_added_since_the_store_resumes_at_its_default(tree_store):
+    """A key the store's config lacks (added to backfill after it was written) is no
+    difference while the command gives it its default; another value is named."""
+    store, _ = tree_store
+    newer = {**CONFIG, "data": {"horizon": 4, "fill": "none"}}
+    defaults = {"data": {"fill": "none", "horizon": 90}, "tree": {"depth": 4}}
+    store.check_compatible(newer, "fp-abc", 3, defaults=defaults)
+    with pytest.raises(StoreError, match="'data.fill' is '<missing>' in the store, 'none' now"):
+        store.check_compatible(newer, "fp-abc", 3)  # without the defaults, as before
+    other = {**CONFIG, "data": {"horizon": 4, "fill": "previous"}}
+    with pytest.raises(StoreError, match="'data.fill' is '<missing>' in the store, 'previous'"):
+        store.check_compatible(other, "fp-abc", 3, defaults=defaults)
+    # a key the command lacks is still a difference, default or not
+    with pytest.raises(StoreError, match="'data.horizon' is 4 in the store, '<missing>' now"):
+        store.check_compatible({**CONFIG, "data": {}}, "fp-abc", 3, defaults=defaults)
+
+
 def test_check_compatible_names_the_schema(tree_store, monkeypatch):
     store, _ = tree_store
     monkeypatch.setattr("engine.store.SCHEMA_VERSION", 3)
