@@ -340,9 +340,16 @@ def test_maturities_in_years_are_refused(tmp_path):
     df.to_csv(tmp_path / "years.csv", index=False)
     message = error(tmp_path / "years.csv")
     assert "maturity_days runs from 0.25 to 1" in message and "multiply them by 365" in message
-    df["maturity_days"] = df["maturity_days"].map({0.25: 1.0, 1.0: 2.0})
+    df["maturity_days"] = df["maturity_days"].map({0.25: 0.5, 1.0: 10.0})  # to 10 years
+    df.to_csv(tmp_path / "long.csv", index=False)
+    message = error(tmp_path / "long.csv")
+    assert "from 0.5 to 10, the shortest under a day" in message and "by 365" in message
+    df["maturity_days"] = df["maturity_days"].map({0.5: 1.0, 10.0: 2.0})
     df.to_csv(tmp_path / "short.csv", index=False)
     assert load(tmp_path / "short.csv").maturity_days.tolist() == [1.0, 2.0]
+    df["maturity_days"] = df["maturity_days"].map({1.0: 30.4, 2.0: 91.25})  # months in days
+    df.to_csv(tmp_path / "months.csv", index=False)
+    assert load(tmp_path / "months.csv").maturity_days.tolist() == [30.4, 91.25]
 
 
 def test_moneyness_in_percent_is_refused(tmp_path):

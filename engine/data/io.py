@@ -27,8 +27,9 @@ IV_MAX = 5.0
 # Moneyness is strike / spot; a grid whose every strike lies beyond this many spots (80..120)
 # was written in percent.
 MONEYNESS_FLOOR_MAX = 5.0
-# Maturities are calendar days; a grid whose every maturity lies below this many days and
-# holds a fraction (0.25, 0.5, 1) was written in years (a 1-day VIX alone stays readable).
+# Maturities are calendar days; a grid that holds a fraction of a day and whose every
+# maturity lies below this many days (0.25, 0.5, 1), or whose shortest is under a day (0.25,
+# 1, 10), was written in years (a 1-day VIX alone, or 30.4-day months, stay readable).
 MATURITY_YEARS_MAX = 5.0
 CSV_SUFFIXES = (".csv", ".txt")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -183,11 +184,12 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
                         f"over {MONEYNESS_FLOOR_MAX:g}x the spot; moneyness is strike / spot (1.0 "
                         "at the money): if these are percent, divide them by 100")
     t = out["maturity_days"].to_numpy()
-    if t.max() < MATURITY_YEARS_MAX and np.any(t != np.round(t)):
-        raise DataError(f"{source}: maturity_days runs from {t.min():g} to {t.max():g}, every "
-                        f"maturity under {MATURITY_YEARS_MAX:g} days and some a fraction of a "
-                        "day; maturity_days is in calendar days: if these are years, multiply "
-                        "them by 365")
+    if np.any(t != np.round(t)) and (t.max() < MATURITY_YEARS_MAX or t.min() < 1):
+        raise DataError(f"{source}: maturity_days runs from {t.min():g} to {t.max():g}, "
+                        + (f"every maturity under {MATURITY_YEARS_MAX:g} days"
+                           if t.max() < MATURITY_YEARS_MAX else "the shortest under a day")
+                        + " and some a fraction of a day; maturity_days is in calendar days: "
+                        "if these are years, multiply them by 365")
     iv = out["iv"].to_numpy()
     bad_iv = (iv <= 0) | (iv > IV_MAX)
     if bad_iv.any():
