@@ -1549,12 +1549,7 @@ def tail_scenarios(store: ScenarioStore, level: int, pnl: np.ndarray, weight: np
 
     nodes, share = tail_shares(pnl, weight, a)
     start = start_context_of(store)[-1]
-    surfaces = np.empty((len(nodes), *start.shape), dtype=np.float32)  # as the store keeps them
-    for chunk in range(store.n_chunks(level)):  # only the chunks that hold a tail node
-        lo, hi = store.chunk_range(level, chunk)
-        here = np.flatnonzero((nodes >= lo) & (nodes < hi))
-        if len(here):
-            surfaces[here] = store.read_level(level, lo, hi)["paths"][nodes[here] - lo, -1]
+    surfaces = store.ancestor_rows(level, nodes, n_days=1)[:, 0]  # (n, n_m, n_tau) float32
     grid = store.meta.grid
     m, t = np.meshgrid(np.asarray(grid["moneyness"], dtype=np.float64),
                        np.asarray(grid["maturity_days"], dtype=np.float64), indexing="ij")
@@ -1589,8 +1584,7 @@ def scenario_paths(store: ScenarioStore, i: int, j: int, n: int
     weight = store.complete_weights(level, np.concatenate(weight))
     nodes = spread_nodes(np.concatenate(last), weight, n)
     days = np.concatenate([store.level_days(k) for k in range(1, level + 1)])
-    paths = np.stack([store.ancestor_paths(level, int(v), int(v) + 1)[0, :, i, j] for v in nodes])
-    return days, paths, weight[nodes]
+    return days, store.ancestor_rows(level, nodes)[:, :, i, j], weight[nodes]
 
 
 def to_json(rows: list[dict]) -> str:

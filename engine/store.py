@@ -1181,18 +1181,49 @@ class ScenarioStore:
                        n_days: int | None = None) -> np.ndarray:
         """Full paths (n, days, n_m, n_tau) from day 0 to the end of ``level`` for rows
         [start, stop), following parents back; only the last ``n_days`` (at most) if given."""
-        idx = np.arange(start, stop)
+        return self._ancestors(level, np.arange(start, stop), n_days, self._span_rows)
+
+    def ancestor_rows(self, level: int, rows: np.ndarray,
+                      n_days: int | None = None) -> np.ndarray:
+        """``ancestor_paths`` of any rows of ``level`` (scattered, in any order): each level
+        reads only the chunks its rows lie in, each once."""
+        return self._ancestors(level, np.asarray(rows, dtype=np.int64), n_days,
+                               self._chunk_rows)
+
+    def _ancestors(self, level: int, idx: np.ndarray, n_days: int | None,
+                   read: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]]
+                   ) -> np.ndarray:
         segments, covered = [], 0
         for k in range(level, 0, -1):
-            lo, hi = int(idx.min()), int(idx.max()) + 1  # siblings are contiguous: one range
-            block = self.read_level(k, lo, hi)
-            segments.append(block["paths"][idx - lo])
-            covered += segments[-1].shape[1]
+            paths, parent = read(k, idx)
+            segments.append(paths)
+            covered += paths.shape[1]
             if n_days is not None and covered >= n_days:
                 break
-            idx = block["parent"][idx - lo]
+            idx = parent
         full = np.concatenate(segments[::-1], axis=1)  # (n, days, n_m, n_tau)
         return full if n_days is None else full[:, -n_days:]
+
+    def _span_rows(self, level: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Paths and parents of ``idx`` read as one range: a contiguous block's ancestors are
+        contiguous too (siblings are)."""
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        block = self.read_level(level, lo, hi)
+        return block["paths"][idx - lo], block["parent"][idx - lo]
+
+    def _chunk_rows(self, level: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Paths and parents of ``idx``, reading each chunk they lie in once."""
+        paths = parent = None
+        for chunk in np.unique(idx // self.meta.chunk_nodes):
+            lo, hi = self.chunk_range(level, int(chunk))
+            here = np.flatnonzero((idx >= lo) & (idx < hi))
+            block = self.read_level(level, lo, hi)
+            if paths is None:
+                paths = np.empty((len(idx), *block["paths"].shape[1:]), block["paths"].dtype)
+                parent = np.empty(len(idx), block["parent"].dtype)
+            paths[here] = block["paths"][idx[here] - lo]
+            parent[here] = block["parent"][idx[here] - lo]
+        return paths, parent
 
     # ------------------------------------------------------------------ marginals
 

@@ -688,6 +688,11 @@ def test_terminal_paths_follow_parents(tree_store):
     tail = store.ancestor_paths(2, 3, 6, n_days=H + 1)  # one day reaches into level 1
     np.testing.assert_array_equal(tail, paths[3:6, -(H + 1):])
     assert store.ancestor_paths(2, 0, 2, n_days=2).shape == (2, 2, 3, 2)
+    # scattered rows, in any order and repeated, across chunks: the same paths
+    rows = np.array([5, 0, 3, 5, 1])
+    np.testing.assert_array_equal(store.ancestor_rows(2, rows), paths[rows])
+    np.testing.assert_array_equal(store.ancestor_rows(2, rows, n_days=H + 1),
+                                  paths[rows, -(H + 1):])
 
 
 @pytest.mark.parametrize("block_values", [1, 2 * H * 6 * 2, 1 << 21])
