@@ -1352,6 +1352,21 @@ def _atom(ws: np.ndarray, j: int, a: float) -> float:
     return 0.0 if part <= 1e-9 * (1 - a) else float(min(part, ws[j]))
 
 
+def _tails(pnl: np.ndarray, weights: np.ndarray, levels
+           ) -> list[tuple[float, float, np.ndarray, np.ndarray]]:
+    """For each level a, sorting the sample once: VaR_a, ES_a, and the points at or beyond
+    VaR_a with their shares (see ``weighted_var_es`` and ``tail_shares``)."""
+    order, ls, ws, cdf = _by_loss(pnl, weights)
+    out = []
+    for a in levels:
+        j = _var_position(cdf, a)
+        share = ws[j:].copy()
+        share[0] = _atom(ws, j, a)
+        es = (ws[j + 1:] @ ls[j + 1:] + share[0] * ls[j]) / (1 - a)
+        out.append((float(ls[j]), float(es), order[j:][::-1], share[::-1] / (1 - a)))
+    return out
+
+
 def weighted_var_es(pnl: np.ndarray, weights: np.ndarray,
                     levels) -> list[tuple[float, float]]:
     """Value at risk and expected shortfall (as positive losses) of a weighted P&L sample.
@@ -1361,26 +1376,15 @@ def weighted_var_es(pnl: np.ndarray, weights: np.ndarray,
     ES_a = (E[L 1{L > VaR}] + (P(L <= VaR) - a) VaR) / (1 - a), the atom's part taken as
     what P(L > VaR) leaves of 1 - a (``_atom``).
     """
-    _, ls, ws, cdf = _by_loss(pnl, weights)
-    out = []
-    for a in levels:
-        j = _var_position(cdf, a)
-        var = ls[j]
-        tail = ws[j + 1:] @ ls[j + 1:]
-        es = (tail + _atom(ws, j, a) * var) / (1 - a)
-        out.append((float(var), float(es)))
-    return out
+    return [(var, es) for var, es, _, _ in _tails(pnl, weights, levels)]
 
 
 def tail_shares(pnl: np.ndarray, weights: np.ndarray, a: float) -> tuple[np.ndarray, np.ndarray]:
     """The sample's points at or beyond VaR_a, worst first (indices into ``pnl``), and each
     one's share of the worst 1 - a of probability: all of its own beyond VaR, the part of
     the atom at VaR that ES counts. The shares sum to 1 and ES_a = sum(share * loss)."""
-    order, _, ws, cdf = _by_loss(pnl, weights)
-    j = _var_position(cdf, a)
-    share = ws[j:].copy()
-    share[0] = _atom(ws, j, a)
-    return order[j:][::-1], share[::-1] / (1 - a)
+    _, _, nodes, share = _tails(pnl, weights, [a])[0]
+    return nodes, share
 
 
 def level_label(level: float) -> str:
@@ -1519,13 +1523,12 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
         row = {"level": level, "date": str(days[-1]),
                "days_ahead": int(level * len(days)), "nodes": len(pnl),
                "mean_pnl": float(weight @ pnl / weight.sum())}
-        for a, (var, es) in zip(levels, weighted_var_es(pnl, weight, levels), strict=True):
+        for a, (var, es, nodes, share) in zip(levels, _tails(pnl, weight, levels), strict=True):
             row[f"var_{level_label(a)}"] = var
             row[f"es_{level_label(a)}"] = es
             # how many distinct losses the worst 1 - a of probability lies on: one (a single
             # node, or paths that repeat one drawn residual path), and the ES is that loss,
             # which says little of the law's tail beyond it
-            nodes, share = tail_shares(pnl, weight, a)
             row[f"tail_losses_{level_label(a)}"] = int(np.unique(pnl[nodes[share > 0]]).size)
         if realised is not None and row["days_ahead"] <= len(realised):
             real = float(((realised[row["days_ahead"] - 1] - start) * vega).sum())
