@@ -257,6 +257,9 @@ StartOpt = Annotated[str | None, typer.Option(
     help="Start date: the last data day on or before it (default: the last day).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted store.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")]
+SamplerOpt = Annotated[Path | None, typer.Option(
+    "--sampler", help="A fitted sampler (`backfill fit`) instead of fitting one; the run "
+    "starts where its fit ended.")]
 
 
 def _check_address(cfg, config: Path | None, address_flag: str | None,
@@ -280,7 +283,8 @@ def _check_address(cfg, config: Path | None, address_flag: str | None,
 
 
 def _expand(kind: str, store: Path, config, data, model, depth, backend, address, start, seed,
-            resume: bool, overwrite: bool, n_paths: int | None = None) -> None:
+            resume: bool, overwrite: bool, n_paths: int | None = None,
+            sampler_file: Path | None = None) -> None:
     from engine import driver
     from engine.errors import ConfigError
     from engine.pipeline import prepare
@@ -292,9 +296,18 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
                              "engine.backend": backend, "engine.address": address})
     _check_address(cfg, config, address, backend)
     stride_days(cfg.tree.stride, cfg.data.horizon)  # before a fit, and before --overwrite
+    saved = None
+    if sampler_file is not None:
+        if model is not None:
+            raise ConfigError(f"--model {model} and --sampler {sampler_file}: the sampler file "
+                              "holds the models it was fitted with; pass one of the two")
+        saved = driver.read_saved_sampler(sampler_file, cfg)
     console = _console()
     prep = prepare(cfg, console=console)
-    inputs = driver.run_inputs(prep, start)
+    inputs = driver.run_inputs(prep, start if saved is None or start is not None
+                               else saved.start_date)
+    if saved is not None:
+        driver.check_saved_sampler(saved, prep, inputs)
 
     def open_store():
         return driver.open_store(store, kind=kind, config=cfg, fingerprint=inputs.fingerprint,
@@ -315,7 +328,10 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
         _writable_dir(store, f"--store {store}")
     if cfg.engine.backend == "ray" and cfg.engine.address is not None:
         driver.connect_ray(cfg.engine)
-    sampler = driver.fit_for_run(prep, inputs, model, console)
+    if saved is not None:
+        sampler = driver.load_saved_sampler(saved, cfg, console)
+    else:
+        sampler = driver.fit_for_run(prep, inputs, model, console)
     if not resume:
         # a sampler that diverges from the start context is found before --overwrite deletes
         driver.sampler_probe(sampler, inputs.start_context, cfg.seed)
@@ -333,13 +349,36 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
 
 @app.command()
 @user_errors
+def fit(out: Annotated[Path, typer.Option("--out", help="Where to save the fitted sampler.")],
+        config: ConfigOpt = None, data: DataOpt = None, model: ModelOpt = None,
+        start: StartOpt = None, seed: SeedOpt = None) -> None:
+    """Fit the run's sampler once (as `run` does) and save it for `run` / `mc --sampler`."""
+    from engine import driver
+    from engine.pipeline import prepare
+
+    cfg = _config(config, **{"data.source": data, "seed": seed})
+    _out_file(out)
+    console = _console()
+    prep = prepare(cfg, console=console)
+    inputs = driver.run_inputs(prep, start)
+    sampler = driver.fit_for_run(prep, inputs, model, console)
+    driver.sampler_probe(sampler, inputs.start_context, cfg.seed)  # a diverged fit: not saved
+    path = driver.save_fitted_sampler(sampler, out, prep, inputs)
+    console.print(f"saved sampler {cfg.sampler.method} fitted on {inputs.fit_days} days up to "
+                  f"{inputs.start_date} to {path} ({path.stat().st_size / 2**20:,.1f} MiB); "
+                  f"use it with `backfill run --sampler {path}` (or mc) and the same config",
+                  markup=False)
+
+
+@app.command()
+@user_errors
 def run(store: StoreOpt, config: ConfigOpt = None, data: DataOpt = None, model: ModelOpt = None,
         depth: DepthOpt = None, backend: BackendOpt = None, address: AddressOpt = None,
         start: StartOpt = None, seed: SeedOpt = None, resume: ResumeOpt = False,
-        overwrite: OverwriteOpt = False) -> None:
+        overwrite: OverwriteOpt = False, sampler: SamplerOpt = None) -> None:
     """Expand the scenario tree (5^N paths with probabilities) into a Zarr store."""
     _expand("tree", store, config, data, model, depth, backend, address, start, seed, resume,
-            overwrite)
+            overwrite, sampler_file=sampler)
 
 
 @app.command()
@@ -349,10 +388,10 @@ def mc(store: StoreOpt,
        config: ConfigOpt = None, data: DataOpt = None, model: ModelOpt = None,
        depth: DepthOpt = None, backend: BackendOpt = None, address: AddressOpt = None,
        start: StartOpt = None, seed: SeedOpt = None, resume: ResumeOpt = False,
-       overwrite: OverwriteOpt = False) -> None:
+       overwrite: OverwriteOpt = False, sampler: SamplerOpt = None) -> None:
     """Brute-force chained Monte Carlo of the same sampler: the reference a tree must match."""
     _expand("mc", store, config, data, model, depth, backend, address, start, seed, resume,
-            overwrite, n_paths=n_paths)
+            overwrite, n_paths=n_paths, sampler_file=sampler)
 
 
 def _open_store(store: Path):

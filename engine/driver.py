@@ -69,7 +69,14 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import Config, EngineConfig, TreeConfig
-from engine.errors import BackfillError, ConfigError, DataError, StoreError, first_line
+from engine.errors import (
+    BackfillError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    StoreError,
+    first_line,
+)
 from engine.rng import LOOKAHEAD, MC, PROBE, PRUNE, TREE, node_rng
 from engine.store import (
     REDO,
@@ -1312,6 +1319,110 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
         for note in sampler.notes():
             console.print(f"note: {note}")
     return sampler
+
+
+# the config keys a sampler's fit reads: a saved sampler serves only runs that agree on all
+# of them (data.source may differ: the data is checked by its fingerprint)
+FIT_KEYS = ("seed", "data", "model", "train", "sampler")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def fit_differences(fitted: Config, config: Config) -> list[tuple[str, object, object]]:
+    """(key, the fit's value, the run's value) of every FIT_KEYS key on which they differ."""
+    a, b = fitted.to_dict(), config.to_dict()
+    fa = _flat({k: a[k] for k in FIT_KEYS})
+    fb = _flat({k: b[k] for k in FIT_KEYS})
+    keys = [k for k in dict.fromkeys([*fa, *fb]) if k != "data.source"]
+    return [(k, fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)]
+
+
+@dataclass
+class SavedSampler:
+    """A sampler file read but not yet decoded: its meta (what it was fitted on) and state."""
+
+    path: Path
+    meta: dict
+    state: dict
+
+    @property
+    def start_date(self) -> str:
+        return self.meta["start_date"]
+
+
+def read_saved_sampler(path: Path, config: Config) -> SavedSampler:
+    """Read a sampler file (``backfill fit``) and check that it was fitted with this run's
+    config; its data and start are checked by ``check_saved_sampler``."""
+    from engine import sampler_file
+
+    meta, state = sampler_file.read_meta(path)
+    try:
+        fitted = Config.from_dict(meta["config"])
+    except (KeyError, TypeError, BackfillError) as err:
+        raise CheckpointError(f"{path}: its config is not one this backfill reads "
+                              f"({first_line(err)}); fit it again with `backfill fit`") from None
+    diff = fit_differences(fitted, config)
+    if diff:
+        key, was, now = diff[0]
+        more = f" (and {len(diff) - 1} more key{'s' * (len(diff) > 2)})" if len(diff) > 1 else ""
+        raise ConfigError(f"--sampler {path} was fitted with {key} = {was!r}, this run's config "
+                          f"has {now!r}{more}; run with the config it was fitted with "
+                          "(`backfill config show` prints yours), or fit it again with "
+                          "`backfill fit --out` and this config")
+    return SavedSampler(Path(path), meta, state)
+
+
+def check_saved_sampler(saved: SavedSampler, prep, inputs: RunInputs) -> None:
+    """The run starts where the sampler file's fit ended, on the same history and grid."""
+    meta, path = saved.meta, saved.path
+    if inputs.start_date != meta["start_date"]:
+        raise ConfigError(f"--sampler {path} was fitted on the history up to "
+                          f"{meta['start_date']}, this run starts on {inputs.start_date}; "
+                          "leave --start out (the run then starts where the fit ended), or fit "
+                          "a sampler for this start with `backfill fit --start`")
+    history = prep.panel.slice_days(0, inputs.fit_days).fingerprint
+    if history != meta["history_fingerprint"] or inputs.grid != meta["grid"]:
+        raise ConfigError(f"--sampler {path} was fitted on other data (its history up to "
+                          f"{meta['start_date']} has fingerprint {meta['history_fingerprint']}, "
+                          f"this data's {history}); pass the data file it was fitted on, or fit "
+                          "it again with `backfill fit --data`")
+
+
+def load_saved_sampler(saved: SavedSampler, config: Config, console=None):
+    """The fitted sampler of a checked file, its CVAEs where a fresh fit would leave them."""
+    from engine import sampler_file
+    from engine.samplers.knn import KnnResidualSampler
+    from engine.train import pick_device
+
+    sampler = sampler_file.decode(saved.state, saved.path,
+                                  str(pick_device(config.train.device)))
+    if console is not None:
+        console.print(f"sampler {saved.meta['method']} from {saved.path}: fitted on "
+                      f"{saved.meta['fit_days']} days up to {saved.start_date}", markup=False)
+        if isinstance(sampler, KnnResidualSampler):
+            console.print(sampler.bank_summary())
+            for note in sampler.notes():
+                console.print(f"note: {note}")
+    return sampler
+
+
+def save_fitted_sampler(sampler, path: Path, prep, inputs: RunInputs) -> Path:
+    """``backfill fit``: the sampler with what a run must share with it."""
+    from engine import sampler_file
+
+    history = prep.panel.slice_days(0, inputs.fit_days).fingerprint
+    return sampler_file.save_sampler(sampler, path, config=prep.config,
+                                     history_fingerprint=history,
+                                     start_date=inputs.start_date, fit_days=inputs.fit_days,
+                                     grid=inputs.grid)
 
 
 # ============================================================================ reports

@@ -80,6 +80,21 @@ class SamplerContract:
         alone = sampler.sample(ctx[1:2], self.n_samples, [np.random.default_rng(seeds[1])])
         np.testing.assert_array_equal(batch[1:2], alone)
 
+    def test_file_round_trip(self, fitted, tmp_path):
+        """``backfill fit``'s file (plain data, read with weights_only) gives back a sampler
+        that draws the same bytes."""
+        from engine.sampler_file import load_sampler, save_sampler
+
+        sampler, _, config, panel = fitted
+        path = save_sampler(sampler, tmp_path / "s.pt", config=config,
+                            history_fingerprint=panel.fingerprint,
+                            start_date=str(panel.dates[-1]), fit_days=panel.n_days,
+                            grid=panel.grid_dict())
+        clone, meta = load_sampler(path)
+        assert type(clone) is type(sampler) and meta["fit_days"] == panel.n_days
+        ctx = self.contexts(config, panel)
+        np.testing.assert_array_equal(sampler.sample(ctx, 8, 7), clone.sample(ctx, 8, 7))
+
     def test_pickle_round_trip(self, fitted):
         sampler, _, config, panel = fitted
         clone = pickle.loads(pickle.dumps(sampler))

@@ -966,6 +966,70 @@ def test_cli_run_mc_and_exports(cli_stores, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
+    """`backfill fit` saves the sampler a run would fit; `run` / `mc --sampler` start where
+    its fit ended and write the very bytes of a run that fitted its own; a file that does
+    not fit the run (config, start, data, a model beside it) is refused in one line."""
+    cfg, run, mc = cli_stores
+    fitted, last = tmp_path / "s.pt", tmp_path / "last.pt"
+    result = _invoke(["fit", "--config", cfg, "--start", "2001-06-30", "--out", fitted])
+    assert result.exit_code == 0, result.output
+    assert "up to 2001-06-29" in " ".join(result.stderr.split())
+    result = _invoke(["run", "--config", cfg, "--store", tmp_path / "t.zarr", "--sampler",
+                      fitted])
+    assert result.exit_code == 0, result.output
+    assert "fitting sampler" not in result.output  # loaded, not fitted again
+    assert_same_bytes(run, tmp_path / "t.zarr")
+    assert ScenarioStore.open(tmp_path / "t.zarr").meta.start_date == "2001-06-29"
+    result = _invoke(["run", "--config", cfg, "--store", tmp_path / "t.zarr", "--resume",
+                      "--sampler", fitted])
+    assert result.exit_code == 0 and "complete" in result.output, result.output
+    assert _invoke(["fit", "--config", cfg, "--out", last]).exit_code == 0
+    result = _invoke(["mc", "--config", cfg, "--store", tmp_path / "mc.zarr", "--n-paths",
+                      "10", "--depth", "1", "--sampler", last])
+    assert result.exit_code == 0, result.output
+    assert_same_bytes(mc, tmp_path / "mc.zarr")
+    # refused: another start, a fit key changed, a model beside it, other data
+    _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--sampler",
+                     fitted, "--start", "2001-07-13"], "up to 2001-06-29", "starts on 2001-07-13")
+    _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--sampler",
+                     fitted, "--seed", "9"], "seed = 3", "has 9")
+    other = tmp_path / "other.toml"
+    other.write_text(cfg.read_text().replace("[sampler]\n", "[sampler]\nk = 7\n"))
+    _one_line_error(["run", "--config", other, "--store", tmp_path / "a.zarr", "--sampler",
+                     fitted], "sampler.k = 0", "has 7")
+    model = tmp_path / "m.pt"
+    assert _invoke(["train", "--config", cfg, "--out", model]).exit_code == 0
+    _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--sampler",
+                     fitted, "--model", model], "pass one of the two")
+    _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--sampler",
+                     model], "not a backfill sampler file", "pass it to --model")
+    _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--sampler",
+                     tmp_path / "none.pt"], "not found", "backfill fit")
+    from engine.data.io import load_panel
+
+    panel = load_panel(Config.from_dict(ScenarioStore.open(run).meta.config).data)
+    m, t = np.meshgrid(panel.moneyness, panel.maturity_days, indexing="ij")
+
+    def write(surface, name):
+        pd.DataFrame({"date": np.repeat(panel.dates.astype(str), m.size),
+                      "moneyness": np.tile(m.ravel(), panel.n_days),
+                      "maturity_days": np.tile(t.ravel(), panel.n_days),
+                      "iv": surface.reshape(-1)}).to_csv(tmp_path / name, index=False)
+        return tmp_path / name
+
+    # the same days from a file: the data is known by its bytes, not by its name
+    result = _invoke(["run", "--config", cfg, "--data", write(panel.surface, "same.csv"),
+                      "--store", tmp_path / "csv.zarr", "--sampler", fitted])
+    assert result.exit_code == 0, result.output
+    assert_same_bytes(run, tmp_path / "csv.zarr")
+    moved = panel.surface.copy()
+    moved[5, 0, 0] *= 1.01  # one quote before the start
+    _one_line_error(["run", "--config", cfg, "--data", write(moved, "moved.csv"), "--store",
+                     tmp_path / "a.zarr", "--sampler", fitted], "fitted on other data")
+    assert not (tmp_path / "a.zarr").exists()
+
+
 def _one_line_error(args: list, *words: str) -> str:
     result = _invoke(args)
     assert result.exit_code == 2, (args, result.output)

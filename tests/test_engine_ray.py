@@ -70,6 +70,23 @@ def test_a_run_begun_inline_resumes_on_ray_with_the_same_fingerprint(inline_stor
     assert_same_bytes(inline_store, path)
 
 
+def test_a_sampler_from_its_file_resumes_on_ray_to_the_same_bytes(inline_store, tmp_path):
+    """`backfill fit`'s file, loaded and shipped to the actors, is the sampler that began the
+    run: the resume passes the fingerprint check and ends on the inline bytes."""
+    from engine.sampler_file import load_sampler, save_sampler
+
+    panel, fitted = fitted_sampler()
+    save_sampler(fitted, tmp_path / "s.pt", config=run_config(),
+                 history_fingerprint=panel.fingerprint, start_date=str(panel.dates[-1]),
+                 fit_days=panel.n_days, grid=panel.grid_dict())
+    loaded, _ = load_sampler(tmp_path / "s.pt")
+    path = tmp_path / "crash.zarr"
+    crashed_run(path, after=2)
+    make_run(path, run_config(**{"engine.backend": "ray", "engine.n_knn": 2}), resume=True,
+             sampler=loaded)
+    assert_same_bytes(inline_store, path)
+
+
 def test_actors_share_one_copy_of_the_sampler():
     _, sampler = fitted_sampler()
     pool = driver._RayPool(sampler, EngineConfig(n_decoders=1, n_knn=2))

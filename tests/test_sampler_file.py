@@ -1,0 +1,125 @@
+"""The fitted-sampler file (`backfill fit`): plain data in, and nothing but the samplers'
+own classes out. (Every sampler's round trip is in tests/contract.py.)"""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from engine import sampler_file
+from engine.errors import CheckpointError, ConfigError
+from engine.samplers import make_sampler
+from tests.conftest import tiny_config, toy_panel
+
+CANARY: list = []
+
+
+class Canary:
+    """A class a crafted file names: building it would leave a mark."""
+
+    def __new__(cls, *args, **kwargs):
+        CANARY.append("built")
+        return super().__new__(cls)
+
+    def __reduce__(self):
+        return (CANARY.append, ("unpickled",))
+
+
+def _file(path, state, **meta) -> None:
+    head = {"format": sampler_file.FORMAT, "version": sampler_file.VERSION, **meta}
+    torch.save({"meta": json.dumps(head), "state": state}, path)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    config, panel = tiny_config(), toy_panel()
+    sampler = make_sampler("hist-bootstrap", config).fit(panel, None)
+    path = tmp_path_factory.mktemp("file") / "s.pt"
+    sampler_file.save_sampler(sampler, path, config=config,
+                              history_fingerprint=panel.fingerprint,
+                              start_date=str(panel.dates[-1]), fit_days=panel.n_days,
+                              grid=panel.grid_dict())
+    return sampler, path, config, panel
+
+
+def test_meta_says_what_the_sampler_was_fitted_on(saved):
+    _, path, config, panel = saved
+    meta, _ = sampler_file.read_meta(path)
+    assert meta["method"] == "hist-bootstrap" and meta["fit_days"] == panel.n_days
+    assert meta["history_fingerprint"] == panel.fingerprint
+    assert meta["config"] == config.to_dict()
+    assert not any(p.name.startswith(".") for p in path.parent.iterdir())  # no .part left
+
+
+def test_a_class_outside_the_allowed_list_is_never_built(tmp_path):
+    planted = Canary(), Canary()  # written into the files below
+    CANARY.clear()
+    crafted = tmp_path / "crafted.pt"
+    _file(crafted, {"kind": "object", "class": f"{__name__}:Canary", "attrs":
+                    {"kind": "dict", "items": []}, "id": 0})
+    with pytest.raises(CheckpointError, match="damaged or outdated sampler file"):
+        sampler_file.load_sampler(crafted)
+    _file(crafted, {"kind": "object", "class": "os:system", "attrs": "echo hi", "id": 0})
+    with pytest.raises(CheckpointError, match="not one a sampler holds"):
+        sampler_file.load_sampler(crafted)
+    # a pickled object inside the file: torch's weights_only reader refuses it unread
+    torch.save({"meta": json.dumps({"format": sampler_file.FORMAT, "version": 1}),
+                "state": planted[0]}, crafted)
+    with pytest.raises(CheckpointError, match="is not a backfill sampler file"):
+        sampler_file.load_sampler(crafted)
+    # and so is a plain pickle
+    crafted.write_bytes(pickle.dumps({"meta": planted[1]}))
+    with pytest.raises(CheckpointError, match="is not a backfill sampler file"):
+        sampler_file.load_sampler(crafted)
+    assert CANARY == []
+
+
+def test_damaged_foreign_and_outdated_files_are_refused(saved, tmp_path):
+    _, path, _, _ = saved
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="is not a backfill sampler file"):
+        sampler_file.load_sampler(cut)
+    old = tmp_path / "old.pt"
+    _, state = sampler_file.read_meta(path)
+    torch.save({"meta": json.dumps({"format": sampler_file.FORMAT, "version": 0}),
+                "state": state}, old)
+    with pytest.raises(CheckpointError, match="version 0, this backfill reads version 1"):
+        sampler_file.load_sampler(old)
+    odd = tmp_path / "odd.pt"
+    _file(odd, {"kind": "teleporter", "id": 0})
+    with pytest.raises(CheckpointError, match="unknown kind 'teleporter'"):
+        sampler_file.load_sampler(odd)
+    with pytest.raises(CheckpointError, match="not found"):
+        sampler_file.load_sampler(tmp_path / "none.pt")
+
+
+def test_what_it_cannot_write_it_refuses_without_leaving_a_file(saved, tmp_path):
+    sampler, _, config, _ = saved
+    odd = pickle.loads(pickle.dumps(sampler))
+    odd.extra_ = object()  # no sampler holds one
+    out = tmp_path / "odd.pt"
+    with pytest.raises(ConfigError, match="cannot be saved"):
+        sampler_file.save_sampler(odd, out, config=config, history_fingerprint="x",
+                                  start_date="2001-01-01", fit_days=1, grid={})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_values_keep_their_types_and_shared_objects_stay_shared():
+    arr = np.arange(6, dtype=np.int32).reshape(2, 3)[:, ::2]  # not contiguous
+    dates = np.array(["2001-01-02", "2001-01-03"], dtype="datetime64[D]")
+    value = {"a": (1, 2.5, "x", None, True), 3: [arr, arr], "d": dates,
+             "s": np.float32(0.1), "u": np.array(["ab", "c"]), "set": {2, 1},
+             "view": np.broadcast_to(np.float64(2.0), (3, 2))}
+    enc = sampler_file._Encoder()({"v": value})
+    back = sampler_file._Decoder("cpu")(enc)["v"]
+    assert back["a"] == (1, 2.5, "x", None, True) and back["set"] == {1, 2}
+    assert back[3][0] is back[3][1] and back[3][0].dtype == np.int32
+    np.testing.assert_array_equal(back[3][0], arr)
+    assert back["d"].dtype == dates.dtype and (back["d"] == dates).all()
+    assert type(back["s"]) is np.float32 and back["s"] == np.float32(0.1)
+    assert back["u"].tolist() == ["ab", "c"] and back["view"].shape == (3, 2)
