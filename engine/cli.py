@@ -286,7 +286,7 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
             resume: bool, overwrite: bool, n_paths: int | None = None,
             sampler_file: Path | None = None) -> None:
     from engine import driver
-    from engine.errors import ConfigError
+    from engine.errors import ConfigError, first_line
     from engine.pipeline import prepare
     from engine.tree import stride_days
 
@@ -304,10 +304,17 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
         saved = driver.read_saved_sampler(sampler_file, cfg)
     console = _console()
     prep = prepare(cfg, console=console)
-    inputs = driver.run_inputs(prep, start if saved is None or start is not None
-                               else saved.start_date)
+    if saved is None or start is not None:
+        inputs = driver.run_inputs(prep, start)
+    else:  # the run starts where the file's fit ended
+        try:
+            inputs = driver.run_inputs(prep, saved.start_date)
+        except BackfillError as err:
+            raise ConfigError(f"--sampler {sampler_file} was fitted on the history up to "
+                              f"{saved.start_date}, which this data cannot start from "
+                              f"({first_line(err)}); pass the data it was fitted on") from None
     if saved is not None:
-        driver.check_saved_sampler(saved, prep, inputs)
+        driver.check_saved_sampler(saved, prep, inputs, start is not None, console)
 
     def open_store():
         return driver.open_store(store, kind=kind, config=cfg, fingerprint=inputs.fingerprint,

@@ -1380,10 +1380,17 @@ def read_saved_sampler(path: Path, config: Config) -> SavedSampler:
     return SavedSampler(Path(path), meta, state)
 
 
-def check_saved_sampler(saved: SavedSampler, prep, inputs: RunInputs) -> None:
-    """The run starts where the sampler file's fit ended, on the same history and grid."""
+def check_saved_sampler(saved: SavedSampler, prep, inputs: RunInputs,
+                        start_given: bool = True, console=None) -> None:
+    """The run starts where the sampler file's fit ended, on the same history and grid.
+    ``start_given``: --start was passed (else the run took the file's start)."""
     meta, path = saved.meta, saved.path
     if inputs.start_date != meta["start_date"]:
+        if not start_given:
+            raise ConfigError(f"--sampler {path} was fitted on the history up to "
+                              f"{meta['start_date']}, a day this data does not have (its last "
+                              f"day on or before is {inputs.start_date}); pass the data it was "
+                              "fitted on, or fit it again with `backfill fit --data`")
         raise ConfigError(f"--sampler {path} was fitted on the history up to "
                           f"{meta['start_date']}, this run starts on {inputs.start_date}; "
                           "leave --start out (the run then starts where the fit ended), or fit "
@@ -1394,19 +1401,42 @@ def check_saved_sampler(saved: SavedSampler, prep, inputs: RunInputs) -> None:
                           f"{meta['start_date']} has fingerprint {meta['history_fingerprint']}, "
                           f"this data's {history}); pass the data file it was fitted on, or fit "
                           "it again with `backfill fit --data`")
+    later = prep.panel.n_days - inputs.fit_days
+    if later and not start_given and console is not None:
+        console.print(f"note: the data runs on to {prep.panel.dates[-1]} ({later} more "
+                      f"day{'s' * (later != 1)}); the run starts on {inputs.start_date}, where "
+                      f"{path} was fitted: `backfill fit` again to start on the last day",
+                      markup=False)
 
 
 def load_saved_sampler(saved: SavedSampler, config: Config, console=None):
-    """The fitted sampler of a checked file, its CVAEs where a fresh fit would leave them."""
+    """The fitted sampler of a checked file, its CVAEs where a fresh fit would leave them
+    (and torch's threads set as a fit sets them)."""
+    import torch
+
     from engine import sampler_file
+    from engine.model import module_devices
+    from engine.samplers import REGISTRY
     from engine.samplers.knn import KnnResidualSampler
     from engine.train import pick_device
 
-    sampler = sampler_file.decode(saved.state, saved.path,
-                                  str(pick_device(config.train.device)))
+    device = pick_device(config.train.device)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    sampler = sampler_file.decode(saved.state, saved.path, str(device))
+    module, cls = REGISTRY[config.sampler.method]
+    if (type(sampler).__module__, type(sampler).__name__) != (module, cls):
+        raise CheckpointError(f"{saved.path} holds a {type(sampler).__name__}, not the "
+                              f"{config.sampler.method} sampler its config names; fit it again "
+                              "with `backfill fit`")
     if console is not None:
         console.print(f"sampler {saved.meta['method']} from {saved.path}: fitted on "
                       f"{saved.meta['fit_days']} days up to {saved.start_date}", markup=False)
+        now = sorted(module_devices(sampler))
+        if now != saved.meta["devices"]:
+            console.print(f"note: its models were fitted on {', '.join(saved.meta['devices'])} "
+                          f"and compute on {', '.join(now)} here: the paths are its models', "
+                          "not those a fit on this machine would make", markup=False)
         if isinstance(sampler, KnnResidualSampler):
             console.print(sampler.bank_summary())
             for note in sampler.notes():

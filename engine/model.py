@@ -229,6 +229,28 @@ def pinball_loss(pred: torch.Tensor, target: torch.Tensor, levels: torch.Tensor)
 
 
 # --- checkpoints: weights + config + fingerprint + grid, loaded with weights_only=True ---------
+# torch's weights_only reader could be talked into running code before 2.6 (CVE-2025-32434)
+SAFE_TORCH = (2, 6)
+
+
+def check_torch(version: str | None = None) -> None:
+    """Refuse to read files with a torch whose weights_only reader is not safe."""
+    text = (version or torch.__version__).split("+")[0]
+    parts = tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+    if parts < SAFE_TORCH:
+        raise CheckpointError(f"torch {text} reads files with weights_only=True, which before "
+                              "2.6 can be made to run code (CVE-2025-32434); install torch "
+                              "2.6 or later to load a checkpoint or sampler file")
+
+
+def safe_load(path: Path, map_location: str = "cpu"):
+    """``torch.load`` with ``weights_only=True`` on a torch where that is safe."""
+    check_torch()
+    with warnings.catch_warnings():  # torch's warnings about a foreign file: the caller says it
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def save_checkpoint(model: CVAE, path: str | Path, config: Config, fingerprint: str,
                     grid: dict, history: list[dict] | None = None) -> Path:
     path = Path(path)
@@ -248,15 +270,20 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
         found = "not found" if not path.exists() else "is not a regular file"
         raise CheckpointError(f"model file {path} {found}; train one with `backfill train "
                               "--out model.pt` or leave --model out")
+    blob = None
     try:
-        with warnings.catch_warnings():  # torch's warnings about a foreign file: the error says it
-            warnings.simplefilter("ignore")
-            blob = torch.load(path, map_location=device, weights_only=True)
-            meta = json.loads(blob["meta"])
-            state = blob["state_dict"]
+        blob = safe_load(path, device)
+        meta = json.loads(blob["meta"])
+        state = blob["state_dict"]
+    except CheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure means "not our checkpoint"
-        raise CheckpointError(f"{path} is not a backfill checkpoint ({type(err).__name__}); "
-                              "train one with `backfill train --out model.pt`") from None
+        from engine.sampler_file import is_sampler_file
+
+        hint = " (a sampler file? pass it to --sampler)" if is_sampler_file(blob) else ""
+        raise CheckpointError(f"{path} is not a backfill checkpoint{hint} "
+                              f"({type(err).__name__}); train one with `backfill train --out "
+                              "model.pt`") from None
     if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
         version = meta.get("version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path} has checkpoint version {version}, this "
@@ -265,7 +292,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
         config = Config.from_dict(meta["config"])
         model = CVAE(config.model, tuple(meta["grid_shape"]), meta["context"], meta["horizon"])
         model.load_state_dict(state)
-        model.train_end = _train_end(meta.get("train_end"))
+        model.train_end = checked_train_end(meta.get("train_end"))
     except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as err:
         # a field or weight is off, or the stored config is one this version refuses
         raise CheckpointError(f"{path} is a damaged or outdated backfill checkpoint "
@@ -273,7 +300,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
     return model.to(device), meta
 
 
-def _train_end(value) -> str | None:
+def checked_train_end(value) -> str | None:
     """A checkpoint's last training date as YYYY-MM-DD (None: not recorded); TypeError or
     ValueError if it is not a date."""
     if value is None:

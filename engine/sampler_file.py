@@ -2,53 +2,60 @@
 
 Fitting the calibrated sampler (five cross-fitted CVAEs, their residual bank) takes minutes;
 a saved one lets ``run``, ``mc`` and ``--resume`` start from the same fit in seconds, and
-gives the same bytes as a fresh fit (the fit is deterministic, and the file keeps every
-array bit for bit).
+gives the same bytes as a fresh fit on the same kind of machine (the fit is deterministic,
+and the file keeps every array bit for bit).
 
 The file is a ``torch.save`` of plain data only (dicts, lists, strings, numbers, tensors),
 read back with ``weights_only=True``: loading never unpickles an object. Each object of the
-sampler becomes a tagged dict: an array its tensor, a CVAE its config and weights, a FAISS
-index its keys (rebuilt on load), a pydantic config its fields, and any other object the
-name of its class and its attributes. On load a class is found only in ``ALLOWED`` (the
-samplers and the parts they hold); any other name is refused.
+sampler becomes a tagged dict: an array its tensor, a CVAE its config, sizes and weights, a
+FAISS index its keys (rebuilt on load), a config its fields, and any other object the name
+of its class and its attributes. On load a class is found only in ``ALLOWED`` (the samplers
+and the parts they hold) and ``CONFIGS``; any other name is refused, as are attribute names
+that would shadow a method, and a file whose top object is not a sampler.
+
+Not kept (none of today's samplers relies on them): a list or dict held in two places comes
+back as two equal copies, and a read-only array comes back writable.
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import inspect
 import json
-import warnings
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import BaseModel
 
+import engine
+from engine import config as config_module
 from engine.config import Config
 from engine.errors import CheckpointError, ConfigError, first_line
+from engine.model import check_torch, safe_load
 from engine.samplers import REGISTRY
 
 FORMAT = "backfill-sampler"
 VERSION = 1
 
 # "module:qualname" of every class a fitted sampler may hold besides arrays, CVAEs, FAISS
-# indexes and pydantic configs (tests/contract.py saves every sampler, so a new attribute of
-# another class fails there first).
-ALLOWED = frozenset({
-    "engine.samplers.cvae_prior:CvaePriorSampler",
-    "engine.samplers.cvae_scaled:CvaeScaledSampler",
-    "engine.samplers.knn:KnnResidualSampler",
-    "engine.samplers.knn_conformal:KnnConformalSampler",
-    "engine.samplers.hist_bootstrap:HistBootstrapSampler",
-    "engine.samplers.fhs:FilteredHistoricalSampler",
-    "engine.samplers.pca_ar:PcaArSampler",
-    "engine.samplers.oracle:OracleSampler",
+# indexes and configs (tests/contract.py saves every sampler, so a new attribute of another
+# class fails there first).
+SAMPLERS = frozenset(f"{module}:{cls}" for module, cls in REGISTRY.values())
+ALLOWED = SAMPLERS | {
     "engine.samplers.bank:ResidualBank",
     "engine.samplers.bank:KeySpace",
     "engine.data.synthetic:SyntheticMarket",  # the oracle's: the market's hidden state
     "engine.data.synthetic:MarketParams",
-})
-_CONFIG_MODULE = "engine.config"
+}
+CONFIGS = frozenset({"Config", "DataConfig", "SyntheticConfig", "ModelConfig", "TrainConfig",
+                     "SamplerConfig", "TreeConfig", "EngineConfig", "StoreConfig",
+                     "EvalConfig"})
+# a CVAE's attributes besides its modules, config and weights
+_CVAE_ATTRS = ("grid_shape", "context", "horizon", "train_end")
+_SCALAR_KINDS = "biuf"  # numpy scalars kept as Python numbers (itemsize <= 8)
 
 
 def _class_name(cls: type) -> str:
@@ -67,7 +74,7 @@ class _Encoder:
         if x is None or type(x) in (bool, int, float, str):  # not np.float64, a float too
             return x
         if isinstance(x, np.generic):
-            return {"kind": "scalar", "dtype": x.dtype.str, "value": x.item()}
+            return _scalar(x, where)
         if isinstance(x, (list, tuple, set, frozenset)):
             kind = {list: "list", tuple: "tuple", set: "set", frozenset: "frozenset"}.get(type(x))
             if kind is None:
@@ -80,7 +87,7 @@ class _Encoder:
                                               for k, v in x.items()]}
         if isinstance(x, BaseModel):
             cls = type(x)
-            if cls.__module__ != _CONFIG_MODULE:
+            if cls.__module__ != config_module.__name__ or cls.__qualname__ not in CONFIGS:
                 raise TypeError(f"{where}: config class {_class_name(cls)} cannot be saved")
             return {"kind": "config", "class": cls.__qualname__,
                     "fields": json.dumps(x.model_dump(mode="json"))}
@@ -102,10 +109,14 @@ class _Encoder:
         if isinstance(x, torch.Tensor):
             return {"kind": "tensor", "data": x.detach().cpu().clone()}
         if isinstance(x, CVAE):
-            extra = {k: v for k, v in vars(x).items()
-                     if not k.startswith("_") and k not in ("training", "cfg")}
+            extra = {k for k in vars(x) if not k.startswith("_")} - {"training", "cfg",
+                                                                      *_CVAE_ATTRS}
+            if extra:
+                raise TypeError(f"{where}: the CVAE's attributes {sorted(extra)} are not kept "
+                                "(engine.sampler_file._CVAE_ATTRS)")
             return {"kind": "cvae", "cfg": json.dumps(x.cfg.model_dump(mode="json")),
-                    "attrs": self(extra, f"{where} (CVAE)"), "training": x.training,
+                    "attrs": json.dumps({k: getattr(x, k) for k in _CVAE_ATTRS}),
+                    "training": x.training,
                     "state": {k: v.detach().cpu().clone() for k, v in x.state_dict().items()}}
         if isinstance(x, KnnIndex):  # the FAISS index is rebuilt from its keys on load
             return {"kind": "knn-index", "keys": _array(x.keys, f"{where}.keys")}
@@ -118,29 +129,55 @@ class _Encoder:
                 "attrs": self(dict(vars(x)), where)}
 
 
+def _scalar(x: np.generic, where: str) -> dict:
+    if x.dtype.kind in "mM":  # datetime64 / timedelta64: int64 ticks and the unit
+        return {"kind": "time", "dtype": x.dtype.str, "ticks": int(np.array(x).view(np.int64))}
+    if x.dtype.kind in _SCALAR_KINDS and x.dtype.itemsize <= 8:
+        return {"kind": "scalar", "dtype": x.dtype.str, "value": x.item()}
+    raise TypeError(f"{where}: a {x.dtype} scalar cannot be saved")
+
+
 def _array(x: np.ndarray, where: str) -> dict:
     dtype = x.dtype
-    if dtype.kind in "fiub" and dtype.itemsize <= 8 and dtype.byteorder in "=|" \
-            or dtype.kind == "c":
+    if dtype.kind in "fiubc" and dtype.isnative:
         return {"kind": "ndarray", "data": torch.from_numpy(np.array(x, copy=True))}
     if dtype.kind in "mM":  # datetime64 / timedelta64: their int64 ticks and the unit
         return {"kind": "datetime", "dtype": dtype.str,
-                "data": torch.from_numpy(np.ascontiguousarray(x).view(np.int64).copy())}
+                "data": torch.from_numpy(np.array(x, copy=True).view(np.int64))}
     if dtype.kind == "U":
         return {"kind": "strings", "dtype": dtype.str, "shape": list(x.shape),
                 "items": x.ravel().tolist()}
     raise TypeError(f"{where}: an array of {dtype} cannot be saved")
 
 
+def _dtype(text: str, kinds: str) -> np.dtype:
+    dtype = np.dtype(text)
+    if dtype.kind not in kinds or dtype.itemsize > 8 and dtype.kind != "U":
+        raise ValueError(f"dtype {text!r} is not one a sampler file holds")
+    return dtype
+
+
 def _from_array(x: dict) -> np.ndarray:
     kind = x["kind"]
     if kind == "ndarray":
+        if not isinstance(x["data"], torch.Tensor):
+            raise TypeError("an array without its tensor")
         return x["data"].numpy()
     if kind == "datetime":
-        return x["data"].numpy().view(np.dtype(x["dtype"]))
+        return x["data"].numpy().view(_dtype(x["dtype"], "mM"))
     if kind == "strings":
-        return np.array(x["items"], dtype=np.dtype(x["dtype"])).reshape(x["shape"])
+        return np.array(x["items"], dtype=_dtype(x["dtype"], "U")).reshape(x["shape"])
     raise ValueError(f"{kind!r} is not an array")
+
+
+def _attribute_name(cls: type, name) -> str:
+    """An attribute a file may set on an instance of ``cls``: a plain identifier that is
+    neither private to Python nor a method or property of the class."""
+    if not (isinstance(name, str) and name.isidentifier()) or name.startswith("__") or \
+            callable(inspect.getattr_static(cls, name, None)) or \
+            isinstance(inspect.getattr_static(cls, name, None), property):
+        raise ValueError(f"{cls.__qualname__} has no attribute a file may set named {name!r}")
+    return name
 
 
 class _Decoder:
@@ -149,22 +186,24 @@ class _Decoder:
         self.made: dict[int, object] = {}
 
     def __call__(self, x):
-        if x is None or isinstance(x, (bool, int, float, str)):
+        if x is None or type(x) in (bool, int, float, str):
             return x
-        if not isinstance(x, dict):
+        if type(x) is not dict:
             raise TypeError(f"unexpected {type(x).__name__}")
         kind = x["kind"]
         if kind == "scalar":
-            return np.dtype(x["dtype"]).type(x["value"])
+            return _dtype(x["dtype"], _SCALAR_KINDS).type(x["value"])
+        if kind == "time":
+            return np.array(int(x["ticks"])).view(_dtype(x["dtype"], "mM"))[()]
         if kind in ("list", "tuple", "set", "frozenset"):
             items = [self(v) for v in x["items"]]
             return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[kind](items)
         if kind == "dict":
             return {self(k): self(v) for k, v in x["items"]}
         if kind == "config":
-            cls = getattr(importlib.import_module(_CONFIG_MODULE), x["class"], None)
-            if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            if x["class"] not in CONFIGS:
                 raise ValueError(f"unknown config class {x['class']!r}")
+            cls = getattr(config_module, x["class"])
             return cls.model_validate(json.loads(x["fields"]))
         if kind == "ref":
             return self.made[x["id"]]
@@ -173,33 +212,41 @@ class _Decoder:
     def _object(self, x: dict):
         from engine.config import ModelConfig
         from engine.knn import KnnIndex
-        from engine.model import CVAE
+        from engine.model import CVAE, checked_train_end
 
         kind, n = x["kind"], x["id"]
         if kind in ("ndarray", "datetime", "strings"):
             out = _from_array(x)
         elif kind == "tensor":
             out = x["data"]
+            if not isinstance(out, torch.Tensor):
+                raise TypeError("a tensor that is not one")
         elif kind == "knn-index":
             out = KnnIndex(_from_array(x["keys"]))
         elif kind == "cvae":
-            attrs = self(x["attrs"])
-            out = CVAE(ModelConfig.model_validate(json.loads(x["cfg"])), attrs["grid_shape"],
-                       attrs["context"], attrs["horizon"])
-            out.load_state_dict(x["state"])
-            for k, v in attrs.items():
-                setattr(out, k, v)
-            out.train(x["training"])
+            attrs = json.loads(x["attrs"])
+            grid_shape = tuple(int(v) for v in attrs["grid_shape"])
+            if len(grid_shape) != 2 or set(attrs) != set(_CVAE_ATTRS):
+                raise ValueError(f"a CVAE's sizes {sorted(attrs)} are not {list(_CVAE_ATTRS)}")
+            out = CVAE(ModelConfig.model_validate(json.loads(x["cfg"])), grid_shape,
+                       int(attrs["context"]), int(attrs["horizon"]))
+            out.load_state_dict(x["state"])  # strict: every weight, each of its shape
+            out.train_end = checked_train_end(attrs["train_end"])
+            out.train(bool(x["training"]))
             out.to(self.device)
         elif kind == "object":
             name = x["class"]
             if name not in ALLOWED:
                 raise ValueError(f"class {name!r} is not one a sampler holds")
             module, qualname = name.split(":")
-            cls = getattr(importlib.import_module(module), qualname)
+            cls = getattr(__import__(module, fromlist=[qualname]), qualname)
             out = cls.__new__(cls)
             self.made[n] = out  # before its attributes: they may refer back to it
-            out.__dict__.update(self(x["attrs"]))
+            attrs = self(x["attrs"])
+            if type(attrs) is not dict:
+                raise TypeError(f"{qualname}'s attributes are not a dict")
+            for key, value in attrs.items():
+                out.__dict__[_attribute_name(cls, key)] = value
         else:
             raise ValueError(f"unknown kind {kind!r}")
         self.made[n] = out
@@ -209,61 +256,102 @@ class _Decoder:
 def save_sampler(sampler, path: str | Path, *, config: Config, history_fingerprint: str,
                  start_date: str, fit_days: int, grid: dict) -> Path:
     """Write a fitted sampler with what it was fitted on: the config, the fingerprint of
-    the history it saw (the ``fit_days`` days up to ``start_date``) and the grid.
-    Written to a temporary name and renamed, so a failed save leaves no half file."""
+    the history it saw (the ``fit_days`` days up to ``start_date``), the grid and where its
+    models computed. Written to a temporary name and renamed, so a failed save leaves no
+    half file."""
+    from engine.model import module_devices
+
     path = Path(path)
+    if _class_name(type(sampler)) not in SAMPLERS:
+        raise TypeError(f"a {_class_name(type(sampler))} is not a sampler")
     try:
         state = _Encoder()(sampler)
-    except TypeError as err:
-        raise ConfigError(f"the {type(sampler).__name__} cannot be saved to a file ({err}); "
-                          "run without a sampler file") from None
-    method = next((k for k, (m, c) in REGISTRY.items()
-                   if (m, c) == (type(sampler).__module__, type(sampler).__name__)), None)
-    meta = {"format": FORMAT, "version": VERSION, "method": method,
-            "config": config.to_dict(), "history_fingerprint": history_fingerprint,
-            "start_date": start_date,
-            "fit_days": int(fit_days), "grid": grid}
-    part = path.with_name(f".{path.name}.part")
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ConfigError(f"the {type(sampler).__name__} cannot be saved to a file "
+                          f"({first_line(err)}); run without a sampler file") from None
+    method = next(k for k, (m, c) in REGISTRY.items()
+                  if f"{m}:{c}" == _class_name(type(sampler)))
+    meta = {"format": FORMAT, "version": VERSION, "backfill": engine.__version__,
+            "method": method, "config": config.to_dict(),
+            "history_fingerprint": history_fingerprint, "start_date": start_date,
+            "fit_days": int(fit_days), "grid": grid,
+            "devices": sorted(module_devices(sampler))}
+    fd, part = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
     try:
         torch.save({"meta": json.dumps(meta), "state": state}, part)
-        part.replace(path)
+        os.replace(part, path)
     finally:
-        part.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part)
     return path
+
+
+_META = {"backfill": str, "method": str, "config": dict, "history_fingerprint": str,
+         "start_date": str, "fit_days": int, "grid": dict, "devices": list}
 
 
 def read_meta(path: str | Path) -> tuple[dict, dict]:
     """(meta, encoded state) of a sampler file; CheckpointError if it is not one this
     version reads."""
+    from engine.store import parse_start_date
+
     path = Path(path)
     fix = "fit one with `backfill fit --out sampler.pt`"
     if not path.is_file():
         found = "not found" if not path.exists() else "is not a regular file"
         raise CheckpointError(f"sampler file {path} {found}; {fix}")
+    check_torch()
     try:
-        with warnings.catch_warnings():  # torch's warnings about a foreign file: the error says it
-            warnings.simplefilter("ignore")
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = safe_load(path)
         meta = json.loads(blob["meta"])
         state = blob["state"]
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError("no sampler format mark")
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure means "not our file"
-        hint = " (a model checkpoint? pass it to --model)" if _is_checkpoint(path) else ""
+        hint = " (a model checkpoint? pass it to --model)" if _is_checkpoint(blob_of(path)) \
+            else ""
         raise CheckpointError(f"{path} is not a backfill sampler file{hint} "
                               f"({type(err).__name__}); {fix}") from None
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has sampler file version {meta.get('version')}, this "
                               f"backfill reads version {VERSION}; {fix}")
+    bad = [k for k, t in _META.items() if type(meta.get(k)) is not t]
+    if not bad and meta["method"] not in REGISTRY:
+        bad = ["method"]
+    if not bad:
+        try:
+            parse_start_date(meta["start_date"])
+        except Exception:  # noqa: BLE001 - any failure: not a date this file could hold
+            bad = ["start_date"]
+    if bad:
+        raise CheckpointError(f"{path} is a damaged sampler file (its {bad[0]} is missing or "
+                              f"wrong); fit it again with `backfill fit`")
+    if meta["backfill"] != engine.__version__:
+        raise CheckpointError(f"{path} was fitted by backfill {meta['backfill']}, this is "
+                              f"{engine.__version__}, whose fit may differ; fit it again with "
+                              "`backfill fit`")
     return meta, state
 
 
-def _is_checkpoint(path: Path) -> bool:
+def blob_of(path: Path):
+    """A file as torch's safe reader sees it (None where it cannot read it)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        return isinstance(blob, dict) and "state_dict" in blob and "meta" in blob
+        return safe_load(path)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _is_checkpoint(blob) -> bool:
+    return isinstance(blob, dict) and "state_dict" in blob and "meta" in blob
+
+
+def is_sampler_file(blob) -> bool:
+    """Is a blob ``safe_load`` read a sampler file (a hint for ``--model``)?"""
+    try:
+        return isinstance(blob, dict) and json.loads(blob["meta"]).get("format") == FORMAT
     except Exception:  # noqa: BLE001
         return False
 
@@ -271,9 +359,13 @@ def _is_checkpoint(path: Path) -> bool:
 def decode(state: dict, path: str | Path, device: str = "cpu"):
     """The sampler of a file's state (``read_meta``), its CVAEs on ``device``."""
     try:
-        return _Decoder(device)(state)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError,
-            ImportError) as err:
+        out = _Decoder(device)(state)
+        if _class_name(type(out)) not in SAMPLERS:
+            raise TypeError(f"it holds a {type(out).__name__}, not a sampler")
+        return out
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever a damaged file makes fail
         raise CheckpointError(f"{path} is a damaged or outdated sampler file "
                               f"({first_line(err)}); fit it again with `backfill fit`") from None
 

@@ -979,6 +979,8 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
                       fitted])
     assert result.exit_code == 0, result.output
     assert "fitting sampler" not in result.output  # loaded, not fitted again
+    said = " ".join(result.output.split())
+    assert "note: the data runs on to 2001-07-13 (10 more days)" in said, said
     assert_same_bytes(run, tmp_path / "t.zarr")
     assert ScenarioStore.open(tmp_path / "t.zarr").meta.start_date == "2001-06-29"
     result = _invoke(["run", "--config", cfg, "--store", tmp_path / "t.zarr", "--resume",
@@ -1004,6 +1006,8 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
                      fitted, "--model", model], "pass one of the two")
     _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--sampler",
                      model], "not a backfill sampler file", "pass it to --model")
+    _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--model",
+                     fitted], "not a backfill checkpoint", "pass it to --sampler")
     _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--sampler",
                      tmp_path / "none.pt"], "not found", "backfill fit")
     from engine.data.io import load_panel
@@ -1011,11 +1015,11 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
     panel = load_panel(Config.from_dict(ScenarioStore.open(run).meta.config).data)
     m, t = np.meshgrid(panel.moneyness, panel.maturity_days, indexing="ij")
 
-    def write(surface, name):
-        pd.DataFrame({"date": np.repeat(panel.dates.astype(str), m.size),
-                      "moneyness": np.tile(m.ravel(), panel.n_days),
-                      "maturity_days": np.tile(t.ravel(), panel.n_days),
-                      "iv": surface.reshape(-1)}).to_csv(tmp_path / name, index=False)
+    def write(surface, name, days=panel.n_days):
+        pd.DataFrame({"date": np.repeat(panel.dates[:days].astype(str), m.size),
+                      "moneyness": np.tile(m.ravel(), days),
+                      "maturity_days": np.tile(t.ravel(), days),
+                      "iv": surface[:days].reshape(-1)}).to_csv(tmp_path / name, index=False)
         return tmp_path / name
 
     # the same days from a file: the data is known by its bytes, not by its name
@@ -1027,6 +1031,10 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
     moved[5, 0, 0] *= 1.01  # one quote before the start
     _one_line_error(["run", "--config", cfg, "--data", write(moved, "moved.csv"), "--store",
                      tmp_path / "a.zarr", "--sampler", fitted], "fitted on other data")
+    short = write(panel.surface, "short.csv", days=panel.n_days - 20)  # ends before the fit
+    _one_line_error(["run", "--config", cfg, "--data", short, "--store", tmp_path / "a.zarr",
+                     "--sampler", fitted], "up to 2001-06-29, a day this data does not have",
+                    f"its last day on or before is {panel.dates[-21]}")
     assert not (tmp_path / "a.zarr").exists()
 
 

@@ -30,8 +30,15 @@ class Canary:
 
 
 def _file(path, state, **meta) -> None:
-    head = {"format": sampler_file.FORMAT, "version": sampler_file.VERSION, **meta}
-    torch.save({"meta": json.dumps(head), "state": state}, path)
+    """A file of ``state`` whose meta passes (or with ``meta``'s keys changed)."""
+    import engine
+
+    head = {"format": sampler_file.FORMAT, "version": sampler_file.VERSION,
+            "backfill": engine.__version__, "method": "hist-bootstrap",
+            "config": tiny_config().to_dict(), "history_fingerprint": "x",
+            "start_date": "2001-01-02", "fit_days": 10, "grid": {}, "devices": ["cpu"], **meta}
+    torch.save({"meta": json.dumps({k: v for k, v in head.items() if v is not None}),
+                "state": state}, path)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +70,9 @@ def test_a_class_outside_the_allowed_list_is_never_built(tmp_path):
                     {"kind": "dict", "items": []}, "id": 0})
     with pytest.raises(CheckpointError, match="damaged or outdated sampler file"):
         sampler_file.load_sampler(crafted)
+    _file(crafted, {"kind": "config", "class": "_Section", "fields": "{}"})
+    with pytest.raises(CheckpointError, match="unknown config class '_Section'"):
+        sampler_file.load_sampler(crafted)
     _file(crafted, {"kind": "object", "class": "os:system", "attrs": "echo hi", "id": 0})
     with pytest.raises(CheckpointError, match="not one a sampler holds"):
         sampler_file.load_sampler(crafted)
@@ -78,6 +88,74 @@ def test_a_class_outside_the_allowed_list_is_never_built(tmp_path):
     assert CANARY == []
 
 
+def test_a_file_cannot_shadow_methods_or_pass_off_another_object(saved, tmp_path):
+    _, path, _, _ = saved
+    _, state = sampler_file.read_meta(path)
+    odd = tmp_path / "odd.pt"
+    # an attribute named like a method of the sampler, or one private to Python
+    for name in ("sample", "__class__", "not an identifier"):
+        bad = {**state, "attrs": {"kind": "dict", "items": [*state["attrs"]["items"],
+                                                             [name, 1]]}}
+        _file(odd, bad)
+        with pytest.raises(CheckpointError, match="no attribute a file may set"):
+            sampler_file.load_sampler(odd)
+    # a part of a sampler (or a plain dict) as the top object
+    _file(odd, {"kind": "dict", "items": []})
+    with pytest.raises(CheckpointError, match="holds a dict, not a sampler"):
+        sampler_file.load_sampler(odd)
+    # numbers out of their type's range, dtypes no sampler holds: a line, not a traceback
+    for value in ({"kind": "scalar", "dtype": "|i1", "value": 1000},
+                  {"kind": "scalar", "dtype": "|O", "value": 1},
+                  {"kind": "strings", "dtype": "|O", "shape": [1], "items": [1], "id": 0}):
+        _file(odd, value)
+        with pytest.raises(CheckpointError, match="damaged or outdated sampler file"):
+            sampler_file.load_sampler(odd)
+
+
+def test_a_cvae_gets_back_its_sizes_and_weights_only(tmp_path):
+    from engine.model import CVAE
+
+    cfg = tiny_config()
+    model = CVAE(cfg.model, (2, 3), 12, 6)
+    model.train_end = "2001-05-31"
+    enc = sampler_file._Encoder()(model)
+    back = sampler_file._Decoder("cpu")(enc)
+    assert back.train_end == "2001-05-31" and back.grid_shape == (2, 3)
+    assert back.training == model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    attrs = json.loads(enc["attrs"])
+    for bad in ({**attrs, "_forward_hooks": {}}, {**attrs, "train_end": "May 31"}):
+        with pytest.raises(ValueError):
+            sampler_file._Decoder("cpu")({**enc, "attrs": json.dumps(bad)})
+    model.extra = 1  # an attribute the file would not keep: refused when saving
+    with pytest.raises(TypeError, match="extra"):
+        sampler_file._Encoder()(model)
+
+
+def test_meta_must_be_whole_and_of_this_backfill(tmp_path):
+    state = {"kind": "dict", "items": []}
+    for change, words in (({"start_date": None}, "its start_date is missing"),
+                          ({"start_date": "31/05/2001"}, "its start_date is missing or wrong"),
+                          ({"fit_days": "10"}, "its fit_days"),
+                          ({"method": "magic"}, "its method"),
+                          ({"backfill": "0.0.1"}, "fitted by backfill 0.0.1")):
+        _file(tmp_path / "m.pt", state, **change)
+        with pytest.raises(CheckpointError, match=words):
+            sampler_file.read_meta(tmp_path / "m.pt")
+
+
+def test_torch_before_2_6_is_not_trusted_with_files(saved, monkeypatch):
+    from engine.model import check_torch
+
+    check_torch("2.13.0+cpu")
+    with pytest.raises(CheckpointError, match="CVE-2025-32434"):
+        check_torch("2.5.1")
+    monkeypatch.setattr(torch, "__version__", "2.4.0")
+    with pytest.raises(CheckpointError, match="install torch 2.6 or later"):
+        sampler_file.load_sampler(saved[1])
+
+
 def test_damaged_foreign_and_outdated_files_are_refused(saved, tmp_path):
     _, path, _, _ = saved
     cut = tmp_path / "cut.pt"
@@ -86,8 +164,7 @@ def test_damaged_foreign_and_outdated_files_are_refused(saved, tmp_path):
         sampler_file.load_sampler(cut)
     old = tmp_path / "old.pt"
     _, state = sampler_file.read_meta(path)
-    torch.save({"meta": json.dumps({"format": sampler_file.FORMAT, "version": 0}),
-                "state": state}, old)
+    _file(old, state, version=0)
     with pytest.raises(CheckpointError, match="version 0, this backfill reads version 1"):
         sampler_file.load_sampler(old)
     odd = tmp_path / "odd.pt"
@@ -114,7 +191,9 @@ def test_values_keep_their_types_and_shared_objects_stay_shared():
     dates = np.array(["2001-01-02", "2001-01-03"], dtype="datetime64[D]")
     value = {"a": (1, 2.5, "x", None, True), 3: [arr, arr], "d": dates,
              "s": np.float32(0.1), "u": np.array(["ab", "c"]), "set": {2, 1},
-             "view": np.broadcast_to(np.float64(2.0), (3, 2))}
+             "view": np.broadcast_to(np.float64(2.0), (3, 2)),
+             "t": np.datetime64("2001-01-02T03:04:05.123456789", "ns"),
+             "dt": np.timedelta64(3, "D"), "t0": np.array(np.datetime64("2001-01-02", "s"))}
     enc = sampler_file._Encoder()({"v": value})
     back = sampler_file._Decoder("cpu")(enc)["v"]
     assert back["a"] == (1, 2.5, "x", None, True) and back["set"] == {1, 2}
@@ -123,3 +202,6 @@ def test_values_keep_their_types_and_shared_objects_stay_shared():
     assert back["d"].dtype == dates.dtype and (back["d"] == dates).all()
     assert type(back["s"]) is np.float32 and back["s"] == np.float32(0.1)
     assert back["u"].tolist() == ["ab", "c"] and back["view"].shape == (3, 2)
+    for key in ("t", "dt", "t0"):
+        assert back[key].dtype == value[key].dtype and back[key] == value[key], key
+    assert back["t0"].shape == ()
