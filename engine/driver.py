@@ -1322,8 +1322,10 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
 
 
 # the config keys a sampler's fit reads: a saved sampler serves only runs that agree on all
-# of them (data.source may differ: the data is checked by its fingerprint)
+# of them but NOT_FIT_KEYS (the data is checked by its fingerprint, not by its name; the
+# synthetic market's test span is evaluate's alone)
 FIT_KEYS = ("seed", "data", "model", "train", "sampler")
+NOT_FIT_KEYS = frozenset({"data.source", "data.synthetic.test_days"})
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -1341,7 +1343,7 @@ def fit_differences(fitted: Config, config: Config) -> list[tuple[str, object, o
     a, b = fitted.to_dict(), config.to_dict()
     fa = _flat({k: a[k] for k in FIT_KEYS})
     fb = _flat({k: b[k] for k in FIT_KEYS})
-    keys = [k for k in dict.fromkeys([*fa, *fb]) if k != "data.source"]
+    keys = [k for k in dict.fromkeys([*fa, *fb]) if k not in NOT_FIT_KEYS]
     return [(k, fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)]
 
 

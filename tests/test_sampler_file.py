@@ -205,3 +205,14 @@ def test_values_keep_their_types_and_shared_objects_stay_shared():
     for key in ("t", "dt", "t0"):
         assert back[key].dtype == value[key].dtype and back[key] == value[key], key
     assert back["t0"].shape == ()
+
+
+def test_only_the_keys_a_fit_reads_must_agree():
+    from engine.driver import fit_differences
+
+    base = tiny_config()
+    assert fit_differences(base, tiny_config(**{"data.synthetic.test_days": 99,
+                                                "data.source": "other.csv",
+                                                "tree.depth": 9, "engine.threads": 2})) == []
+    assert fit_differences(base, tiny_config(**{"sampler.k": 7, "seed": 4})) == \
+        [("seed", 0, 4), ("sampler.k", 0, 7)]
