@@ -273,6 +273,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
     blob = None
     try:
         blob = safe_load(path, device)
+        if not isinstance(blob, dict):  # a bare tensor: indexing it by name warns
+            raise TypeError(f"a {type(blob).__name__}")
         meta = json.loads(blob["meta"])
         state = blob["state_dict"]
     except CheckpointError:

@@ -304,6 +304,8 @@ def read_meta(path: str | Path) -> tuple[dict, dict]:
     check_torch()
     try:
         blob = safe_load(path)
+        if not isinstance(blob, dict):  # a bare tensor: indexing it by name warns
+            raise TypeError(f"a {type(blob).__name__}")
         meta = json.loads(blob["meta"])
         state = blob["state"]
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:

@@ -173,6 +173,15 @@ def test_damaged_foreign_and_outdated_files_are_refused(saved, tmp_path):
         sampler_file.load_sampler(odd)
     with pytest.raises(CheckpointError, match="not found"):
         sampler_file.load_sampler(tmp_path / "none.pt")
+    # a bare tensor: refused by the error alone, without torch's warnings beside it
+    import warnings
+
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="not a backfill sampler file"):
+            sampler_file.load_sampler(tmp_path / "tensor.pt")
+    assert not caught, [str(w.message) for w in caught]
 
 
 def test_what_it_cannot_write_it_refuses_without_leaving_a_file(saved, tmp_path):
