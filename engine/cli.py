@@ -126,6 +126,8 @@ def _out_file(out: Path, flag: str = "--out") -> Path:
 
     if out.is_dir():
         raise ConfigError(f"{flag} {out} is a folder; pass a file path")
+    if out.exists() and not out.is_file():  # a device or a pipe: never replaced by a file
+        raise ConfigError(f"{flag} {out} exists and is not a regular file; pass a file path")
     _writable_dir(out.parent, f"{flag} {out}")
     return out
 
@@ -313,8 +315,8 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
             raise ConfigError(f"--sampler {sampler_file} was fitted on the history up to "
                               f"{saved.start_date}, which this data cannot start from "
                               f"({first_line(err)}); pass the data it was fitted on") from None
-    if saved is not None:
-        driver.check_saved_sampler(saved, prep, inputs, start is not None, console)
+    note = None if saved is None else \
+        driver.check_saved_sampler(saved, prep, inputs, start is not None)
 
     def open_store():
         return driver.open_store(store, kind=kind, config=cfg, fingerprint=inputs.fingerprint,
@@ -336,6 +338,8 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
     if cfg.engine.backend == "ray" and cfg.engine.address is not None:
         driver.connect_ray(cfg.engine)
     if saved is not None:
+        if note is not None:  # after the store's checks: a refusal stays one line
+            console.print(note, markup=False)
         sampler = driver.load_saved_sampler(saved, cfg, console)
     else:
         sampler = driver.fit_for_run(prep, inputs, model, console)
@@ -361,10 +365,14 @@ def fit(out: Annotated[Path, typer.Option("--out", help="Where to save the fitte
         start: StartOpt = None, seed: SeedOpt = None) -> None:
     """Fit the run's sampler once (as `run` does) and save it for `run` / `mc --sampler`."""
     from engine import driver
+    from engine.errors import ConfigError
     from engine.pipeline import prepare
 
     cfg = _config(config, **{"data.source": data, "seed": seed})
     _out_file(out)
+    for flag, given in (("--config", config), ("--data", data), ("--model", model)):
+        if given is not None and _same_file(out, Path(given)):
+            raise ConfigError(f"--out {out} is the {flag} file; pass another path")
     console = _console()
     prep = prepare(cfg, console=console)
     inputs = driver.run_inputs(prep, start)

@@ -1322,10 +1322,10 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
 
 
 # the config keys a sampler's fit reads: a saved sampler serves only runs that agree on all
-# of them but NOT_FIT_KEYS (the data is checked by its fingerprint, not by its name; the
-# synthetic market's test span is evaluate's alone)
+# of them but NOT_FIT_KEYS (the data is checked by its fingerprint, not by its name or by
+# the settings that made the synthetic market)
 FIT_KEYS = ("seed", "data", "model", "train", "sampler")
-NOT_FIT_KEYS = frozenset({"data.source", "data.synthetic.test_days"})
+NOT_FIT_KEYS = ("data.source", "data.synthetic.")
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -1343,7 +1343,7 @@ def fit_differences(fitted: Config, config: Config) -> list[tuple[str, object, o
     a, b = fitted.to_dict(), config.to_dict()
     fa = _flat({k: a[k] for k in FIT_KEYS})
     fb = _flat({k: b[k] for k in FIT_KEYS})
-    keys = [k for k in dict.fromkeys([*fa, *fb]) if k not in NOT_FIT_KEYS]
+    keys = [k for k in dict.fromkeys([*fa, *fb]) if not k.startswith(NOT_FIT_KEYS)]
     return [(k, fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)]
 
 
@@ -1383,12 +1383,14 @@ def read_saved_sampler(path: Path, config: Config) -> SavedSampler:
 
 
 def check_saved_sampler(saved: SavedSampler, prep, inputs: RunInputs,
-                        start_given: bool = True, console=None) -> None:
+                        start_given: bool = True) -> str | None:
     """The run starts where the sampler file's fit ended, on the same history and grid.
-    ``start_given``: --start was passed (else the run took the file's start)."""
+    ``start_given``: --start was passed (else the run took the file's start). Returns a note
+    to print once the store is checked too (the data runs on past the fit), or None."""
     meta, path = saved.meta, saved.path
+    panel = prep.panel
     if inputs.start_date != meta["start_date"]:
-        if not start_given:
+        if not np.any(panel.dates == np.datetime64(meta["start_date"], "D")):
             raise ConfigError(f"--sampler {path} was fitted on the history up to "
                               f"{meta['start_date']}, a day this data does not have (its last "
                               f"day on or before is {inputs.start_date}); pass the data it was "
@@ -1397,18 +1399,25 @@ def check_saved_sampler(saved: SavedSampler, prep, inputs: RunInputs,
                           f"{meta['start_date']}, this run starts on {inputs.start_date}; "
                           "leave --start out (the run then starts where the fit ended), or fit "
                           "a sampler for this start with `backfill fit --start`")
-    history = prep.panel.slice_days(0, inputs.fit_days).fingerprint
-    if history != meta["history_fingerprint"] or inputs.grid != meta["grid"]:
+    if inputs.grid != meta["grid"]:
+        raise ConfigError(f"--sampler {path} was fitted on another grid (moneyness "
+                          f"{meta['grid'].get('moneyness')}, maturities "
+                          f"{meta['grid'].get('maturity_days')}), this data's is moneyness "
+                          f"{inputs.grid['moneyness']}, maturities {inputs.grid['maturity_days']}"
+                          "; pass the data it was fitted on, or fit it again with `backfill "
+                          "fit --data`")
+    history = panel.slice_days(0, inputs.fit_days).fingerprint
+    if history != meta["history_fingerprint"]:
         raise ConfigError(f"--sampler {path} was fitted on other data (its history up to "
                           f"{meta['start_date']} has fingerprint {meta['history_fingerprint']}, "
                           f"this data's {history}); pass the data file it was fitted on, or fit "
                           "it again with `backfill fit --data`")
-    later = prep.panel.n_days - inputs.fit_days
-    if later and not start_given and console is not None:
-        console.print(f"note: the data runs on to {prep.panel.dates[-1]} ({later} more "
-                      f"day{'s' * (later != 1)}); the run starts on {inputs.start_date}, where "
-                      f"{path} was fitted: `backfill fit` again to start on the last day",
-                      markup=False)
+    later = panel.n_days - inputs.fit_days
+    if later and not start_given:
+        return (f"note: the data runs on to {panel.dates[-1]} ({later} more "
+                f"day{'s' * (later != 1)}); the run starts on {inputs.start_date}, where "
+                f"{path} was fitted: `backfill fit` again to start on the last day")
+    return None
 
 
 def load_saved_sampler(saved: SavedSampler, config: Config, console=None):

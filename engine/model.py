@@ -282,10 +282,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CVAE, dict]:
     except Exception as err:  # noqa: BLE001 - any failure means "not our checkpoint"
         from engine.sampler_file import is_sampler_file
 
-        hint = " (a sampler file? pass it to --sampler)" if is_sampler_file(blob) else ""
-        raise CheckpointError(f"{path} is not a backfill checkpoint{hint} "
-                              f"({type(err).__name__}); train one with `backfill train --out "
-                              "model.pt`") from None
+        if is_sampler_file(blob):
+            raise CheckpointError(f"{path} is a sampler file, not a model checkpoint; pass it "
+                                  "to --sampler, or train a model with `backfill train --out "
+                                  "model.pt`") from None
+        raise CheckpointError(f"{path} is not a backfill checkpoint ({type(err).__name__}); "
+                              "train one with `backfill train --out model.pt`") from None
     if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
         version = meta.get("version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path} has checkpoint version {version}, this "

@@ -20,10 +20,11 @@ back as two equal copies, and a read-only array comes back writable.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -256,9 +257,9 @@ class _Decoder:
 def save_sampler(sampler, path: str | Path, *, config: Config, history_fingerprint: str,
                  start_date: str, fit_days: int, grid: dict) -> Path:
     """Write a fitted sampler with what it was fitted on: the config, the fingerprint of
-    the history it saw (the ``fit_days`` days up to ``start_date``), the grid and where its
-    models computed. Written to a temporary name and renamed, so a failed save leaves no
-    half file."""
+    the history it saw (the ``fit_days`` days up to ``start_date``), the grid, where its
+    models computed and a digest of it all. Written to a temporary name (fsync'd) and
+    renamed, so a failed save leaves no half file; the same fit gives the same bytes."""
     from engine.model import module_devices
 
     path = Path(path)
@@ -276,19 +277,53 @@ def save_sampler(sampler, path: str | Path, *, config: Config, history_fingerpri
             "history_fingerprint": history_fingerprint, "start_date": start_date,
             "fit_days": int(fit_days), "grid": grid,
             "devices": sorted(module_devices(sampler))}
-    fd, part = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
+    meta["digest"] = digest(meta, state)
+    buffer = io.BytesIO()  # in memory: the archive's inner names do not depend on the path
+    torch.save({"meta": json.dumps(meta), "state": state}, buffer)
+    target = Path(os.path.realpath(path))  # a link is written through
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
-        torch.save({"meta": json.dumps(meta), "state": state}, part)
-        os.replace(part, path)
+        with open(part, "wb") as f:  # the umask's permissions, as any file the user writes
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(part)
     return path
 
 
+def digest(meta: dict, state) -> str:
+    """SHA-256 of a file's meta (but its digest) and of every value and tensor byte of its
+    state, in order: a file damaged on disk or in transit reads back with another."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "digest"},
+                                  sort_keys=True).encode())
+
+    def walk(x) -> None:
+        if isinstance(x, torch.Tensor):
+            a = x.detach().cpu().contiguous().numpy()
+            h.update(f"T{a.dtype.str}{a.shape}".encode())
+            h.update(a.reshape(-1).view(np.uint8))
+        elif type(x) is dict:
+            h.update(f"D{len(x)}".encode())
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif type(x) in (list, tuple):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"V{type(x).__name__}:{x!r};".encode())
+
+    walk(state)
+    return h.hexdigest()
+
+
 _META = {"backfill": str, "method": str, "config": dict, "history_fingerprint": str,
-         "start_date": str, "fit_days": int, "grid": dict, "devices": list}
+         "start_date": str, "fit_days": int, "grid": dict, "devices": list, "digest": str}
 
 
 def read_meta(path: str | Path) -> tuple[dict, dict]:
@@ -313,9 +348,10 @@ def read_meta(path: str | Path) -> tuple[dict, dict]:
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure means "not our file"
-        hint = " (a model checkpoint? pass it to --model)" if _is_checkpoint(blob_of(path)) \
-            else ""
-        raise CheckpointError(f"{path} is not a backfill sampler file{hint} "
+        if _is_checkpoint(blob_of(path)):
+            raise CheckpointError(f"{path} is a model checkpoint, not a sampler file; pass it "
+                                  f"to --model, or {fix}") from None
+        raise CheckpointError(f"{path} is not a backfill sampler file "
                               f"({type(err).__name__}); {fix}") from None
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has sampler file version {meta.get('version')}, this "
@@ -331,6 +367,10 @@ def read_meta(path: str | Path) -> tuple[dict, dict]:
     if bad:
         raise CheckpointError(f"{path} is a damaged sampler file (its {bad[0]} is missing or "
                               f"wrong); fit it again with `backfill fit`")
+    if digest(meta, state) != meta["digest"]:
+        raise CheckpointError(f"{path} is damaged (its contents do not match the digest "
+                              "written with them); copy it again, or fit it again with "
+                              "`backfill fit`")
     if meta["backfill"] != engine.__version__:
         raise CheckpointError(f"{path} was fitted by backfill {meta['backfill']}, this is "
                               f"{engine.__version__}, whose fit may differ; fit it again with "
@@ -364,12 +404,15 @@ def decode(state: dict, path: str | Path, device: str = "cpu"):
         out = _Decoder(device)(state)
         if _class_name(type(out)) not in SAMPLERS:
             raise TypeError(f"it holds a {type(out).__name__}, not a sampler")
+        if not out.is_fitted():
+            raise ValueError("its sampler is not fitted")
         return out
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - whatever a damaged file makes fail
         raise CheckpointError(f"{path} is a damaged or outdated sampler file "
-                              f"({first_line(err)}); fit it again with `backfill fit`") from None
+                              f"({type(err).__name__}: {first_line(err)}); fit it again with "
+                              "`backfill fit`") from None
 
 
 def load_sampler(path: str | Path, device: str = "cpu") -> tuple[object, dict]:

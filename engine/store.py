@@ -759,7 +759,8 @@ class ScenarioStore:
                f"{m.depth} --seed {m.seed}")
         if m.kind == "mc":
             cmd += f" --n-paths {self.run_attr('n_paths')}"
-        return f"`{cmd}` with the run's own --config, --data and --model"
+        return (f"`{cmd}` with the run's own --config, --data and --model (or its --sampler "
+                "file)")
 
     def to_dict(self) -> dict:
         out = self.meta.to_dict()

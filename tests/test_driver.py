@@ -1005,9 +1005,18 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
     _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--sampler",
                      fitted, "--model", model], "pass one of the two")
     _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--sampler",
-                     model], "not a backfill sampler file", "pass it to --model")
+                     model], "is a model checkpoint, not a sampler file", "pass it to --model")
     _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--model",
-                     fitted], "not a backfill checkpoint", "pass it to --sampler")
+                     fitted], "is a sampler file, not a model checkpoint", "pass it to --sampler")
+    # refused after the note's condition (the data runs on past the fit): still one line
+    _one_line_error(["run", "--config", cfg, "--store", tmp_path / "t.zarr", "--sampler",
+                     fitted], "--resume")
+    # outputs fit must not write over
+    _one_line_error(["fit", "--config", cfg, "--out", cfg], "is the --config file")
+    import os
+
+    os.mkfifo(tmp_path / "pipe")
+    _one_line_error(["fit", "--config", cfg, "--out", tmp_path / "pipe"], "not a regular file")
     _one_line_error(["run", "--config", cfg, "--store", tmp_path / "a.zarr", "--sampler",
                      tmp_path / "none.pt"], "not found", "backfill fit")
     from engine.data.io import load_panel

@@ -37,8 +37,9 @@ def _file(path, state, **meta) -> None:
             "backfill": engine.__version__, "method": "hist-bootstrap",
             "config": tiny_config().to_dict(), "history_fingerprint": "x",
             "start_date": "2001-01-02", "fit_days": 10, "grid": {}, "devices": ["cpu"], **meta}
-    torch.save({"meta": json.dumps({k: v for k, v in head.items() if v is not None}),
-                "state": state}, path)
+    head = {k: v for k, v in head.items() if v is not None}
+    head.setdefault("digest", sampler_file.digest(head, state))
+    torch.save({"meta": json.dumps(head), "state": state}, path)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,46 @@ def test_meta_says_what_the_sampler_was_fitted_on(saved):
     meta, _ = sampler_file.read_meta(path)
     assert meta["method"] == "hist-bootstrap" and meta["fit_days"] == panel.n_days
     assert meta["history_fingerprint"] == panel.fingerprint
-    assert meta["config"] == config.to_dict()
+    assert meta["config"] == config.to_dict() and meta["devices"] == ["cpu"]
     assert not any(p.name.startswith(".") for p in path.parent.iterdir())  # no .part left
+
+
+def test_the_same_fit_gives_the_same_bytes_wherever_it_is_written(saved, tmp_path):
+    """Through a link, into a folder it makes, with the umask's permissions."""
+    import os
+
+    sampler, path, config, panel = saved
+
+    def save(to):
+        return sampler_file.save_sampler(sampler, to, config=config,
+                                         history_fingerprint=panel.fingerprint,
+                                         start_date=str(panel.dates[-1]),
+                                         fit_days=panel.n_days, grid=panel.grid_dict())
+
+    old = os.umask(0o022)
+    try:
+        other = save(tmp_path / "new" / "folder" / "other.pt")
+    finally:
+        os.umask(old)
+    assert other.read_bytes() == path.read_bytes()
+    assert other.stat().st_mode & 0o777 == 0o644
+    (tmp_path / "link.pt").symlink_to(other)
+    save(tmp_path / "link.pt")
+    assert (tmp_path / "link.pt").is_symlink() and other.read_bytes() == path.read_bytes()
+
+
+def test_a_file_damaged_after_it_was_written_is_refused(saved, tmp_path):
+    """One flipped byte in a tensor (which torch's reader does not check) changes the
+    digest."""
+    _, path, _, _ = saved
+    meta, state = sampler_file.read_meta(path)
+    flipped = tmp_path / "flipped.pt"
+    ours = next(v for v in state["attrs"]["items"] if isinstance(v[1], dict)
+                and v[1].get("kind") == "ndarray")[1]["data"]
+    ours.view(torch.uint8).reshape(-1)[0] ^= 1
+    torch.save({"meta": json.dumps(meta), "state": state}, flipped)
+    with pytest.raises(CheckpointError, match="is damaged"):
+        sampler_file.load_sampler(flipped)
 
 
 def test_a_class_outside_the_allowed_list_is_never_built(tmp_path):
@@ -221,6 +260,7 @@ def test_only_the_keys_a_fit_reads_must_agree():
 
     base = tiny_config()
     assert fit_differences(base, tiny_config(**{"data.synthetic.test_days": 99,
+                                                "data.synthetic.n_days": 500,
                                                 "data.source": "other.csv",
                                                 "tree.depth": 9, "engine.threads": 2})) == []
     assert fit_differences(base, tiny_config(**{"sampler.k": 7, "seed": 4})) == \
