@@ -337,6 +337,7 @@ def read_meta(path: str | Path) -> tuple[dict, dict]:
         found = "not found" if not path.exists() else "is not a regular file"
         raise CheckpointError(f"sampler file {path} {found}; {fix}")
     check_torch()
+    blob = None
     try:
         blob = safe_load(path)
         if not isinstance(blob, dict):  # a bare tensor: indexing it by name warns
@@ -348,7 +349,7 @@ def read_meta(path: str | Path) -> tuple[dict, dict]:
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure means "not our file"
-        if _is_checkpoint(blob_of(path)):
+        if _is_checkpoint(blob):
             raise CheckpointError(f"{path} is a model checkpoint, not a sampler file; pass it "
                                   f"to --model, or {fix}") from None
         raise CheckpointError(f"{path} is not a backfill sampler file "
@@ -367,7 +368,13 @@ def read_meta(path: str | Path) -> tuple[dict, dict]:
     if bad:
         raise CheckpointError(f"{path} is a damaged sampler file (its {bad[0]} is missing or "
                               f"wrong); fit it again with `backfill fit`")
-    if digest(meta, state) != meta["digest"]:
+    try:
+        same = digest(meta, state) == meta["digest"]
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - a value no file of ours holds
+        same = False
+    if not same:
         raise CheckpointError(f"{path} is damaged (its contents do not match the digest "
                               "written with them); copy it again, or fit it again with "
                               "`backfill fit`")
@@ -376,14 +383,6 @@ def read_meta(path: str | Path) -> tuple[dict, dict]:
                               f"{engine.__version__}, whose fit may differ; fit it again with "
                               "`backfill fit`")
     return meta, state
-
-
-def blob_of(path: Path):
-    """A file as torch's safe reader sees it (None where it cannot read it)."""
-    try:
-        return safe_load(path)
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _is_checkpoint(blob) -> bool:
