@@ -298,6 +298,10 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
                              "engine.backend": backend, "engine.address": address})
     _check_address(cfg, config, address, backend)
     stride_days(cfg.tree.stride, cfg.data.horizon)  # before a fit, and before --overwrite
+    if cfg.sampler.method == "oracle" and cfg.tree.depth > 1:  # not after level 1's writes
+        raise ConfigError(f"sampler.method = 'oracle' draws only from windows of the synthetic "
+                          f"market's own history, and level 2 of {cfg.tree.depth} starts from "
+                          "drawn paths; pass --depth 1, or choose another sampler.method")
     saved = None
     if sampler_file is not None:
         if model is not None:

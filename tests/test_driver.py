@@ -1047,6 +1047,21 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
     assert not (tmp_path / "a.zarr").exists()
 
 
+def test_the_oracle_runs_one_level_and_refuses_more_before_any_work(cli_stores, tmp_path):
+    """The true law knows only the market's own windows: level 1 (from the last day) runs;
+    a deeper run is refused at once, not after writing level 1."""
+    cfg, _, _ = cli_stores
+    oracle = tmp_path / "oracle.toml"
+    oracle.write_text(cfg.read_text().replace("[sampler]\n", "[sampler]\nmethod = \"oracle\"\n"))
+    result = _invoke(["mc", "--config", oracle, "--store", tmp_path / "one.zarr", "--depth",
+                      "1", "--n-paths", "5"])
+    assert result.exit_code == 0, result.output
+    for kind in ("run", "mc"):
+        _one_line_error([kind, "--config", oracle, "--store", tmp_path / "two.zarr"],
+                        "sampler.method = 'oracle'", "level 2 of 2", "--depth 1")
+    assert not (tmp_path / "two.zarr").exists()
+
+
 def _one_line_error(args: list, *words: str) -> str:
     result = _invoke(args)
     assert result.exit_code == 2, (args, result.output)
