@@ -11,7 +11,9 @@ sampler becomes a tagged dict: an array its tensor, a CVAE its config, sizes and
 FAISS index its keys (rebuilt on load), a config its fields, and any other object the name
 of its class and its attributes. On load a class is found only in ``ALLOWED`` (the samplers
 and the parts they hold) and ``CONFIGS``; any other name is refused, as are attribute names
-that would shadow a method, and a file whose top object is not a sampler.
+that would shadow a method, and a file whose top object is not a sampler. The meta holds a
+SHA-256 digest of the meta and of every value and tensor byte of the state, checked before
+anything is built (torch's reader does not check the archive's CRCs).
 
 Not kept (none of today's samplers relies on them): a list or dict held in two places comes
 back as two equal copies, and a read-only array comes back writable.
