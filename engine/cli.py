@@ -369,14 +369,11 @@ def fit(out: Annotated[Path, typer.Option("--out", help="Where to save the fitte
         start: StartOpt = None, seed: SeedOpt = None) -> None:
     """Fit the run's sampler once (as `run` does) and save it for `run` / `mc --sampler`."""
     from engine import driver
-    from engine.errors import ConfigError
     from engine.pipeline import prepare
 
     cfg = _config(config, **{"data.source": data, "seed": seed})
     _out_file(out)
-    for flag, given in (("--config", config), ("--data", data), ("--model", model)):
-        if given is not None and _same_file(out, Path(given)):
-            raise ConfigError(f"--out {out} is the {flag} file; pass another path")
+    _not_an_input(out, "--out", {"--config": config, "--data": data, "--model": model})
     console = _console()
     prep = prepare(cfg, console=console)
     inputs = driver.run_inputs(prep, start)
@@ -511,12 +508,7 @@ def var(store: StoreOpt,
         _out_suffix(plot_out, (".png", ".pdf", ".svg"), "--plot")
     if tail is not None:
         _out_suffix(tail, (".csv", ".parquet"), "--tail")
-        for flag, given in (("--position", position), ("--realised", realised)):
-            if given is not None and _same_file(tail, Path(given)):
-                from engine.errors import ConfigError
-
-                raise ConfigError(f"--tail {tail} is the {flag} file; write the tail to "
-                                  "another path")
+        _not_an_input(tail, "--tail", {"--position": position, "--realised": realised})
     scenario = _open_store(store)
     vega = None if position is None else driver.read_position(position, scenario.meta.grid)
     surfaces = None if realised is None else _realised_after_start(realised, scenario)
@@ -602,6 +594,16 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _not_an_input(out: Path, flag: str, inputs: dict) -> None:
+    """Refuse an output that is one of the command's input files ({flag: path or None})."""
+    from engine.errors import ConfigError
+
+    for given_flag, given in inputs.items():
+        if given is not None and _same_file(out, Path(given)):
+            raise ConfigError(f"{flag} {out} is the {given_flag} file; write it to another "
+                              "path")
 
 
 def _write_frame(frame, out: Path) -> None:

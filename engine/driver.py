@@ -82,6 +82,7 @@ from engine.store import (
     REDO,
     ScenarioStore,
     business_days_after,
+    first_difference,
     parse_start_date,
     remove_temporary_files,
 )
@@ -1328,23 +1329,16 @@ FIT_KEYS = ("seed", "data", "model", "train", "sampler")
 NOT_FIT_KEYS = ("data.source", "data.synthetic.")
 
 
-def _flat(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def fit_differences(fitted: Config, config: Config) -> list[tuple[str, object, object]]:
     """(key, the fit's value, the run's value) of every FIT_KEYS key on which they differ."""
     a, b = fitted.to_dict(), config.to_dict()
-    fa = _flat({k: a[k] for k in FIT_KEYS})
-    fb = _flat({k: b[k] for k in FIT_KEYS})
-    keys = [k for k in dict.fromkeys([*fa, *fb]) if not k.startswith(NOT_FIT_KEYS)]
-    return [(k, fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)]
+    return [d for k in FIT_KEYS for d in first_difference(a[k], b[k], k)
+            if not d[0].startswith(NOT_FIT_KEYS)]
+
+
+def history_fingerprint(prep, inputs: RunInputs) -> str:
+    """The fingerprint of the days a run's sampler is fitted on (up to its start)."""
+    return prep.panel.slice_days(0, inputs.fit_days).fingerprint
 
 
 @dataclass
@@ -1406,7 +1400,7 @@ def check_saved_sampler(saved: SavedSampler, prep, inputs: RunInputs,
                           f"{inputs.grid['moneyness']}, maturities {inputs.grid['maturity_days']}"
                           "; pass the data it was fitted on, or fit it again with `backfill "
                           "fit --data`")
-    history = panel.slice_days(0, inputs.fit_days).fingerprint
+    history = history_fingerprint(prep, inputs)
     if history != meta["history_fingerprint"]:
         raise ConfigError(f"--sampler {path} was fitted on other data (its history up to "
                           f"{meta['start_date']} has fingerprint {meta['history_fingerprint']}, "
@@ -1427,7 +1421,6 @@ def load_saved_sampler(saved: SavedSampler, config: Config, console=None):
 
     from engine import sampler_file
     from engine.model import module_devices
-    from engine.samplers import REGISTRY
     from engine.samplers.knn import KnnResidualSampler
     from engine.train import pick_device
 
@@ -1435,8 +1428,7 @@ def load_saved_sampler(saved: SavedSampler, config: Config, console=None):
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     sampler = sampler_file.decode(saved.state, saved.path, str(device))
-    module, cls = REGISTRY[config.sampler.method]
-    if (type(sampler).__module__, type(sampler).__name__) != (module, cls):
+    if sampler_file.method_of(sampler) != config.sampler.method:
         raise CheckpointError(f"{saved.path} holds a {type(sampler).__name__}, not the "
                               f"{config.sampler.method} sampler its config names; fit it again "
                               "with `backfill fit`")
@@ -1459,9 +1451,8 @@ def save_fitted_sampler(sampler, path: Path, prep, inputs: RunInputs) -> Path:
     """``backfill fit``: the sampler with what a run must share with it."""
     from engine import sampler_file
 
-    history = prep.panel.slice_days(0, inputs.fit_days).fingerprint
     return sampler_file.save_sampler(sampler, path, config=prep.config,
-                                     history_fingerprint=history,
+                                     history_fingerprint=history_fingerprint(prep, inputs),
                                      start_date=inputs.start_date, fit_days=inputs.fit_days,
                                      grid=inputs.grid)
 

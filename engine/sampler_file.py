@@ -46,7 +46,8 @@ VERSION = 1
 # "module:qualname" of every class a fitted sampler may hold besides arrays, CVAEs, FAISS
 # indexes and configs (tests/contract.py saves every sampler, so a new attribute of another
 # class fails there first).
-SAMPLERS = frozenset(f"{module}:{cls}" for module, cls in REGISTRY.values())
+_METHODS = {f"{module}:{cls}": name for name, (module, cls) in REGISTRY.items()}
+SAMPLERS = frozenset(_METHODS)
 ALLOWED = SAMPLERS | {
     "engine.samplers.bank:ResidualBank",
     "engine.samplers.bank:KeySpace",
@@ -63,6 +64,11 @@ _SCALAR_KINDS = "biuf"  # numpy scalars kept as Python numbers (itemsize <= 8)
 
 def _class_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def method_of(sampler) -> str | None:
+    """The registry name of a sampler's class (None: not a sampler)."""
+    return _METHODS.get(_class_name(type(sampler)))
 
 
 class _Encoder:
@@ -265,15 +271,14 @@ def save_sampler(sampler, path: str | Path, *, config: Config, history_fingerpri
     from engine.model import module_devices
 
     path = Path(path)
-    if _class_name(type(sampler)) not in SAMPLERS:
+    method = method_of(sampler)
+    if method is None:
         raise TypeError(f"a {_class_name(type(sampler))} is not a sampler")
     try:
         state = _Encoder()(sampler)
     except (TypeError, ValueError, RecursionError) as err:
         raise ConfigError(f"the {type(sampler).__name__} cannot be saved to a file "
                           f"({first_line(err)}); run without a sampler file") from None
-    method = next(k for k, (m, c) in REGISTRY.items()
-                  if f"{m}:{c}" == _class_name(type(sampler)))
     meta = {"format": FORMAT, "version": VERSION, "backfill": engine.__version__,
             "method": method, "config": config.to_dict(),
             "history_fingerprint": history_fingerprint, "start_date": start_date,
@@ -403,7 +408,7 @@ def decode(state: dict, path: str | Path, device: str = "cpu"):
     """The sampler of a file's state (``read_meta``), its CVAEs on ``device``."""
     try:
         out = _Decoder(device)(state)
-        if _class_name(type(out)) not in SAMPLERS:
+        if method_of(out) is None:
             raise TypeError(f"it holds a {type(out).__name__}, not a sampler")
         if not out.is_fitted():
             raise ValueError("its sampler is not fitted")
