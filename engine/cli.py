@@ -23,9 +23,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 config_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect the config.")
 app.add_typer(config_app, name="config")
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
+
+def _path(value: str | Path) -> Path:
+    """A path flag's value; an empty one is refused (``Path("")`` would be the working
+    directory). Typer also hands it the converted value and the default: returned as they are."""
+    if isinstance(value, Path):
+        return value
+    if not value.strip():
+        raise typer.BadParameter("the path is empty; pass a file or folder name, or leave the "
+                                 "flag out where it is optional")
+    return Path(value)
+
+
+_path_option = functools.partial(typer.Option, parser=_path)
+
+ConfigOpt = Annotated[Path | None, _path_option("--config", "-c", help="TOML config file.")]
 DataOpt = Annotated[str | None, typer.Option(help="'synthetic' or a CSV / Parquet / NPZ file.")]
-ModelOpt = Annotated[Path | None, typer.Option("--model", help="A trained checkpoint (.pt).")]
+ModelOpt = Annotated[Path | None, _path_option("--model", help="A trained checkpoint (.pt).")]
 SeedOpt = Annotated[int | None, typer.Option(help="Run seed (overrides the config's).")]
 
 
@@ -181,7 +195,7 @@ def config_show(config: ConfigOpt = None) -> None:
 
 @app.command()
 @user_errors
-def train(out: Annotated[Path, typer.Option("--out", help="Where to save the checkpoint.")],
+def train(out: Annotated[Path, _path_option("--out", help="Where to save the checkpoint.")],
           config: ConfigOpt = None, data: DataOpt = None, seed: SeedOpt = None,
           epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
           horizon: Annotated[int | None, typer.Option(help="Override data.horizon.")] = None,
@@ -198,7 +212,7 @@ def train(out: Annotated[Path, typer.Option("--out", help="Where to save the che
 
 @app.command()
 @user_errors
-def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_out"),
+def demo(out: Annotated[Path, _path_option(help="Output folder.")] = Path("demo_out"),
          config: ConfigOpt = None, seed: SeedOpt = None) -> None:
     """The whole pipeline on the built-in synthetic market, with plots and a summary."""
     from engine.demo import DEMO_DEFAULTS, run_demo
@@ -218,13 +232,13 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
 
 @app.command()
 @user_errors
-def evaluate(out: Annotated[Path, typer.Option("--out", help="Report folder.")],
+def evaluate(out: Annotated[Path, _path_option("--out", help="Report folder.")],
              config: ConfigOpt = None, data: DataOpt = None, model: ModelOpt = None,
              methods: Annotated[str | None, typer.Option(help="Comma-separated methods.")] = None,
              horizons: Annotated[str | None, typer.Option(help="e.g. 1,5,10,20,30,60,90")] = None,
              n_samples: Annotated[int | None, typer.Option("--n-samples")] = None,
              seed: SeedOpt = None,
-             position: Annotated[Path | None, typer.Option(
+             position: Annotated[Path | None, _path_option(
                  help="Backtest the VaR of this book instead of long 1 vega at every grid "
                  "point: a CSV of moneyness, maturity_days, vega (as `var --position`).")
              ] = None) -> None:
@@ -240,7 +254,7 @@ def evaluate(out: Annotated[Path, typer.Option("--out", help="Report folder.")],
 
 @app.command()
 @user_errors
-def diagnose(out: Annotated[Path, typer.Option("--out", help="Report folder.")],
+def diagnose(out: Annotated[Path, _path_option("--out", help="Report folder.")],
              config: ConfigOpt = None, data: DataOpt = None, model: ModelOpt = None,
              seed: SeedOpt = None) -> None:
     """Why the raw CVAE is over-confident: sensitivity to z, KL, neighbour variance, budget."""
@@ -250,7 +264,7 @@ def diagnose(out: Annotated[Path, typer.Option("--out", help="Report folder.")],
     run_diagnose(cfg, _out_dir(out), model_path=model, console=_console())
 
 
-StoreOpt = Annotated[Path, typer.Option("--store", help="The scenario store (a Zarr directory).")]
+StoreOpt = Annotated[Path, _path_option("--store", help="The scenario store (a Zarr directory).")]
 DepthOpt = Annotated[int | None, typer.Option(help="Levels of the tree (overrides tree.depth).")]
 BackendOpt = Annotated[str | None, typer.Option(help="'ray' (default) or 'inline'.")]
 AddressOpt = Annotated[str | None, typer.Option(
@@ -259,7 +273,7 @@ StartOpt = Annotated[str | None, typer.Option(
     help="Start date: the last data day on or before it (default: the last day).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted store.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")]
-SamplerOpt = Annotated[Path | None, typer.Option(
+SamplerOpt = Annotated[Path | None, _path_option(
     "--sampler", help="A fitted sampler (`backfill fit`) instead of fitting one; the run "
     "starts where its fit ended.")]
 
@@ -364,7 +378,7 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
 
 @app.command()
 @user_errors
-def fit(out: Annotated[Path, typer.Option("--out", help="Where to save the fitted sampler.")],
+def fit(out: Annotated[Path, _path_option("--out", help="Where to save the fitted sampler.")],
         config: ConfigOpt = None, data: DataOpt = None, model: ModelOpt = None,
         start: StartOpt = None, seed: SeedOpt = None) -> None:
     """Fit the run's sampler once (as `run` does) and save it for `run` / `mc --sampler`."""
@@ -443,7 +457,7 @@ def _out_suffix(out: Path, allowed: tuple[str, ...], flag: str = "--out") -> str
 @app.command()
 @user_errors
 def marginals(store: StoreOpt,
-              out: Annotated[Path, typer.Option("--out", help="F.parquet or F.csv")]) -> None:
+              out: Annotated[Path, _path_option("--out", help="F.parquet or F.csv")]) -> None:
     """Export the marginal quantiles: date, moneyness, maturity_days, quantile, iv."""
     from engine.store import marginals_frame
 
@@ -455,7 +469,7 @@ def marginals(store: StoreOpt,
 
 @app.command()
 @user_errors
-def paths(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="F.npz or F.parquet")],
+def paths(store: StoreOpt, out: Annotated[Path, _path_option("--out", help="F.npz or F.parquet")],
           level: Annotated[int | None, typer.Option(
               help="Level (default: the deepest complete one).")] = None) -> None:
     """Export full terminal paths (rebuilt from parent pointers) with their weights."""
@@ -484,7 +498,7 @@ def paths(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="F.np
 def var(store: StoreOpt,
         levels: Annotated[str, typer.Option(help="Confidence levels, e.g. 0.95,0.99")] = "0.95,0.99",
         json_out: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
-        position: Annotated[Path | None, typer.Option(
+        position: Annotated[Path | None, _path_option(
             help="CSV of moneyness, maturity_days, vega (P&L per 1.00 of iv, i.e. per vol "
             "point x 100), one row per grid point held; default: long 1 vega at every grid "
             "point.")] = None,
@@ -492,10 +506,10 @@ def var(store: StoreOpt,
             help="A data file (or 'synthetic') that runs past the start: each level's realised "
             "P&L, where it ranks in the level's distribution and whether it breached each VaR.")
         ] = None,
-        plot_out: Annotated[Path | None, typer.Option(
+        plot_out: Annotated[Path | None, _path_option(
             "--plot", help="Also draw each level's P&L distribution with its VaRs (and the "
             "realised P&L): F.png, .pdf or .svg.")] = None,
-        tail: Annotated[Path | None, typer.Option(
+        tail: Annotated[Path | None, _path_option(
             help="Also write the scenarios that make each level's tail: the nodes at or "
             "beyond the VaR of the lowest --levels, worst first, with their weight, P&L, share "
             "of the tail (ES = sum of tail_share x loss) and surface on the level's last day "
@@ -640,7 +654,7 @@ MAX_PLOT_PATHS = 100  # more lines than this are a smear, not paths one can foll
 
 @app.command()
 @user_errors
-def plot(store: StoreOpt, out: Annotated[Path, typer.Option("--out", help="fan.png")],
+def plot(store: StoreOpt, out: Annotated[Path, _path_option("--out", help="fan.png")],
          maturity: Annotated[float | None, typer.Option(
              help="Maturity in days (nearest grid point; default the shortest).")] = None,
          moneyness: Annotated[float | None, typer.Option(
@@ -844,7 +858,7 @@ def _check_table(report: dict):
 def bench(config: ConfigOpt = None,
           data: Annotated[str | None, typer.Option(
               help="Data to fit on (default: the built-in synthetic market).")] = "synthetic",
-          json_out: Annotated[Path | None, typer.Option(
+          json_out: Annotated[Path | None, _path_option(
               "--json", help="Also write the numbers to this JSON file.")] = None,
           quick: Annotated[bool, typer.Option(
               "--quick", help="Small depths and sizes (tests, laptops); same keys.")] = False,
@@ -854,7 +868,7 @@ def bench(config: ConfigOpt = None,
               "--n-samples", help="M paths per node of the tree runs (default: "
               "tree.n_samples, at most 64).")] = None,
           epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
-          workdir: Annotated[Path | None, typer.Option(
+          workdir: Annotated[Path | None, _path_option(
               help="Where the temporary stores go (default: the system temp dir).")] = None,
           gpu: Annotated[bool, typer.Option(
               "--gpu", help="The GPU part only: decoder on the torch device (CUDA where "

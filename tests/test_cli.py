@@ -332,6 +332,55 @@ def test_usage_errors_are_one_line_exit_2(monkeypatch, capsys, argv, words):
     assert all(w in err for w in words), err
 
 
+def _path_flags() -> list[tuple[str, str, object]]:
+    """(command, parameter, its typer option) of every flag of every command typed Path."""
+    import typing
+
+    from engine import cli
+
+    found = []
+    groups = [("", app)] + [(g.name + " ", g.typer_instance) for g in app.registered_groups]
+    for prefix, typer_app in groups:
+        for command in typer_app.registered_commands:
+            fn = command.callback
+            for name, hint in typing.get_type_hints(fn, include_extras=True).items():
+                if typing.get_origin(hint) is not typing.Annotated:
+                    continue
+                base, option = typing.get_args(hint)[:2]
+                if Path in (typing.get_args(base) or (base,)):
+                    found.append((prefix + (command.name or fn.__name__), name, option))
+    assert {type(o).__name__ for _, _, o in found} == {"OptionInfo"}
+    assert all(o.parser is cli._path for _, _, o in found), \
+        [f"{c} {n}" for c, n, o in found if o.parser is not cli._path]
+    return found
+
+
+def test_every_path_flag_refuses_an_empty_value():
+    """``Path("")`` is the working directory: an empty path flag would read or write there."""
+    flags = _path_flags()
+    assert len(flags) >= 18, flags
+    assert {("run", "sampler"), ("fit", "out"), ("evaluate", "out"), ("config show", "config"),
+            ("var", "tail")} <= {(c, n) for c, n, _ in flags}
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--store", "x.zarr", "--sampler", ""],
+    ["evaluate", "--out", " "],
+    ["config", "show", "--config", ""],
+    ["marginals", "--store", "", "--out", "m.csv"],
+])
+def test_an_empty_path_is_one_line_exit_2(monkeypatch, capsys, tmp_path, argv):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["backfill", *argv])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "the path is empty" in err and f"backfill {argv[0]}" in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing was read or written in the working dir
+
+
 def test_help_exits_0(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["backfill", "var", "--help"])
     with pytest.raises(SystemExit) as stop:
