@@ -525,7 +525,8 @@ def var(store: StoreOpt,
         _not_an_input(tail, "--tail", {"--position": position, "--realised": realised})
     scenario = _open_store(store)
     vega = None if position is None else driver.read_position(position, scenario.meta.grid)
-    surfaces = None if realised is None else _realised_after_start(realised, scenario)
+    surfaces, realised_days = (None, None) if realised is None else \
+        _realised_after_start(realised, scenario)
     pnls: list = []
     tails: list = []
 
@@ -544,7 +545,7 @@ def var(store: StoreOpt,
         task = progress.add_task("read", total=sum(scenario.n_chunks(k) for k in range(1, done + 1)))
         rows = driver.vega_risk(scenario, alphas, vega, surfaces,
                                 None if plot_out is None and tail is None else on_level,
-                                lambda: progress.advance(task))
+                                lambda: progress.advance(task), realised_days)
     from engine.metrics import LONG_VEGA
 
     held = LONG_VEGA if position is None else str(position)
@@ -575,6 +576,7 @@ def var(store: StoreOpt,
         table.add_column(f"VaR {driver.level_label(a)}", justify="right")
         table.add_column(f"ES {driver.level_label(a)}", justify="right")
     if surfaces is not None:
+        table.add_column("realised on", justify="right")
         table.add_column("realised P&L", justify="right")
         table.add_column("P(P&L <= it)", justify="right")
     for r in rows:
@@ -586,8 +588,8 @@ def var(store: StoreOpt,
             coarse = " †" if r[f"tail_losses_{label}"] == 1 else ""
             cells += [f"{r[f'var_{label}']:.4f}{breach}{coarse}", f"{r[f'es_{label}']:.4f}{coarse}"]
         if surfaces is not None:
-            cells += ([f"{r['realised_pnl']:+.4f}", f"{r['realised_rank']:.3f}"]
-                      if "realised_pnl" in r else ["-", "-"])
+            cells += ([r["realised_date"], f"{r['realised_pnl']:+.4f}",
+                       f"{r['realised_rank']:.3f}"] if "realised_pnl" in r else ["-", "-", "-"])
         table.add_row(*cells)
     _table_console().print(table)
     if any(r[f"tail_losses_{driver.level_label(a)}"] == 1 for r in rows for a in alphas):
@@ -598,6 +600,15 @@ def var(store: StoreOpt,
     if surfaces is not None:
         _console().print("* the realised loss exceeded that VaR; '-': the data end before that "
                          "level's last day", markup=False)
+        moved = [r for r in rows if r.get("realised_date", r["date"]) != r["date"]]
+        if moved:
+            r = moved[0]
+            _console().print(
+                f"the model steps one data row a day: a level's realised P&L is its data's "
+                f"row N after the start, N its days ahead (level {r['level']}: row "
+                f"{r['days_ahead']}, {r['realised_date']}: 'realised on'), while the store's "
+                f"calendar of weekdays labels that step {r['date']} (the data skip holidays or "
+                "other days)", markup=False)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -718,7 +729,8 @@ def plot(store: StoreOpt, out: Annotated[Path, _path_option("--out", help="fan.p
             "few nodes, are drawn once)" if len(drawn) < paths else "")
     if realised is not None:
         # the model steps a data row a day: the k-th row after the start is the fan's k-th day
-        steps = _realised_after_start(realised, scenario, len(ok))[:, i, j]
+        steps, step_days = _realised_after_start(realised, scenario, len(ok))
+        steps = steps[:, i, j]
         shown = ok[:len(steps)]
         r_iv, r_band = steps[shown], band[:len(steps)][shown]
         ax.plot(m["days"][:len(steps)][shown].astype("datetime64[D]"), r_iv, color="tab:red",
@@ -726,6 +738,11 @@ def plot(store: StoreOpt, out: Annotated[Path, _path_option("--out", help="fan.p
         inside = int(((r_iv >= r_band[:, q[0.05]]) & (r_iv <= r_band[:, q[0.95]])).sum())
         said += (f"; realised inside q05-q95 on {inside} of {len(r_iv)} "
                  f"day{'' if len(r_iv) == 1 else 's'}")
+        labels = m["days"][:len(steps)].astype("datetime64[D]")
+        if np.any(step_days != labels):  # the k-th data row is drawn on the fan's k-th day
+            said += (f" (the data's k-th row after the start drawn on the fan's k-th day: its "
+                     f"last, {step_days[-1]}, at {labels[-1]}; the data skip days the "
+                     "store's weekdays hold)")
     # where each level after the first starts: its marginals come from other nodes' draws,
     # so the band may step there (README, known limitations)
     done = scenario.require_complete_level()
@@ -745,11 +762,14 @@ def plot(store: StoreOpt, out: Annotated[Path, _path_option("--out", help="fan.p
                      f"{said})", markup=False)
 
 
-def _realised_after_start(source: str, scenario, n_steps: int | None = None) -> np.ndarray:
+def _realised_after_start(source: str, scenario, n_steps: int | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """The surfaces (steps, n_m, n_tau) of the data ``source`` on its (at most ``n_steps``;
-    None: all) rows after the store's start day, which it must hold, on the store's grid: the k-th row
-    after the start is the model's k-th step. A note if its start-day surface is not the one
-    the run started from."""
+    None: all) rows after the store's start day, which it must hold, on the store's grid, and
+    their dates (steps,): the k-th row after the start is the model's k-th step (its date may
+    differ from the store's k-th weekday: the data skips holidays). Notes if its start-day
+    surface is not the one the run started from, and where its rows after the start leave a
+    gap (``Panel.gap_note``)."""
     import numpy as np
 
     from engine import driver
@@ -787,6 +807,7 @@ def _realised_after_start(source: str, scenario, n_steps: int | None = None) -> 
                         f"{panel.dates[0]} to {panel.dates[-1]}); pass the data the run used, "
                         "or a later version of it")
     steps = panel.surface[at + 1 :][:n_steps]
+    dates = panel.dates[at + 1 :][:n_steps].astype("datetime64[D]")
     if steps.size == 0:
         raise DataError(f"--realised {source}: it ends on the start {start}; pass data that "
                         "goes on past it, or leave --realised out")
@@ -794,7 +815,17 @@ def _realised_after_start(source: str, scenario, n_steps: int | None = None) -> 
                        atol=0):
         _console().print(f"note: {source}'s surface on {start} is not the one the run started "
                          "from: these are not the data it ran on", markup=False)
-    return steps
+    from engine.data.panel import MAX_GAP_DAYS
+
+    days = np.concatenate([[start], dates])
+    gaps = np.diff(days.astype(np.int64))
+    if gaps.max() > MAX_GAP_DAYS:
+        k = int(np.argmax(gaps))
+        _console().print(f"note: {source} jumps from {days[k]} to {days[k + 1]} "
+                         f"({int(gaps[k])} calendar days) after the start; its rows stand for "
+                         "the model's steps one a day, so from there on they are later than the "
+                         "store's days: fill the gap, or use data without it", markup=False)
+    return steps, dates
 
 
 @app.command(help="Read a whole store back and check it; exit 2 if anything fails.\n\n"

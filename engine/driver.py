@@ -1626,7 +1626,8 @@ def read_position(path: str | Path, grid: dict, whose: str = "store") -> np.ndar
 def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None = None,
               realised: np.ndarray | None = None,
               on_level: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
-              on_chunk: Callable[[], None] | None = None) -> list[dict]:
+              on_chunk: Callable[[], None] | None = None,
+              realised_dates: np.ndarray | None = None) -> list[dict]:
     """VaR / ES per complete level of a vega position: by default long one vega at every
     grid point, else ``vega`` (n_m, n_tau) (see ``read_position``).
 
@@ -1636,7 +1637,8 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
     lies on. ``realised`` (steps, n_m, n_tau): the surfaces that came after the start,
     a step a row; for each level they reach, the row gets ``realised_pnl``,
     ``realised_rank`` (the level's probability of a P&L at most that) and ``breach_<a>``
-    (the realised loss exceeded VaR a). ``on_level(level, pnl, weight)`` is shown each
+    (the realised loss exceeded VaR a), and ``realised_date`` (that row's date, from
+    ``realised_dates`` (steps,), else the level's). ``on_level(level, pnl, weight)`` is shown each
     level's node P&Ls and weights (for a plot); ``on_chunk()`` is called after each chunk
     read (a progress bar's tick).
     """
@@ -1675,6 +1677,8 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
             row[f"tail_losses_{level_label(a)}"] = int(np.unique(pnl[nodes[share > 0]]).size)
         if realised is not None and row["days_ahead"] <= len(realised):
             real = float(((realised[row["days_ahead"] - 1] - start) * vega).sum())
+            row["realised_date"] = (row["date"] if realised_dates is None
+                                    else str(realised_dates[row["days_ahead"] - 1]))
             row["realised_pnl"] = real
             row["realised_rank"] = float(weight[pnl <= real].sum() / weight.sum())
             for a in levels:

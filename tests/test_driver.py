@@ -1178,6 +1178,38 @@ def test_cli_var_of_a_position_file(cli_stores, tmp_path):
     at = int(np.flatnonzero(truth.dates == np.datetime64(store.meta.start_date))[0])
     real = -2.5 * (truth.surface[at + 6, i, j] - start)
     assert first["realised_pnl"] == pytest.approx(real, abs=1e-12)
+    assert first["realised_date"] == first["date"] == str(truth.dates[at + 6])[:10]
+    # the model steps one data row a day: where the data skip a weekday (a holiday), a
+    # level's realised P&L is its data's row 6 after the start, dated as in the data; a
+    # gap of weeks is noted
+    def tidy(days):
+        mm, tt = np.meshgrid(grid["moneyness"], grid["maturity_days"], indexing="ij")
+        return pd.concat([pd.DataFrame({"date": str(truth.dates[d])[:10], "moneyness": mm.ravel(),
+                                        "maturity_days": tt.ravel(),
+                                        "iv": truth.surface[d].ravel()}) for d in days])
+
+    tidy([at, *range(at + 1, at + 3), *range(at + 4, at + 11)]).to_csv(tmp_path / "hol.csv",
+                                                                      index=False)
+    result = _invoke(["var", "--store", run, "--json", "--position", one, "--realised",
+                      tmp_path / "hol.csv"])
+    assert result.exit_code == 0, result.output
+    moved = json.loads(result.stdout)[0]
+    assert moved["date"] == first["date"] and moved["realised_date"] == str(truth.dates[at + 7])[:10]
+    assert moved["realised_pnl"] == pytest.approx(-2.5 * (truth.surface[at + 7, i, j] - start),
+                                                  abs=1e-12)
+    table = _invoke(["var", "--store", run, "--realised", tmp_path / "hol.csv"])
+    said = " ".join(table.stderr.split())
+    assert table.exit_code == 0 and "realised on" in table.stdout, table.output
+    assert f"level 1: row 6, {moved['realised_date']}" in said, said
+    assert f"labels that step {moved['date']}" in said and "jumps from" not in said, said
+    gap = tidy([at, at + 1]).assign(date=lambda f: np.where(
+        f["date"] == str(truth.dates[at + 1])[:10], "2001-08-01", f["date"]))
+    gap.to_csv(tmp_path / "gap.csv", index=False)
+    result = _invoke(["plot", "--store", run, "--out", tmp_path / "gap.png", "--realised",
+                      tmp_path / "gap.csv"])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 0 and "jumps from 2001-06-29 to 2001-08-01" in said, said
+    assert "its last, 2001-08-01, at 2001-07-02" in said, said
     last = store.read_level(1)["paths"][:, -1, i, j].astype(np.float64)
     weight = store.read_level(1)["weight"]
     assert first["realised_rank"] == pytest.approx(weight[-2.5 * (last - start) <= real].sum())
