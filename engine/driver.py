@@ -515,7 +515,7 @@ def open_store(path: str | Path, *, kind: str, config: Config, fingerprint: str,
             raise StoreError(f"{store.path} holds a {store.meta.kind} run, not {kind}; resume "
                              f"it with {store.resume_command} or pass a new path")
         store.check_compatible(config.to_dict(), fingerprint, config.seed,
-                               defaults=Config().to_dict())
+                               defaults=Config().to_dict(), same_data=NOT_FIT_KEYS)
         problems = []
         if store.meta.start_date != start:
             problems.append(f"start date {store.meta.start_date} in the store, {start} now")

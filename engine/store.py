@@ -620,11 +620,14 @@ class ScenarioStore:
 
     def check_compatible(self, config: dict, fingerprint: str, seed: int,
                          ignore: tuple[str, ...] = RESUME_IGNORED,
-                         defaults: Mapping | None = None) -> None:
+                         defaults: Mapping | None = None,
+                         same_data: tuple[str, ...] = ()) -> None:
         """Refuse to resume a run that would not give the same bytes: say what differs.
         ``defaults``: the config's defaults; a key the store's config lacks (a setting added
         to backfill after the store was written) is no difference where the command gives it
-        its default, which keeps what the store's version did."""
+        its default, which keeps what the store's version did. ``same_data``: dotted keys
+        (or their prefixes) that may differ where the data fingerprint is the store's (the
+        data file's name: ``./f.csv`` for ``f.csv``)."""
         problems = []
         if self.meta.schema_version != SCHEMA_VERSION:
             problems.append(f"schema version {self.meta.schema_version} in the store, "
@@ -640,9 +643,10 @@ class ScenarioStore:
         stored = {k: v for k, v in self.meta.config.items() if k not in skip}
         given = {k: v for k, v in _as_json(config, "config").items() if k not in skip}
         defaults = _as_json(defaults, "defaults") if defaults is not None else None
+        same = same_data if self.meta.fingerprint == fingerprint else ()
         diffs = [(key, old, new) for key, old, new in first_difference(stored, given)
                  if not (old == _MISSING and defaults is not None
-                         and _dotted(defaults, key) == new)]
+                         and _dotted(defaults, key) == new) and not key.startswith(same)]
         if diffs:
             key, old, new = diffs[0]
             more = f" (and {len(diffs) - 1} more keys)" if len(diffs) > 1 else ""

@@ -1036,10 +1036,20 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
                       "--store", tmp_path / "csv.zarr", "--sampler", fitted])
     assert result.exit_code == 0, result.output
     assert_same_bytes(run, tmp_path / "csv.zarr")
+    # and so is a resume's: a copy of the file under another name, or the market it holds
+    import shutil
+
+    shutil.copy(tmp_path / "same.csv", tmp_path / "copy.csv")
+    for data in (["--data", str(tmp_path / "copy.csv")], []):
+        result = _invoke(["run", "--config", cfg, *data, "--store", tmp_path / "csv.zarr",
+                          "--resume", "--sampler", fitted])
+        assert result.exit_code == 0 and "complete" in result.output, result.output
     moved = panel.surface.copy()
     moved[5, 0, 0] *= 1.01  # one quote before the start
     _one_line_error(["run", "--config", cfg, "--data", write(moved, "moved.csv"), "--store",
                      tmp_path / "a.zarr", "--sampler", fitted], "fitted on other data")
+    _one_line_error(["run", "--config", cfg, "--data", tmp_path / "moved.csv", "--store",
+                     tmp_path / "csv.zarr", "--resume"], "cannot resume", "data fingerprint")
     short = write(panel.surface, "short.csv", days=panel.n_days - 20)  # ends before the fit
     _one_line_error(["run", "--config", cfg, "--data", short, "--store", tmp_path / "a.zarr",
                      "--sampler", fitted], "up to 2001-06-29, a day this data does not have",

@@ -415,6 +415,23 @@ def test_a_setting_added_since_the_store_resumes_at_its_default(tree_store):
         store.check_compatible({**CONFIG, "data": {}}, "fp-abc", 3, defaults=defaults)
 
 
+def test_the_data_may_be_named_otherwise_where_its_fingerprint_is_the_store_s(tree_store):
+    """``same_data`` keys (the data file's name) may differ only where the data fingerprint
+    is the store's: ``./f.csv`` resumes a run of ``f.csv``, another file does not."""
+    store, _ = tree_store
+    renamed = {**CONFIG, "data": {"horizon": 4, "source": "./f.csv"}}
+    store.check_compatible(renamed, "fp-abc", 3, same_data=("data.source",))
+    with pytest.raises(StoreError, match="'data.source' is '<missing>' in the store"):
+        store.check_compatible(renamed, "fp-abc", 3)  # without same_data, as before
+    with pytest.raises(StoreError, match="data fingerprint fp-abc in the store, fp-xyz now; "
+                                         "config key 'data.source'"):
+        store.check_compatible(renamed, "fp-xyz", 3, same_data=("data.source",))
+    longer = {**CONFIG, "data": {"horizon": 5, "source": "./f.csv"}}
+    with pytest.raises(StoreError, match="'data.horizon' is 4 in the store, 5 now$|"
+                                         "'data.horizon' is 4 in the store, 5 now;"):
+        store.check_compatible(longer, "fp-abc", 3, same_data=("data.source",))
+
+
 def test_check_compatible_names_the_schema(tree_store, monkeypatch):
     store, _ = tree_store
     monkeypatch.setattr("engine.store.SCHEMA_VERSION", 3)
