@@ -374,6 +374,33 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
                       f"{st.children} in "
                       f"{st.seconds:.2f}s ({st.nodes_per_second:,.1f} nodes/s)")
     console.print(f"wrote {scenario.path}")
+    note = _beyond_history_note(scenario, prep.panel.surface[:inputs.fit_days])
+    if note is not None:
+        console.print(note, markup=False)
+
+
+def _beyond_history_note(scenario, history: np.ndarray) -> str | None:
+    """A note where a run's paths rise above the highest vol its history holds at a grid
+    point: how much of each level's probability does, and the largest excess."""
+    import numpy as np
+
+    from engine import driver
+
+    hi = history.max(axis=0)  # (n_m, n_tau)
+    levels = driver.beyond_history(scenario, hi)
+    if not any(mass > 0 for _, mass, _ in levels):
+        return None
+    top = np.max([t for _, _, t in levels], axis=0)
+    i, j = np.unravel_index(int(np.argmax(top / hi)), hi.shape)
+    grid = scenario.meta.grid
+    shares = ", ".join(f"{100 * mass:.3g}%" for _, mass, _ in levels)
+    which = "level 1" if len(levels) == 1 else f"levels 1-{len(levels)}"
+    return (f"note: the paths rise above the highest vol of the history at some grid point on "
+            f"{shares} of the probability of {which}; the largest drawn is {top[i, j]:.4g} at "
+            f"moneyness {grid['moneyness'][i]:g}, {grid['maturity_days'][j]:g} days, where the "
+            f"history's highest is {hi[i, j]:.4g}. There the sampler extrapolates beyond what "
+            "it has seen: weigh those tails with care (a longer history, more local neighbours "
+            "or a shallower tree keep it nearer the data)")
 
 
 @app.command()

@@ -1687,6 +1687,25 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
     return rows
 
 
+def beyond_history(store: ScenarioStore, history_max: np.ndarray
+                   ) -> list[tuple[int, float, np.ndarray]]:
+    """For each complete level: (level, the probability of its nodes whose path rises above
+    ``history_max`` (n_m, n_tau), the highest vol of the history at each grid point, on some
+    day, the level's highest drawn vol at each grid point (n_m, n_tau)). Reads the level a
+    chunk at a time."""
+    hi = np.asarray(history_max, dtype=np.float64)
+    out = []
+    for level in range(1, store.require_complete_level() + 1):
+        mass, top = 0.0, np.full(hi.shape, -np.inf)
+        for _, _, block in store.iter_chunks(level):
+            paths = block["paths"]  # (n, days, n_m, n_tau)
+            top = np.maximum(top, paths.max(axis=(0, 1)))
+            over = (paths > hi).reshape(len(paths), -1).any(axis=1)
+            mass += float(np.asarray(block["weight"], dtype=np.float64)[over].sum())
+        out.append((level, mass, top))
+    return out
+
+
 def tail_scenarios(store: ScenarioStore, level: int, pnl: np.ndarray, weight: np.ndarray,
                    a: float):
     """The nodes of ``level`` at or beyond its VaR_a, worst first, as a tidy frame: level,

@@ -1057,6 +1057,35 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
     assert not (tmp_path / "a.zarr").exists()
 
 
+def test_the_note_on_paths_above_the_history_s_highest_vol(cli_stores):
+    """``beyond_history``: per level, the probability of the nodes whose path rises above the
+    history's highest vol at some grid point (brute force over the level), and the note
+    `run` prints from it (none where every path stays within the history)."""
+    from engine.cli import _beyond_history_note
+
+    _, run, mc = cli_stores
+    for path in (run, mc):
+        store = ScenarioStore.open(path)
+        first = store.read_level(1)["paths"]
+        hi = np.quantile(first.reshape(-1, *first.shape[2:]), 0.9, axis=0)  # (n_m, n_tau)
+        got = driver.beyond_history(store, hi)
+        assert [lv for lv, _, _ in got] == list(range(1, store.levels_complete + 1))
+        for level, mass, top in got:
+            block = store.read_level(level)
+            over = (block["paths"] > hi).any(axis=(1, 2, 3))
+            assert mass == pytest.approx(block["weight"][over].sum(), abs=1e-12)
+            assert 0 < mass < 1 or level > 1
+            assert np.array_equal(top, block["paths"].max(axis=(0, 1)))
+        history = np.stack([hi * 0.5, hi])  # two days whose highest is hi
+        note = " ".join(_beyond_history_note(store, history).split())
+        shares = ", ".join(f"{100 * m:.3g}%" for _, m, _ in got)
+        assert f"on {shares} of the probability of levels 1-{len(got)}" in note or \
+            f"on {shares} of the probability of level 1;" in note, note
+        top = np.max([t for _, _, t in got], axis=0)
+        assert f"the largest drawn is {top.flat[np.argmax(top / hi)]:.4g}" in note, note
+        assert _beyond_history_note(store, history + top.max()) is None
+
+
 def test_the_oracle_runs_one_level_and_refuses_more_before_any_work(cli_stores, tmp_path):
     """The true law knows only the market's own windows: level 1 (from the last day) runs;
     a deeper run is refused at once, not after writing level 1."""
