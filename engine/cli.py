@@ -335,6 +335,8 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
                               f"({first_line(err)}); pass the data it was fitted on") from None
     note = None if saved is None else \
         driver.check_saved_sampler(saved, prep, inputs, start is not None)
+    if inputs.start_note is not None:
+        console.print(inputs.start_note, markup=False)
 
     def open_store():
         return driver.open_store(store, kind=kind, config=cfg, fingerprint=inputs.fingerprint,
@@ -418,6 +420,8 @@ def fit(out: Annotated[Path, _path_option("--out", help="Where to save the fitte
     console = _console()
     prep = prepare(cfg, console=console)
     inputs = driver.run_inputs(prep, start)
+    if inputs.start_note is not None:
+        console.print(inputs.start_note, markup=False)
     sampler = driver.fit_for_run(prep, inputs, model, console)
     driver.sampler_probe(sampler, inputs.start_context, cfg.seed)  # a diverged fit: not saved
     path = driver.save_fitted_sampler(sampler, out, prep, inputs)

@@ -86,25 +86,45 @@ class _Section(BaseModel):
 # year, month and optionally day (unpadded allowed), then optionally a time without zone:
 # 2024-01-31, 2024-1-5, 2024-01 (its first day), 2024-01-31T00:00
 _ISO_DAY = re.compile(r"(\d{4})-(\d{1,2})(?:-(\d{1,2}))?(?:[T ]\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?")
+# as a data file may write them: 2024/01/31, 2024.01.31, 20240131 (year first, so never
+# ambiguous), or with the month's name: 31-Jan-2024, 31 January 2024, Jan 31, 2024
+_YEAR_FIRST_DAY = re.compile(r"(\d{4})([/.])(\d{1,2})\2(\d{1,2})|(\d{4})(\d{2})(\d{2})")
+_MONTH_NAMED = ("%d-%b-%Y", "%d %b %Y", "%d-%B-%Y", "%d %B %Y", "%b %d, %Y", "%B %d, %Y",
+                "%b %d %Y", "%B %d %Y")
 
 
 def iso_day(value) -> np.datetime64:
-    """A day written year first, YYYY-MM-DD (or a date / datetime64 object), as
-    datetime64[D]; anything else is a ValueError: numpy would read '20200401' as the year
-    20,200,401, and other layouts leave day and month to guesswork."""
+    """A day written year first, YYYY-MM-DD (also 2024/01/31, 2024.01.31, 20240131, as data
+    files may write it), with the month's name (31-Jan-2024), or a date / datetime64
+    object, as datetime64[D]; anything else is a ValueError: numpy alone would read
+    '20200401' as the year 20,200,401, and other layouts in digits (04/01/2020) leave day
+    and month to guesswork."""
     if isinstance(value, (datetime.date, np.datetime64)):
         day = np.datetime64(value, "D")
         if not np.isnat(day):
             return day
-    elif isinstance(value, str) and (m := _ISO_DAY.fullmatch(value.strip())):
-        year, month, day = int(m[1]), int(m[2]), int(m[3] or 1)
-        try:
-            return np.datetime64(datetime.date(year, month, day), "D")
-        except ValueError:
-            raise ValueError(f"{value!r} is no day of the calendar; pass a real date, e.g. "
-                             "2024-01-31") from None
-    raise ValueError(f"{value!r} is not a date written YYYY-MM-DD; write it so, e.g. "
-                     "2024-01-31")
+    elif isinstance(value, str):
+        text = value.strip()
+        if m := _ISO_DAY.fullmatch(text):
+            ymd = int(m[1]), int(m[2]), int(m[3] or 1)
+        elif m := _YEAR_FIRST_DAY.fullmatch(text):
+            ymd = tuple(int(g) for g in (m.groups()[i] for i in ((0, 2, 3) if m[1] else (4, 5, 6))))
+        else:
+            ymd = None
+            for fmt in _MONTH_NAMED:
+                try:
+                    named = datetime.datetime.strptime(text, fmt).date()
+                except ValueError:
+                    continue
+                return np.datetime64(named, "D")
+        if ymd is not None:
+            try:
+                return np.datetime64(datetime.date(*ymd), "D")
+            except ValueError:
+                raise ValueError(f"{value!r} is no day of the calendar; pass a real date, e.g. "
+                                 "2024-01-31") from None
+    raise ValueError(f"{value!r} is not a date written YYYY-MM-DD (or 2024/01/31, 20240131, "
+                     "31-Jan-2024); write it so, e.g. 2024-01-31")
 
 
 def _iso_text(value):

@@ -1264,14 +1264,22 @@ class RunInputs:
     start_date: str
     start_context: np.ndarray  # (C, n_m, n_tau) iv
     fit_days: int  # days of history the sampler is fitted on
+    start_note: str | None = None  # where --start is not a day of the data
 
 
 def run_inputs(prep, start: str | None) -> RunInputs:
     c = prep.config.data.context
     i = start_index(prep.panel, start, c, prep.config.data.horizon)
     panel = prep.panel
+    note = None
+    if start is not None and (asked := parse_start_date(start)) != panel.dates[i]:
+        days = int((asked - panel.dates[i].astype("datetime64[D]")).astype(np.int64))
+        beyond = asked > panel.dates[-1]
+        note = (f"note: --start {start} is {'after the last day' if beyond else 'not a day'} "
+                f"of the data: taking {'that day' if beyond else 'the last day before it'}, "
+                f"{panel.dates[i]} ({days} calendar day{'s' * (days != 1)} earlier)")
     return RunInputs(panel.fingerprint, panel.grid_dict(), str(panel.dates[i]),
-                     panel.surface[i - c + 1: i + 1].astype(np.float64), i + 1)
+                     panel.surface[i - c + 1: i + 1].astype(np.float64), i + 1, note)
 
 
 def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):

@@ -307,16 +307,23 @@ def test_known_names_and_dates_still_load():
 
 @pytest.mark.parametrize("dotted", ["data.calibration_start", "data.test_start",
                                     "data.synthetic.start_date"])
-@pytest.mark.parametrize("value, words", [("20200401", "YYYY-MM-DD"), ("foo", "YYYY-MM-DD"),
+@pytest.mark.parametrize("value, words", [("2020401", "YYYY-MM-DD"), ("foo", "YYYY-MM-DD"),
                                           ("NaT", "YYYY-MM-DD"), ("04/01/2020", "YYYY-MM-DD"),
-                                          ("2023-02-29", "no day of the calendar")])
+                                          ("2020/04.01", "YYYY-MM-DD"),
+                                          ("2023-02-29", "no day of the calendar"),
+                                          ("20230229", "no day of the calendar")])
 def test_dates_in_the_config_must_be_written_year_first(dotted, value, words):
-    """numpy reads '20200401' as the year 20,200,401; the config takes YYYY-MM-DD."""
+    """Day and month in digits not year first (04/01/2020) are guesswork; numpy alone would
+    read '2020401' as the year 2,020,401."""
     _refused(dotted, value, words)
 
 
 @pytest.mark.parametrize("value, day", [("2020-1-5", "2020-01-05"), ("2020-01", "2020-01-01"),
-                                        ("2019-06-30T00:00", "2019-06-30")])
+                                        ("2019-06-30T00:00", "2019-06-30"),
+                                        ("20200401", "2020-04-01"), ("2020/04/01", "2020-04-01"),
+                                        ("2020.4.1", "2020-04-01"), ("1-Apr-2020", "2020-04-01"),
+                                        ("1 April 2020", "2020-04-01"),
+                                        ("Apr 1, 2020", "2020-04-01")])
 def test_year_first_config_dates_in_other_spellings_load_as_their_day(value, day):
     """Kept as YYYY-MM-DD: what reads them later (numpy) and a resume's comparison of
     configs see one spelling."""
@@ -355,8 +362,8 @@ def test_a_stride_beyond_the_horizon_is_refused_before_a_run_touches_its_store(t
 
 
 def test_a_start_date_not_written_year_first_is_refused(tmp_path):
-    proc = invoke(["run", "--store", str(tmp_path / "s.zarr"), "--start", "20200401"])
-    assert_one_line_error(proc, ["20200401", "YYYY-MM-DD"])
+    proc = invoke(["run", "--store", str(tmp_path / "s.zarr"), "--start", "04/01/2020"])
+    assert_one_line_error(proc, ["04/01/2020", "YYYY-MM-DD", "20240131"])
     proc = invoke(["run", "--store", str(tmp_path / "s.zarr"), "--start", "2001-02-30"])
     assert_one_line_error(proc, ["2001-02-30", "no day of the calendar"])
 

@@ -974,7 +974,10 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
     fitted, last = tmp_path / "s.pt", tmp_path / "last.pt"
     result = _invoke(["fit", "--config", cfg, "--start", "2001-06-30", "--out", fitted])
     assert result.exit_code == 0, result.output
-    assert "up to 2001-06-29" in " ".join(result.stderr.split())
+    said = " ".join(result.stderr.split())
+    assert "up to 2001-06-29" in said
+    assert ("--start 2001-06-30 is not a day of the data: taking the last day before it, "
+            "2001-06-29 (1 calendar day earlier)") in said, said
     result = _invoke(["run", "--config", cfg, "--store", tmp_path / "t.zarr", "--sampler",
                       fitted])
     assert result.exit_code == 0, result.output
@@ -986,7 +989,11 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
     result = _invoke(["run", "--config", cfg, "--store", tmp_path / "t.zarr", "--resume",
                       "--sampler", fitted])
     assert result.exit_code == 0 and "complete" in result.output, result.output
-    assert _invoke(["fit", "--config", cfg, "--out", last]).exit_code == 0
+    result = _invoke(["fit", "--config", cfg, "--start", "31 Dec 2001", "--out", last])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 0 and "up to 2001-07-13" in said, result.output
+    assert ("--start 31 Dec 2001 is after the last day of the data: taking that day, "
+            "2001-07-13 (171 calendar days earlier)") in said, said
     result = _invoke(["mc", "--config", cfg, "--store", tmp_path / "mc.zarr", "--n-paths",
                       "10", "--depth", "1", "--sampler", last])
     assert result.exit_code == 0, result.output
