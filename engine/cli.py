@@ -370,7 +370,12 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
     console.print(f"{kind} from {inputs.start_date}: depth {cfg.tree.depth}, backend "
                   f"{cfg.engine.backend}, store {scenario.path}"
                   + (f" (resuming after level {scenario.levels_complete})" if resume else ""))
-    stats = driver.run_store(scenario, sampler, cfg, console=console)
+    try:
+        stats = driver.run_store(scenario, sampler, cfg, console=console)
+    except KeyboardInterrupt:
+        console.print(f"{scenario.path} keeps its finished levels and chunks; finish it with "
+                      f"{scenario.resume_command}", markup=False)
+        raise
     for st in stats:
         console.print(f"level {st.level}: {st.nodes} node{'s' * (st.nodes != 1)} expanded into "
                       f"{st.children} in "

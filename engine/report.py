@@ -305,7 +305,8 @@ def plot_coverage_by_year(report: dict, path: Path) -> Path:
                     markersize=4)
         ax.axhline(0.9, color="black", linestyle="--", linewidth=1)
         n_years = max((v.size for v in per_method), default=0)
-        ax.set_title(f"{h}-day horizon, {n_years} test years", fontsize=10)
+        ax.set_title(f"{h}-day horizon, {n_years} test year{'s' * (n_years != 1)}",
+                     fontsize=10)
         ax.set_xticks(range(1, len(names) + 1), names, rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3, axis="y")
@@ -335,6 +336,8 @@ def plot_pit(pits: dict[str, np.ndarray], report: dict, path: Path) -> Path:
         ks = report["methods"][name]["pit_ks"]
         ax.set_title(f"{name} (KS {fmt(ks)})", fontsize=9)
         ax.set_xlim(0, 1)
+        ax.set_xlabel("PIT: the sample's rank of the outcome", fontsize=8)
+        ax.set_ylabel("density (1 = calibrated)", fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle("PIT histograms (randomised ranks), pooled over windows, grid points and "
@@ -582,6 +585,9 @@ def plot_pnl(levels: list[tuple[int, np.ndarray, np.ndarray]], rows: list[dict],
             ax.axvline(row["realised_pnl"], color="black", lw=2, label="realised")
         ax.set_title(f"level {level}: {row['days_ahead']} days ({row['date']})", fontsize=9)
         ax.set_xlabel("P&L")
+        # few ticks, the axis' own power of ten apart: long P&L labels ran into each other
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4), useMathText=True)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)

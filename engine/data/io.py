@@ -57,7 +57,7 @@ def read_panel(path: str | Path, fill: str = "none", fill_limit: int = 5,
     ``fill_hint``: see ``panel_from_frame``."""
     if isinstance(path, str) and not path.strip():  # Path("") would be ".", "not a file"
         raise DataError("data path is empty; pass a CSV, Parquet or NPZ file, or 'synthetic'")
-    p = Path(path)
+    p = Path(path).expanduser()  # a quoted ~/f.csv, or one from a config file
     if not p.exists():
         raise DataError(f"data file {p} not found; pass an existing CSV, Parquet or NPZ file, "
                         "or 'synthetic'")
@@ -98,8 +98,10 @@ def _format_of(p: Path) -> str:
     found = f"extension '{p.suffix}'" if p.suffix else "no extension"
     hint = ("; save the arrays with numpy.savez as an .npz (surface, dates, moneyness, "
             "maturity_days)" if last == ".npy" else "; convert it, or rename it if it is one")
-    raise DataError(f"data file {p} has {found}, but the supported formats are .csv (tidy "
-                    f"table, also .csv.gz), .parquet (tidy table) and .npz (arrays){hint}")
+    raise DataError(f"data file {p} has {found}, but the supported formats are "
+                    f"{' / '.join(CSV_SUFFIXES)} (a tidy table, also compressed: "
+                    f"{' / '.join(COMPRESSED_SUFFIXES)} after it), "
+                    f"{' / '.join(PARQUET_SUFFIXES)} (a tidy table) and .npz (arrays){hint}")
 
 
 def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
