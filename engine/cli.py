@@ -187,10 +187,10 @@ def _table_console():
 @config_app.command("show")
 @user_errors
 def config_show(config: ConfigOpt = None) -> None:
-    """Print the effective config as TOML."""
-    from engine.config import to_toml
+    """Print the effective config as TOML (unset keys as comments)."""
+    from engine.config import show_toml
 
-    typer.echo(to_toml(_config(config)))
+    typer.echo(show_toml(_config(config)), nl=False)
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import textwrap
 import tomllib
 import types
 import typing
@@ -476,6 +477,40 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         node[leaf] = value
     given = {k: f for k, f in (flags or {}).items() if (overrides or {}).get(k) is not None}
     return parse_config(raw, origin, given)
+
+
+def unset_fields(cfg: Config) -> list[tuple[str, str]]:
+    """(dotted key, description) of every field left unset (None), which TOML cannot write."""
+    out = []
+
+    def walk(model, prefix):
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, f"{prefix}{name}.")
+            elif value is None:
+                out.append((f"{prefix}{name}", field.description or ""))
+
+    walk(cfg, "")
+    return out
+
+
+def show_toml(cfg: Config) -> str:
+    """``to_toml``, with each unset field as a comment in its section (``config show``)."""
+    lines = to_toml(cfg).splitlines()
+    for dotted, description in unset_fields(cfg):
+        *section, key = dotted.split(".")
+        comment = "\n".join(textwrap.wrap(f"{key} = (unset) {' '.join(description.split())}",
+                                         88, initial_indent="# ", subsequent_indent="#   "))
+        header = f"[{'.'.join(section)}]"
+        if not section:
+            lines.insert(0, comment)
+        elif header in lines:
+            at = lines.index(header) + 1
+            while at < len(lines) and lines[at] and not lines[at].startswith("["):
+                at += 1  # after the section's own keys (a list spans lines: skipped too)
+            lines.insert(at, comment)
+    return "\n".join(lines) + "\n"
 
 
 def to_toml(cfg: Config) -> str:

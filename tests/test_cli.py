@@ -247,6 +247,14 @@ def test_config_show_round_trips(runs):
     assert proc.returncode == 0, proc.stderr
     parsed = tomllib.loads(proc.stdout)
     assert Config.model_validate(parsed) == Config()
+    # the keys TOML cannot write (unset, None) are there as comments, in their sections
+    lines = proc.stdout.splitlines()
+    for section, key in [("data", "embargo"), ("data", "test_start"), ("engine", "address"),
+                         ("engine", "decoder_gpus")]:
+        at = lines.index(f"[{section}]")
+        nxt = next(i for i in range(at + 1, len(lines)) if lines[i].startswith("["))
+        assert any(ln.startswith(f"# {key} = (unset) ") for ln in lines[at:nxt]), (key, lines)
+    assert max(len(ln) for ln in lines if ln.startswith("#")) <= 88
 
 
 def test_config_show_reflects_the_file(runs, tmp_path):
