@@ -355,6 +355,7 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
     else:
         driver.check_run_target(store, kind=kind, n_paths=n_paths, overwrite=overwrite)
         _writable_dir(store, f"--store {store}")
+        _size_note(store, kind, cfg, inputs, n_paths, console)
     if cfg.engine.backend == "ray" and cfg.engine.address is not None:
         driver.connect_ray(cfg.engine)
     if saved is not None:
@@ -384,6 +385,40 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
     note = _beyond_history_note(scenario, prep.panel.surface[:inputs.fit_days])
     if note is not None:
         console.print(note, markup=False)
+
+
+def _size_note(store: Path, kind: str, cfg, inputs, n_paths, console) -> None:
+    """A note before a run whose store may not fit the disk (its size bound over half the
+    free space where the store goes)."""
+    import shutil
+
+    from engine import driver
+
+    grid = (len(inputs.grid["moneyness"]), len(inputs.grid["maturity_days"]))
+    bound, deepest = driver.store_size_bound(kind, cfg, grid, n_paths)
+    where = Path(os.path.abspath(store)).parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if 2 * bound <= free:
+        return
+    cap = "" if kind == "mc" or cfg.tree.max_frontier else \
+        "; tree.max_frontier (e.g. 625) caps each level, "
+    console.print(f"note: this run writes up to {_bytes(bound)} before compression (its level "
+                  f"{cfg.tree.depth} alone {deepest:,} nodes), and {where} has {_bytes(free)} "
+                  f"free: it may not fit{cap or '; '}a lower --depth"
+                  f"{' or fewer --n-paths' if kind == 'mc' else ''} shrinks it", markup=False)
+
+
+def _bytes(n: float) -> str:
+    """Bytes in decimal units: 512 B, 1.5 GB, 3,700.2 TB."""
+    if n < 1000:
+        return f"{n:,.0f} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            break
+    return f"{n:,.1f} {unit}"
 
 
 def _beyond_history_note(scenario, history: np.ndarray) -> str | None:

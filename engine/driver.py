@@ -486,6 +486,26 @@ def _partial_dir(path: Path) -> Path:
 MAX_MC_PATHS = 10**9  # 8 GB of weights alone; far beyond what a brute-force reference needs
 
 
+def store_size_bound(kind: str, config: Config, grid_shape: tuple[int, int],
+                     n_paths: int | None = None) -> tuple[int, int]:
+    """An upper bound of the bytes a run writes (every level's paths as float32, and each
+    node's parent, branch and weight; before compression; ``tree.min_weight`` may prune
+    more) and the nodes of its deepest level: a tree's level k holds K x (the frontier it
+    expands, at most ``tree.max_frontier``) nodes, an mc run's ``n_paths`` each."""
+    tree = config.tree
+    s = stride_days(tree.stride, config.data.horizon)
+    per_node = s * grid_shape[0] * grid_shape[1] * 4 + 8 + 1 + 8
+    total, nodes = 0, 1
+    for _ in range(tree.depth):
+        if kind == "mc":
+            nodes = int(n_paths or 0)
+        else:
+            frontier = min(nodes, tree.max_frontier) if tree.max_frontier > 0 else nodes
+            nodes = frontier * tree.branching
+        total += nodes * per_node
+    return total, nodes
+
+
 def check_run_target(path: str | Path, *, kind: str, n_paths: int | None = None,
                      resume: bool = False, overwrite: bool = False) -> None:
     """What ``open_store`` would refuse about a new store, checked without writing: the CLI
@@ -1282,19 +1302,45 @@ def run_inputs(prep, start: str | None) -> RunInputs:
                      panel.surface[i - c + 1: i + 1].astype(np.float64), i + 1, note)
 
 
+def _history_splits(history, cfg: Config, start_date: str):
+    """The splits whose train split the run's CVAE learns from, on the history up to the
+    start: the config's, or, where they leave a split of it without a window (a start early
+    in the data), every window of it: a run holds nothing out (its sampler calibrates on
+    the cross-fitted bank), so it needs no calibration or test split."""
+    from engine.data.panel import Splits, make_splits
+
+    try:
+        return make_splits(history, cfg.data)
+    except DataError as err:
+        d, t = cfg.data, history.n_days
+        note = (f"the {t} days up to {start_date} are too few for the train / calibration / "
+                f"test splits ({first_line(err).split(';')[0]}); a run uses none of them but "
+                "train, so the CVAE (the kNN keys) learns from every window of those days")
+        whole = {"train": (0, t), "calibration": (t, t), "test": (t, t)}
+        return Splits(d.context, d.horizon, d.embargo_days, whole, note)
+
+
 def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
     """The run's sampler (``config.sampler.method``), fitted on ALL history up to the start
     day: production has no test split to hold out. The CVAE comes from ``model_path`` or is
     trained (pipeline.get_model)."""
-    from engine.data.panel import make_splits
     from engine.pipeline import Prepared, get_model
     from engine.samplers import make_sampler
+    from engine.samplers.bank import bank_anchors, fold_plan
     from engine.samplers.knn import KnnResidualSampler
     from engine.train import progress_bar
 
     cfg = prep.config
     sampler = make_sampler(cfg.sampler.method, cfg)
     history = prep.panel.slice_days(0, inputs.fit_days)
+    if isinstance(sampler, KnnResidualSampler):  # a history too short for its bank: refused
+        try:  # before the CVAE trains, not after
+            fold_plan(bank_anchors(history.n_days, cfg.data.context, cfg.data.horizon), cfg,
+                      cfg.sampler.point)
+        except DataError as err:
+            later = "" if inputs.fit_days == prep.panel.n_days else \
+                f"; the history runs up to the start {inputs.start_date}: a later --start gives more"
+            raise DataError(f"{err}{later}") from None
     model = None
     if sampler.uses_model and model_path is not None:
         model = get_model(prep, model_path, console)  # checked against the whole data file
@@ -1308,7 +1354,7 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
         # trained here on the train split of the history up to the start day only, so a run
         # from a past date never learns from the days after it
         cut = prep if inputs.fit_days == prep.panel.n_days else \
-            Prepared(cfg, history, make_splits(history, cfg.data))
+            Prepared(cfg, history, _history_splits(history, cfg, inputs.start_date))
         if cut is not prep and console is not None and cut.splits.note is not None:
             console.print(f"note: {cut.splits.note}")
         model = get_model(cut, None, console)

@@ -1064,6 +1064,55 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
     assert not (tmp_path / "a.zarr").exists()
 
 
+def test_a_start_early_in_the_data_fits_on_every_window_before_it(cli_stores, tmp_path):
+    """A run holds nothing out: where the history up to --start is too short for the three
+    splits (45 days: calibration keeps 3 after its embargo), the CVAE learns from all its
+    windows (a note says so); below the residual bank's least history (41 days here) the
+    fit is refused before any training, naming a later --start."""
+    cfg, _, _ = cli_stores
+    result = _invoke(["fit", "--config", cfg, "--start", "2000-03-03", "--out",
+                      tmp_path / "early.pt"])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 0, result.output
+    assert "the 45 days up to 2000-03-03 are too few for the train / calibration / test" in said
+    assert "training the CVAE on 28 windows" in said, said  # 45 - 12 - 6 + 1
+    args = ["fit", "--config", cfg, "--start", "2000-02-11", "--out", tmp_path / "none.pt"]
+    _one_line_error(args, "give at least 41 days", "up to the start 2000-02-11: a later --start")
+    assert "training the CVAE" not in _invoke(args).output
+    assert not (tmp_path / "none.pt").exists()
+
+
+def test_the_store_size_bound_and_its_note(tmp_path):
+    """Every level's float32 paths and node arrays: a tree's level k holds K x its frontier
+    (capped by tree.max_frontier), an mc run's n_paths; a run whose bound passes half the
+    disk's free space is told before it starts."""
+    import io
+    import types
+
+    from rich.console import Console
+
+    from engine.cli import _size_note
+
+    per_node = 6 * 2 * 3 * 4 + 17  # horizon 6, a 2x3 grid
+    cfg = Config.from_dict({"data": {"horizon": 6}, "tree": {"depth": 3, "branching": 5}})
+    assert driver.store_size_bound("tree", cfg, (2, 3)) == ((5 + 25 + 125) * per_node, 125)
+    capped = Config.from_dict({"data": {"horizon": 6},
+                               "tree": {"depth": 3, "branching": 5, "max_frontier": 10}})
+    assert driver.store_size_bound("tree", capped, (2, 3)) == ((5 + 25 + 50) * per_node, 50)
+    assert driver.store_size_bound("mc", cfg, (2, 3), 7) == (3 * 7 * per_node, 7)
+    inputs = types.SimpleNamespace(grid={"moneyness": [0.9, 1.1],
+                                         "maturity_days": [30, 60, 90]})
+    said = io.StringIO()
+    console = Console(file=said, width=400)
+    _size_note(tmp_path / "a" / "s.zarr", "tree", cfg, inputs, None, console)
+    assert said.getvalue() == ""  # a few KB
+    deep = Config.from_dict({"data": {"horizon": 6}, "tree": {"depth": 30}})
+    _size_note(tmp_path / "a" / "s.zarr", "tree", deep, inputs, None, console)
+    note = said.getvalue()
+    assert note.startswith("note: this run writes up to ") and " TB before compression" in note
+    assert f"its level 30 alone {5 ** 30:,} nodes" in note and "tree.max_frontier" in note, note
+
+
 def test_the_note_on_paths_above_the_history_s_highest_vol(cli_stores):
     """``beyond_history``: per level, the probability of the nodes whose path rises above the
     history's highest vol at some grid point (brute force over the level), and the note
