@@ -112,6 +112,18 @@ def prior_spread(model: CVAE, log_ctx: np.ndarray, eps: np.ndarray, noise_scales
 # ----------------------------------------------------------------------------- neighbours
 
 
+def usable_neighbours(anchors: np.ndarray, k: int, gap: int) -> int:
+    """The neighbours every window can have (at most ``k``) among windows more than ``gap``
+    days from it; DataError below 2."""
+    allowed = (np.abs(anchors[:, None] - anchors[None, :]) > gap).sum(axis=1)
+    k = int(min(k, allowed.min()))
+    if k < 2:
+        raise DataError(f"diagnose needs at least 2 neighbours per window more than {gap} days "
+                        f"apart, but {len(anchors)} windows leave {k}; use a longer split, more "
+                        "data or a shorter data.horizon")
+    return k
+
+
 def neighbour_share(keys: np.ndarray, anchors: np.ndarray, realised: np.ndarray,
                     horizons: list[int], k: int, gap: int) -> tuple[dict[str, float], int]:
     """Mean over windows of Var(realised of the k nearest) / Var(realised), per horizon.
@@ -119,12 +131,7 @@ def neighbour_share(keys: np.ndarray, anchors: np.ndarray, realised: np.ndarray,
     keys (W, D), anchors (W,), realised (W, H, G). Windows within ``gap`` days of the query
     are not neighbours (their targets overlap). Shares are averaged over grid points.
     """
-    W = len(keys)
-    allowed = (np.abs(anchors[:, None] - anchors[None, :]) > gap).sum(axis=1)
-    k = int(min(k, allowed.min()))
-    if k < 2:
-        raise DataError(f"diagnose needs at least 2 neighbours per window more than {gap} days "
-                        f"apart, but {W} windows leave {k}; use a longer split or more data")
+    k = usable_neighbours(anchors, k, gap)
 
     def exclude(cand):
         return np.abs(anchors[cand] - anchors[np.arange(len(cand))][:, None]) <= gap
@@ -200,10 +207,11 @@ def run_diagnose(cfg: Config, out: Path, model_path: Path | None = None, console
     horizons, notes = check_horizons(cfg)
     prep = prepare(cfg, console=console)
     panel = prep.panel
-    model = get_model(prep, model_path, console)
     C, H = cfg.data.context, cfg.data.horizon
     anchors = prep.splits.anchors(split)
     anchors = anchors[:: int(np.ceil(len(anchors) / MAX_WINDOWS))]
+    usable_neighbours(anchors, K_NEIGHBOURS, H)  # before the CVAE trains, not after
+    model = get_model(prep, model_path, console)
     W = len(anchors)
     _say(console, f"diagnosing the CVAE on {W} {split} windows")
     log_ctx = panel.contexts_at(anchors, C)

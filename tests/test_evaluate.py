@@ -558,6 +558,22 @@ def test_diagnose_writes_its_report(setup, tmp_path):
     assert json.loads((tmp_path / "diagnose.json").read_text()) == result
 
 
+def test_diagnose_refuses_windows_without_distant_neighbours_before_training(tmp_path):
+    """A calibration split of 7 windows, each within the 6-day horizon of the others: no
+    window has a neighbour whose targets do not overlap its own. Refused before the CVAE
+    trains (it trained for nothing before), with the fix."""
+    import io
+
+    from rich.console import Console
+
+    cfg = eval_config(**{"data.split_fractions": [0.8, 0.03, 0.17]})
+    said = io.StringIO()
+    with pytest.raises(DataError, match="but 7 windows leave 0; use a longer split, more data "
+                                        "or a shorter data.horizon"):
+        run_diagnose(cfg, tmp_path, console=Console(file=said))
+    assert "training" not in said.getvalue() and not any(tmp_path.iterdir())
+
+
 def test_diagnose_through_the_cli(setup, tmp_path):
     cfg, _, _, path = setup
     toml = tmp_path / "tiny.toml"
