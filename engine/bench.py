@@ -213,7 +213,7 @@ def _fit(config: Config, workdir: Path, console) -> _Fitted:
     from engine.pipeline import get_model, prepare
     from engine.train import pick_device
 
-    prep = prepare(config)
+    prep = prepare(config, run=True)
     inputs = driver.run_inputs(prep, None)  # the last day: the sampler sees all the data
     model = get_model(prep, None, console)
     ckpt = save_checkpoint(model, workdir / "model.pt", config, prep.panel.fingerprint,

@@ -323,7 +323,7 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
                               "holds the models it was fitted with; pass one of the two")
         saved = driver.read_saved_sampler(sampler_file, cfg)
     console = _console()
-    prep = prepare(cfg, console=console)
+    prep = prepare(cfg, console=console, run=True)
     if saved is None or start is not None:
         inputs = driver.run_inputs(prep, start)
     else:  # the run starts where the file's fit ended
@@ -458,7 +458,7 @@ def fit(out: Annotated[Path, _path_option("--out", help="Where to save the fitte
     _out_file(out)
     _not_an_input(out, "--out", {"--config": config, "--data": data, "--model": model})
     console = _console()
-    prep = prepare(cfg, console=console)
+    prep = prepare(cfg, console=console, run=True)
     inputs = driver.run_inputs(prep, start)
     if inputs.start_note is not None:
         console.print(inputs.start_note, markup=False)

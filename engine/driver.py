@@ -1302,29 +1302,11 @@ def run_inputs(prep, start: str | None) -> RunInputs:
                      panel.surface[i - c + 1: i + 1].astype(np.float64), i + 1, note)
 
 
-def _history_splits(history, cfg: Config, start_date: str):
-    """The splits whose train split the run's CVAE learns from, on the history up to the
-    start: the config's, or, where they leave a split of it without a window (a start early
-    in the data), every window of it: a run holds nothing out (its sampler calibrates on
-    the cross-fitted bank), so it needs no calibration or test split."""
-    from engine.data.panel import Splits, make_splits
-
-    try:
-        return make_splits(history, cfg.data)
-    except DataError as err:
-        d, t = cfg.data, history.n_days
-        note = (f"the {t} days up to {start_date} are too few for the train / calibration / "
-                f"test splits ({first_line(err).split(';')[0]}); a run uses none of them but "
-                "train, so the CVAE (the kNN keys) learns from every window of those days")
-        whole = {"train": (0, t), "calibration": (t, t), "test": (t, t)}
-        return Splits(d.context, d.horizon, d.embargo_days, whole, note)
-
-
 def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
     """The run's sampler (``config.sampler.method``), fitted on ALL history up to the start
     day: production has no test split to hold out. The CVAE comes from ``model_path`` or is
     trained (pipeline.get_model)."""
-    from engine.pipeline import Prepared, get_model
+    from engine.pipeline import Prepared, get_model, run_splits
     from engine.samplers import make_sampler
     from engine.samplers.bank import bank_anchors, fold_plan
     from engine.samplers.knn import KnnResidualSampler
@@ -1354,8 +1336,8 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
         # trained here on the train split of the history up to the start day only, so a run
         # from a past date never learns from the days after it
         cut = prep if inputs.fit_days == prep.panel.n_days else \
-            Prepared(cfg, history, _history_splits(history, cfg, inputs.start_date))
-        if cut is not prep and console is not None and cut.splits.note is not None:
+            Prepared(cfg, history, run_splits(history, cfg.data))
+        if console is not None and cut.splits.note is not None:
             console.print(f"note: {cut.splits.note}")
         model = get_model(cut, None, console)
     if console is not None:

@@ -10,7 +10,7 @@ import numpy as np
 from engine.config import Config
 from engine.data.io import load_panel
 from engine.data.panel import Panel, Splits, make_splits
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, DataError, first_line
 from engine.model import CVAE, load_checkpoint, save_checkpoint
 from engine.train import pick_device, progress_bar, train_model
 
@@ -26,18 +26,38 @@ class Prepared:
         return self.panel.slice_days(0, self.splits.pre_test_stop())
 
 
-def prepare(config: Config, evaluation: bool = False, console=None) -> Prepared:
+def prepare(config: Config, evaluation: bool = False, console=None,
+            run: bool = False) -> Prepared:
     """Load and split the data; ``evaluation`` adds the synthetic market's test extension.
     ``console``: where notes go (points data.fill filled, gaps in the data's calendar, split
-    shares that replaced the default ones on a short history)."""
+    shares that replaced the default ones on a short history). ``run``: for `run`, `mc` and
+    `fit`, which use the train split alone, and only to train a CVAE: ``run_splits``, whose
+    note the fit prints where it trains one."""
     panel = load_panel(config.data, evaluation=evaluation)
     for note in (panel.fill_note, panel.gap_note()):
         if console is not None and note is not None:
             console.print(f"note: {note}", markup=False)  # a path may hold [brackets]
-    splits = make_splits(panel, config.data)
-    if console is not None and splits.note is not None:
+    splits = run_splits(panel, config.data) if run else make_splits(panel, config.data)
+    if console is not None and splits.note is not None and not run:
         console.print(f"note: {splits.note}")
     return Prepared(config, panel, splits)
+
+
+def run_splits(history: Panel, data_cfg) -> Splits:
+    """The splits whose train split a run's CVAE learns from: the config's, or, where they
+    leave a split of ``history`` without a window (a short history, or a start early in the
+    data), every window of it: a run holds nothing out (its sampler calibrates on the
+    cross-fitted bank), so it needs no calibration or test split."""
+    try:
+        return make_splits(history, data_cfg)
+    except DataError as err:
+        t = history.n_days
+        note = (f"the {t} days up to {history.dates[-1]} are too few for the train / "
+                f"calibration / test splits ({first_line(err).split(';')[0]}); a run uses none "
+                "of them but train, so the CVAE (the kNN keys) learns from every window of "
+                "those days")
+        whole = {"train": (0, t), "calibration": (t, t), "test": (t, t)}
+        return Splits(data_cfg.context, data_cfg.horizon, data_cfg.embargo_days, whole, note)
 
 
 def get_model(prep: Prepared, model_path: Path | None, console=None) -> CVAE:
