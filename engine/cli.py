@@ -465,10 +465,14 @@ def fit(out: Annotated[Path, _path_option("--out", help="Where to save the fitte
     sampler = driver.fit_for_run(prep, inputs, model, console)
     driver.sampler_probe(sampler, inputs.start_context, cfg.seed)  # a diverged fit: not saved
     path = driver.save_fitted_sampler(sampler, out, prep, inputs)
+    import shlex
+
+    same = "".join(f" {flag} {shlex.quote(str(v))}" for flag, v in
+                   (("--config", config), ("--data", data)) if v is not None)
     console.print(f"saved sampler {cfg.sampler.method} fitted on {inputs.fit_days} days up to "
                   f"{inputs.start_date} to {path} ({path.stat().st_size / 2**20:,.1f} MiB); "
-                  f"use it with `backfill run --sampler {path}` (or mc) and the same config",
-                  markup=False)
+                  f"use it with `backfill run{same} --sampler {shlex.quote(str(path))} --store "
+                  "S` (or mc), with the same config and data", markup=False)
 
 
 @app.command()

@@ -1419,12 +1419,16 @@ def check_saved_sampler(saved: SavedSampler, prep, inputs: RunInputs,
     to print once the store is checked too (the data runs on past the fit), or None."""
     meta, path = saved.meta, saved.path
     panel = prep.panel
+    fitted_on = str(meta["config"].get("data", {}).get("source", "?"))
+    # where the run reads another data source than the fit did (--data left out, say)
+    named = "" if fitted_on == prep.config.data.source else \
+        f" (it was fitted on {fitted_on}, this run reads {prep.config.data.source})"
     if inputs.start_date != meta["start_date"]:
         if not np.any(panel.dates == np.datetime64(meta["start_date"], "D")):
             raise ConfigError(f"--sampler {path} was fitted on the history up to "
                               f"{meta['start_date']}, a day this data does not have (its last "
-                              f"day on or before is {inputs.start_date}); pass the data it was "
-                              "fitted on, or fit it again with `backfill fit --data`")
+                              f"day on or before is {inputs.start_date}){named}; pass the data "
+                              "it was fitted on, or fit it again with `backfill fit --data`")
         raise ConfigError(f"--sampler {path} was fitted on the history up to "
                           f"{meta['start_date']}, this run starts on {inputs.start_date}; "
                           "leave --start out (the run then starts where the fit ended), or fit "
@@ -1434,14 +1438,14 @@ def check_saved_sampler(saved: SavedSampler, prep, inputs: RunInputs,
                           f"{meta['grid'].get('moneyness')}, maturities "
                           f"{meta['grid'].get('maturity_days')}), this data's is moneyness "
                           f"{inputs.grid['moneyness']}, maturities {inputs.grid['maturity_days']}"
-                          "; pass the data it was fitted on, or fit it again with `backfill "
-                          "fit --data`")
+                          f"{named}; pass the data it was fitted on, or fit it again with "
+                          "`backfill fit --data`")
     history = history_fingerprint(prep, inputs)
     if history != meta["history_fingerprint"]:
         raise ConfigError(f"--sampler {path} was fitted on other data (its history up to "
                           f"{meta['start_date']} has fingerprint {meta['history_fingerprint']}, "
-                          f"this data's {history}); pass the data file it was fitted on, or fit "
-                          "it again with `backfill fit --data`")
+                          f"this data's {history}){named}; pass the data file it was fitted "
+                          "on, or fit it again with `backfill fit --data`")
     later = panel.n_days - inputs.fit_days
     if later and not start_given:
         return (f"note: the data runs on to {panel.dates[-1]} ({later} more "

@@ -978,6 +978,7 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
     assert "up to 2001-06-29" in said
     assert ("--start 2001-06-30 is not a day of the data: taking the last day before it, "
             "2001-06-29 (1 calendar day earlier)") in said, said
+    assert f"`backfill run --config {cfg} --sampler {fitted} --store S`" in said, said
     result = _invoke(["run", "--config", cfg, "--store", tmp_path / "t.zarr", "--sampler",
                       fitted])
     assert result.exit_code == 0, result.output
@@ -1054,7 +1055,8 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
     moved = panel.surface.copy()
     moved[5, 0, 0] *= 1.01  # one quote before the start
     _one_line_error(["run", "--config", cfg, "--data", write(moved, "moved.csv"), "--store",
-                     tmp_path / "a.zarr", "--sampler", fitted], "fitted on other data")
+                     tmp_path / "a.zarr", "--sampler", fitted], "fitted on other data",
+                    f"(it was fitted on synthetic, this run reads {tmp_path / 'moved.csv'})")
     _one_line_error(["run", "--config", cfg, "--data", tmp_path / "moved.csv", "--store",
                      tmp_path / "csv.zarr", "--resume"], "cannot resume", "data fingerprint")
     short = write(panel.surface, "short.csv", days=panel.n_days - 20)  # ends before the fit
