@@ -378,8 +378,10 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
                       f"{scenario.resume_command}", markup=False)
         raise
     for st in stats:
-        console.print(f"level {st.level}: {st.nodes} node{'s' * (st.nodes != 1)} expanded into "
-                      f"{st.children} in "
+        done = st.frontier - st.nodes  # found done by a resume
+        before = f" of its {st.frontier} ({done} done before)" if done > 0 else ""
+        console.print(f"level {st.level}: {st.nodes} node{'s' * (st.nodes != 1)}{before} "
+                      f"expanded into {st.children} in "
                       f"{st.seconds:.2f}s ({st.nodes_per_second:,.1f} nodes/s)")
     console.print(f"wrote {scenario.path}")
     note = _beyond_history_note(scenario, prep.panel.surface[:inputs.fit_days])

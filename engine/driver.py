@@ -912,6 +912,7 @@ class LevelStats:
     nodes: int  # frontier nodes expanded (this run; skipped ones excluded)
     children: int
     seconds: float
+    frontier: int = 0  # the level's frontier nodes, with those a resumed run found done
 
     @property
     def nodes_per_second(self) -> float:
@@ -1141,7 +1142,7 @@ def _run_level(store: ScenarioStore, executor, plan: LevelPlan, frontier: Fronti
                                   marg["std"])
     store.mark_level_complete(level)
     ckpt.remove()
-    return LevelStats(level, n_todo, n_rows, seconds)
+    return LevelStats(level, n_todo, n_rows, seconds, n_front)
 
 
 # ============================================================================ the run
