@@ -1647,9 +1647,15 @@ def read_position(path: str | Path, grid: dict, whose: str = "store") -> np.ndar
         for col, axis in axes.items():
             near = np.flatnonzero(np.isclose(value[col], axis, rtol=GRID_RTOL, atol=0))
             if near.size == 0:
+                # the units a vendor's file may use: percent of spot, years
+                scaled = {"moneyness": (value[col] / 100, "in percent; write strike / spot"),
+                          "maturity_days": (value[col] * 365, "in years; write calendar days")}
+                v, unit = scaled[col]
+                hint = f" (it reads as {v:.10g}, on the grid, if it is {unit})" if np.isclose(
+                    v, axis, rtol=0.02, atol=0).any() else ""
                 raise DataError(f"{p}: {col} {value[col]!r} on line {line} is not on the "
-                                f"{whose}'s grid ({col} {', '.join(f'{a:.10g}' for a in axis)}); "
-                                "name grid points only")
+                                f"{whose}'s grid ({col} {', '.join(f'{a:.10g}' for a in axis)})"
+                                f"{hint}; name grid points only")
             at.append(int(near[0]))
         point = (at[0], at[1])
         if point in seen:

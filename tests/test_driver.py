@@ -1334,7 +1334,12 @@ def test_cli_var_of_a_position_file(cli_stores, tmp_path):
     # bad files: one line each, exit 2
     head = "moneyness,maturity_days,vega\n"
     point = f"{grid['moneyness'][0]},{grid['maturity_days'][0]}"
+    m0, t0 = grid["moneyness"][0], grid["maturity_days"][0]
     bad = {"off": (head + "0.123,30,1\n", ("moneyness 0.123", "not on the store's grid")),
+           "percent": (head + f"{100 * m0:g},{t0},1\n",
+                       (f"it reads as {m0:.10g}, on the grid, if it is in percent",)),
+           "years": (head + f"{m0},{t0 / 365:.3f},1\n",
+                     (f"maturity_days {float(f'{t0 / 365:.3f}')!r}", "if it is in years")),
            "twice": (head + f"{point},1\n\n{point},2\n", ("line 4", "again", "line 2")),
            "text": (head + f"{point},lots\n", ("'lots'", "line 2")),
            "blank": (head + f"{point},\n", ("vega is empty", "line 2")),
