@@ -25,14 +25,15 @@ app.add_typer(config_app, name="config")
 
 
 def _path(value: str | Path) -> Path:
-    """A path flag's value; an empty one is refused (``Path("")`` would be the working
-    directory). Typer also hands it the converted value and the default: returned as they are."""
+    """A path flag's value, ``~`` expanded; an empty one is refused (``Path("")`` would be
+    the working directory). Typer also hands it the converted value and the default:
+    returned as they are."""
     if isinstance(value, Path):
         return value
     if not value.strip():
         raise typer.BadParameter("the path is empty; pass a file or folder name, or leave the "
                                  "flag out where it is optional")
-    return Path(value)
+    return Path(value).expanduser()  # a quoted ~/f, which the shell left as it is
 
 
 _path_option = functools.partial(typer.Option, parser=_path)
@@ -115,6 +116,11 @@ def _os_error(err: OSError) -> str:
     return f"cannot access{where}: {what}; check the path and its permissions"
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself, or the nearest folder above it that exists (the root at worst)."""
+    return next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+
+
 def _writable_dir(folder: Path, flag: str) -> None:
     """Prove, before any long work and without making anything, that ``folder`` (or the
     nearest existing folder above it, where the command will make it) takes a new file."""
@@ -122,7 +128,7 @@ def _writable_dir(folder: Path, flag: str) -> None:
 
     from engine.errors import ConfigError
 
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    existing = _nearest_existing(folder)
     if not existing.is_dir():
         raise ConfigError(f"{flag}: {existing} is a file, not a folder; pass a path in a "
                           "writable folder")
@@ -350,7 +356,8 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
     if resume:
         scenario = open_store()
         if scenario.levels_complete >= scenario.meta.depth:
-            console.print(f"{scenario.path} is complete ({scenario.meta.depth} levels)")
+            console.print(f"{scenario.path} is complete ({scenario.meta.depth} levels)",
+                          markup=False)
             return
     else:
         driver.check_run_target(store, kind=kind, n_paths=n_paths, overwrite=overwrite)
@@ -370,7 +377,8 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
         scenario = open_store()
     console.print(f"{kind} from {inputs.start_date}: depth {cfg.tree.depth}, backend "
                   f"{cfg.engine.backend}, store {scenario.path}"
-                  + (f" (resuming after level {scenario.levels_complete})" if resume else ""))
+                  + (f" (resuming after level {scenario.levels_complete})" if resume else ""),
+                  markup=False)
     try:
         stats = driver.run_store(scenario, sampler, cfg, console=console)
     except KeyboardInterrupt:
@@ -379,11 +387,12 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
         raise
     for st in stats:
         done = st.frontier - st.nodes  # found done by a resume
-        before = f" of its {st.frontier} ({done} done before)" if done > 0 else ""
-        console.print(f"level {st.level}: {st.nodes} node{'s' * (st.nodes != 1)}{before} "
-                      f"expanded into {st.children} in "
-                      f"{st.seconds:.2f}s ({st.nodes_per_second:,.1f} nodes/s)")
-    console.print(f"wrote {scenario.path}")
+        what = (f"{st.nodes} of its {st.frontier} nodes expanded ({done} done before), "
+                f"{st.children} children in all," if done > 0 else
+                f"{st.nodes} node{'s' * (st.nodes != 1)} expanded into {st.children}")
+        console.print(f"level {st.level}: {what} in {st.seconds:.2f}s "
+                      f"({st.nodes_per_second:,.1f} nodes/s)")
+    console.print(f"wrote {scenario.path}", markup=False)
     note = _beyond_history_note(scenario, prep.panel.surface[:inputs.fit_days])
     if note is not None:
         console.print(note, markup=False)
@@ -398,16 +407,15 @@ def _size_note(store: Path, kind: str, cfg, inputs, n_paths, console) -> None:
 
     grid = (len(inputs.grid["moneyness"]), len(inputs.grid["maturity_days"]))
     bound, deepest = driver.store_size_bound(kind, cfg, grid, n_paths)
-    where = Path(os.path.abspath(store)).parent
-    while not where.exists():
-        where = where.parent
+    where = _nearest_existing(Path(os.path.abspath(store)).parent)
     free = shutil.disk_usage(where).free
     if 2 * bound <= free:
         return
     cap = "" if kind == "mc" or cfg.tree.max_frontier else \
         "; tree.max_frontier (e.g. 625) caps each level, "
     console.print(f"note: this run writes up to {_bytes(bound)} before compression (its level "
-                  f"{cfg.tree.depth} alone {deepest:,} nodes), and {where} has {_bytes(free)} "
+                  f"{cfg.tree.depth} alone holds {deepest:,} nodes), and {where} has "
+                  f"{_bytes(free)} "
                   f"free: it may not fit{cap or '; '}a lower --depth"
                   f"{' or fewer --n-paths' if kind == 'mc' else ''} shrinks it", markup=False)
 
@@ -418,7 +426,7 @@ def _bytes(n: float) -> str:
         return f"{n:,.0f} B"
     for unit in ("KB", "MB", "GB", "TB"):
         n /= 1000
-        if n < 1000 or unit == "TB":
+        if round(n, 1) < 1000 or unit == "TB":
             break
     return f"{n:,.1f} {unit}"
 
@@ -427,24 +435,38 @@ def _beyond_history_note(scenario, history: np.ndarray) -> str | None:
     """A note where a run's paths rise above the highest vol its history holds at a grid
     point: how much of each level's probability does, and the largest excess."""
     import numpy as np
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from engine import driver
 
     hi = history.max(axis=0)  # (n_m, n_tau)
-    levels = driver.beyond_history(scenario, hi)
+    console = _console()
+    done = scenario.require_complete_level()
+    with Progress(TextColumn("[bold]paths against the history"), BarColumn(),
+                  MofNCompleteColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        task = progress.add_task("read", total=sum(scenario.n_chunks(k)
+                                                   for k in range(1, done + 1)))
+        levels = driver.beyond_history(scenario, hi, lambda: progress.advance(task))
     if not any(mass > 0 for _, mass, _ in levels):
         return None
     top = np.max([t for _, _, t in levels], axis=0)
     i, j = np.unravel_index(int(np.argmax(top / hi)), hi.shape)
     grid = scenario.meta.grid
-    shares = ", ".join(f"{100 * mass:.3g}%" for _, mass, _ in levels)
+    shares = ", ".join(_percent(mass) for _, mass, _ in levels)
     which = "level 1" if len(levels) == 1 else f"levels 1-{len(levels)}"
-    return (f"note: the paths rise above the highest vol of the history at some grid point on "
-            f"{shares} of the probability of {which}; the largest drawn is {top[i, j]:.4g} at "
-            f"moneyness {grid['moneyness'][i]:g}, {grid['maturity_days'][j]:g} days, where the "
-            f"history's highest is {hi[i, j]:.4g}. There the sampler extrapolates beyond what "
-            "it has seen: weigh those tails with care (a longer history, more local neighbours "
-            "or a shallower tree keep it nearer the data)")
+    return (f"note: nodes whose days rise above the highest vol of the history at some grid "
+            f"point hold {shares} of the probability of {which}; the largest excess is "
+            f"{top[i, j]:.4g} at moneyness {grid['moneyness'][i]:g}, "
+            f"{grid['maturity_days'][j]:g} days, where the history's highest is {hi[i, j]:.4g}. "
+            "There the sampler extrapolates beyond what it has seen: weigh those tails with "
+            "care (a longer history, more local neighbours or a shallower tree keep it nearer "
+            "the data)")
+
+
+def _percent(p: float) -> str:
+    """A probability as a short percentage: 0%, <0.1%, 4.13%."""
+    return "0%" if p == 0 else "<0.1%" if p < 1e-3 else f"{100 * p:.3g}%"
 
 
 @app.command()
@@ -470,7 +492,7 @@ def fit(out: Annotated[Path, _path_option("--out", help="Where to save the fitte
     import shlex
 
     same = "".join(f" {flag} {shlex.quote(str(v))}" for flag, v in
-                   (("--config", config), ("--data", data)) if v is not None)
+                   (("--config", config), ("--data", data), ("--seed", seed)) if v is not None)
     console.print(f"saved sampler {cfg.sampler.method} fitted on {inputs.fit_days} days up to "
                   f"{inputs.start_date} to {path} ({path.stat().st_size / 2**20:,.1f} MiB); "
                   f"use it with `backfill run{same} --sampler {shlex.quote(str(path))} --store "
@@ -541,7 +563,7 @@ def marginals(store: StoreOpt,
     _out_suffix(out, (".parquet", ".csv"))
     frame = marginals_frame(_open_finished_levels(store))
     _write_frame(frame, out)
-    _console().print(f"wrote {len(frame)} rows to {out}")
+    _console().print(f"wrote {len(frame)} rows to {out}", markup=False)
 
 
 @app.command()
@@ -602,8 +624,10 @@ def var(store: StoreOpt,
         _not_an_input(tail, "--tail", {"--position": position, "--realised": realised})
     scenario = _open_store(store)
     vega = None if position is None else driver.read_position(position, scenario.meta.grid)
+    # the rows up to the deepest complete level's last day (a gap after it matters not)
+    reach = scenario.require_complete_level() * len(scenario.level_days(1))
     surfaces, realised_days = (None, None) if realised is None else \
-        _realised_after_start(realised, scenario)
+        _realised_after_start(realised, scenario, reach)
     pnls: list = []
     tails: list = []
 
@@ -681,11 +705,11 @@ def var(store: StoreOpt,
         if moved:
             r = moved[0]
             _console().print(
-                f"the model steps one data row a day: a level's realised P&L is its data's "
-                f"row N after the start, N its days ahead (level {r['level']}: row "
+                f"note: the model steps one data row a day: a level's realised P&L is its "
+                f"data's row N after the start, N its days ahead (level {r['level']}: row "
                 f"{r['days_ahead']}, {r['realised_date']}: 'realised on'), while the store's "
-                f"calendar of weekdays labels that step {r['date']} (the data skip holidays or "
-                "other days)", markup=False)
+                f"calendar of weekdays labels that step {r['date']} (the data "
+                f"{_calendar_gap(r['realised_date'], r['date'])})", markup=False)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -693,7 +717,7 @@ def _same_file(a: Path, b: Path) -> bool:
     import os
 
     try:
-        return os.path.samefile(a, b)
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
     except OSError:
         return False
 
@@ -818,8 +842,8 @@ def plot(store: StoreOpt, out: Annotated[Path, _path_option("--out", help="fan.p
         labels = m["days"][:len(steps)].astype("datetime64[D]")
         if np.any(step_days != labels):  # the k-th data row is drawn on the fan's k-th day
             said += (f" (the data's k-th row after the start drawn on the fan's k-th day: its "
-                     f"last, {step_days[-1]}, at {labels[-1]}; the data skip days the "
-                     "store's weekdays hold)")
+                     f"last, {step_days[-1]}, at {labels[-1]}; the data "
+                     f"{_calendar_gap(step_days[-1], labels[-1])})")
     # where each level after the first starts: its marginals come from other nodes' draws,
     # so the band may step there (README, known limitations)
     done = scenario.require_complete_level()
@@ -837,6 +861,15 @@ def plot(store: StoreOpt, out: Annotated[Path, _path_option("--out", help="fan.p
     plt.close(fig)
     _console().print(f"wrote {out} (moneyness {grid['moneyness'][i]:g}, {mats[j]:g} days"
                      f"{said})", markup=False)
+
+
+def _calendar_gap(data_day, store_day) -> str:
+    """Why the data's k-th row after the start is not the store's k-th weekday."""
+    import numpy as np
+
+    if np.datetime64(data_day, "D") > np.datetime64(store_day, "D"):
+        return "skip days the store's weekdays hold: holidays, a gap"
+    return "hold days the store's weekdays skip: weekends"
 
 
 def _realised_after_start(source: str, scenario, n_steps: int | None = None
@@ -892,16 +925,11 @@ def _realised_after_start(source: str, scenario, n_steps: int | None = None
                        atol=0):
         _console().print(f"note: {source}'s surface on {start} is not the one the run started "
                          "from: these are not the data it ran on", markup=False)
-    from engine.data.panel import MAX_GAP_DAYS
-
-    days = np.concatenate([[start], dates])
-    gaps = np.diff(days.astype(np.int64))
-    if gaps.max() > MAX_GAP_DAYS:
-        k = int(np.argmax(gaps))
-        _console().print(f"note: {source} jumps from {days[k]} to {days[k + 1]} "
-                         f"({int(gaps[k])} calendar days) after the start; its rows stand for "
-                         "the model's steps one a day, so from there on they are later than the "
-                         "store's days: fill the gap, or use data without it", markup=False)
+    gap = panel.slice_days(at, at + 1 + len(steps)).gap_note(consequence=(
+        "its rows after the start stand for the model's steps, one a day, so from there on "
+        "they are later than the store's days: fill the gap, or use data without it"))
+    if gap is not None:
+        _console().print(f"note: {gap}", markup=False)
     return steps, dates
 
 
@@ -1027,7 +1055,7 @@ def bench(config: ConfigOpt = None,
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     _table_console().print(render_gpu_table(result) if gpu else render_table(result))
     if json_out is not None:
-        _console().print(f"wrote {json_out}")
+        _console().print(f"wrote {json_out}", markup=False)
 
 
 def _csv(text: str | None, kind, flag: str):

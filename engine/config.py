@@ -122,8 +122,9 @@ def iso_day(value) -> np.datetime64:
             try:
                 return np.datetime64(datetime.date(*ymd), "D")
             except ValueError:
-                raise ValueError(f"{value!r} is no day of the calendar; pass a real date, e.g. "
-                                 "2024-01-31") from None
+                how = " read year first (YYYYMMDD)" if text.isdigit() else ""
+                raise ValueError(f"{value!r} is no day of the calendar{how}; pass a real date, "
+                                 "e.g. 2024-01-31") from None
     raise ValueError(f"{value!r} is not a date written YYYY-MM-DD (or 2024/01/31, 20240131, "
                      "31-Jan-2024); write it so, e.g. 2024-01-31")
 

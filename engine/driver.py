@@ -494,7 +494,7 @@ def store_size_bound(kind: str, config: Config, grid_shape: tuple[int, int],
     expands, at most ``tree.max_frontier``) nodes, an mc run's ``n_paths`` each."""
     tree = config.tree
     s = stride_days(tree.stride, config.data.horizon)
-    per_node = s * grid_shape[0] * grid_shape[1] * 4 + 8 + 1 + 8
+    per_node = s * grid_shape[0] * grid_shape[1] * 4 + 8 + 8 + 1 + 8  # node, parent, branch, weight
     total, nodes = 0, 1
     for _ in range(tree.depth):
         if kind == "mc":
@@ -1310,7 +1310,7 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
     from engine.pipeline import Prepared, get_model, run_splits
     from engine.samplers import make_sampler
     from engine.samplers.bank import bank_anchors, fold_plan
-    from engine.samplers.knn import KnnResidualSampler
+    from engine.samplers.knn import KnnResidualSampler, check_episodes
     from engine.train import progress_bar
 
     cfg = prep.config
@@ -1320,6 +1320,7 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
         try:  # before the CVAE trains, not after
             fold_plan(bank_anchors(history.n_days, cfg.data.context, cfg.data.horizon), cfg,
                       cfg.sampler.point)
+            check_episodes(history.n_days, cfg)
         except DataError as err:
             later = "" if inputs.fit_days == prep.panel.n_days else \
                 f"; the history runs up to the start {inputs.start_date}: a later --start gives more"
@@ -1332,7 +1333,7 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
             console.print(f"note: {model_path} learned from days up to {model.train_end}, "
                           f"after the start {inputs.start_date}: its paths may know what "
                           "came next; leave --model out to train on the history before the "
-                          "start only")
+                          "start only", markup=False)
     elif sampler.uses_model:
         # trained here on the train split of the history up to the start day only, so a run
         # from a past date never learns from the days after it
@@ -1651,8 +1652,11 @@ def read_position(path: str | Path, grid: dict, whose: str = "store") -> np.ndar
                 scaled = {"moneyness": (value[col] / 100, "in percent; write strike / spot"),
                           "maturity_days": (value[col] * 365, "in years; write calendar days")}
                 v, unit = scaled[col]
-                hint = f" (it reads as {v:.10g}, on the grid, if it is {unit})" if np.isclose(
-                    v, axis, rtol=0.02, atol=0).any() else ""
+                nearest = axis[np.argmin(np.abs(axis - v))]
+                hint = ""
+                if np.isclose(v, nearest, rtol=0.02, atol=0):
+                    on = "" if np.isclose(v, nearest, rtol=GRID_RTOL, atol=0) else "near "
+                    hint = f" (it reads as {v:.10g}, {on}the grid's {nearest:.10g}, if it is {unit})"
                 raise DataError(f"{p}: {col} {value[col]!r} on line {line} is not on the "
                                 f"{whose}'s grid ({col} {', '.join(f'{a:.10g}' for a in axis)})"
                                 f"{hint}; name grid points only")
@@ -1734,12 +1738,13 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
     return rows
 
 
-def beyond_history(store: ScenarioStore, history_max: np.ndarray
+def beyond_history(store: ScenarioStore, history_max: np.ndarray,
+                   on_chunk: Callable[[], None] | None = None
                    ) -> list[tuple[int, float, np.ndarray]]:
-    """For each complete level: (level, the probability of its nodes whose path rises above
-    ``history_max`` (n_m, n_tau), the highest vol of the history at each grid point, on some
-    day, the level's highest drawn vol at each grid point (n_m, n_tau)). Reads the level a
-    chunk at a time."""
+    """For each complete level: (level, the probability of its nodes whose own days (the
+    level's) rise above ``history_max`` (n_m, n_tau), the highest vol of the history at each
+    grid point, on some day, the level's highest drawn vol at each grid point (n_m, n_tau)).
+    Reads the level a chunk at a time; ``on_chunk()`` after each (a progress bar's tick)."""
     hi = np.asarray(history_max, dtype=np.float64)
     out = []
     for level in range(1, store.require_complete_level() + 1):
@@ -1749,6 +1754,8 @@ def beyond_history(store: ScenarioStore, history_max: np.ndarray
             top = np.maximum(top, paths.max(axis=(0, 1)))
             over = (paths > hi).reshape(len(paths), -1).any(axis=1)
             mass += float(np.asarray(block["weight"], dtype=np.float64)[over].sum())
+            if on_chunk is not None:
+                on_chunk()
         out.append((level, mass, top))
     return out
 

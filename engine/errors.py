@@ -16,6 +16,10 @@ class DataError(BackfillError):
     """Input data is unreadable, malformed or too short."""
 
 
+class EmptySplitError(DataError):
+    """A train / calibration / test split holds no complete window (a short history)."""
+
+
 class NotFittedError(BackfillError):
     """A component was used before ``fit``."""
 

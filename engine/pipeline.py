@@ -10,7 +10,7 @@ import numpy as np
 from engine.config import Config
 from engine.data.io import load_panel
 from engine.data.panel import Panel, Splits, make_splits
-from engine.errors import CheckpointError, DataError, first_line
+from engine.errors import CheckpointError, EmptySplitError, first_line
 from engine.model import CVAE, load_checkpoint, save_checkpoint
 from engine.train import pick_device, progress_bar, train_model
 
@@ -50,7 +50,7 @@ def run_splits(history: Panel, data_cfg) -> Splits:
     cross-fitted bank), so it needs no calibration or test split."""
     try:
         return make_splits(history, data_cfg)
-    except DataError as err:
+    except EmptySplitError as err:  # not a config's mistake (dates out of order): raised
         t = history.n_days
         note = (f"the {t} days up to {history.dates[-1]} are too few for the train / "
                 f"calibration / test splits ({first_line(err).split(';')[0]}); a run uses none "

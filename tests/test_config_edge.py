@@ -311,7 +311,8 @@ def test_known_names_and_dates_still_load():
                                           ("NaT", "YYYY-MM-DD"), ("04/01/2020", "YYYY-MM-DD"),
                                           ("2020/04.01", "YYYY-MM-DD"),
                                           ("2023-02-29", "no day of the calendar"),
-                                          ("20230229", "no day of the calendar")])
+                                          ("20230229", "no day of the calendar"),
+                                          ("31012024", "read year first")])
 def test_dates_in_the_config_must_be_written_year_first(dotted, value, words):
     """Day and month in digits not year first (04/01/2020) are guesswork; numpy alone would
     read '2020401' as the year 2,020,401."""

@@ -979,6 +979,10 @@ def test_cli_fit_once_then_run_and_mc_from_the_file(cli_stores, tmp_path):
     assert ("--start 2001-06-30 is not a day of the data: taking the last day before it, "
             "2001-06-29 (1 calendar day earlier)") in said, said
     assert f"`backfill run --config {cfg} --sampler {fitted} --store S`" in said, said
+    result = _invoke(["fit", "--config", cfg, "--seed", "4", "--out", tmp_path / "s4.pt"])
+    said = " ".join(result.stderr.split())
+    assert f"`backfill run --config {cfg} --seed 4 --sampler {tmp_path / 's4.pt'} --store S`" \
+        in said, said
     result = _invoke(["run", "--config", cfg, "--store", tmp_path / "t.zarr", "--sampler",
                       fitted])
     assert result.exit_code == 0, result.output
@@ -1078,10 +1082,22 @@ def test_a_start_early_in_the_data_fits_on_every_window_before_it(cli_stores, tm
     assert result.exit_code == 0, result.output
     assert "the 45 days up to 2000-03-03 are too few for the train / calibration / test" in said
     assert "training the CVAE on 28 windows" in said, said  # 45 - 12 - 6 + 1
+    # a config's own mistake in the splits is still refused, not taken for a short history
+    half = tmp_path / "half.toml"
+    half.write_text(cfg.read_text().replace("[data]\n", "[data]\ncalibration_start = "
+                                                          "\"2001-01-02\"\n"))
+    _one_line_error(["fit", "--config", half, "--out", tmp_path / "h.pt"],
+                    "set both data.calibration_start and data.test_start")
     args = ["fit", "--config", cfg, "--start", "2000-02-11", "--out", tmp_path / "none.pt"]
     _one_line_error(args, "give at least 41 days", "up to the start 2000-02-11: a later --start")
     assert "training the CVAE" not in _invoke(args).output
     assert not (tmp_path / "none.pt").exists()
+    # and one with too few episodes for a kNN law (no embargo: the bank would fit)
+    e0 = tmp_path / "e0.toml"
+    e0.write_text(cfg.read_text().replace("[data]\n", "[data]\nembargo = 0\n"))
+    args = ["fit", "--config", e0, "--start", "2000-02-14", "--out", tmp_path / "none.pt"]
+    _one_line_error(args, "holds 8 episodes", "a later --start")
+    assert "training the CVAE" not in _invoke(args).output
 
 
 def test_the_store_size_bound_and_its_note(tmp_path):
@@ -1095,7 +1111,7 @@ def test_the_store_size_bound_and_its_note(tmp_path):
 
     from engine.cli import _size_note
 
-    per_node = 6 * 2 * 3 * 4 + 17  # horizon 6, a 2x3 grid
+    per_node = 6 * 2 * 3 * 4 + 25  # horizon 6, a 2x3 grid; node, parent, branch, weight
     cfg = Config.from_dict({"data": {"horizon": 6}, "tree": {"depth": 3, "branching": 5}})
     assert driver.store_size_bound("tree", cfg, (2, 3)) == ((5 + 25 + 125) * per_node, 125)
     capped = Config.from_dict({"data": {"horizon": 6},
@@ -1112,14 +1128,14 @@ def test_the_store_size_bound_and_its_note(tmp_path):
     _size_note(tmp_path / "a" / "s.zarr", "tree", deep, inputs, None, console)
     note = said.getvalue()
     assert note.startswith("note: this run writes up to ") and " TB before compression" in note
-    assert f"its level 30 alone {5 ** 30:,} nodes" in note and "tree.max_frontier" in note, note
+    assert f"its level 30 alone holds {5 ** 30:,} nodes" in note and "tree.max_frontier" in note, note
 
 
 def test_the_note_on_paths_above_the_history_s_highest_vol(cli_stores):
     """``beyond_history``: per level, the probability of the nodes whose path rises above the
     history's highest vol at some grid point (brute force over the level), and the note
     `run` prints from it (none where every path stays within the history)."""
-    from engine.cli import _beyond_history_note
+    from engine.cli import _beyond_history_note, _percent
 
     _, run, mc = cli_stores
     for path in (run, mc):
@@ -1136,11 +1152,11 @@ def test_the_note_on_paths_above_the_history_s_highest_vol(cli_stores):
             assert np.array_equal(top, block["paths"].max(axis=(0, 1)))
         history = np.stack([hi * 0.5, hi])  # two days whose highest is hi
         note = " ".join(_beyond_history_note(store, history).split())
-        shares = ", ".join(f"{100 * m:.3g}%" for _, m, _ in got)
-        assert f"on {shares} of the probability of levels 1-{len(got)}" in note or \
-            f"on {shares} of the probability of level 1;" in note, note
+        shares = ", ".join(_percent(m) for _, m, _ in got)
+        assert f"hold {shares} of the probability of levels 1-{len(got)}" in note or \
+            f"hold {shares} of the probability of level 1;" in note, note
         top = np.max([t for _, _, t in got], axis=0)
-        assert f"the largest drawn is {top.flat[np.argmax(top / hi)]:.4g}" in note, note
+        assert f"the largest excess is {top.flat[np.argmax(top / hi)]:.4g}" in note, note
         assert _beyond_history_note(store, history + top.max()) is None
 
 
@@ -1299,6 +1315,25 @@ def test_cli_var_of_a_position_file(cli_stores, tmp_path):
     assert table.exit_code == 0 and "realised on" in table.stdout, table.output
     assert f"level 1: row 6, {moved['realised_date']}" in said, said
     assert f"labels that step {moved['date']}" in said and "jumps from" not in said, said
+    assert "the data skip days the store's weekdays hold" in said, said
+    # rows on a weekend make a row's date earlier than the store's weekday; a gap after
+    # the deepest level's last day (12 rows on) is no matter to `var`
+    after = tidy(range(at, at + 11))
+    days = sorted(after["date"].unique())  # the start, then a row on every calendar day
+    calendar = {d: str(np.datetime64(days[0]) + k) for k, d in enumerate(days)}
+    weekend = after.assign(date=after["date"].map(calendar))
+    late = pd.concat([after, tidy([at + 10]).assign(date="2001-07-16"),
+                      tidy([at + 10]).assign(date="2001-07-17"),
+                      tidy([at + 10]).assign(date="2002-03-01")])
+    weekend.to_csv(tmp_path / "weekend.csv", index=False)
+    late.to_csv(tmp_path / "late.csv", index=False)
+    said = " ".join(_invoke(["var", "--store", run, "--realised", tmp_path / "weekend.csv"])
+                    .stderr.split())
+    assert f"row 6, {calendar[days[6]]}" in said, said
+    assert "the data hold days the store's weekdays skip: weekends" in said, said
+    said = " ".join(_invoke(["var", "--store", run, "--realised", tmp_path / "late.csv"])
+                    .stderr.split())
+    assert "jumps from" not in said and "labels that step" not in said, said
     gap = tidy([at, at + 1]).assign(date=lambda f: np.where(
         f["date"] == str(truth.dates[at + 1])[:10], "2001-08-01", f["date"]))
     gap.to_csv(tmp_path / "gap.csv", index=False)
@@ -1337,9 +1372,10 @@ def test_cli_var_of_a_position_file(cli_stores, tmp_path):
     m0, t0 = grid["moneyness"][0], grid["maturity_days"][0]
     bad = {"off": (head + "0.123,30,1\n", ("moneyness 0.123", "not on the store's grid")),
            "percent": (head + f"{100 * m0:g},{t0},1\n",
-                       (f"it reads as {m0:.10g}, on the grid, if it is in percent",)),
+                       (f"it reads as {m0:.10g}, the grid's {m0:.10g}, if it is in percent",)),
            "years": (head + f"{m0},{t0 / 365:.3f},1\n",
-                     (f"maturity_days {float(f'{t0 / 365:.3f}')!r}", "if it is in years")),
+                     (f"maturity_days {float(f'{t0 / 365:.3f}')!r}", f"near the grid's {t0:.10g}",
+                      "if it is in years")),
            "twice": (head + f"{point},1\n\n{point},2\n", ("line 4", "again", "line 2")),
            "text": (head + f"{point},lots\n", ("'lots'", "line 2")),
            "blank": (head + f"{point},\n", ("vega is empty", "line 2")),

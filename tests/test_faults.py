@@ -99,7 +99,8 @@ def test_kill_9_of_the_driver_in_level_4_then_resume_gives_the_clean_store(proje
                        check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     out = " ".join((r.stdout + r.stderr).split())  # rich wraps lines at 80 columns
-    redone = re.search(r"level 4: (\d+) nodes of its (\d+) \((\d+) done before\) expanded", out)
+    redone = re.search(r"level 4: (\d+) of its (\d+) nodes expanded \((\d+) done before\), "
+                       rf"{K ** 4} children in all", out)
     assert redone, out[-2000:]
     # the tasks finished before the kill (checkpointed after every task) are not redone
     now, frontier, before = map(int, redone.groups())

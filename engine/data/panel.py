@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from engine.errors import DataError
+from engine.errors import DataError, EmptySplitError
 
 SPLITS = ("train", "calibration", "test")
 
@@ -69,9 +69,12 @@ class Panel:
             return self.fingerprint
         return self.slice_days(0, self.history_days).fingerprint
 
-    def gap_note(self, max_gap: int = MAX_GAP_DAYS) -> str | None:
+    def gap_note(self, max_gap: int = MAX_GAP_DAYS, consequence: str = (
+            "windows run across such a gap as if its ends were consecutive days: fill it, "
+            "or keep one side of it")) -> str | None:
         """A note when consecutive dates lie more than ``max_gap`` calendar days apart (a
-        data outage, years cut out): every window treats the days as consecutive."""
+        data outage, years cut out), saying the ``consequence``: by default, that every
+        window treats the days as consecutive."""
         if self.n_days < 2:
             return None
         gaps = np.diff(self.dates.astype("datetime64[D]").astype(np.int64))
@@ -81,8 +84,7 @@ class Panel:
         i = int(wide[np.argmax(gaps[wide])])
         more = f" and {len(wide) - 1} more gaps of over {max_gap} days" if len(wide) > 1 else ""
         return (f"{self.source} jumps from {self.dates[i]} to {self.dates[i + 1]} "
-                f"({int(gaps[i])} calendar days){more}; windows run across such a gap as if "
-                "its ends were consecutive days: fill it, or keep one side of it")
+                f"({int(gaps[i])} calendar days){more}; {consequence}")
 
     def grid_dict(self) -> dict:
         return {"moneyness": [float(m) for m in self.moneyness],
@@ -203,7 +205,7 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
             else:
                 how = ("shorten data.horizon, change data.split_fractions / the split dates, or "
                        "give more history")
-            raise DataError(
+            raise EmptySplitError(
                 f"{name} split has no complete window: it holds {n_days} days{span}{after} and "
                 f"needs at least {need} (context {C}, horizon {H}); {how}")
     return splits

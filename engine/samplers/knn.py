@@ -33,6 +33,21 @@ from engine.samplers.base import ConditionalSampler
 MIN_EPISODES = 10
 
 
+def check_episodes(n_days: int, config) -> int:
+    """The days of an episode (``sampler.episode_days``, or a third of the horizon); refuse
+    a history of ``n_days`` whose bank windows fall in fewer than MIN_EPISODES of them."""
+    episode = config.sampler.episode_days or max(1, config.data.horizon // 3)
+    anchors = bank_anchors(n_days, config.data.context, config.data.horizon)
+    n = len(np.unique(anchors // episode))
+    if n < MIN_EPISODES:
+        raise DataError(
+            f"the history holds {n} episodes of {episode} days (sampler.episode_days), too "
+            f"few for a kNN law: a 90% band needs at least {MIN_EPISODES} distinct residual "
+            "paths; lower sampler.episode_days (0 = a third of the horizon) or give more "
+            "history")
+    return episode
+
+
 class KnnResidualSampler(ConditionalSampler):
     name = "knn"
 
@@ -49,8 +64,8 @@ class KnnResidualSampler(ConditionalSampler):
         self._check_model(model)
         # One neighbour per episode (a block of `episode` days): windows a few days apart
         # share most of their target days, so their residual paths are near copies.
-        self.episode_ = cfg.episode_days or max(1, self.horizon // 3)
-        self._check_episodes(panel)  # before the bank's cross-fitting, which trains models
+        self.episode_ = check_episodes(panel.n_days, self.config)  # before the bank's
+        # cross-fitting, which trains models
         self.bank_ = build_bank(panel, self.config, cfg.point, progress=self.progress)
         self.groups_ = self.bank_.anchors // self.episode_
         # A quarter of the episodes: local, yet >= 20 so a 90% band has two draws per tail.
@@ -94,17 +109,6 @@ class KnnResidualSampler(ConditionalSampler):
         other._check_model(model)
         other._fit_keys(panel, model)
         return other
-
-    def _check_episodes(self, panel: Panel) -> None:
-        """Refuse a history with fewer than MIN_EPISODES episodes of the bank's windows."""
-        anchors = bank_anchors(panel.n_days, self.context, self.horizon)
-        n = len(np.unique(anchors // self.episode_))
-        if n < MIN_EPISODES:
-            raise DataError(
-                f"the history holds {n} episodes of {self.episode_} days "
-                f"(sampler.episode_days), too few for a kNN law: a 90% band needs at least "
-                f"{MIN_EPISODES} distinct residual paths; lower sampler.episode_days (0 = a "
-                "third of the horizon) or give more history")
 
     @property
     def n_episodes(self) -> int:
