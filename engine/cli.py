@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -431,23 +432,31 @@ def _bytes(n: float) -> str:
     return f"{n:,.1f} {unit}"
 
 
+@contextlib.contextmanager
+def _reading_chunks(scenario, label: str):
+    """A transient progress bar over every chunk of the store's complete levels, for a pass
+    that reads them all; yields its tick (call it after each chunk)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    console = _console()
+    done = scenario.require_complete_level()
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("read", total=sum(scenario.n_chunks(k)
+                                                   for k in range(1, done + 1)))
+        yield lambda: progress.advance(task)
+
+
 def _beyond_history_note(scenario, history: np.ndarray) -> str | None:
     """A note where a run's paths rise above the highest vol its history holds at a grid
     point: how much of each level's probability does, and the largest excess."""
     import numpy as np
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from engine import driver
 
     hi = history.max(axis=0)  # (n_m, n_tau)
-    console = _console()
-    done = scenario.require_complete_level()
-    with Progress(TextColumn("[bold]paths against the history"), BarColumn(),
-                  MofNCompleteColumn(), console=console, transient=True,
-                  disable=not console.is_terminal) as progress:
-        task = progress.add_task("read", total=sum(scenario.n_chunks(k)
-                                                   for k in range(1, done + 1)))
-        levels = driver.beyond_history(scenario, hi, lambda: progress.advance(task))
+    with _reading_chunks(scenario, "paths against the history") as tick:
+        levels = driver.beyond_history(scenario, hi, tick)
     if not any(mass > 0 for _, mass, _ in levels):
         return None
     top = np.max([t for _, _, t in levels], axis=0)
@@ -475,6 +484,8 @@ def fit(out: Annotated[Path, _path_option("--out", help="Where to save the fitte
         config: ConfigOpt = None, data: DataOpt = None, model: ModelOpt = None,
         start: StartOpt = None, seed: SeedOpt = None) -> None:
     """Fit the run's sampler once (as `run` does) and save it for `run` / `mc --sampler`."""
+    import shlex
+
     from engine import driver
     from engine.pipeline import prepare
 
@@ -489,8 +500,6 @@ def fit(out: Annotated[Path, _path_option("--out", help="Where to save the fitte
     sampler = driver.fit_for_run(prep, inputs, model, console)
     driver.sampler_probe(sampler, inputs.start_context, cfg.seed)  # a diverged fit: not saved
     path = driver.save_fitted_sampler(sampler, out, prep, inputs)
-    import shlex
-
     same = "".join(f" {flag} {shlex.quote(str(v))}" for flag, v in
                    (("--config", config), ("--data", data), ("--seed", seed)) if v is not None)
     console.print(f"saved sampler {cfg.sampler.method} fitted on {inputs.fit_days} days up to "
@@ -624,10 +633,10 @@ def var(store: StoreOpt,
         _not_an_input(tail, "--tail", {"--position": position, "--realised": realised})
     scenario = _open_store(store)
     vega = None if position is None else driver.read_position(position, scenario.meta.grid)
-    # the rows up to the deepest complete level's last day (a gap after it matters not)
-    reach = scenario.require_complete_level() * len(scenario.level_days(1))
-    surfaces, realised_days = (None, None) if realised is None else \
-        _realised_after_start(realised, scenario, reach)
+    surfaces = realised_days = None
+    if realised is not None:  # the rows up to the deepest level's last day (not a gap after)
+        reach = scenario.require_complete_level() * len(scenario.level_days(1))
+        surfaces, realised_days = _realised_after_start(realised, scenario, reach)
     pnls: list = []
     tails: list = []
 
@@ -637,16 +646,10 @@ def var(store: StoreOpt,
         if tail is not None:
             tails.append(driver.tail_scenarios(scenario, level, pnl, weight, min(alphas)))
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    console = _console()
-    done = scenario.require_complete_level()
-    with Progress(TextColumn("[bold]read chunks"), BarColumn(), MofNCompleteColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task("read", total=sum(scenario.n_chunks(k) for k in range(1, done + 1)))
+    with _reading_chunks(scenario, "read chunks") as tick:
         rows = driver.vega_risk(scenario, alphas, vega, surfaces,
                                 None if plot_out is None and tail is None else on_level,
-                                lambda: progress.advance(task), realised_days)
+                                tick, realised_days)
     from engine.metrics import LONG_VEGA
 
     held = LONG_VEGA if position is None else str(position)

@@ -108,8 +108,8 @@ def iso_day(value) -> np.datetime64:
         text = value.strip()
         if m := _ISO_DAY.fullmatch(text):
             ymd = int(m[1]), int(m[2]), int(m[3] or 1)
-        elif m := _YEAR_FIRST_DAY.fullmatch(text):
-            ymd = tuple(int(g) for g in (m.groups()[i] for i in ((0, 2, 3) if m[1] else (4, 5, 6))))
+        elif m := _YEAR_FIRST_DAY.fullmatch(text):  # the numbers of whichever form matched
+            ymd = tuple(int(g) for g in m.groups() if g is not None and g.isdigit())
         else:
             ymd = None
             for fmt in _MONTH_NAMED:
