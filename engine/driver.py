@@ -1309,8 +1309,7 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
     trained (pipeline.get_model)."""
     from engine.pipeline import Prepared, get_model, run_splits
     from engine.samplers import make_sampler
-    from engine.samplers.bank import bank_anchors, fold_plan
-    from engine.samplers.knn import KnnResidualSampler, check_episodes
+    from engine.samplers.knn import KnnResidualSampler, check_history
     from engine.train import progress_bar
 
     cfg = prep.config
@@ -1318,9 +1317,7 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
     history = prep.panel.slice_days(0, inputs.fit_days)
     if isinstance(sampler, KnnResidualSampler):  # a history too short for its bank: refused
         try:  # before the CVAE trains, not after
-            fold_plan(bank_anchors(history.n_days, cfg.data.context, cfg.data.horizon), cfg,
-                      cfg.sampler.point)
-            check_episodes(history.n_days, cfg)
+            check_history(history.n_days, cfg, cfg.sampler.point)
         except DataError as err:
             later = "" if inputs.fit_days == prep.panel.n_days else \
                 f"; the history runs up to the start {inputs.start_date}: a later --start gives more"

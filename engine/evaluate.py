@@ -31,11 +31,11 @@ import numpy as np
 
 from engine import metrics
 from engine.config import Config
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DataError
 from engine.pipeline import Prepared, get_model, prepare
 from engine.rng import EVALUATION, node_rng
 from engine.samplers import ALIASES, known_methods, make_sampler
-from engine.samplers.knn import KnnResidualSampler
+from engine.samplers.knn import KnnResidualSampler, check_history, min_history
 from engine.samplers.knn_conformal import KnnConformalSampler
 from engine.train import progress_bar
 
@@ -117,6 +117,40 @@ class FittedMethod:
     sampler: object
     fit_seconds: float
     shared_with: str | None = None  # the method whose fit this one reuses
+
+
+def check_fit_history(prep: Prepared, specs: list[MethodSpec]) -> None:
+    """Refuse, before anything trains, a fit history (the days before the test split's
+    embargo) too short for a kNN method's residual bank, saying which split dates, or how
+    many days, would leave it enough."""
+    n, fit = prep.panel.history_days, prep.splits.pre_test_stop()
+    by_point: dict[str, list[MethodSpec]] = {}  # one residual bank per point forecast
+    for spec in specs:
+        if spec.knn_group is not None:
+            by_point.setdefault(spec.config.sampler.point, []).append(spec)
+    for group in by_point.values():
+        cfg = group[0].config
+        try:
+            check_history(fit, cfg, cfg.sampler.point)
+        except DataError:
+            need = min_history(cfg, cfg.sampler.point)
+            E, H = cfg.data.embargo_days, cfg.data.horizon
+            dates = prep.panel.dates
+            if n >= need + E + H:  # a later test start leaves the bank enough, and a window
+                how = (f"set data.test_start on or after {dates[need]} and data.calibration_start "
+                       f"before it (the test split then holds up to {n - need - E - H + 1} "
+                       "windows)")
+            else:
+                how = (f"give a file of at least {need + E + H} days (the fit history, the "
+                       f"{E}-day embargo and one {H}-day test window), a smaller data.embargo "
+                       "or a shorter data.horizon")
+            names = ", ".join(s.name for s in group)
+            raise DataError(
+                f"evaluate fits {names} on the {fit} days before the test split's embargo "
+                f"(of the file's {n}), and {'their' if len(group) > 1 else 'its'} cross-fitted "
+                f"residual bank needs at least {need} "
+                f"(data.context {cfg.data.context}, data.horizon {H}, data.embargo {E}); {how}, "
+                "or leave the kNN methods out of --methods") from None
 
 
 def needs_model(specs: list[MethodSpec]) -> bool:
@@ -483,6 +517,7 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
                   f"{panel.history_fingerprint}; fit history {prep.splits.pre_test_stop()} days, "
                   f"{windows.n} test windows (every {window_stride(prep)} days), {M} samples")
 
+    check_fit_history(prep, specs)
     t0 = time.perf_counter()
     model = get_model(prep, model_path, console) if needs_model(specs) else None
     model_seconds = time.perf_counter() - t0

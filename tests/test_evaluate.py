@@ -574,6 +574,39 @@ def test_diagnose_refuses_windows_without_distant_neighbours_before_training(tmp
     assert "training" not in said.getvalue() and not any(tmp_path.iterdir())
 
 
+def test_evaluate_refuses_a_fit_history_too_short_for_the_bank_before_training(tmp_path):
+    """The kNN methods fit on the days before the test split's embargo; where those are
+    fewer than the residual bank needs (41 here: C 12, H 6, E 6), evaluate stops before the
+    CVAE trains, naming split dates that would serve or, on a file too short for any, the
+    days it needs (the bank's + the embargo + one test window)."""
+    import io
+
+    from rich.console import Console
+
+    def refused(match: str, **overrides):
+        cfg = eval_config(**overrides)
+        said = io.StringIO()
+        with pytest.raises(DataError, match=match):
+            run_evaluation(cfg, tmp_path / "out", console=Console(file=said))
+        assert "training" not in said.getvalue() and not (tmp_path / "out").exists()
+        return cfg
+
+    shares = {"data.split_fractions": [0.03, 0.02, 0.95]}
+    day_41 = prepare(eval_config(**shares)).panel.dates[41]
+    refused(r"fits knn, knn-conformal on the 30 days before .*\(of the file's 600\), and "
+            r"their cross-fitted residual bank needs at least 41 .*set data.test_start on or "
+            rf"after {day_41} and data.calibration_start before it \(the test split then "
+            r"holds up to 548 windows\), or leave the kNN methods out", **shares)
+    # a 60-day embargo: the bank needs 2 (6 + 60) + 12 + 6 - 1 = 149 days, a file 149 + 66
+    short = {"data.synthetic.n_days": 200, "data.embargo": 60,
+             "data.split_fractions": [0.2, 0.35, 0.45]}
+    refused(r"on the 110 days .*\(of the file's 200\).*needs at least 149 .*give a file of "
+            r"at least 215 days \(the fit history, the 60-day embargo and one 6-day test", **short)
+    # without a kNN method there is no bank to refuse: the same short history is scored
+    cfg = eval_config(**short, **{"evaluate.methods": ["hist-bootstrap"]})
+    assert "hist-bootstrap" in run_evaluation(cfg, tmp_path / "hist")["methods"]
+
+
 def test_diagnose_through_the_cli(setup, tmp_path):
     cfg, _, _, path = setup
     toml = tmp_path / "tiny.toml"

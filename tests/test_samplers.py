@@ -22,6 +22,7 @@ from engine.samplers.bank import (
     training_windows,
 )
 from engine.samplers.cvae_scaled import N_CAL_DRAWS
+from engine.samplers.knn import check_history, min_history
 from engine.samplers.knn_conformal import weighted_quantiles
 from engine.train import train_model
 from tests.conftest import tiny_config, toy_panel
@@ -240,6 +241,25 @@ def test_the_fold_plan_leaves_every_fold_model_the_most_training_windows_it_can(
     # fit refuses too few), so they keep the blocks the history allows.
     assert len(fold_plan(bank_anchors(400, C, H), config)) == config.sampler.n_folds
     assert len(fold_plan(anchors, config, "pca-ar")) == 3
+
+
+def test_min_history_is_the_first_history_the_bank_and_its_episodes_accept():
+    """check_history (fold plan and episodes) refuses every history shorter than
+    min_history and accepts it; a history of one window is refused, not an IndexError."""
+    for overrides, point in (({}, "cvae"), ({"data.embargo": 0}, "cvae"),
+                             ({"data.embargo": 0}, "pca-ar")):
+        config = tiny_config(**overrides)
+        need = min_history(config, point)
+        for n_days in range(config.data.context + config.data.horizon, need):
+            with pytest.raises(DataError):
+                check_history(n_days, config, point)
+        check_history(need, config, point)
+    config = tiny_config()
+    assert min_history(config, "cvae") == 41  # 2 (H + E) + C + H - 1: the fold plan's bound
+    # no embargo: 10 episodes of H // 3 = 2 days bound it (anchors 11 .. 28: episodes 5 .. 14)
+    assert min_history(tiny_config(**{"data.embargo": 0}), "cvae") == 35
+    with pytest.raises(DataError, match="cannot be cut into time blocks"):
+        fold_plan(bank_anchors(18, 12, 6), config)
 
 
 def test_a_history_too_short_to_cross_fit_is_refused_before_training_and_a_thin_one_noted():

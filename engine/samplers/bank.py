@@ -121,7 +121,7 @@ def fold_plan(anchors: np.ndarray, config: Config, point: str = "cvae") -> list[
     if point != "cvae":
         return np.array_split(anchors, cap)
     best, best_kept = None, -1
-    for n_folds in range(cap, 1, -1):
+    for n_folds in range(min(cap, len(anchors)), 1, -1):  # no block left empty
         blocks = np.array_split(anchors, n_folds)
         kept = min(training_windows(anchors, blocks, H, E))
         if kept > best_kept:

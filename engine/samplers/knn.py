@@ -24,6 +24,7 @@ from engine.samplers.bank import (
     KeySpace,
     bank_anchors,
     build_bank,
+    fold_plan,
     fold_training_windows,
     point_forecast,
 )
@@ -46,6 +47,25 @@ def check_episodes(n_days: int, config) -> int:
             "paths; lower sampler.episode_days (0 = a third of the horizon) or give more "
             "history")
     return episode
+
+
+def check_history(n_days: int, config, point: str) -> None:
+    """Refuse, before anything trains, a history of ``n_days`` too short for the residual
+    bank of a ``point`` forecast (``fold_plan``) or for MIN_EPISODES episodes."""
+    C, H = config.data.context, config.data.horizon
+    fold_plan(bank_anchors(n_days, C, H), config, point)
+    check_episodes(n_days, config)
+
+
+def min_history(config, point: str) -> int:
+    """The fewest days of history that ``check_history`` accepts."""
+    n = config.data.context + config.data.horizon
+    while True:  # a few hundred steps at most: every day adds a window
+        try:
+            check_history(n, config, point)
+            return n
+        except DataError:
+            n += 1
 
 
 class KnnResidualSampler(ConditionalSampler):
