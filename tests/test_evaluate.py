@@ -31,6 +31,7 @@ from engine.evaluate import (
     PooledMoments,
     check_horizons,
     evaluation_windows,
+    few_futures_note,
     fit_methods,
     resolve_methods,
     run_evaluation,
@@ -605,6 +606,20 @@ def test_evaluate_refuses_a_fit_history_too_short_for_the_bank_before_training(t
     # without a kNN method there is no bank to refuse: the same short history is scored
     cfg = eval_config(**short, **{"evaluate.methods": ["hist-bootstrap"]})
     assert "hist-bootstrap" in run_evaluation(cfg, tmp_path / "hist")["methods"]
+
+
+def test_a_test_span_of_few_independent_futures_is_noted(setup, evaluated):
+    """Overlapping windows share their outcomes: where the targets span fewer than 10
+    horizons, a note says the long-horizon scores rest on a few futures."""
+    _, prep, _, _ = setup
+    windows = evaluation_windows(prep)
+    reach = int(windows.anchors[-1] - windows.anchors[0])  # first to last anchor
+    assert (reach + 6) / 6 >= 10 and few_futures_note(windows, 6) is None
+    assert not any("independent" in n for n in evaluated[0]["notes"])
+    h = reach // 8 + 1  # under 9 futures
+    note = few_futures_note(windows, h)
+    assert note.startswith(f"the {windows.n} test windows' targets span {reach + h} days, "
+                           f"about {(reach + h) / h:.1f} independent {h}-day futures")
 
 
 def test_diagnose_through_the_cli(setup, tmp_path):
