@@ -486,12 +486,13 @@ def fit(out: Annotated[Path, _path_option("--out", help="Where to save the fitte
     """Fit the run's sampler once (as `run` does) and save it for `run` / `mc --sampler`."""
     import shlex
 
-    from engine import driver
+    from engine import driver, sampler_file
     from engine.pipeline import prepare
 
     cfg = _config(config, **{"data.source": data, "seed": seed})
     _out_file(out)
     _not_an_input(out, "--out", {"--config": config, "--data": data, "--model": model})
+    sampler_file.check_replaceable(out)  # an earlier fit is replaced, nothing else
     console = _console()
     prep = prepare(cfg, console=console, run=True)
     inputs = driver.run_inputs(prep, start)

@@ -33,6 +33,7 @@ from engine import metrics
 from engine.config import Config
 from engine.errors import ConfigError, DataError
 from engine.pipeline import Prepared, get_model, prepare
+from engine.report import FEW_OUTCOMES, overlap_sentence
 from engine.rng import EVALUATION, node_rng
 from engine.samplers import ALIASES, known_methods, make_sampler
 from engine.samplers.knn import KnnResidualSampler, check_history, min_history
@@ -273,23 +274,6 @@ def evaluation_windows(prep: Prepared) -> EvalWindows:
                        year)
 
 
-MIN_FUTURES = 10  # independent horizon-long futures below which long-horizon scores are noisy
-
-
-def few_futures_note(windows: EvalWindows, horizon: int) -> str | None:
-    """A caution where the test windows' targets span fewer than MIN_FUTURES independent
-    ``horizon``-day futures: overlapping windows share their outcomes, so the long-horizon
-    scores, and Var X under the variance shares, rest on a handful of them."""
-    span = int(windows.anchors[-1] - windows.anchors[0]) + horizon
-    futures = span / horizon
-    if futures >= MIN_FUTURES:
-        return None
-    return (f"the {windows.n} test windows' targets span {span} days, about {futures:.1f} "
-            f"independent {horizon}-day futures: the long-horizon coverage, marginal_std_ratio "
-            "and variance shares (whose Var X is these few futures' spread) are noisy; a "
-            "longer test split (data.split_fractions, data.test_start) steadies them")
-
-
 def check_horizons(config: Config) -> tuple[list[int], list[str]]:
     H = config.data.horizon
     horizons = sorted(set(config.evaluate.horizons))
@@ -526,9 +510,6 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
         from engine.driver import read_position
 
         windows = replace(windows, vega=read_position(position, panel.grid_dict(), "data").ravel())
-    few = few_futures_note(windows, max(horizons))
-    if few is not None:
-        notes.append(few)  # said after the data line, and kept in the report
     M = cfg.evaluate.n_samples
     extra = panel.n_days - panel.history_days
     _say(console, f"data {panel.source}: {panel.history_days} days"
@@ -537,8 +518,9 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
                   f"{panel.history_fingerprint}; fit history {prep.splits.pre_test_stop()} days, "
                   f"{windows.n} test windows (every {window_stride(prep)} days), {M} samples")
 
-    if few is not None:
-        _say(console, f"note: {few}")
+    episodes, overlap = overlap_sentence(windows.n, window_stride(prep), max(horizons))
+    if episodes < FEW_OUTCOMES:  # the report's summary says it too
+        _say(console, f"note: {overlap}")
     check_fit_history(prep, specs)
     t0 = time.perf_counter()
     model = get_model(prep, model_path, console) if needs_model(specs) else None

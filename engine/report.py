@@ -79,6 +79,24 @@ DEFAULT_METHOD = "knn-conformal"
 COVERAGE_BAND = (0.85, 0.95)  # what "near nominal" means in the summary
 
 
+FEW_OUTCOMES = 20  # non-overlapping outcomes below which the longest horizon's scores are noisy
+
+
+def overlap_sentence(n: int, stride: int, longest: int) -> tuple[float, str]:
+    """How many non-overlapping ``longest``-day outcomes ``n`` test windows ``stride`` days
+    apart hold, and a sentence saying so (with a caution below FEW_OUTCOMES)."""
+    # the days the windows' outcomes span, in non-overlapping stretches of the horizon
+    episodes = min(n, ((n - 1) * stride + longest) / longest)
+    text = (f"the {n} test windows overlap: at {longest} days they hold about {episodes:.1f} "
+            "non-overlapping outcomes" if stride < longest else
+            f"the {n} test windows do not overlap at {longest} days")
+    if episodes < FEW_OUTCOMES:
+        text += (", too few for a coverage, CRPS, std ratio or variance share there to say "
+                 "much (the shares divide by these outcomes' spread; more test days, or the "
+                 "synthetic market, decide more)")
+    return episodes, text
+
+
 def summary_markdown(report: dict) -> list[str]:
     """The report's first section: how much the test windows can decide, which methods hold
     the 90% band near nominal, which has the lowest CRPS at each horizon, and the default
@@ -86,15 +104,7 @@ def summary_markdown(report: dict) -> list[str]:
     methods, horizons = report["methods"], report["horizons"]
     lo, hi = COVERAGE_BAND
     n, stride = report["n_windows"], report["split"].get("window_stride", 1)
-    longest = max(horizons)
-    # the days the windows' outcomes span, in non-overlapping stretches of the horizon
-    episodes = min(n, ((n - 1) * stride + longest) / longest)
-    parts = ["## Summary", ""]
-    parts.append((f"- the {n} test windows overlap: at {longest} days they hold about "
-                  f"{episodes:.1f} non-overlapping outcomes" if stride < longest else
-                  f"- the {n} test windows do not overlap at {longest} days")
-                 + (", too few for a coverage or CRPS there to say much (more test days, or "
-                    "the synthetic market, decide more)" if episodes < 20 else ""))
+    parts = ["## Summary", "", f"- {overlap_sentence(n, stride, max(horizons))[1]}"]
     rows = []
     for name, m in methods.items():
         cov = [m["coverage90"].get(str(h)) for h in horizons]

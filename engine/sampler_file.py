@@ -396,6 +396,26 @@ def _is_checkpoint(blob) -> bool:
     return isinstance(blob, dict) and "state_dict" in blob and "meta" in blob
 
 
+def check_replaceable(path: Path, flag: str = "--out") -> None:
+    """Refuse to write a sampler file over an existing file that is not one (a model
+    checkpoint, data, anything else): only an earlier fit is replaced."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    check_torch()
+    try:
+        blob = safe_load(path)
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - unreadable by torch: not a sampler file
+        blob = None
+    if is_sampler_file(blob):
+        return
+    what = "a model checkpoint" if _is_checkpoint(blob) else "not a backfill sampler file"
+    raise ConfigError(f"{flag} {path} exists and is {what}, which fit would overwrite; pass "
+                      "another path, or delete the file first")
+
+
 def is_sampler_file(blob) -> bool:
     """Is a blob ``safe_load`` read a sampler file (a hint for ``--model``)?"""
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import xarray as xr
 import zarr
 from typer.testing import CliRunner
@@ -1082,6 +1083,21 @@ def test_a_start_early_in_the_data_fits_on_every_window_before_it(cli_stores, tm
     assert result.exit_code == 0, result.output
     assert "the 45 days up to 2000-03-03 are too few for the train / calibration / test" in said
     assert "training the CVAE on 28 windows" in said, said  # 45 - 12 - 6 + 1
+    # fit replaces an earlier fit, and refuses to write over any other file, before fitting
+    again = _invoke(["fit", "--config", cfg, "--start", "2000-03-03", "--out",
+                     tmp_path / "early.pt"])
+    assert again.exit_code == 0, again.output
+    ours = tmp_path / "ours.pt"
+    for content, what in ((b"date,moneyness\n", "not a backfill sampler file"),
+                          (None, "a model checkpoint")):
+        if content is None:
+            torch.save({"state_dict": {}, "meta": "{}"}, ours)
+        else:
+            ours.write_bytes(content)
+        before = ours.read_bytes()
+        args = ["fit", "--config", cfg, "--start", "2000-03-03", "--out", ours]
+        _one_line_error(args, f"--out {ours} exists and is {what}", "delete the file first")
+        assert "training" not in _invoke(args).output and ours.read_bytes() == before
     # a config's own mistake in the splits is still refused, not taken for a short history
     half = tmp_path / "half.toml"
     half.write_text(cfg.read_text().replace("[data]\n", "[data]\ncalibration_start = "

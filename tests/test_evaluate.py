@@ -31,7 +31,6 @@ from engine.evaluate import (
     PooledMoments,
     check_horizons,
     evaluation_windows,
-    few_futures_note,
     fit_methods,
     resolve_methods,
     run_evaluation,
@@ -590,36 +589,27 @@ def test_evaluate_refuses_a_fit_history_too_short_for_the_bank_before_training(t
         with pytest.raises(DataError, match=match):
             run_evaluation(cfg, tmp_path / "out", console=Console(file=said))
         assert "training" not in said.getvalue() and not (tmp_path / "out").exists()
-        return cfg
+        return " ".join(said.getvalue().split())
 
     shares = {"data.split_fractions": [0.03, 0.02, 0.95]}
     day_41 = prepare(eval_config(**shares)).panel.dates[41]
-    refused(r"fits knn, knn-conformal on the 30 days before .*\(of the file's 600\), and "
+    said = refused(r"fits knn, knn-conformal on the 30 days before .*\(of the file's 600\), and "
             r"their cross-fitted residual bank needs at least 41 .*set data.test_start on or "
             rf"after {day_41} and data.calibration_start before it \(the test split then "
             r"holds up to 548 windows\), or leave the kNN methods out", **shares)
+    assert "non-overlapping" not in said  # 559 windows: 93 outcomes of 6 days
     # a 60-day embargo: the bank needs 2 (6 + 60) + 12 + 6 - 1 = 149 days, a file 149 + 66
     short = {"data.synthetic.n_days": 200, "data.embargo": 60,
              "data.split_fractions": [0.2, 0.35, 0.45]}
-    refused(r"on the 110 days .*\(of the file's 200\).*needs at least 149 .*give a file of "
-            r"at least 215 days \(the fit history, the 60-day embargo and one 6-day test", **short)
+    said = refused(r"on the 110 days .*\(of the file's 200\).*needs at least 149 .*give a "
+                   r"file of at least 215 days \(the fit history, the 60-day embargo and one "
+                   r"6-day test", **short)
+    # and the console says, as the report's summary would, how little 25 windows decide
+    assert ("note: the 25 test windows overlap: at 6 days they hold about 5.0 non-overlapping "
+            "outcomes, too few for a coverage, CRPS, std ratio or variance share") in said
     # without a kNN method there is no bank to refuse: the same short history is scored
     cfg = eval_config(**short, **{"evaluate.methods": ["hist-bootstrap"]})
     assert "hist-bootstrap" in run_evaluation(cfg, tmp_path / "hist")["methods"]
-
-
-def test_a_test_span_of_few_independent_futures_is_noted(setup, evaluated):
-    """Overlapping windows share their outcomes: where the targets span fewer than 10
-    horizons, a note says the long-horizon scores rest on a few futures."""
-    _, prep, _, _ = setup
-    windows = evaluation_windows(prep)
-    reach = int(windows.anchors[-1] - windows.anchors[0])  # first to last anchor
-    assert (reach + 6) / 6 >= 10 and few_futures_note(windows, 6) is None
-    assert not any("independent" in n for n in evaluated[0]["notes"])
-    h = reach // 8 + 1  # under 9 futures
-    note = few_futures_note(windows, h)
-    assert note.startswith(f"the {windows.n} test windows' targets span {reach + h} days, "
-                           f"about {(reach + h) / h:.1f} independent {h}-day futures")
 
 
 def test_diagnose_through_the_cli(setup, tmp_path):
