@@ -167,10 +167,12 @@ class DataConfig(_Section):
         (0.6, 0.2, 0.2), description="train / calibration / test shares of the days."
     )
     calibration_start: str | None = Field(
-        None, description="First date of the calibration split (overrides fractions)."
+        None, description="First date of the calibration split: its first window forecasts "
+        "from it; the train split ends one embargo before it (overrides fractions)."
     )
     test_start: str | None = Field(
-        None, description="First date of the test split (overrides fractions)."
+        None, description="First date of the test split: its first window forecasts from "
+        "it; fits see only days one embargo before it (overrides fractions)."
     )
     embargo: int | None = Field(
         None, ge=0, description="Days left out between splits; default one horizon."

@@ -135,14 +135,18 @@ def check_fit_history(prep: Prepared, specs: list[MethodSpec]) -> None:
             check_history(fit, cfg, cfg.sampler.point)
         except DataError:
             need = min_history(cfg, cfg.sampler.point)
-            E, H = cfg.data.embargo_days, cfg.data.horizon
+            C, H, E = cfg.data.context, cfg.data.horizon, cfg.data.embargo_days
             dates = prep.panel.dates
-            if n >= need + E + H:  # a later test start leaves the bank enough, and a window
-                how = (f"set data.test_start on or after {dates[need]} and data.calibration_start "
-                       f"before it (the test split then holds up to {n - need - E - H + 1} "
-                       "windows)")
+            # the first test day: the fits see the `need` days before its embargo, and a
+            # calibration day c fits in them: train keeps a window before c's embargo and
+            # calibration one before the test's (C + H + E <= c <= tst - E - H); c halfway
+            tst = max(need + E, C + 2 * H + 2 * E)
+            if n >= tst + H:  # a later test start leaves the bank enough, and a window
+                how = (f"set data.test_start on or after {dates[tst]} (with "
+                       f"data.calibration_start before it, e.g. {dates[(C + tst) // 2]}; the "
+                       f"test split then holds up to {n - tst - H + 1} windows)")
             else:
-                how = (f"give a file of at least {need + E + H} days (the fit history, the "
+                how = (f"give a file of at least {tst + H} days (the fit history, the "
                        f"{E}-day embargo and one {H}-day test window), a smaller data.embargo "
                        "or a shorter data.horizon")
             names = ", ".join(s.name for s in group)
@@ -150,7 +154,7 @@ def check_fit_history(prep: Prepared, specs: list[MethodSpec]) -> None:
                 f"evaluate fits {names} on the {fit} days before the test split's embargo "
                 f"(of the file's {n}), and {'their' if len(group) > 1 else 'its'} cross-fitted "
                 f"residual bank needs at least {need} "
-                f"(data.context {cfg.data.context}, data.horizon {H}, data.embargo {E}); {how}, "
+                f"(data.context {C}, data.horizon {H}, data.embargo {E}); {how}, "
                 "or leave the kNN methods out of --methods") from None
 
 

@@ -380,15 +380,28 @@ def test_splits_by_fractions_and_explicit_embargo():
 
 
 def test_splits_by_dates():
+    """A split's date is its first target day: its first window forecasts from that date
+    (the context ends the day before), and the embargo ends the split ahead of it."""
     panel = toy_panel(n_days=400)  # daily dates from 2010-01-04
     cfg = tiny_config(**{"data.calibration_start": "2010-08-01",
                          "data.test_start": "2010-11-15"})
     splits = make_splits(panel, cfg.data)
     cal = int(np.searchsorted(panel.dates, np.datetime64("2010-08-01")))
     tst = int(np.searchsorted(panel.dates, np.datetime64("2010-11-15")))
-    assert splits.ranges == {"train": (0, cal), "calibration": (cal + 6, tst),
-                             "test": (tst + 6, 400)}
+    assert splits.ranges == {"train": (0, cal - 6), "calibration": (cal, tst - 6),
+                             "test": (tst, 400)}
     check_splits(panel, splits, 12, 6, 6)
+    for name, day in (("calibration", "2010-08-01"), ("test", "2010-11-15")):
+        first = splits.anchors(name)[0]
+        assert str(panel.dates[first + 1]) == day  # the first window's first target day
+    assert splits.pre_test_stop() == tst - 6  # what the fits see: up to the embargo
+    # a calibration split that the test split's embargo leaves without a window: said so
+    short = tiny_config(**{"data.calibration_start": "2010-11-10",
+                           "data.test_start": "2010-11-15"})
+    with pytest.raises(DataError, match="calibration split has no complete window: it holds "
+                                        "0 days, up to the 6-day embargo before "
+                                        "data.test_start"):
+        make_splits(panel, short.data)
 
 
 def test_split_date_errors():

@@ -592,11 +592,19 @@ def test_evaluate_refuses_a_fit_history_too_short_for_the_bank_before_training(t
         return " ".join(said.getvalue().split())
 
     shares = {"data.split_fractions": [0.03, 0.02, 0.95]}
-    day_41 = prepare(eval_config(**shares)).panel.dates[41]
+    dates = prepare(eval_config(**shares)).panel.dates
+    # test from day 41 + 6 (the fits see 41); calibration between day 12 + 6 + 6 (train keeps
+    # a window before its embargo) and 41 - 6 (it keeps one before the test's): (24 + 35) // 2
     said = refused(r"fits knn, knn-conformal on the 30 days before .*\(of the file's 600\), and "
-            r"their cross-fitted residual bank needs at least 41 .*set data.test_start on or "
-            rf"after {day_41} and data.calibration_start before it \(the test split then "
-            r"holds up to 548 windows\), or leave the kNN methods out", **shares)
+                   r"their cross-fitted residual bank needs at least 41 .*set data.test_start on "
+                   rf"or after {dates[47]} \(with data.calibration_start before it, e.g. "
+                   rf"{dates[29]}; the test split then holds up to 548 windows\), or leave the "
+                   r"kNN methods out", **shares)
+    dated = eval_config(**{"data.calibration_start": str(dates[29]),
+                           "data.test_start": str(dates[47])})
+    splits = prepare(dated).splits  # the dates named serve: the bank gets its 41 days
+    assert splits.pre_test_stop() == 41 and len(splits.anchors("test")) == 548
+    assert len(splits.anchors("train")) and len(splits.anchors("calibration"))
     assert "non-overlapping" not in said  # 559 windows: 93 outcomes of 6 days
     # a 60-day embargo: the bank needs 2 (6 + 60) + 12 + 6 - 1 = 149 days, a file 149 + 66
     short = {"data.synthetic.n_days": 200, "data.embargo": 60,

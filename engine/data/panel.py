@@ -171,10 +171,14 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
         if not cal < tst:
             raise DataError(f"data.calibration_start ({data_cfg.calibration_start}) must come "
                             f"before data.test_start ({data_cfg.test_start})")
+        # a split's date is its first target day: the split's first window forecasts from
+        # it, and the embargo comes before it (the split ahead of it ends E days earlier)
+        ranges = {"train": (0, max(cal - E, 0)), "calibration": (cal, max(tst - E, cal)),
+                  "test": (tst, T)}
     else:  # the shares cut the history; a synthetic test extension joins the test split
         f_train, f_cal, _ = data_cfg.split_fractions
         cal, tst = _share_cuts(panel.history_days, f_train, f_cal)
-    ranges = _ranges(cal, tst, T, E)
+        ranges = _ranges(cal, tst, T, E)
     splits = Splits(C, H, E, ranges)
     empty = not all(len(splits.anchors(name)) for name in SPLITS)
     fit = _fractions_that_fit(panel.history_days, C, H, E) if empty and not by_dates else None
@@ -197,7 +201,12 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
             n_days = max(stop - start, 0)
             need = H if name != "train" else C + H
             span = (f" ({panel.dates[start]} .. {panel.dates[stop - 1]})" if n_days > 0 else "")
-            after = f" after a {E}-day embargo" if name != "train" and E else ""
+            if by_dates:  # the embargo ends a split, ahead of the next one's date
+                following = {"train": "calibration", "calibration": "test"}.get(name)
+                after = (f", up to the {E}-day embargo before data.{following}_start"
+                         if following and E else "")
+            else:
+                after = f" after a {E}-day embargo" if name != "train" and E else ""
             if fit is not None:
                 how = (f"set data.split_fractions = [{fit[0]:g}, {fit[1]:g}, {fit[2]:g}] (then "
                        f"calibration and test hold {MIN_WINDOWS}+ windows each), shorten "
