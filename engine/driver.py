@@ -1309,7 +1309,7 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
     trained (pipeline.get_model)."""
     from engine.pipeline import Prepared, get_model, run_splits
     from engine.samplers import make_sampler
-    from engine.samplers.knn import KnnResidualSampler, check_history
+    from engine.samplers.knn import KnnResidualSampler, check_history, min_history
     from engine.train import progress_bar
 
     cfg = prep.config
@@ -1319,8 +1319,12 @@ def fit_for_run(prep, inputs: RunInputs, model_path: Path | None, console=None):
         try:  # before the CVAE trains, not after
             check_history(history.n_days, cfg, cfg.sampler.point)
         except DataError as err:
-            later = "" if inputs.fit_days == prep.panel.n_days else \
-                f"; the history runs up to the start {inputs.start_date}: a later --start gives more"
+            later = ""
+            if inputs.fit_days < prep.panel.n_days:
+                need = min_history(cfg, cfg.sampler.point)
+                later = (f"; the history runs up to the start {inputs.start_date}: a --start on "
+                         f"or after {prep.panel.dates[need - 1]} gives it enough"
+                         if need <= prep.panel.n_days else "")
             raise DataError(f"{err}{later}") from None
     model = None
     if sampler.uses_model and model_path is not None:

@@ -404,6 +404,24 @@ def test_splits_by_dates():
         make_splits(panel, short.data)
 
 
+def test_a_run_trains_on_the_whole_history_where_default_shares_give_way():
+    """Where the default shares leave a split empty, evaluate takes smaller train shares that
+    fit; a run holds nothing out, so its CVAE learns from every window instead (a longer
+    history never gives it fewer than a shorter one)."""
+    from engine.pipeline import run_splits
+
+    cfg = tiny_config(**{"data.embargo": 60})  # the default shares need 330+ days here
+    panel = toy_panel(n_days=300)
+    evaluated = make_splits(panel, cfg.data)
+    assert "using [" in evaluated.note and evaluated.ranges["train"][1] < 200
+    run = run_splits(panel, cfg.data)
+    assert run.ranges["train"] == (0, 300) and len(run.anchors("train")) == 300 - 12 - 6 + 1
+    assert "the default data.split_fractions leave a split without a complete window" in run.note
+    # a history the default shares fit: a run keeps the config's train split
+    long = toy_panel(n_days=400)
+    assert run_splits(long, cfg.data).ranges == make_splits(long, cfg.data).ranges
+
+
 def test_split_date_errors():
     panel = toy_panel(n_days=400)
     with pytest.raises(DataError, match="both"):

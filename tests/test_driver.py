@@ -1075,7 +1075,7 @@ def test_a_start_early_in_the_data_fits_on_every_window_before_it(cli_stores, tm
     """A run holds nothing out: where the history up to --start is too short for the three
     splits (45 days: calibration keeps 3 after its embargo), the CVAE learns from all its
     windows (a note says so); below the residual bank's least history (41 days here) the
-    fit is refused before any training, naming a later --start."""
+    fit is refused before any training, naming the first --start that gives enough."""
     cfg, _, _ = cli_stores
     result = _invoke(["fit", "--config", cfg, "--start", "2000-03-03", "--out",
                       tmp_path / "early.pt"])
@@ -1105,14 +1105,15 @@ def test_a_start_early_in_the_data_fits_on_every_window_before_it(cli_stores, tm
     _one_line_error(["fit", "--config", half, "--out", tmp_path / "h.pt"],
                     "set both data.calibration_start and data.test_start")
     args = ["fit", "--config", cfg, "--start", "2000-02-11", "--out", tmp_path / "none.pt"]
-    _one_line_error(args, "give at least 41 days", "up to the start 2000-02-11: a later --start")
+    _one_line_error(args, "give at least 41 days", "up to the start 2000-02-11: a --start on or "
+                    "after 2000-02-28 gives it enough")  # the 41st business day
     assert "training the CVAE" not in _invoke(args).output
     assert not (tmp_path / "none.pt").exists()
     # and one with too few episodes for a kNN law (no embargo: the bank would fit)
     e0 = tmp_path / "e0.toml"
     e0.write_text(cfg.read_text().replace("[data]\n", "[data]\nembargo = 0\n"))
     args = ["fit", "--config", e0, "--start", "2000-02-14", "--out", tmp_path / "none.pt"]
-    _one_line_error(args, "holds 8 episodes", "a later --start")
+    _one_line_error(args, "holds 8 episodes", "a --start on or after")
     assert "training the CVAE" not in _invoke(args).output
 
 
