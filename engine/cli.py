@@ -448,29 +448,43 @@ def _reading_chunks(scenario, label: str):
 
 
 def _beyond_history_note(scenario, history: np.ndarray) -> str | None:
-    """A note where a run's paths rise above the highest vol its history holds at a grid
-    point: how much of each level's probability does, and the largest excess."""
+    """A note where a run's paths leave the range of vols its history holds at a grid point,
+    on either side: how much of each level's probability does, and the farthest point."""
     import numpy as np
 
     from engine import driver
 
-    hi = history.max(axis=0)  # (n_m, n_tau)
+    lo, hi = history.min(axis=0), history.max(axis=0)  # (n_m, n_tau)
     with _reading_chunks(scenario, "paths against the history") as tick:
-        levels = driver.beyond_history(scenario, hi, tick)
-    if not any(mass > 0 for _, mass, _ in levels):
-        return None
-    top = np.max([t for _, _, t in levels], axis=0)
-    i, j = np.unravel_index(int(np.argmax(top / hi)), hi.shape)
+        levels = driver.beyond_history(scenario, lo, hi, tick)
     grid = scenario.meta.grid
-    shares = ", ".join(_percent(mass) for _, mass, _ in levels)
     which = "level 1" if len(levels) == 1 else f"levels 1-{len(levels)}"
-    return (f"note: nodes whose days rise above the highest vol of the history at some grid "
-            f"point hold {shares} of the probability of {which}; the largest excess is "
-            f"{top[i, j]:.4g} at moneyness {grid['moneyness'][i]:g}, "
-            f"{grid['maturity_days'][j]:g} days, where the history's highest is {hi[i, j]:.4g}. "
-            "There the sampler extrapolates beyond what it has seen: weigh those tails with "
-            "care (a longer history, more local neighbours or a shallower tree keep it nearer "
-            "the data)")
+
+    def at(i: int, j: int) -> str:
+        return f"moneyness {grid['moneyness'][i]:g}, {grid['maturity_days'][j]:g} days"
+
+    parts = []
+    if any(b.above > 0 for b in levels):
+        top = np.max([b.top for b in levels], axis=0)
+        i, j = np.unravel_index(int(np.argmax(top / hi)), hi.shape)
+        shares = ", ".join(_percent(b.above) for b in levels)
+        parts.append(f"nodes whose days rise above the highest vol of the history at some grid "
+                     f"point hold {shares} of the probability of {which}; the largest excess "
+                     f"is {top[i, j]:.4g} at {at(i, j)}, where the history's highest is "
+                     f"{hi[i, j]:.4g}")
+    if any(b.below > 0 for b in levels):
+        bottom = np.min([b.bottom for b in levels], axis=0)
+        i, j = np.unravel_index(int(np.argmin(bottom / lo)), lo.shape)
+        shares = ", ".join(_percent(b.below) for b in levels)
+        parts.append(f"nodes whose days fall below the lowest vol of the history at some grid "
+                     f"point hold {shares} of the probability of {which}; the lowest is "
+                     f"{bottom[i, j]:.4g} at {at(i, j)}, where the history's lowest is "
+                     f"{lo[i, j]:.4g}")
+    if not parts:
+        return None
+    return ("note: " + "; ".join(parts) + ". There the sampler extrapolates beyond what it has "
+            "seen: weigh those tails with care (a longer history, more local neighbours or a "
+            "shallower tree keep it nearer the data)")
 
 
 def _percent(p: float) -> str:

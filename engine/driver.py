@@ -1739,25 +1739,40 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
     return rows
 
 
-def beyond_history(store: ScenarioStore, history_max: np.ndarray,
-                   on_chunk: Callable[[], None] | None = None
-                   ) -> list[tuple[int, float, np.ndarray]]:
-    """For each complete level: (level, the probability of its nodes whose own days (the
-    level's) rise above ``history_max`` (n_m, n_tau), the highest vol of the history at each
-    grid point, on some day, the level's highest drawn vol at each grid point (n_m, n_tau)).
-    Reads the level a chunk at a time; ``on_chunk()`` after each (a progress bar's tick)."""
+@dataclass(frozen=True)
+class Beyond:
+    """A level's paths against the history's range (``beyond_history``)."""
+
+    level: int
+    above: float  # probability of the nodes whose days rise above the history's highest
+    top: np.ndarray  # (n_m, n_tau) the level's highest drawn vol at each grid point
+    below: float  # probability of the nodes whose days fall below the history's lowest
+    bottom: np.ndarray  # (n_m, n_tau) the level's lowest drawn vol at each grid point
+
+
+def beyond_history(store: ScenarioStore, history_min: np.ndarray, history_max: np.ndarray,
+                   on_chunk: Callable[[], None] | None = None) -> list[Beyond]:
+    """For each complete level: how much of its probability lies on nodes whose own days
+    (the level's) leave the history's range at some grid point (``history_min`` /
+    ``history_max``, (n_m, n_tau): the lowest and highest vol of the history at each point,
+    on some day), on each side, and the level's extreme drawn vols. Reads the level a chunk
+    at a time; ``on_chunk()`` after each (a progress bar's tick)."""
+    lo = np.asarray(history_min, dtype=np.float64)
     hi = np.asarray(history_max, dtype=np.float64)
     out = []
     for level in range(1, store.require_complete_level() + 1):
-        mass, top = 0.0, np.full(hi.shape, -np.inf)
+        above = below = 0.0
+        top, bottom = np.full(hi.shape, -np.inf), np.full(lo.shape, np.inf)
         for _, _, block in store.iter_chunks(level):
             paths = block["paths"]  # (n, days, n_m, n_tau)
+            weight = np.asarray(block["weight"], dtype=np.float64)
             top = np.maximum(top, paths.max(axis=(0, 1)))
-            over = (paths > hi).reshape(len(paths), -1).any(axis=1)
-            mass += float(np.asarray(block["weight"], dtype=np.float64)[over].sum())
+            bottom = np.minimum(bottom, paths.min(axis=(0, 1)))
+            above += float(weight[(paths > hi).reshape(len(paths), -1).any(axis=1)].sum())
+            below += float(weight[(paths < lo).reshape(len(paths), -1).any(axis=1)].sum())
             if on_chunk is not None:
                 on_chunk()
-        out.append((level, mass, top))
+        out.append(Beyond(level, above, top, below, bottom))
     return out
 
 

@@ -163,8 +163,9 @@ def needs_model(specs: list[MethodSpec]) -> bool:
 
 
 def fit_methods(prep: Prepared, model, specs: list[MethodSpec], progress=None,
-                console=None) -> dict[str, FittedMethod]:
-    """Fit every method on ``prep.fit_panel()``; kNN samplers of one group share one fit."""
+                console=None, notes: list[str] | None = None) -> dict[str, FittedMethod]:
+    """Fit every method on ``prep.fit_panel()``; kNN samplers of one group share one fit.
+    The fits' notes (a thin bank, neighbours hardly local) go to ``console`` and ``notes``."""
     panel = prep.fit_panel()
     fitted: dict[str, FittedMethod] = {}
     # Within a kNN group, a conformal member is fitted first; plain members derive from it.
@@ -213,6 +214,8 @@ def fit_methods(prep: Prepared, model, specs: list[MethodSpec], progress=None,
         _say(console, f"{spec.name}: fitted in {seconds:.1f}s{bank}")
         for note in sampler.notes(spec.name) if knn else ():
             _say(console, f"note: {note}")
+            if notes is not None:
+                notes.append(note)
     return {s.name: fitted[s.name] for s in specs}
 
 
@@ -507,8 +510,7 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
     notes += skip_notes
     for note in notes:
         _say(console, f"note: {note}")
-    if panel.fill_note is not None:  # said by prepare; kept in the report too
-        notes.append(panel.fill_note)
+    notes += panel.notes()  # said by prepare; kept in the report too
     windows = evaluation_windows(prep)
     if position is not None:  # read before any training: a bad file fails at once
         from engine.driver import read_position
@@ -562,7 +564,8 @@ def run_evaluation(cfg: Config, out: Path, model_path: Path | None = None,
     with progress_bar(console is not None) as progress:
         # Lines go above the live bars, not through them.
         say = progress.console if progress is not None else None
-        fitted = fit_methods(prep, model, specs, progress=progress, console=say)
+        fitted = fit_methods(prep, model, specs, progress=progress, console=say,
+                             notes=report["notes"])
         for spec in specs:
             fm = fitted[spec.name]
             fm.sampler.observe(panel)  # an online sampler sees the test days as they realise

@@ -29,13 +29,13 @@ class Prepared:
 def prepare(config: Config, evaluation: bool = False, console=None,
             run: bool = False) -> Prepared:
     """Load and split the data; ``evaluation`` adds the synthetic market's test extension.
-    ``console``: where notes go (points data.fill filled, gaps in the data's calendar, split
-    shares that replaced the default ones on a short history). ``run``: for `run`, `mc` and
+    ``console``: where notes go (``Panel.notes``: points data.fill filled, gaps in the data's
+    calendar, repeated days; split shares that replaced the default ones on a short history). ``run``: for `run`, `mc` and
     `fit`, which use the train split alone, and only to train a CVAE: ``run_splits``, whose
     note the fit prints where it trains one."""
     panel = load_panel(config.data, evaluation=evaluation)
-    for note in (panel.fill_note, panel.gap_note()):
-        if console is not None and note is not None:
+    for note in panel.notes():
+        if console is not None:
             console.print(f"note: {note}", markup=False)  # a path may hold [brackets]
     splits = run_splits(panel, config.data) if run else make_splits(panel, config.data)
     if console is not None and splits.note is not None and not run:

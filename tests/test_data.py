@@ -446,3 +446,30 @@ def test_a_gap_in_the_calendar_is_noted():
     note = panel.gap_note()
     assert "f.csv jumps from 2011-02-28 to 2015-06-01 (1554 calendar days)" in note
     assert panel.slice_days(0, 40).gap_note() is None  # weekends and holidays are no gap
+
+
+def test_days_repeating_the_day_before_are_noted():
+    """A calendar-day export filled forward repeats Friday's surface on Saturday and Sunday:
+    each row counts as a trading day, so the note says how many days do not move (and
+    how many fall on a weekend); a few repeats (holidays carried forward) pass quietly."""
+    days = np.arange(np.datetime64("2021-01-04"), np.datetime64("2021-03-01"))  # Mon .. Sun
+    rng = np.random.default_rng(0)
+    trading = 0.2 * np.exp(0.02 * rng.standard_normal((len(days), 2, 2)))
+    weekday = (days.astype(np.int64) + 3) % 7
+    filled = trading.copy()
+    for i in np.flatnonzero(weekday >= 5):
+        filled[i] = filled[i - 1]  # Saturday and Sunday keep Friday's quotes
+    panel = Panel(filled, days, np.array([0.9, 1.1]), np.array([30.0, 91.0]), "cal.csv")
+    repeats = int(np.all(filled[1:] == filled[:-1], axis=(1, 2)).sum())
+    assert repeats == 16  # 8 weekends
+    note = panel.repeat_note()
+    assert note.startswith(f"cal.csv: 16 of its {len(days)} days (29%) repeat the day before's "
+                           "surface exactly at every grid point, 16 of them Saturdays or Sundays")
+    assert note in panel.notes()
+    assert Panel(trading, days, panel.moneyness, panel.maturity_days, "t.csv").repeat_note() is None
+    few = trading.copy()
+    few[10:14] = few[9]  # a 4-day holiday carried forward: 4 repeats, under the 5 noted
+    assert Panel(few, days, panel.moneyness, panel.maturity_days, "h.csv").repeat_note() is None
+    few[20] = few[19]
+    assert "5 of its" in Panel(few, days, panel.moneyness, panel.maturity_days,
+                               "h.csv").repeat_note()

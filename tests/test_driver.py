@@ -1148,33 +1148,47 @@ def test_the_store_size_bound_and_its_note(tmp_path):
     assert f"its level 30 alone holds {5 ** 30:,} nodes" in note and "tree.max_frontier" in note, note
 
 
-def test_the_note_on_paths_above_the_history_s_highest_vol(cli_stores):
+def test_the_note_on_paths_beyond_the_history_s_range(cli_stores):
     """``beyond_history``: per level, the probability of the nodes whose path rises above the
-    history's highest vol at some grid point (brute force over the level), and the note
-    `run` prints from it (none where every path stays within the history)."""
+    history's highest vol at some grid point, and of those that fall below its lowest (brute
+    force over the level), and the note `run` prints from them (none where every path stays
+    within the history's range)."""
     from engine.cli import _beyond_history_note, _percent
 
     _, run, mc = cli_stores
     for path in (run, mc):
         store = ScenarioStore.open(path)
         first = store.read_level(1)["paths"]
-        hi = np.quantile(first.reshape(-1, *first.shape[2:]), 0.9, axis=0)  # (n_m, n_tau)
-        got = driver.beyond_history(store, hi)
-        assert [lv for lv, _, _ in got] == list(range(1, store.levels_complete + 1))
-        for level, mass, top in got:
-            block = store.read_level(level)
-            over = (block["paths"] > hi).any(axis=(1, 2, 3))
-            assert mass == pytest.approx(block["weight"][over].sum(), abs=1e-12)
-            assert 0 < mass < 1 or level > 1
-            assert np.array_equal(top, block["paths"].max(axis=(0, 1)))
-        history = np.stack([hi * 0.5, hi])  # two days whose highest is hi
+        first = first.reshape(-1, *first.shape[2:])  # every day of every level-1 path
+        lo, hi = np.quantile(first, 0.1, axis=0), np.quantile(first, 0.9, axis=0)  # (n_m, n_tau)
+        got = driver.beyond_history(store, lo, hi)
+        assert [b.level for b in got] == list(range(1, store.levels_complete + 1))
+        for b in got:
+            block = store.read_level(b.level)
+            above = (block["paths"] > hi).any(axis=(1, 2, 3))
+            below = (block["paths"] < lo).any(axis=(1, 2, 3))
+            assert b.above == pytest.approx(block["weight"][above].sum(), abs=1e-12)
+            assert b.below == pytest.approx(block["weight"][below].sum(), abs=1e-12)
+            assert (0 < b.above < 1 and 0 < b.below < 1) or b.level > 1
+            assert np.array_equal(b.top, block["paths"].max(axis=(0, 1)))
+            assert np.array_equal(b.bottom, block["paths"].min(axis=(0, 1)))
+        history = np.stack([lo, hi])  # two days: the lowest is lo, the highest hi
         note = " ".join(_beyond_history_note(store, history).split())
-        shares = ", ".join(_percent(m) for _, m, _ in got)
-        assert f"hold {shares} of the probability of levels 1-{len(got)}" in note or \
-            f"hold {shares} of the probability of level 1;" in note, note
-        top = np.max([t for _, _, t in got], axis=0)
-        assert f"the largest excess is {top.flat[np.argmax(top / hi)]:.4g}" in note, note
-        assert _beyond_history_note(store, history + top.max()) is None
+        levels = f"levels 1-{len(got)}" if len(got) > 1 else "level 1"
+        top = np.max([b.top for b in got], axis=0)
+        bottom = np.min([b.bottom for b in got], axis=0)
+        assert (f"rise above the highest vol of the history at some grid point hold "
+                f"{', '.join(_percent(b.above) for b in got)} of the probability of {levels}; "
+                f"the largest excess is {top.flat[np.argmax(top / hi)]:.4g}") in note, note
+        assert (f"fall below the lowest vol of the history at some grid point hold "
+                f"{', '.join(_percent(b.below) for b in got)} of the probability of {levels}; "
+                f"the lowest is {bottom.flat[np.argmin(bottom / lo)]:.4g}") in note, note
+        # one side alone, and none at all
+        wide_low = np.stack([np.zeros_like(lo) + bottom.min() / 2, hi])
+        assert "fall below" not in _beyond_history_note(store, wide_low)
+        assert "rise above" not in _beyond_history_note(store, np.stack([lo, hi + top.max()]))
+        assert _beyond_history_note(store, np.stack([lo * 0 + bottom.min() / 2,
+                                                     hi + top.max()])) is None
 
 
 def test_the_oracle_runs_one_level_and_refuses_more_before_any_work(cli_stores, tmp_path):

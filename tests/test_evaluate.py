@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,20 @@ def _fit_together(setup, methods: list[str]) -> dict:
     specs, _ = resolve_methods(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
         update={"methods": methods})}), has_market=True)
     return fit_methods(prep, model, specs)
+
+
+def test_the_fits_notes_reach_the_report(setup):
+    """What a kNN fit warns of (a thin bank, neighbours hardly local) is kept with the
+    report's notes, not only said on the console."""
+    cfg, prep, model, _ = setup
+    specs, _ = resolve_methods(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
+        update={"methods": ["knn-conformal"]})}), has_market=True)
+    specs = [replace(specs[0], config=specs[0].config.model_copy(update={
+        "sampler": specs[0].config.sampler.model_copy(update={"k": 200})}))]  # most episodes
+    notes: list[str] = []
+    fitted = fit_methods(prep, model, specs, notes=notes)
+    said = fitted["knn-conformal"].sampler.notes("knn-conformal")
+    assert said and notes == said and "hardly local" in " ".join(notes)
 
 
 def test_derived_knn_equals_a_separately_fitted_knn(setup):

@@ -21,6 +21,7 @@ SPLITS = ("train", "calibration", "test")
 
 
 # More calendar days than this between consecutive dates is no weekend or holiday.
+REPEATS_NOTED = 5  # days repeating the day before, at least, for a note
 MAX_GAP_DAYS = 14
 
 
@@ -85,6 +86,30 @@ class Panel:
         more = f" and {len(wide) - 1} more gaps of over {max_gap} days" if len(wide) > 1 else ""
         return (f"{self.source} jumps from {self.dates[i]} to {self.dates[i + 1]} "
                 f"({int(gaps[i])} calendar days){more}; {consequence}")
+
+    def repeat_note(self) -> str | None:
+        """A note when many days repeat the day before's surface exactly at every grid point
+        (a calendar-day export filled forward): each such row is taken as a day without a
+        move, so paths would run slower and calmer than the market's."""
+        if self.n_days < 2:
+            return None
+        same = np.all(self.surface[1:] == self.surface[:-1], axis=(1, 2))
+        k = int(same.sum())
+        if k < max(REPEATS_NOTED, 0.01 * self.n_days):
+            return None
+        weekday = (self.dates[1:][same].astype("datetime64[D]").astype(np.int64) + 3) % 7
+        weekend = int((weekday >= 5).sum())  # 1970-01-01 was a Thursday (3, Monday 0)
+        on = f", {weekend} of them Saturdays or Sundays" if weekend else ""
+        return (f"{self.source}: {k} of its {self.n_days} days ({100 * k / self.n_days:.0f}%) "
+                f"repeat the day before's surface exactly at every grid point{on}; each row is "
+                "taken as one trading day, so these count as days without a move (a "
+                "calendar-day export filled forward?): keep one row per trading day for paths "
+                "at the market's pace")
+
+    def notes(self) -> list[str]:
+        """What loading found that a user should hear: points filled, calendar gaps, days
+        repeated."""
+        return [n for n in (self.fill_note, self.gap_note(), self.repeat_note()) if n]
 
     def grid_dict(self) -> dict:
         return {"moneyness": [float(m) for m in self.moneyness],
