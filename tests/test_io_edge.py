@@ -165,15 +165,25 @@ def test_npz_dates_as_datetime64_or_strings_still_read(tmp_path):
         assert panel.fingerprint == panels[0].fingerprint
 
 
-# --- 5. a mix of date formats names the mix, not a valid date ---------------------------------
-def test_mixed_date_formats_name_both(tmp_path):
+# --- 5. a mix of unambiguous date formats reads as one; a repeated header is named -----------
+def test_mixed_year_first_date_formats_read_as_one(tmp_path):
+    """pandas takes the first date's format for all; dates in another year-first format (or
+    with a time on some rows only) are read one by one, to the same panel."""
     df = frame()
-    df.loc[:3, "date"] = df.loc[:3, "date"].str.replace("-", "/")  # the first date, 4 rows
-    df.to_csv(tmp_path / "mix.csv", index=False)
-    message = error(tmp_path / "mix.csv")
-    assert "mixes date formats" in message and "YYYY-MM-DD" in message
-    assert "'2020/01/01' (row 2)" in message and "'2020-01-02' (row 6)" in message
-    assert "unreadable" not in message
+    df.to_csv(tmp_path / "one.csv", index=False)
+    plain = load(tmp_path / "one.csv")
+    mix = df.copy()
+    mix.loc[:3, "date"] = mix.loc[:3, "date"].str.replace("-", "/")  # the first date, 4 rows
+    mix.loc[8:, "date"] = mix.loc[8:, "date"] + " 16:15:00"  # a time on the later rows
+    mix.to_csv(tmp_path / "mix.csv", index=False)
+    panel = load(tmp_path / "mix.csv")
+    np.testing.assert_array_equal(panel.dates, plain.dates)
+    assert panel.fingerprint == plain.fingerprint
+    # two exports joined: the second header line is named as such
+    with open(tmp_path / "two.csv", "w") as f:
+        f.write(df.iloc[:4].to_csv(index=False) + df.iloc[4:].to_csv(index=False))
+    message = error(tmp_path / "two.csv")
+    assert "repeats its header line at row 6 (two exports joined?); delete that line" in message
 
 
 def test_an_unreadable_date_is_still_called_unreadable(tmp_path):
@@ -258,13 +268,23 @@ def test_jittered_moneyness_names_its_date_and_digits(tmp_path):
     assert "same grid" in message
 
 
-def test_tiny_float_noise_is_shown(tmp_path):
+def test_last_bit_float_noise_and_float32_grids_read_as_written(tmp_path):
+    """0.9 + 1e-15 (a last-bit difference from arithmetic) is the grid point 0.9, and a
+    float32 column's 0.9 (0.899999976) reads 0.9: one grid, the panel of the clean file.
+    A jitter a reader could mean (1e-7, test above) is still refused."""
     df = frame()
+    df.to_csv(tmp_path / "clean.csv", index=False)
+    clean = load(tmp_path / "clean.csv")
     row = df.index[(df["date"] == "2020-01-04") & (df["moneyness"] == 0.9)][0]
-    df.loc[row, "moneyness"] = 0.9 + 1e-15
-    df.to_csv(tmp_path / "noise.csv", index=False)
-    message = error(tmp_path / "noise.csv")
-    assert "date 2020-01-04" in message and repr(0.9 + 1e-15) in message
+    noisy = df.copy()
+    noisy.loc[row, "moneyness"] = 0.9 + 1e-15
+    noisy.to_csv(tmp_path / "noise.csv", index=False)
+    assert load(tmp_path / "noise.csv").fingerprint == clean.fingerprint
+    f32 = df.astype({"moneyness": np.float32, "maturity_days": np.float32})
+    f32.to_parquet(tmp_path / "f32.parquet")
+    panel = load(tmp_path / "f32.parquet")
+    assert panel.moneyness.tolist() == [0.9, 1.0] and panel.maturity_days.tolist() == [30.0, 90.0]
+    assert panel.fingerprint == clean.fingerprint
 
 
 def test_extra_point_names_its_date(tmp_path):
@@ -497,3 +517,46 @@ def test_the_commands_say_what_data_fill_filled(tmp_path):
         "evaluate.methods": ["hist-bootstrap"], "evaluate.n_samples": 20}), tmp_path / "ev")
     assert any("2 missing iv values on 1 of 200 dates" in n for n in report["notes"])
     assert "2 missing iv values" in (tmp_path / "ev" / "report.md").read_text()
+
+
+# --- 13. separators, decimal commas, percent and log-moneyness ---------------------------------
+@pytest.mark.parametrize("name, sep", [("semi.csv", ";"), ("tab.txt", "\t"), ("tab.tsv", "\t"),
+                                       ("pipe.csv", "|"), ("space.txt", " ")])
+def test_other_field_separators_read_as_commas(tmp_path, name, sep):
+    """A file separated by semicolons, tabs, bars or lined-up spaces reads as the CSV."""
+    df = frame()
+    df.to_csv(tmp_path / "comma.csv", index=False)
+    df.to_csv(tmp_path / name, index=False, sep=sep)
+    assert load(tmp_path / name).fingerprint == load(tmp_path / "comma.csv").fingerprint
+
+
+def test_a_decimal_comma_is_named_with_its_fix(tmp_path):
+    df = frame().astype({"iv": str})
+    df["iv"] = df["iv"].str.replace(".", ",", regex=False)
+    df.to_csv(tmp_path / "eu.csv", index=False, sep=";")
+    first = frame()["iv"].iloc[0]
+    message = error(tmp_path / "eu.csv")
+    assert f"non-numeric value '{str(first).replace('.', ',')}'" in message
+    assert f"write numbers with a decimal point ({first})" in message
+
+
+def test_vols_in_percent_are_named(tmp_path):
+    """Percent vols above the reader's bound are refused with the fix; a calm market's in
+    percent (2 to 5, under the bound) are read, with a note that every vol is above 100%."""
+    df = frame()
+    df.assign(iv=df["iv"] * 100).to_csv(tmp_path / "pct.csv", index=False)
+    assert "most ivs are above 1 (median 20." in error(tmp_path / "pct.csv")
+    assert "if the file is in percent, divide iv by 100" in error(tmp_path / "pct.csv")
+    df.assign(iv=df["iv"] * 15).to_csv(tmp_path / "calm.csv", index=False)  # 3.0 .. 3.15
+    note = load(tmp_path / "calm.csv").percent_note()
+    assert note.startswith(f"{tmp_path / 'calm.csv'}: every iv is above 1 (the lowest is 3")
+    assert "divide iv by 100" in note
+    df.to_csv(tmp_path / "plain.csv", index=False)
+    assert load(tmp_path / "plain.csv").notes() == []
+
+
+def test_log_moneyness_is_named(tmp_path):
+    df = frame()
+    df.assign(moneyness=np.log(df["moneyness"])).to_csv(tmp_path / "logm.csv", index=False)
+    message = error(tmp_path / "logm.csv")
+    assert "must be > 0" in message and "log-moneyness ln(K/S)" in message

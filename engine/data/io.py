@@ -31,7 +31,7 @@ MONEYNESS_FLOOR_MAX = 5.0
 # maturity lies below this many days (0.25, 0.5, 1), or whose shortest is under a day (0.25,
 # 1, 10), was written in years (a 1-day VIX alone, or 30.4-day months, stay readable).
 MATURITY_YEARS_MAX = 5.0
-CSV_SUFFIXES = (".csv", ".txt")
+CSV_SUFFIXES = (".csv", ".txt", ".tsv")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst")  # pandas reads these CSVs
 
@@ -72,9 +72,10 @@ def read_panel(path: str | Path, fill: str = "none", fill_limit: int = 5,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reader warnings would be extra stderr lines
-            df = pd.read_parquet(p) if kind == "Parquet" else pd.read_csv(p)
+            sep = _separator(p) if kind == "CSV" else ","
+            df = pd.read_parquet(p) if kind == "Parquet" else pd.read_csv(p, sep=sep)
             if kind == "CSV":  # the header as written: pandas renames a repeated name (iv.1)
-                header = pd.read_csv(p, header=None, nrows=1, dtype=str,
+                header = pd.read_csv(p, header=None, nrows=1, dtype=str, sep=sep,
                                      keep_default_na=False).iloc[0]
                 if len(header) == len(df.columns):
                     df.columns = [str(h) for h in header]
@@ -82,6 +83,37 @@ def read_panel(path: str | Path, fill: str = "none", fill_limit: int = 5,
         raise DataError(f"cannot read {p} as {kind} ({first_line(err)}); check the file's "
                         "format") from None
     return panel_from_frame(df, str(p), fill, fill_limit, fill_hint)
+
+
+SEPARATORS = (",", ";", "\t", "|")
+
+
+def _separator(p: Path) -> str:
+    """The field separator of a CSV file: whichever of SEPARATORS its header line holds
+    most of; where none, runs of spaces if they part it, else a comma (a one-column file
+    is refused by its columns)."""
+    line = pd.read_csv(p, header=None, nrows=1, dtype=str, sep="\x00", quoting=3,
+                       keep_default_na=False).iloc[0, 0]
+    counts = [line.count(sep) for sep in SEPARATORS]
+    if max(counts):
+        return SEPARATORS[int(np.argmax(counts))]
+    return r"\s+" if len(line.split()) > 1 else ","  # columns lined up with spaces
+
+
+def _grid_values(vals: pd.Series) -> pd.Series:
+    """Grid coordinates as the decimals they were written as: a float32 column's 0.95 reads
+    0.94999999 and a float64 one may carry a last-bit difference (1.0000000000000002 beside
+    1.0), which would split one grid point in two. float32 values take their shortest
+    decimal, float64 ones 12 significant digits."""
+    if vals.dtype == np.float32:
+        def short(v):
+            return float(np.format_float_positional(np.float32(v), unique=True))
+    else:
+        def short(v):
+            return float(f"{v:.12g}")
+    unique = vals.dropna().unique()
+    return vals.astype(float).map(dict(zip(unique, map(short, unique), strict=True))).where(
+        vals.notna(), np.nan)
 
 
 def _format_of(p: Path) -> str:
@@ -154,10 +186,14 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
                               ["nan", "inf", "-inf", "infinity", "-infinity", ""]))
         if text_bad.any():
             row = int(np.flatnonzero(text_bad.to_numpy())[0])
+            value = _plain(column.iloc[row])
+            text = str(value).strip()
+            how = (f"write numbers with a decimal point ({text.replace(',', '.')})"
+                   if re.fullmatch(r"[-+]?\d*,\d+", text) else "write a number")
             raise DataError(f"{source}: column '{col}' has non-numeric value "
-                            f"{_plain(column.iloc[row])!r} on {out['date'].iloc[row].date()} "
-                            f"(row {row + 2}); write a number")
-        out[col] = vals.astype(float)
+                            f"{value!r} on {out['date'].iloc[row].date()} "
+                            f"(row {row + 2}); {how}")
+        out[col] = _grid_values(vals) if col != "iv" else vals.astype(float)
     # data.fill = 'previous': a NaN quote is a missing one, kept (its date and grid point stay
     # in the panel) and filled below like an absent row
     nan_missing = fill == "previous"
@@ -175,11 +211,16 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
             raise DataError(f"{source}: {col} is {df[col].iloc[row]} (NaN or inf) on "
                             f"{r['date'].date()} at {_point(r)}; drop or fill that row{hint}")
     for col in ("moneyness", "maturity_days"):
-        nonpos = out[col].to_numpy() <= 0
+        values = out[col].to_numpy()
+        nonpos = values <= 0
         if nonpos.any():
             r = out.iloc[int(np.flatnonzero(nonpos)[0])]
+            how = "fix or drop that row"
+            if col == "moneyness" and np.abs(values).max() <= 3 and (values < 0).any():
+                how = ("moneyness is strike / spot (1.0 at the money): if these are "
+                       "log-moneyness ln(K/S) (0 at the money), write exp of them")
             raise DataError(f"{source}: {col} = {r[col]:g} on {r['date'].date()} must be > 0; "
-                            "fix or drop that row")
+                            f"{how}")
     m = out["moneyness"].to_numpy()
     if m.min() > MONEYNESS_FLOOR_MAX:
         raise DataError(f"{source}: moneyness runs from {m.min():g} to {m.max():g}, every strike "
@@ -196,9 +237,12 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
     bad_iv = (iv <= 0) | (iv > IV_MAX)
     if bad_iv.any():
         r = out.iloc[int(np.flatnonzero(bad_iv)[0])]
+        median = float(np.median(iv[np.isfinite(iv)]))
+        how = (f"most ivs are above 1 (median {median:.4g}): if the file is in percent, divide "
+               "iv by 100" if median > 1 else "fix or drop that row")
         raise DataError(f"{source}: iv = {r['iv']:g} on {r['date'].date()} at {_point(r)} is "
                         f"outside (0, {IV_MAX:g}]; iv is a decimal (0.16 = 16 vol points): "
-                        "fix or drop that row")
+                        f"{how}")
     dup = out.duplicated(["date", "moneyness", "maturity_days"])
     if dup.any():
         r = out.iloc[int(np.flatnonzero(dup.to_numpy())[0])]
@@ -439,19 +483,21 @@ def _naive(v):
     return v
 
 
-def _parse_dates(raw: pd.Series) -> pd.Series:
-    """Timestamps without time zone (NaT where unreadable); no warning reaches stderr."""
+def _parse_dates(raw: pd.Series, mixed: bool = False) -> pd.Series:
+    """Timestamps without time zone (NaT where unreadable); no warning reaches stderr.
+    ``mixed``: each value in its own format (else the first value's format for all)."""
+    how = {"format": "mixed"} if mixed else {}
     with warnings.catch_warnings():
         # pandas / numpy warn on stderr (format inference, time zones); the caller's error is
         # the one line.
         warnings.simplefilter("ignore")
         try:
-            dates = pd.to_datetime(raw, errors="coerce")
+            dates = pd.to_datetime(raw, errors="coerce", **how)
         except (ValueError, TypeError, OverflowError):  # e.g. mixed UTC offsets
             dates = None
         if dates is None or not pd.api.types.is_datetime64_any_dtype(dates):
             try:
-                dates = pd.to_datetime(raw.map(_naive), errors="coerce")
+                dates = pd.to_datetime(raw.map(_naive), errors="coerce", **how)
             except (ValueError, TypeError, OverflowError):
                 dates = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns]")
     if isinstance(dates.dtype, pd.DatetimeTZDtype):
@@ -502,10 +548,21 @@ def _checked_dates(raw: pd.Series, shown: pd.Series, what: str, where, fix: str)
         raise DataError(f"{what} has unreadable value {value!r} at {where(i)}; {fix}")
     dates = _parse_dates(raw)
     bad = dates.isna().to_numpy()
+    if bad.any() and (~bad).any():
+        # pandas takes the format of the first date, so a later date in another one (a time
+        # on some rows, 2011/01/04 beside 2011-01-05) comes back NaT: read those one by one.
+        # Safe: a date whose day and month could swap was refused above.
+        again = _parse_dates(raw[bad], mixed=True)
+        dates = dates.copy()
+        dates[bad] = again.to_numpy()
+        bad = dates.isna().to_numpy()
     if not bad.any():
         return dates
     i = int(np.flatnonzero(bad)[0])
     value = _plain(shown.iloc[i])
+    if str(value).strip().lower() == "date":
+        raise DataError(f"{what} repeats its header line at {where(i)} (two exports joined?); "
+                        "delete that line")
     ok = np.flatnonzero(~bad)
     if len(ok) and _parses_alone(raw.iloc[i]):
         # pandas takes the format of the first date; a later date in another format reads on

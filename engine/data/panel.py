@@ -106,10 +106,21 @@ class Panel:
                 "calendar-day export filled forward?): keep one row per trading day for paths "
                 "at the market's pace")
 
+    def percent_note(self) -> str | None:
+        """A note when every vol of the history lies above 1 (100 vol points): a file in
+        percent whose values stay under the reader's bound (a calm market's 2 to 5)."""
+        lowest = float(np.min(self.surface[:self.history_days]))
+        if lowest <= 1:
+            return None
+        return (f"{self.source}: every iv is above 1 (the lowest is {lowest:.4g}, "
+                f"{100 * lowest:.0f} vol points); iv is a decimal (0.16 = 16 vol points): if "
+                "the file is in percent, divide iv by 100")
+
     def notes(self) -> list[str]:
         """What loading found that a user should hear: points filled, calendar gaps, days
-        repeated."""
-        return [n for n in (self.fill_note, self.gap_note(), self.repeat_note()) if n]
+        repeated, vols that look like percent."""
+        return [n for n in (self.fill_note, self.gap_note(), self.repeat_note(),
+                            self.percent_note()) if n]
 
     def grid_dict(self) -> dict:
         return {"moneyness": [float(m) for m in self.moneyness],
