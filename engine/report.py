@@ -182,7 +182,8 @@ def evaluation_markdown(report: dict) -> str:
         left_out = len(report.get("test_year_windows", {})) - len(years)
         parts += ["## Coverage of the 90% band by test year", "",
                   (f"_how much one stretch of history moves the score: lowest / median / "
-                   f"highest coverage over the {len(years)} calendar years of the test windows"
+                   f"highest coverage over the {len(years)} calendar "
+                   f"year{'s' if len(years) > 1 else ''} of the test windows"
                    + (f" ({left_out} partial year{'s' if left_out > 1 else ''} with under half "
                       "the usual windows left out)" if left_out else "")
                    + " (the oracle's spread is the luck of the span alone; see "
