@@ -1588,7 +1588,10 @@ def test_cli_plot_draws_scenario_paths(cli_stores, tmp_path):
                     "--paths 101", "0 to 100")
     # more than the level's distinct quantile nodes: fewer drawn, and said so
     result = _invoke(["plot", "--store", run, "--out", tmp_path / "p.png", "--paths", "100"])
-    drawn = len(driver.spread_nodes(last, weights, 100))
+    grid = store.meta.grid  # the plotted point: moneyness nearest 1, the shortest maturity
+    i = int(np.argmin(np.abs(np.asarray(grid["moneyness"]) - 1.0)))
+    j = int(np.argmin(grid["maturity_days"]))
+    drawn = len(driver.spread_nodes(every[:, -1, i, j], weights, 100))
     assert result.exit_code == 0 and drawn < 100
     assert f"{drawn} scenario paths of the 100 asked" in " ".join(result.stderr.split())
 
