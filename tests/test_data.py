@@ -398,10 +398,31 @@ def test_splits_by_dates():
     # a calibration split that the test split's embargo leaves without a window: said so
     short = tiny_config(**{"data.calibration_start": "2010-11-10",
                            "data.test_start": "2010-11-15"})
+    day = [str(d) for d in panel.dates]
     with pytest.raises(DataError, match="calibration split has no complete window: it holds "
                                         "0 days, up to the 6-day embargo before "
-                                        "data.test_start"):
-        make_splits(panel, short.data)
+                                        rf"data.test_start .*set data.calibration_start between "
+                                        rf"{day[24]} and {day[tst - 12]}"):
+        make_splits(panel, short.data)  # C + H + E = 24; the test start - E - H
+    # the dates each suggestion names serve, at both ends
+    for c in (24, tst - 12):
+        ok = tiny_config(**{"data.calibration_start": day[c], "data.test_start": day[tst]})
+        assert all(len(make_splits(panel, ok.data).anchors(n)) for n in SPLITS)
+    early = tiny_config(**{"data.calibration_start": day[23], "data.test_start": day[tst]})
+    with pytest.raises(DataError, match=rf"train split has no complete window.*between {day[24]}"):
+        make_splits(panel, early.data)
+    late = tiny_config(**{"data.calibration_start": day[200], "data.test_start": day[395]})
+    with pytest.raises(DataError, match=rf"test split has no complete window.*set "
+                                        rf"data.test_start on or before {day[394]}"):
+        make_splits(panel, late.data)
+    ok = tiny_config(**{"data.calibration_start": day[200], "data.test_start": day[394]})
+    assert len(make_splits(panel, ok.data).anchors("test")) == 1
+    close = tiny_config(**{"data.calibration_start": day[24], "data.test_start": day[30]})
+    with pytest.raises(DataError, match=rf"set data.calibration_start on or after {day[24]} and "
+                                        rf"data.test_start at least 12 days after it"):
+        make_splits(panel, close.data)
+    ok = tiny_config(**{"data.calibration_start": day[24], "data.test_start": day[36]})
+    assert all(len(make_splits(panel, ok.data).anchors(n)) for n in SPLITS)
 
 
 def test_a_run_trains_on_the_whole_history_where_default_shares_give_way():

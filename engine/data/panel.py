@@ -243,7 +243,10 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
                          if following and E else "")
             else:
                 after = f" after a {E}-day embargo" if name != "train" and E else ""
-            if fit is not None:
+            dated = _date_fix(name, panel.dates, cal, tst, T, C, H, E) if by_dates else None
+            if dated is not None:
+                how = dated
+            elif fit is not None:
                 how = (f"set data.split_fractions = [{fit[0]:g}, {fit[1]:g}, {fit[2]:g}] (then "
                        f"calibration and test hold {MIN_WINDOWS}+ windows each), shorten "
                        "data.horizon, or give more history")
@@ -257,6 +260,26 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
 
 
 MIN_WINDOWS = 30  # the windows per split that a suggested split_fractions leaves
+
+
+def _date_fix(name: str, dates: np.ndarray, cal: int, tst: int, T: int, C: int, H: int,
+              E: int) -> str | None:
+    """The split dates that would give split ``name`` a window, keeping the other date where
+    that works (None: no date does on this history). Train keeps one while calibration
+    starts at or after day C + H + E; calibration while it starts at or before the test
+    start - E - H; test while it starts at or before day T - H."""
+    first_cal, last_cal, last_tst = C + H + E, tst - E - H, T - H
+    if name == "test":
+        return (f"set data.test_start on or before {dates[last_tst]}"
+                if cal + E + H <= last_tst else None)
+    if first_cal <= last_cal:  # a calibration date that keeps this test start serves
+        return (f"set data.calibration_start between {dates[first_cal]} and "
+                f"{dates[last_cal]}")
+    if first_cal + E + H <= last_tst:  # else a later test start too
+        return (f"set data.calibration_start on or after {dates[first_cal]} and "
+                f"data.test_start at least {E + H} days after it (on or before "
+                f"{dates[last_tst]})")
+    return None
 
 
 def _share_cuts(history_days: int, f_train: float, f_cal: float) -> tuple[int, int]:
