@@ -275,7 +275,7 @@ StoreOpt = Annotated[Path, _path_option("--store", help="The scenario store (a Z
 DepthOpt = Annotated[int | None, typer.Option(help="Levels of the tree (overrides tree.depth).")]
 BackendOpt = Annotated[str | None, typer.Option(help="'ray' (default) or 'inline'.")]
 AddressOpt = Annotated[str | None, typer.Option(
-    help="Ray cluster: 'auto' or ray://host:port; none starts a local Ray.")]
+    help="Ray cluster: 'auto', host:port or ray://host:port; none starts a local Ray.")]
 StartOpt = Annotated[str | None, typer.Option(
     help="Start date: the last data day on or before it (default: the last day).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted store.")]
@@ -937,8 +937,11 @@ def _realised_after_start(source: str, scenario, n_steps: int | None = None
     steps = panel.surface[at + 1 :][:n_steps]
     dates = panel.dates[at + 1 :][:n_steps].astype("datetime64[D]")
     if steps.size == 0:
-        raise DataError(f"--realised {source}: it ends on the start {start}; pass data that "
-                        "goes on past it, or leave --realised out")
+        how = ("the store's market runs on past its history for data.synthetic.test_days "
+               f"= {data.synthetic.test_days} days; run it with more" if source == "synthetic"
+               else "pass data that goes on past it")
+        raise DataError(f"--realised {source}: it ends on the start {start}; {how}, or leave "
+                        "--realised out")
     if not np.allclose(panel.surface[at], driver.start_context_of(scenario)[-1], rtol=1e-6,
                        atol=0):
         _console().print(f"note: {source}'s surface on {start} is not the one the run started "

@@ -1388,6 +1388,10 @@ def test_cli_var_of_a_position_file(cli_stores, tmp_path):
     table = _invoke(["var", "--store", run, "--realised", "synthetic"])
     assert table.exit_code == 0 and "realised P&L" in table.stdout
     assert "the data end before that level's last day" in " ".join(table.stderr.split())
+    # a store from the market's last day, with test_days = 0: nothing comes after its start
+    _one_line_error(["var", "--store", cli_stores[2], "--realised", "synthetic"],
+                    "the store's market runs on past its history for data.synthetic.test_days "
+                    "= 0 days; run it with more")
     table = _invoke(["var", "--store", run, "--position", one])
     assert table.exit_code == 0 and "one.csv (1 grid point with a vega)" in table.stdout
     # a grid value as float32 gave it (0.800000011920929) still matches

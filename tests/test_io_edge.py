@@ -560,3 +560,6 @@ def test_log_moneyness_is_named(tmp_path):
     df.assign(moneyness=np.log(df["moneyness"])).to_csv(tmp_path / "logm.csv", index=False)
     message = error(tmp_path / "logm.csv")
     assert "must be > 0" in message and "log-moneyness ln(K/S)" in message
+    atm = df[df["moneyness"] == 1.0]  # one column at the money: ln 1 = 0 everywhere
+    atm.assign(moneyness=0.0).to_csv(tmp_path / "atm.csv", index=False)
+    assert "log-moneyness ln(K/S)" in error(tmp_path / "atm.csv")

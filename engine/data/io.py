@@ -216,7 +216,8 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
         if nonpos.any():
             r = out.iloc[int(np.flatnonzero(nonpos)[0])]
             how = "fix or drop that row"
-            if col == "moneyness" and np.abs(values).max() <= 3 and (values < 0).any():
+            if col == "moneyness" and np.abs(values).max() <= 3 and (
+                    (values < 0).any() or (values == 0).all()):  # ATM alone: ln 1 = 0
                 how = ("moneyness is strike / spot (1.0 at the money): if these are "
                        "log-moneyness ln(K/S) (0 at the money), write exp of them")
             raise DataError(f"{source}: {col} = {r[col]:g} on {r['date'].date()} must be > 0; "
