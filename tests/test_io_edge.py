@@ -268,10 +268,11 @@ def test_jittered_moneyness_names_its_date_and_digits(tmp_path):
     assert "same grid" in message
 
 
-def test_last_bit_float_noise_and_float32_grids_read_as_written(tmp_path):
-    """0.9 + 1e-15 (a last-bit difference from arithmetic) is the grid point 0.9, and a
-    float32 column's 0.9 (0.899999976) reads 0.9: one grid, the panel of the clean file.
-    A jitter a reader could mean (1e-7, test above) is still refused."""
+def test_last_bit_float_noise_reads_as_one_point_and_other_grids_keep_every_bit(tmp_path):
+    """0.9 + 1e-15 (a last-bit difference from arithmetic) beside 0.9 is the grid point 0.9
+    (its most frequent spelling): the panel of the clean file. Values that collide with no
+    other keep every bit (a float32 column's 0.899999976, 365 / 12), so no file's
+    fingerprint moves. A jitter a reader could mean (1e-7, test above) is still refused."""
     df = frame()
     df.to_csv(tmp_path / "clean.csv", index=False)
     clean = load(tmp_path / "clean.csv")
@@ -280,11 +281,12 @@ def test_last_bit_float_noise_and_float32_grids_read_as_written(tmp_path):
     noisy.loc[row, "moneyness"] = 0.9 + 1e-15
     noisy.to_csv(tmp_path / "noise.csv", index=False)
     assert load(tmp_path / "noise.csv").fingerprint == clean.fingerprint
-    f32 = df.astype({"moneyness": np.float32, "maturity_days": np.float32})
+    f32 = df.astype({"moneyness": np.float32})
     f32.to_parquet(tmp_path / "f32.parquet")
-    panel = load(tmp_path / "f32.parquet")
-    assert panel.moneyness.tolist() == [0.9, 1.0] and panel.maturity_days.tolist() == [30.0, 90.0]
-    assert panel.fingerprint == clean.fingerprint
+    assert load(tmp_path / "f32.parquet").moneyness.tolist() == [float(np.float32(0.9)), 1.0]
+    months = df.assign(maturity_days=df["maturity_days"].map({30.0: 365 / 12, 90.0: 365 / 4}))
+    months.to_csv(tmp_path / "months.csv", index=False)
+    assert load(tmp_path / "months.csv").maturity_days.tolist() == [365 / 12, 365 / 4]
 
 
 def test_extra_point_names_its_date(tmp_path):
@@ -519,6 +521,18 @@ def test_the_commands_say_what_data_fill_filled(tmp_path):
     assert "2 missing iv values" in (tmp_path / "ev" / "report.md").read_text()
 
 
+def test_only_dates_that_begin_year_first_are_read_in_their_own_format(tmp_path):
+    """The one-by-one reading takes a date only where it begins with a whole year-first
+    date: day-first with spaces, a month alone, a time alone or 'today' are refused, not
+    read as some date (today's would change the fingerprint from day to day)."""
+    for odd in ("13 01 2020", "Jan 2020", "January 5", "16:00", "today"):
+        df = frame()
+        df.loc[df["date"] == "2020-01-05", "date"] = odd
+        df.to_csv(tmp_path / "odd.csv", index=False)
+        message = error(tmp_path / "odd.csv")
+        assert repr(odd) in message, (odd, message)
+
+
 # --- 13. separators, decimal commas, percent and log-moneyness ---------------------------------
 @pytest.mark.parametrize("name, sep", [("semi.csv", ";"), ("tab.txt", "\t"), ("tab.tsv", "\t"),
                                        ("pipe.csv", "|"), ("space.txt", " ")])
@@ -528,6 +542,30 @@ def test_other_field_separators_read_as_commas(tmp_path, name, sep):
     df.to_csv(tmp_path / "comma.csv", index=False)
     df.to_csv(tmp_path / name, index=False, sep=sep)
     assert load(tmp_path / name).fingerprint == load(tmp_path / "comma.csv").fingerprint
+
+
+def test_a_comma_inside_a_column_name_keeps_the_comma_separator(tmp_path):
+    """A comma file whose extra column's name holds semicolons or bars is still a comma
+    file: the separator is the one that parts the header into the required names."""
+    df = frame().assign(**{"quote; bid; ask; mid": 1.0, "K|S|x|y|z": 2.0})
+    df.to_csv(tmp_path / "named.csv", index=False)
+    frame().to_csv(tmp_path / "comma.csv", index=False)
+    assert load(tmp_path / "named.csv").fingerprint == load(tmp_path / "comma.csv").fingerprint
+
+
+def test_spaces_inside_a_date_of_a_space_separated_file_are_refused(tmp_path):
+    lines = ["date moneyness maturity_days iv"] + [
+        f"{d} 16:00:00 {m} {t} 0.2" for d in ("2020-01-01", "2020-01-02")
+        for m in (0.9, 1.0) for t in (30, 90)]
+    (tmp_path / "timed.txt").write_text("\n".join(lines) + "\n")
+    assert "more space-separated fields than its header names" in error(tmp_path / "timed.txt")
+
+
+def test_a_thousands_separator_names_both_readings(tmp_path):
+    df = frame().astype({"maturity_days": object})
+    df.loc[0, "maturity_days"] = "1,095"
+    df.to_csv(tmp_path / "k.csv", index=False, sep=";")
+    assert "(1095 or 1.095, whichever it means)" in error(tmp_path / "k.csv")
 
 
 def test_a_decimal_comma_is_named_with_its_fix(tmp_path):

@@ -7,6 +7,7 @@ Every problem becomes one ``DataError`` line naming the date / column and the fi
 
 from __future__ import annotations
 
+import csv
 import re
 import warnings
 import zipfile
@@ -74,11 +75,18 @@ def read_panel(path: str | Path, fill: str = "none", fill_limit: int = 5,
             warnings.simplefilter("ignore")  # reader warnings would be extra stderr lines
             sep = _separator(p) if kind == "CSV" else ","
             df = pd.read_parquet(p) if kind == "Parquet" else pd.read_csv(p, sep=sep)
+            if sep == r"\s+" and not isinstance(df.index, pd.RangeIndex):
+                # pandas took a row's first fields for an index: more fields than names
+                raise DataError(f"{p}: its rows hold more space-separated fields than its "
+                                "header names (a date with a time, or a month name?); separate "
+                                "the columns with commas or tabs")
             if kind == "CSV":  # the header as written: pandas renames a repeated name (iv.1)
                 header = pd.read_csv(p, header=None, nrows=1, dtype=str, sep=sep,
                                      keep_default_na=False).iloc[0]
                 if len(header) == len(df.columns):
                     df.columns = [str(h) for h in header]
+    except DataError:
+        raise
     except Exception as err:  # noqa: BLE001 - any reader failure is the user's file
         raise DataError(f"cannot read {p} as {kind} ({first_line(err)}); check the file's "
                         "format") from None
@@ -89,31 +97,39 @@ SEPARATORS = (",", ";", "\t", "|")
 
 
 def _separator(p: Path) -> str:
-    """The field separator of a CSV file: whichever of SEPARATORS its header line holds
-    most of; where none, runs of spaces if they part it, else a comma (a one-column file
-    is refused by its columns)."""
+    """The field separator of a CSV file: the first of SEPARATORS (then runs of spaces) that
+    parts its header line into fields holding every required column name; a comma where
+    none does (the columns' refusal then names what was found)."""
     line = pd.read_csv(p, header=None, nrows=1, dtype=str, sep="\x00", quoting=3,
-                       keep_default_na=False).iloc[0, 0]
-    counts = [line.count(sep) for sep in SEPARATORS]
-    if max(counts):
-        return SEPARATORS[int(np.argmax(counts))]
-    return r"\s+" if len(line.split()) > 1 else ","  # columns lined up with spaces
+                       keep_default_na=False).iloc[0, 0].lstrip("\ufeff")
+
+    def names(fields) -> set[str]:
+        return {f.strip().lower() for f in fields}
+
+    for sep in SEPARATORS:
+        if set(COLUMNS) <= names(next(csv.reader([line], delimiter=sep))):
+            return sep
+    return r"\s+" if set(COLUMNS) <= names(line.split()) else ","
 
 
 def _grid_values(vals: pd.Series) -> pd.Series:
-    """Grid coordinates as the decimals they were written as: a float32 column's 0.95 reads
-    0.94999999 and a float64 one may carry a last-bit difference (1.0000000000000002 beside
-    1.0), which would split one grid point in two. float32 values take their shortest
-    decimal, float64 ones 12 significant digits."""
-    if vals.dtype == np.float32:
-        def short(v):
-            return float(np.format_float_positional(np.float32(v), unique=True))
-    else:
-        def short(v):
-            return float(f"{v:.12g}")
-    unique = vals.dropna().unique()
-    return vals.astype(float).map(dict(zip(unique, map(short, unique), strict=True))).where(
-        vals.notna(), np.nan)
+    """Grid coordinates, with values that agree to 12 significant digits made one: a float64
+    column may carry a last-bit difference (1.0000000000000002 beside 1.0) that would split
+    one grid point in two. Each such group takes its most frequent value (the first met on
+    a tie); values that collide with none keep every bit, so a file's fingerprint stays."""
+    out = vals.astype(float)
+    groups: dict[float, list[float]] = {}
+    for v in pd.unique(out.dropna()):
+        groups.setdefault(float(f"{v:.12g}"), []).append(v)
+    clashes = [g for g in groups.values() if len(g) > 1]
+    if not clashes:
+        return out
+    counts = out.value_counts()
+    mapping = {}
+    for g in clashes:
+        keep = max(g, key=lambda v: (counts[v], -g.index(v)))
+        mapping.update({v: keep for v in g if v != keep})
+    return out.replace(mapping)
 
 
 def _format_of(p: Path) -> str:
@@ -188,8 +204,15 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
             row = int(np.flatnonzero(text_bad.to_numpy())[0])
             value = _plain(column.iloc[row])
             text = str(value).strip()
-            how = (f"write numbers with a decimal point ({text.replace(',', '.')})"
-                   if re.fullmatch(r"[-+]?\d*,\d+", text) else "write a number")
+            if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+", text):  # 1,095: thousands, or not?
+                how = ("write numbers without a thousands separator and with a decimal point "
+                       f"({text.replace(',', '')} or {text.replace(',', '.', 1)}, whichever "
+                       "it means)" if text.count(",") == 1 else
+                       f"write numbers without a thousands separator ({text.replace(',', '')})")
+            elif re.fullmatch(r"[-+]?\d*,\d+", text):
+                how = f"write numbers with a decimal point ({text.replace(',', '.')})"
+            else:
+                how = "write a number"
             raise DataError(f"{source}: column '{col}' has non-numeric value "
                             f"{value!r} on {out['date'].iloc[row].date()} "
                             f"(row {row + 2}); {how}")
@@ -503,7 +526,9 @@ def _parse_dates(raw: pd.Series, mixed: bool = False) -> pd.Series:
                 dates = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns]")
     if isinstance(dates.dtype, pd.DatetimeTZDtype):
         dates = dates.dt.tz_localize(None)  # the local calendar date, as written
-    return dates
+    # pandas reads 'today' and 'now' as the clock's: a file would change from day to day
+    relative = raw.map(lambda v: isinstance(v, str) and v.strip().lower() in ("today", "now"))
+    return dates.where(~relative.to_numpy(dtype=bool)) if relative.any() else dates
 
 
 def _parses_alone(v) -> bool:
@@ -520,6 +545,13 @@ _DAY_FIRST = re.compile(r"(?<![\d/.\-])\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}(?![\d/.\-
 _YEAR_FIRST = re.compile(r"\s*\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?!\d)")
 _DIGITS_ONLY = re.compile(r"\s*\d+\s*")
 _YEAR_FIRST_DIGITS = re.compile(r"\s*\d{8}\s*")
+
+
+def _year_first_start(value) -> bool:
+    """Does ``value`` begin with a whole date, year first (2011-01-04, 2011/01/04, 20110104),
+    whatever time or zone follows?"""
+    return isinstance(value, str) and bool(_YEAR_FIRST.match(value)
+                                           or re.match(r"\s*\d{8}(?!\d)", value))
 
 
 def _digit_date_problem(value) -> str | None:
@@ -553,7 +585,9 @@ def _checked_dates(raw: pd.Series, shown: pd.Series, what: str, where, fix: str)
         # pandas takes the format of the first date, so a later date in another one (a time
         # on some rows, 2011/01/04 beside 2011-01-05) comes back NaT: read those one by one.
         # Safe: a date whose day and month could swap was refused above.
-        again = _parse_dates(raw[bad], mixed=True)
+        # Only dates that begin with a full year-first date are taken: dateutil reads any
+        # text (a day and month without a year, 'today', '03 01 2011' month first).
+        again = _parse_dates(raw[bad], mixed=True).where(raw[bad].map(_year_first_start))
         dates = dates.copy()
         dates[bad] = again.to_numpy()
         bad = dates.isna().to_numpy()
