@@ -142,17 +142,23 @@ def check_fit_history(prep: Prepared, specs: list[MethodSpec]) -> None:
             # calibration one before the test's (C + H + E <= c <= tst - E - H); c halfway
             tst = max(need + E, C + 2 * H + 2 * E)
             if n >= tst + H:  # a later test start leaves the bank enough, and a window
+                k = n - tst - H + 1
                 how = (f"set data.test_start on or after {dates[tst]} (with "
                        f"data.calibration_start before it, e.g. {dates[(C + tst) // 2]}; the "
-                       f"test split then holds up to {n - tst - H + 1} windows)")
+                       f"test split then holds up to {k} window{'s' if k > 1 else ''})")
+            elif prep.panel.market is not None:  # the synthetic market: its own length
+                how = (f"set data.synthetic.n_days to at least {tst + H} and data.test_start "
+                       f"on or after day {tst + 1} of it, a smaller data.embargo or a shorter "
+                       "data.horizon")
             else:
-                how = (f"give a file of at least {tst + H} days (the fit history, the "
-                       f"{E}-day embargo and one {H}-day test window), a smaller data.embargo "
-                       "or a shorter data.horizon")
+                how = (f"give a file of at least {tst + H} days with data.test_start on or "
+                       f"after its day {tst + 1} (the fit history, the {E}-day embargo and "
+                       f"one {H}-day test window), a smaller data.embargo or a shorter "
+                       "data.horizon")
             names = ", ".join(s.name for s in group)
             raise DataError(
                 f"evaluate fits {names} on the {fit} days before the test split's embargo "
-                f"(of the file's {n}), and {'their' if len(group) > 1 else 'its'} cross-fitted "
+                f"(of the data's {n}), and {'their' if len(group) > 1 else 'its'} cross-fitted "
                 f"residual bank needs at least {need} "
                 f"(data.context {C}, data.horizon {H}, data.embargo {E}); {how}, "
                 "or leave the kNN methods out of --methods") from None
@@ -214,7 +220,7 @@ def fit_methods(prep: Prepared, model, specs: list[MethodSpec], progress=None,
         _say(console, f"{spec.name}: fitted in {seconds:.1f}s{bank}")
         for note in sampler.notes(spec.name) if knn else ():
             _say(console, f"note: {note}")
-            if notes is not None:
+            if notes is not None and note not in notes:  # one bank: said once
                 notes.append(note)
     return {s.name: fitted[s.name] for s in specs}
 

@@ -30,9 +30,9 @@ def prepare(config: Config, evaluation: bool = False, console=None,
             run: bool = False) -> Prepared:
     """Load and split the data; ``evaluation`` adds the synthetic market's test extension.
     ``console``: where notes go (``Panel.notes``: points data.fill filled, gaps in the data's
-    calendar, repeated days; split shares that replaced the default ones on a short history). ``run``: for `run`, `mc` and
-    `fit`, which use the train split alone, and only to train a CVAE: ``run_splits``, whose
-    note the fit prints where it trains one."""
+    calendar, repeated days; split shares that replaced the default ones on a short
+    history). ``run``: for `run`, `mc` and `fit`, which use the train split alone, and only
+    to train a CVAE: ``run_splits``, whose note the fit prints where it trains one."""
     panel = load_panel(config.data, evaluation=evaluation)
     for note in panel.notes():
         if console is not None:
@@ -54,7 +54,7 @@ def run_splits(history: Panel, data_cfg) -> Splits:
         if splits.note is None:
             return splits
         # the default shares leave a split empty and smaller train shares stand in, for
-        # evaluate's sake: a run would train on less than a shorter history gives it
+        # evaluate's sake: a run takes every window, as where no shares fit at all
         why = "the default data.split_fractions leave a split without a complete window"
     except EmptySplitError as err:  # not a config's mistake (dates out of order): raised
         why = first_line(err).split(";")[0]

@@ -31,8 +31,11 @@ def describe(name: str, x: np.ndarray) -> None:
 
 def main(sampler_path: str, data: str) -> None:
     sampler, meta = sampler_file.load_sampler(sampler_path)
-    panel = read_panel(data)
-    C, H = sampler.config.data.context, sampler.config.data.horizon
+    cfg = sampler.config.data
+    panel = read_panel(data, cfg.fill, cfg.fill_limit)
+    if panel.slice_days(0, meta["fit_days"]).fingerprint != meta["history_fingerprint"]:
+        sys.exit(f"{data} is not the data {sampler_path} was fitted on")
+    C, H = cfg.context, cfg.horizon
     log = panel.log_surface[:meta["fit_days"]]
     bank = sampler.bank_
     describe("history", log[None])

@@ -30,6 +30,7 @@ from engine.diagnose import run_diagnose
 from engine.errors import ConfigError, DataError
 from engine.evaluate import (
     PooledMoments,
+    check_fit_history,
     check_horizons,
     evaluation_windows,
     fit_methods,
@@ -610,7 +611,7 @@ def test_evaluate_refuses_a_fit_history_too_short_for_the_bank_before_training(t
     dates = prepare(eval_config(**shares)).panel.dates
     # test from day 41 + 6 (the fits see 41); calibration between day 12 + 6 + 6 (train keeps
     # a window before its embargo) and 41 - 6 (it keeps one before the test's): (24 + 35) // 2
-    said = refused(r"fits knn, knn-conformal on the 30 days before .*\(of the file's 600\), and "
+    said = refused(r"fits knn, knn-conformal on the 30 days before .*\(of the data's 600\), and "
                    r"their cross-fitted residual bank needs at least 41 .*set data.test_start on "
                    rf"or after {dates[47]} \(with data.calibration_start before it, e.g. "
                    rf"{dates[29]}; the test split then holds up to 548 windows\), or leave the "
@@ -624,9 +625,15 @@ def test_evaluate_refuses_a_fit_history_too_short_for_the_bank_before_training(t
     # a 60-day embargo: the bank needs 2 (6 + 60) + 12 + 6 - 1 = 149 days, a file 149 + 66
     short = {"data.synthetic.n_days": 200, "data.embargo": 60,
              "data.split_fractions": [0.2, 0.35, 0.45]}
-    said = refused(r"on the 110 days .*\(of the file's 200\).*needs at least 149 .*give a "
-                   r"file of at least 215 days \(the fit history, the 60-day embargo and one "
-                   r"6-day test", **short)
+    said = refused(r"on the 110 days .*\(of the data's 200\).*needs at least 149 .*set "
+                   r"data.synthetic.n_days to at least 215 and data.test_start on or after day "
+                   r"210 of it", **short)
+    longer = eval_config(**{**short, "data.synthetic.n_days": 215})
+    dated = longer.model_copy(update={"data": longer.data.model_copy(update={
+        "calibration_start": str(prepare(longer).panel.dates[105]),
+        "test_start": str(prepare(longer).panel.dates[209])})})
+    check_fit_history(prepare(dated, evaluation=True), resolve_methods(dated, True)[0])
+    assert len(prepare(dated, evaluation=True).splits.anchors("test")) == 1  # as named
     # and the console says, as the report's summary would, how little 25 windows decide
     assert ("note: the 25 test windows overlap: at 6 days they hold about 5.0 non-overlapping "
             "outcomes, too few for a coverage, CRPS, std ratio or variance share") in said

@@ -21,8 +21,8 @@ SPLITS = ("train", "calibration", "test")
 
 
 # More calendar days than this between consecutive dates is no weekend or holiday.
-REPEATS_NOTED = 5  # days repeating the day before, at least, for a note
 MAX_GAP_DAYS = 14
+REPEATS_NOTED = 5  # days repeating the day before, at least, for a note
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,9 +276,8 @@ def _date_fix(name: str, dates: np.ndarray, cal: int, tst: int, T: int, C: int, 
         return (f"set data.calibration_start between {dates[first_cal]} and "
                 f"{dates[last_cal]}")
     if first_cal + E + H <= last_tst:  # else a later test start too
-        return (f"set data.calibration_start on or after {dates[first_cal]} and "
-                f"data.test_start at least {E + H} days after it (on or before "
-                f"{dates[last_tst]})")
+        return (f"set data.calibration_start = {dates[first_cal]} and data.test_start between "
+                f"{dates[first_cal + E + H]} and {dates[last_tst]}")
     return None
 
 
