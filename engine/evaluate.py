@@ -31,6 +31,7 @@ import numpy as np
 
 from engine import metrics
 from engine.config import Config
+from engine.data.panel import calibration_days
 from engine.errors import ConfigError, DataError
 from engine.pipeline import Prepared, get_model, prepare
 from engine.report import FEW_OUTCOMES, overlap_sentence
@@ -138,13 +139,13 @@ def check_fit_history(prep: Prepared, specs: list[MethodSpec]) -> None:
             C, H, E = cfg.data.context, cfg.data.horizon, cfg.data.embargo_days
             dates = prep.panel.dates
             # the first test day: the fits see the `need` days before its embargo, and a
-            # calibration day c fits in them: train keeps a window before c's embargo and
-            # calibration one before the test's (C + H + E <= c <= tst - E - H); c halfway
+            # calibration day fits in them (calibration_days); halfway is suggested
             tst = max(need + E, C + 2 * H + 2 * E)
+            cal = sum(calibration_days(C, H, E, tst)) // 2
             if n >= tst + H:  # a later test start leaves the bank enough, and a window
                 k = n - tst - H + 1
                 how = (f"set data.test_start on or after {dates[tst]} (with "
-                       f"data.calibration_start before it, e.g. {dates[(C + tst) // 2]}; the "
+                       f"data.calibration_start before it, e.g. {dates[cal]}; the "
                        f"test split then holds up to {k} window{'s' if k > 1 else ''})")
             elif prep.panel.market is not None:  # the synthetic market: its own length
                 how = (f"set data.synthetic.n_days to at least {tst + H} and data.test_start "

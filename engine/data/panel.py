@@ -262,13 +262,20 @@ def make_splits(panel: Panel, data_cfg) -> Splits:
 MIN_WINDOWS = 30  # the windows per split that a suggested split_fractions leaves
 
 
+def calibration_days(C: int, H: int, E: int, tst: int) -> tuple[int, int]:
+    """The first and last day index a calibration date may take beside a test date ``tst``
+    (split dates, ``make_splits``): train keeps a window before its embargo, calibration one
+    before the test split's (C + H + E <= c <= tst - E - H)."""
+    return C + H + E, tst - E - H
+
+
 def _date_fix(name: str, dates: np.ndarray, cal: int, tst: int, T: int, C: int, H: int,
               E: int) -> str | None:
     """The split dates that would give split ``name`` a window, keeping the other date where
     that works (None: no date does on this history). Train keeps one while calibration
     starts at or after day C + H + E; calibration while it starts at or before the test
     start - E - H; test while it starts at or before day T - H."""
-    first_cal, last_cal, last_tst = C + H + E, tst - E - H, T - H
+    (first_cal, last_cal), last_tst = calibration_days(C, H, E, tst), T - H
     if name == "test":
         return (f"set data.test_start on or before {dates[last_tst]}"
                 if cal + E + H <= last_tst else None)
