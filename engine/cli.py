@@ -464,22 +464,18 @@ def _beyond_history_note(scenario, history: np.ndarray) -> str | None:
         return f"moneyness {grid['moneyness'][i]:g}, {grid['maturity_days'][j]:g} days"
 
     parts = []
-    if any(b.above > 0 for b in levels):
-        top = np.max([b.top for b in levels], axis=0)
-        i, j = np.unravel_index(int(np.argmax(top / hi)), hi.shape)
-        shares = ", ".join(_percent(b.above) for b in levels)
-        parts.append(f"nodes whose days rise above the highest vol of the history at some grid "
-                     f"point hold {shares} of the probability of {which}; the largest excess "
-                     f"is {top[i, j]:.4g} at {at(i, j)}, where the history's highest is "
-                     f"{hi[i, j]:.4g}")
-    if any(b.below > 0 for b in levels):
-        bottom = np.min([b.bottom for b in levels], axis=0)
-        i, j = np.unravel_index(int(np.argmin(bottom / lo)), lo.shape)
-        shares = ", ".join(_percent(b.below) for b in levels)
-        parts.append(f"nodes whose days fall below the lowest vol of the history at some grid "
-                     f"point hold {shares} of the probability of {which}; the lowest is "
-                     f"{bottom[i, j]:.4g} at {at(i, j)}, where the history's lowest is "
-                     f"{lo[i, j]:.4g}")
+    for verb, edge, farthest, side in (("rise above", "highest", "the largest excess is", hi),
+                                       ("fall below", "lowest", "the lowest is", lo)):
+        up = side is hi
+        mass = [b.above if up else b.below for b in levels]
+        if not any(m > 0 for m in mass):
+            continue
+        drawn = (np.max if up else np.min)([b.top if up else b.bottom for b in levels], axis=0)
+        i, j = np.unravel_index(int((np.argmax if up else np.argmin)(drawn / side)), side.shape)
+        parts.append(f"nodes whose days {verb} the {edge} vol of the history at some grid "
+                     f"point hold {', '.join(_percent(m) for m in mass)} of the probability of "
+                     f"{which}; {farthest} {drawn[i, j]:.4g} at {at(i, j)}, where the "
+                     f"history's {edge} is {side[i, j]:.4g}")
     if not parts:
         return None
     return ("note: " + "; ".join(parts) + ". There the sampler extrapolates beyond what it has "
