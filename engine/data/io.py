@@ -73,18 +73,16 @@ def read_panel(path: str | Path, fill: str = "none", fill_limit: int = 5,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reader warnings would be extra stderr lines
-            sep = _separator(p) if kind == "CSV" else ","
+            sep, header = _separator(p) if kind == "CSV" else (",", None)
             df = pd.read_parquet(p) if kind == "Parquet" else pd.read_csv(p, sep=sep)
             if sep == r"\s+" and not isinstance(df.index, pd.RangeIndex):
                 # pandas took a row's first fields for an index: more fields than names
                 raise DataError(f"{p}: its rows hold more space-separated fields than its "
                                 "header names (a date with a time, or a month name?); separate "
                                 "the columns with commas or tabs")
-            if kind == "CSV":  # the header as written: pandas renames a repeated name (iv.1)
-                header = pd.read_csv(p, header=None, nrows=1, dtype=str, sep=sep,
-                                     keep_default_na=False).iloc[0]
-                if len(header) == len(df.columns):
-                    df.columns = [str(h) for h in header]
+            # the header as written: pandas renames a repeated name (iv.1)
+            if header is not None and len(header) == len(df.columns):
+                df.columns = header
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - any reader failure is the user's file
@@ -96,20 +94,20 @@ def read_panel(path: str | Path, fill: str = "none", fill_limit: int = 5,
 SEPARATORS = (",", ";", "\t", "|")
 
 
-def _separator(p: Path) -> str:
-    """The field separator of a CSV file: the first of SEPARATORS (then runs of spaces) that
-    parts its header line into fields holding every required column name; a comma where
-    none does (the columns' refusal then names what was found)."""
+def _separator(p: Path) -> tuple[str, list[str]]:
+    """The field separator of a CSV file and its header's fields as written: the first of
+    SEPARATORS (then runs of spaces) that parts its header line into fields holding every
+    required column name; a comma where none does (the columns' refusal then names what was
+    found)."""
     line = pd.read_csv(p, header=None, nrows=1, dtype=str, sep="\x00", quoting=3,
                        keep_default_na=False).iloc[0, 0].lstrip("\ufeff")
-
-    def names(fields) -> set[str]:
-        return {f.strip().lower() for f in fields}
-
     for sep in SEPARATORS:
-        if set(COLUMNS) <= names(next(csv.reader([line], delimiter=sep))):
-            return sep
-    return r"\s+" if set(COLUMNS) <= names(line.split()) else ","
+        fields = next(csv.reader([line], delimiter=sep))
+        if set(COLUMNS) <= {f.strip().lower() for f in fields}:
+            return sep, fields
+    if set(COLUMNS) <= {f.lower() for f in line.split()}:
+        return r"\s+", line.split()
+    return ",", next(csv.reader([line]))
 
 
 def _grid_values(vals: pd.Series) -> pd.Series:

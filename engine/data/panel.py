@@ -97,8 +97,7 @@ class Panel:
         k = int(same.sum())
         if k < max(REPEATS_NOTED, 0.01 * self.n_days):
             return None
-        weekday = (self.dates[1:][same].astype("datetime64[D]").astype(np.int64) + 3) % 7
-        weekend = int((weekday >= 5).sum())  # 1970-01-01 was a Thursday (3, Monday 0)
+        weekend = int((~np.is_busday(self.dates[1:][same].astype("datetime64[D]"))).sum())
         on = f", {weekend} of them Saturdays or Sundays" if weekend else ""
         return (f"{self.source}: {k} of its {self.n_days} days ({100 * k / self.n_days:.0f}%) "
                 f"repeat the day before's surface exactly at every grid point{on}; each row is "
