@@ -593,6 +593,32 @@ def test_vols_in_percent_are_named(tmp_path):
     assert load(tmp_path / "plain.csv").notes() == []
 
 
+def test_grid_labels_in_another_unit_are_noted(tmp_path):
+    """Maturities in months and moneyness as deltas are read (they only label the grid), with
+    a note naming the range and the conversion; weeks, days and a put-wing strike grid are not."""
+    def note(moneyness, maturities):
+        df = frame()
+        df = df.assign(moneyness=df["moneyness"].map(dict(zip(MONEYNESS, moneyness))),
+                       maturity_days=df["maturity_days"].map(dict(zip(MATURITIES, maturities))))
+        df.to_csv(tmp_path / "g.csv", index=False)
+        return load(tmp_path / "g.csv").grid_note()
+
+    months = note(MONEYNESS, [3.0, 12.0])
+    assert months.startswith(f"{tmp_path / 'g.csv'}: maturity_days runs from 3 to 12: if these "
+                             "are months, multiply them by 30.4")
+    assert "deltas" not in months and months.endswith("so the run goes on")
+    assert months in load(tmp_path / "g.csv").notes()
+    deltas = note([0.25, 0.75], MATURITIES)
+    assert "moneyness runs from 0.25 to 0.75, every strike under the spot: if these are deltas" \
+        in deltas and "months" not in deltas
+    both = note([0.1, 0.5], [1.0, 6.0])
+    assert "months" in both and "deltas" in both
+    for moneyness, maturities in [(MONEYNESS, [7.0, 21.0]), (MONEYNESS, [30.0, 90.0]),
+                                  ([0.5, 0.8], MATURITIES), ([0.25, 1.25], MATURITIES),
+                                  (MONEYNESS, [3.5, 12.0])]:
+        assert note(moneyness, maturities) is None, (moneyness, maturities)
+
+
 def test_log_moneyness_is_named(tmp_path):
     df = frame()
     df.assign(moneyness=np.log(df["moneyness"])).to_csv(tmp_path / "logm.csv", index=False)

@@ -23,6 +23,10 @@ SPLITS = ("train", "calibration", "test")
 # More calendar days than this between consecutive dates is no weekend or holiday.
 MAX_GAP_DAYS = 14
 REPEATS_NOTED = 5  # days repeating the day before, at least, for a note
+# A maturity grid of whole numbers no longer than this (and not all weeks) reads as months.
+MONTHS_MAX = 24
+# A moneyness grid under the spot everywhere whose lowest strike is below this reads as deltas.
+DELTA_FLOOR = 0.3
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,11 +119,31 @@ class Panel:
                 f"{100 * lowest:.0f} vol points); iv is a decimal (0.16 = 16 vol points): if "
                 "the file is in percent, divide iv by 100")
 
+    def grid_note(self) -> str | None:
+        """A note when the grid's labels read like another unit: maturities of whole numbers
+        up to 24 that are not weeks (months?), or moneyness under the spot everywhere with a
+        strike below 0.3 spots (call deltas?). Only the labels would be off (which point is
+        at the money for ``demo`` and ``plot``, where a ``--position`` lands), so a note."""
+        m, t = self.moneyness, self.maturity_days
+        said = []
+        if len(t) > 1 and t.max() <= MONTHS_MAX and np.all(t == np.round(t)) and np.any(t % 7):
+            said.append(f"maturity_days runs from {t.min():g} to {t.max():g}: if these are "
+                        "months, multiply them by 30.4 (maturity_days is in calendar days)")
+        if len(m) > 1 and m.max() < 1 and m.min() < DELTA_FLOOR:
+            said.append(f"moneyness runs from {m.min():g} to {m.max():g}, every strike under "
+                        "the spot: if these are deltas, convert them to strike / spot "
+                        "(moneyness is 1.0 at the money)")
+        if not said:
+            return None
+        return (f"{self.source}: " + "; ".join(said) + ". The values only label the grid "
+                "(the at-the-money point of plots, where a --position lands), so the run "
+                "goes on")
+
     def notes(self) -> list[str]:
         """What loading found that a user should hear: points filled, calendar gaps, days
-        repeated, vols that look like percent."""
+        repeated, vols that look like percent, grid labels in another unit."""
         return [n for n in (self.fill_note, self.gap_note(), self.repeat_note(),
-                            self.percent_note()) if n]
+                            self.percent_note(), self.grid_note()) if n]
 
     def grid_dict(self) -> dict:
         return {"moneyness": [float(m) for m in self.moneyness],
