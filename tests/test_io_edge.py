@@ -605,8 +605,8 @@ def test_grid_labels_in_another_unit_are_noted(tmp_path):
 
     months = note(MONEYNESS, [3.0, 12.0])
     assert months.startswith(f"{tmp_path / 'g.csv'}: maturity_days runs from 3 to 12: if these "
-                             "are months, multiply them by 30.4")
-    assert "deltas" not in months and months.endswith("so the run goes on")
+                             "are months or years, multiply them by 30.4 or 365")
+    assert "deltas" not in months and months.endswith("so the command goes on")
     assert months in load(tmp_path / "g.csv").notes()
     deltas = note([0.25, 0.75], MATURITIES)
     assert "moneyness runs from 0.25 to 0.75, every strike under the spot: if these are deltas" \

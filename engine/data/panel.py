@@ -121,14 +121,15 @@ class Panel:
 
     def grid_note(self) -> str | None:
         """A note when the grid's labels read like another unit: maturities of whole numbers
-        up to 24 that are not weeks (months?), or moneyness under the spot everywhere with a
+        up to 24 that are not weeks (months, years?), or moneyness under the spot everywhere with a
         strike below 0.3 spots (call deltas?). Only the labels would be off (which point is
         at the money for ``demo`` and ``plot``, where a ``--position`` lands), so a note."""
         m, t = self.moneyness, self.maturity_days
         said = []
         if len(t) > 1 and t.max() <= MONTHS_MAX and np.all(t == np.round(t)) and np.any(t % 7):
             said.append(f"maturity_days runs from {t.min():g} to {t.max():g}: if these are "
-                        "months, multiply them by 30.4 (maturity_days is in calendar days)")
+                        "months or years, multiply them by 30.4 or 365 (maturity_days is in "
+                        "calendar days)")
         if len(m) > 1 and m.max() < 1 and m.min() < DELTA_FLOOR:
             said.append(f"moneyness runs from {m.min():g} to {m.max():g}, every strike under "
                         "the spot: if these are deltas, convert them to strike / spot "
@@ -136,7 +137,7 @@ class Panel:
         if not said:
             return None
         return (f"{self.source}: " + "; ".join(said) + ". The values only label the grid "
-                "(the at-the-money point of plots, where a --position lands), so the run "
+                "(the at-the-money point of plots, where a --position lands), so the command "
                 "goes on")
 
     def notes(self) -> list[str]:
