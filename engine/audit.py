@@ -29,7 +29,7 @@ import numpy as np
 
 from engine.config import Config
 from engine.errors import BackfillError, StoreError, first_line
-from engine.store import WEIGHT_ATOL, ScenarioStore, business_days_after
+from engine.store import _DAMAGED, WEIGHT_ATOL, ScenarioStore, business_days_after
 from engine.tree import stride_days
 
 # a child's weight is its parent's times a share, and the K shares sum to 1 up to rounding
@@ -174,7 +174,9 @@ def _check_marginals(store: ScenarioStore, days: np.ndarray) -> tuple[dict, list
     try:
         m = store.read_marginals()
     except StoreError as err:
-        return {"present": False}, [f"marginals: {first_line(err)}"] if finished else []
+        damaged = _DAMAGED in first_line(err)  # not merely unfinished: a problem either way
+        return ({"present": False},
+                [f"marginals: {_without_fix(err)}"] if finished or damaged else [])
     q, mean, std = m["quantiles"], m["mean"], m["std"]
     if not np.array_equal(m["days"], days):
         problems.append(f"marginals: {len(m['days'])} days, the run covers {len(days)}")
@@ -195,6 +197,11 @@ def _check_marginals(store: ScenarioStore, days: np.ndarray) -> tuple[dict, list
             problems.append(f"marginals: on {dates[_first(bad)]} the {text} "
                             f"({_count(bad, 'day')})")
     return {"present": True, "days": len(m["days"]), "days_written": int(written.sum())}, problems
+
+
+def _without_fix(err: StoreError) -> str:
+    """A store error's line less its closing fix (check's own line says it once)."""
+    return first_line(err).split(f"; {_DAMAGED}")[0]
 
 
 def _checked_levels(store: ScenarioStore) -> list[int]:
@@ -242,7 +249,7 @@ def check_store(store: ScenarioStore, progress=None) -> dict:
         try:
             lc = _check_level(store, level, config, all_days[(level - 1) * s: level * s], tick)
         except StoreError as err:  # its metadata or done markers do not decode
-            lc.problem(first_line(err))
+            lc.problem(_without_fix(err))
         levels.append(lc)
     extra = [k for k in store.levels() if k not in checked]  # (a missing one: damage says)
     last = [f"level {extra[0]} exists beyond the level in progress"] if extra else []

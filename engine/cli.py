@@ -213,6 +213,10 @@ def train(out: Annotated[Path, _path_option("--out", help="Where to save the che
     cfg = _config(config, **{"data.source": data, "seed": seed, "train.epochs": epochs,
                              "data.horizon": horizon})
     _out_file(out)
+    _not_an_input(out, "--out", {"--config": config, "--data": cfg.data.source})
+    from engine import sampler_file
+
+    sampler_file.check_replaceable(out, kind="checkpoint")  # an earlier train is replaced
     console = _console()
     train_and_report(prepare(cfg, console=console), out, console=console)
 
@@ -501,7 +505,7 @@ def fit(out: Annotated[Path, _path_option("--out", help="Where to save the fitte
 
     cfg = _config(config, **{"data.source": data, "seed": seed})
     _out_file(out)
-    _not_an_input(out, "--out", {"--config": config, "--data": data, "--model": model})
+    _not_an_input(out, "--out", {"--config": config, "--data": cfg.data.source, "--model": model})
     sampler_file.check_replaceable(out)  # an earlier fit is replaced, nothing else
     console = _console()
     prep = prepare(cfg, console=console, run=True)
@@ -744,6 +748,25 @@ def _not_an_input(out: Path, flag: str, inputs: dict) -> None:
         if given is not None and _same_file(out, Path(given)):
             raise ConfigError(f"{flag} {out} is the {given_flag} file; write it to another "
                               "path")
+
+
+def _json_replaceable(out: Path, flag: str = "--json") -> None:
+    """Refuse to write a JSON report over an existing file that is not a JSON object (data,
+    a config, a model): only an earlier report is replaced."""
+    import json
+
+    from engine.errors import ConfigError
+
+    if not out.is_file() or out.stat().st_size == 0:
+        return
+    try:
+        ok = out.stat().st_size < (64 << 20) and isinstance(
+            json.loads(out.read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{flag} {out} exists and is not a JSON report, which this command "
+                          "would overwrite; pass another path, or delete the file first")
 
 
 def _write_frame(frame, out: Path) -> None:
@@ -1039,8 +1062,11 @@ def bench(config: ConfigOpt = None,
     from engine.bench import render_gpu_table, render_table, run_bench, run_gpu_bench
     from engine.errors import ConfigError
 
+    cfg = _config(config, **{"data.source": data, "train.epochs": epochs})
     if json_out is not None:
         _out_file(json_out, "--json")
+        _not_an_input(json_out, "--json", {"--config": config, "--data": cfg.data.source})
+        _json_replaceable(json_out)
     if workdir is not None:
         _writable_dir(workdir, f"--workdir {workdir}")
     if n_samples is not None and n_samples < 8:
@@ -1054,7 +1080,6 @@ def bench(config: ConfigOpt = None,
                                     ("--threads", thread_list, 1, 1024)):
         if values is not None and (not values or min(values) < low or max(values) > high):
             raise ConfigError(f"{flag} needs integers from {low} to {high}, got {values}")
-    cfg = _config(config, **{"data.source": data, "train.epochs": epochs})
     from engine.tree import stride_days
 
     stride_days(cfg.tree.stride, cfg.data.horizon)  # its trees need it: before the fit

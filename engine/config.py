@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, first_line
 
 # Seeds go to numpy's SeedSequence (any size) and to torch.manual_seed (as seed + a small
 # offset, e.g. seed + 1000 + fold), which takes at most 2**64 - 1: 63 bits leave room for
@@ -233,7 +233,8 @@ class TrainConfig(_Section):
         0.15, ge=0, lt=0.5,
         description="Tail of the training windows held out (after an embargo) for early "
         "stopping and the reported validation loss; 0 = none.")
-    window_stride: int = Field(1, ge=1, description="Use every k-th training window.")
+    window_stride: int = Field(1, ge=1, le=1_000_000,
+                               description="Use every k-th training window.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, le=1024,
                          description="torch CPU threads; 0 = torch's default.")
@@ -243,9 +244,11 @@ class SamplerConfig(_Section):
     """The calibrated conditional sampler (kNN residual bootstrap + conformal)."""
 
     method: str = Field("knn-conformal", description="Sampler used by run / mc / demo.")
-    k: int = Field(0, ge=0, description="Neighbour episodes per query; 0 = a quarter of the "
+    k: int = Field(0, ge=0, le=1_000_000,
+                   description="Neighbour episodes per query; 0 = a quarter of the "
                    "bank's episodes, within [20, 100].")
-    episode_days: int = Field(0, ge=0, description="Bank windows this close in time are one "
+    episode_days: int = Field(0, ge=0, le=1_000_000,
+                              description="Bank windows this close in time are one "
                               "episode (one neighbour at most); 0 = horizon / 3.")
     kernel: Literal["gaussian", "uniform"] = "gaussian"
     embedding: Literal["cvae", "features"] = Field(
@@ -290,9 +293,11 @@ class TreeConfig(_Section):
     weights: Literal["equal", "stratum", "moment"] = Field(
         "moment", description="Weights for selection='quantiles'."
     )
-    stride: int = Field(0, ge=0, description="Days a child keeps; 0 = the whole horizon.")
+    stride: int = Field(0, ge=0, le=1_000_000,
+                        description="Days a child keeps; 0 = the whole horizon.")
     weight_floor: float = Field(0.02, ge=0, lt=0.2, description="Floor of a child's share.")
-    max_frontier: int = Field(0, ge=0, description="Resample frontiers above this; 0 = never.")
+    max_frontier: int = Field(0, ge=0, le=1 << 40,
+                              description="Resample frontiers above this; 0 = never.")
     min_weight: float = Field(
         0.0, ge=0, lt=1, description="Drop nodes below this probability (0 = keep all; a "
         "level whose nodes all fall below keeps its heaviest).")
@@ -387,7 +392,8 @@ class EvalConfig(_Section):
         description="Days ahead scored (those beyond data.horizon are dropped, with a note).")
     n_samples: int = Field(1000, ge=10, le=1 << 16)
     window_stride: int = Field(
-        0, ge=0, description="Score every k-th test window; 0 = the smallest stride that "
+        0, ge=0, le=1_000_000,
+        description="Score every k-th test window; 0 = the smallest stride that "
         "keeps at most `max_windows` windows.")
     max_windows: int = Field(1250, ge=1, le=1_000_000,
                              description="Cap of the automatic window stride.")
@@ -470,6 +476,12 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
             raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{p}: not valid TOML ({err}); fix the syntax") from None
+        except (RecursionError, ValueError) as err:  # arrays nested thousands deep, or an
+            # integer of thousands of digits: valid TOML no config needs
+            what = ("arrays nested too deep to read" if isinstance(err, RecursionError)
+                    else f"a value too long to read ({first_line(err).split(';')[0]})")
+            raise ConfigError(f"{p}: {what}; a config holds short numbers and flat lists, fix "
+                              "that value") from None
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

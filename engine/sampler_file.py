@@ -396,9 +396,10 @@ def _is_checkpoint(blob) -> bool:
     return isinstance(blob, dict) and "state_dict" in blob and "meta" in blob
 
 
-def check_replaceable(path: Path, flag: str = "--out") -> None:
-    """Refuse to write a sampler file over an existing file that is not one (a model
-    checkpoint, data, anything else): only an earlier fit is replaced."""
+def check_replaceable(path: Path, flag: str = "--out", kind: str = "sampler") -> None:
+    """Refuse to write a sampler file (``kind="sampler"``, fit) or a model checkpoint
+    (``kind="checkpoint"``, train) over an existing file that is not one of its kind (data,
+    a config, the other kind, anything else): only an earlier output is replaced."""
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
         return
@@ -407,13 +408,15 @@ def check_replaceable(path: Path, flag: str = "--out") -> None:
         blob = safe_load(path)
     except MemoryError:
         raise
-    except Exception:  # noqa: BLE001 - unreadable by torch: not a sampler file
+    except Exception:  # noqa: BLE001 - unreadable by torch: neither kind
         blob = None
-    if is_sampler_file(blob):
+    if is_sampler_file(blob) if kind == "sampler" else _is_checkpoint(blob):
         return
-    what = "a model checkpoint" if _is_checkpoint(blob) else "not a backfill sampler file"
-    raise ConfigError(f"{flag} {path} exists and is {what}, which fit would overwrite; pass "
-                      "another path, or delete the file first")
+    what = ("a model checkpoint" if _is_checkpoint(blob) else "a sampler file"
+            if is_sampler_file(blob) else f"not a backfill {kind} file")
+    command = "fit" if kind == "sampler" else "train"
+    raise ConfigError(f"{flag} {path} exists and is {what}, which {command} would overwrite; "
+                      "pass another path, or delete the file first")
 
 
 def is_sampler_file(blob) -> bool:

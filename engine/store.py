@@ -310,7 +310,10 @@ _LEVEL_DATA = ("paths", "parent", "branch", "weight", "node", "done", "day", "mo
 _MARGINAL_DATA = ("quantiles", "mean", "std", "quantile", "day", "moneyness", "maturity")
 # what zarr and its codecs raise on a file that does not decode (a truncated or foreign
 # chunk, broken metadata); MemoryError and our own bugs (AttributeError...) pass through
-_UNREADABLE = (ValueError, KeyError, RuntimeError, OSError, EOFError, zarr.errors.BaseZarrError)
+# (TypeError: a metadata file zarr decodes into a wrong object, e.g. an array's zarr.json
+# made a group's, or a NaN fill value on an integer type)
+_UNREADABLE = (ValueError, KeyError, TypeError, RuntimeError, OSError, EOFError,
+               zarr.errors.BaseZarrError)
 # what a metadata file that does not decode raises (empty or garbled JSON, fields zarr
 # refuses); not I/O errors (a full disk): those must not restart a level
 _BAD_METADATA = (ValueError, KeyError, TypeError, zarr.errors.BaseZarrError)
@@ -952,10 +955,16 @@ class ScenarioStore:
             # of a chunk's write time) to skip writing chunks equal to it
             lv = _Level(group, *(group[a].with_config(_FULL)
                                  for a in ("paths", "parent", "branch", "weight", "done")))
-        if lv.paths.shape[2:] != self.meta.grid_shape:
-            raise StoreError(f"{self.path}/{name} holds paths on a {lv.paths.shape[2]}x"
-                             f"{lv.paths.shape[3]} grid but the store's grid is "
-                             f"{self.meta.grid_shape[0]}x{self.meta.grid_shape[1]}; {_DAMAGED}")
+        if lv.paths.ndim != 4 or lv.paths.shape[2:] != self.meta.grid_shape:
+            raise StoreError(f"{self.path}/{name} holds paths of shape {lv.paths.shape}, not "
+                             f"(node, day, {self.meta.grid_shape[0]}, "
+                             f"{self.meta.grid_shape[1]}) on the store's grid; {_DAMAGED}")
+        n, chunks = lv.n_nodes, -(-lv.n_nodes // self.meta.chunk_nodes)
+        for a, want in (("parent", (n,)), ("branch", (n,)), ("weight", (n,)),
+                        ("done", (chunks,))):
+            if getattr(lv, a).shape != want:
+                raise StoreError(f"{self.path}/{name}/{a} has shape {getattr(lv, a).shape}, the "
+                                 f"level's {n:,} nodes need {want}; {_DAMAGED}")
         self._levels[level] = lv
         return lv
 
@@ -1306,22 +1315,36 @@ class ScenarioStore:
         self.write_marginal_days(0, quantiles, mean, std)
 
     def _marginals_group(self) -> zarr.Group:
-        if MARGINALS not in self._root:
+        with self._reading(MARGINALS):
+            there = MARGINALS in self._root
+        if not there:
             fix = (_DAMAGED if self.levels_complete >= self.meta.depth
                    else f"finish the run with {self.resume_command} first")
             raise StoreError(f"{self.path} has no marginals; {fix}")
-        return self._root[MARGINALS]
+        with self._reading(MARGINALS):
+            return self._root[MARGINALS]
 
     def read_marginals(self) -> dict:
         """``days`` (datetime64[D]), ``quantile`` levels, ``quantiles``, ``mean``, ``std``."""
         group = self._marginals_group()
-        if group["quantiles"].shape[2:] != self.meta.grid_shape:
-            raise StoreError(f"{self.path}/{MARGINALS} is on another grid than the store's "
-                             f"{self.meta.grid_shape[0]}x{self.meta.grid_shape[1]}; {_DAMAGED}")
         with self._reading(MARGINALS):
-            return {"days": self._days_of(group), "quantile": group["quantile"][:],
-                    "quantiles": group["quantiles"][:], "mean": group["mean"][:],
-                    "std": group["std"][:]}
+            days, levels = self._days_of(group), group["quantile"][:]
+            shapes = {a: group[a].shape for a in ("quantiles", "mean", "std")}
+        grid = self.meta.grid_shape
+        want = {"quantiles": (len(days), len(levels), *grid), "mean": (len(days), *grid),
+                "std": (len(days), *grid)}
+        for a, shape in shapes.items():
+            if shape != want[a]:
+                raise StoreError(f"{self.path}/{MARGINALS}/{a} has shape {shape}, its "
+                                 f"{len(days)} days x {len(levels)} quantile levels on the "
+                                 f"store's {grid[0]}x{grid[1]} grid need {want[a]}; {_DAMAGED}")
+        if not (levels.ndim == 1 and np.all((levels > 0) & (levels < 1))
+                and np.all(np.diff(levels) > 0)):
+            raise StoreError(f"{self.path}/{MARGINALS}/quantile holds {levels.tolist()}, not "
+                             f"increasing quantile levels in (0, 1); {_DAMAGED}")
+        with self._reading(MARGINALS):
+            return {"days": days, "quantile": levels, "quantiles": group["quantiles"][:],
+                    "mean": group["mean"][:], "std": group["std"][:]}
 
 
 # ----------------------------------------------------------------------------- exports

@@ -117,6 +117,10 @@ BAD_CONFIG = {
     "negative-horizon": ("[data]\nhorizon = -5\n", ["data.horizon", "-5"]),
     "invalid-toml": ("[model\nhidden = = 3\n", ["not valid TOML"]),
     "bad-fractions": ("[data]\nsplit_fractions = [0.5, 0.5, 0.5]\n", ["split_fractions"]),
+    "deep-array": ("a = " + "[" * 5000 + "]" * 5000 + "\n", ["arrays nested too deep"]),
+    "long-integer": ("[tree]\ndepth = " + "9" * 5000 + "\n", ["4300 digits", "fix that value"]),
+    "huge-episode": ("[sampler]\nepisode_days = 999999999999999999999\n",
+                     ["sampler.episode_days", "1000000"]),
 }
 
 
@@ -240,6 +244,32 @@ def test_bad_input_subprocess(runs, name):
     proc, cwd = runs[name]
     assert_one_line_error(proc, KEYWORDS[name])
     assert not (cwd / "m.pt").exists()
+
+
+def test_outputs_never_replace_inputs_or_other_files(inputs, tmp_path):
+    """train --out and bench --json refuse their own input files (named by flag or by the
+    config's data.source) and an existing file of another kind, before any work; nothing
+    is written over."""
+    root, _ = inputs
+    good, tiny = root / "good.csv", root / "tiny.toml"
+    sourced = tmp_path / "sourced.toml"
+    sourced.write_text(TINY_TOML.replace("[data]\n", f"[data]\nsource = {json.dumps(str(good))}\n"))
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    before = {p: p.read_bytes() for p in (good, tiny, sourced, other)}
+    for args, words in [
+        (["train", "--data", good, "--config", tiny, "--out", good], ["is the --data file"]),
+        (["train", "--data", good, "--config", tiny, "--out", tiny], ["is the --config file"]),
+        (["train", "--config", sourced, "--out", good], ["is the --data file"]),
+        (["train", "--data", good, "--config", tiny, "--out", other],
+         ["exists and is not a backfill checkpoint file", "which train would overwrite"]),
+        (["fit", "--config", sourced, "--out", good], ["is the --data file"]),
+        (["bench", "--config", tiny, "--json", tiny, "--quick"], ["is the --config file"]),
+        (["bench", "--config", tiny, "--json", other, "--quick"],
+         ["exists and is not a JSON report"]),
+    ]:
+        assert_one_line_error(invoke([str(a) for a in args]), words)
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_config_show_round_trips(runs):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -828,6 +830,41 @@ def test_a_lost_file_of_a_finished_part_is_found(tmp_path, lose, found):
     assert found in reopened.damage()
     with pytest.raises(StoreError, match="is damaged.*--overwrite"):
         reopened.check_intact()
+
+
+def _edit_json(path, **changes) -> None:
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit, found", [
+    (("level_02/weight", {"shape": [2]}), "level_02/weight has shape (2,), the level's"),
+    (("level_02/weight", {"shape": [100]}), "level_02/weight has shape (100,)"),
+    (("level_01/weight", {"data_type": "int32"}), "TypeError"),
+    (("level_01/weight", {"node_type": "group"}), "cannot be read"),
+    (("marginals/quantiles", {"shape": [1, 7, 3, 2]}), "marginals/quantiles has shape (1, 7, 3, 2)"),
+    (("marginals/quantile", "reversed"), "not increasing quantile levels in (0, 1)"),
+    (("marginals/quantile", "times 10"), "not increasing quantile levels in (0, 1)"),
+])
+def test_garbled_metadata_or_labels_are_one_store_error(tmp_path, edit, found):
+    """An array's zarr.json edited (its shape, type or kind) or the quantile labels made
+    wrong: reading the level or the marginals is one StoreError naming it, never zarr's or
+    numpy's own error, and never labels that readers would export."""
+    store = finished(tmp_path / "run.zarr")
+    name, change = edit
+    if change == "reversed" or change == "times 10":
+        arr = zarr.open_array(store.path / name, mode="r+")
+        arr[:] = arr[:][::-1] if change == "reversed" else arr[:] * 10
+    else:
+        _edit_json(store.path / name / "zarr.json", **change)
+    reopened = ScenarioStore.open(store.path)
+    with pytest.raises(StoreError, match=re.escape(found)):
+        if name.startswith("marginals"):
+            reopened.read_marginals()
+        else:
+            level = int(name[6:8])
+            reopened.read_level(level, 0, reopened.level_size(level))
 
 
 @pytest.mark.parametrize("lost", ["level_02/paths/c.1.0.0.0", "marginals/std/c/0/0/0"])
