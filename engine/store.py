@@ -241,6 +241,12 @@ class StoreMeta:
             raise StoreError(f"{origin}: fingerprint is {d['fingerprint']!r}; it must be a string")
         if not isinstance(d["config"], Mapping):
             raise StoreError(f"{origin}: config is {type(d['config']).__name__}; it must be a dict")
+        try:
+            iso_day(d["start_date"])
+        except (ValueError, TypeError) as err:
+            what = first_line(err).split(";")[0]  # iso_day's own fix is for a typed date
+            raise StoreError(f"{origin}: its start_date attribute {what}; the store "
+                             "is corrupt, recreate it with --overwrite") from None
         return cls(
             schema_version=version,
             kind=d["kind"],
@@ -765,7 +771,8 @@ class ScenarioStore:
                f"{shlex.quote(str(self.path))} --resume --start {m.start_date} --depth "
                f"{m.depth} --seed {m.seed}")
         if m.kind == "mc":
-            cmd += f" --n-paths {self.run_attr('n_paths')}"
+            n_paths = self.run_attr("n_paths")
+            cmd += f" --n-paths {n_paths if isinstance(n_paths, int) else 'N'}"
         return (f"`{cmd}` with the run's own --config, --data and --model (or its --sampler "
                 "file)")
 

@@ -265,6 +265,12 @@ def test_root_attributes_record_the_run(tree_store):
     assert summary["levels"][2] == {"n_nodes": 6, "n_days": H, "chunks": 3, "chunks_done": 3}
     assert ScenarioStore.from_dict(summary) == store.meta
     assert StoreMeta.from_dict(store.meta.to_dict()) == store.meta
+    # a store's own start date garbled: said as the store's attribute, not as a flag to pass
+    for bad, found in (("2005-13-45", "'2005-13-45' is no day of the calendar"),
+                       (20050930, "20050930 is not a date written YYYY-MM-DD")):
+        with pytest.raises(StoreError, match=rf"its start_date attribute {found}.*; the "
+                           "store is corrupt, recreate it with --overwrite$"):
+            StoreMeta.from_dict({**store.meta.to_dict(), "start_date": bad}, origin="s.zarr")
 
 
 def test_refuses_an_existing_store_unless_overwrite(tmp_path):
