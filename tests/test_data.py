@@ -250,6 +250,8 @@ def test_unreadable_or_empty_files(tmp_path):
     cases = {
         "empty.csv": (b"", "empty"),
         "header.csv": (b"date,moneyness,maturity_days,iv\n", "no rows"),
+        # a line of other text and nothing else: its header is the problem, not its rows
+        "text.txt": (b"hello world\n", "missing column 'date'"),
         "blank.csv": (b"\n\n  \n", "cannot read"),
         "binary.csv": (bytes(range(256)) * 8, "cannot read"),
         "bad.parquet": (b"not parquet", "cannot read"),

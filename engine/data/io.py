@@ -156,8 +156,6 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
     NaN count as missing, and missing grid points take the point's last quote (see
     ``fill_previous``). ``fill_hint``: a refusal of a NaN may suggest data.fill (not where
     the reader cannot set it: a store's --realised data is read as the run read its own)."""
-    if len(df) == 0:
-        raise DataError(f"{source} has a header but no rows; add one row per date and grid point")
     names = [str(c).strip().lower() for c in df.columns]
     for name in COLUMNS:
         same = [str(c) for c, n in zip(df.columns, names, strict=True) if n == name]
@@ -170,6 +168,8 @@ def panel_from_frame(df: pd.DataFrame, source: str, fill: str = "none",
     if missing:
         raise DataError(f"{source}: missing column '{missing[0]}'; the required columns are "
                         f"{', '.join(COLUMNS)} (found {', '.join(map(str, df.columns))})")
+    if len(df) == 0:  # after the header's check: a header of other columns is said as such
+        raise DataError(f"{source} has a header but no rows; add one row per date and grid point")
     raw_dates = df["date"]
     if pd.api.types.is_bool_dtype(raw_dates):
         raise DataError(f"{source}: column 'date' is boolean (True/False); write dates as "
