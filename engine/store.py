@@ -242,7 +242,7 @@ class StoreMeta:
         if not isinstance(d["config"], Mapping):
             raise StoreError(f"{origin}: config is {type(d['config']).__name__}; it must be a dict")
         try:
-            iso_day(d["start_date"])
+            start = iso_day(d["start_date"])
         except (ValueError, TypeError) as err:
             what = first_line(err).split(";")[0]  # iso_day's own fix is for a typed date
             raise StoreError(f"{origin}: its start_date attribute {what}; the store "
@@ -253,7 +253,7 @@ class StoreMeta:
             depth=d["depth"],
             seed=d["seed"],
             fingerprint=d["fingerprint"],
-            start_date=str(parse_start_date(d["start_date"])),
+            start_date=str(start),
             grid=parse_grid(d["grid"]),
             chunk_nodes=d["chunk_nodes"],
             config=_as_json(dict(d["config"]), f"{origin}: config"),
@@ -1323,13 +1323,12 @@ class ScenarioStore:
 
     def _marginals_group(self) -> zarr.Group:
         with self._reading(MARGINALS):
-            there = MARGINALS in self._root
-        if not there:
+            group = self._root.get(MARGINALS)
+        if group is None:
             fix = (_DAMAGED if self.levels_complete >= self.meta.depth
                    else f"finish the run with {self.resume_command} first")
             raise StoreError(f"{self.path} has no marginals; {fix}")
-        with self._reading(MARGINALS):
-            return self._root[MARGINALS]
+        return group
 
     def read_marginals(self) -> dict:
         """``days`` (datetime64[D]), ``quantile`` levels, ``quantiles``, ``mean``, ``std``."""

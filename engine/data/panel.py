@@ -23,7 +23,7 @@ SPLITS = ("train", "calibration", "test")
 # More calendar days than this between consecutive dates is no weekend or holiday.
 MAX_GAP_DAYS = 14
 REPEATS_NOTED = 5  # days repeating the day before, at least, for a note
-# A maturity grid of whole numbers no longer than this (and not all weeks) reads as months.
+# Whole-number maturities no longer than this (not all weeks) read as months or years.
 MONTHS_MAX = 24
 # A moneyness grid under the spot everywhere whose lowest strike is below this reads as deltas.
 DELTA_FLOOR = 0.3
@@ -121,8 +121,8 @@ class Panel:
 
     def grid_note(self) -> str | None:
         """A note when the grid's labels read like another unit: maturities of whole numbers
-        up to 24 that are not weeks (months, years?), or moneyness under the spot everywhere with a
-        strike below 0.3 spots (call deltas?). Only the labels would be off (which point is
+        up to 24 that are not weeks (months, years?), or moneyness under the spot everywhere
+        with a strike below 0.3 spots (call deltas?). Only the labels would be off (which point is
         at the money for ``demo`` and ``plot``, where a ``--position`` lands), so a note."""
         m, t = self.moneyness, self.maturity_days
         said = []
