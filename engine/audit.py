@@ -29,7 +29,13 @@ import numpy as np
 
 from engine.config import Config
 from engine.errors import BackfillError, StoreError, first_line
-from engine.store import _DAMAGED, WEIGHT_ATOL, ScenarioStore, business_days_after
+from engine.store import (
+    _DAMAGED,
+    WEIGHT_ATOL,
+    ScenarioStore,
+    business_days_after,
+    marginal_problems,
+)
 from engine.tree import stride_days
 
 # a child's weight is its parent's times a share, and the K shares sum to 1 up to rounding
@@ -99,8 +105,10 @@ def _check_chunk(lc: LevelCheck, start: int, block: dict, parents: np.ndarray | 
     ok = np.isfinite(paths) & (paths > 0)
     if not ok.all():
         i = _first(~ok.reshape(len(rows), -1).all(axis=1))
-        lc.problem(f"{where(rows[i])}'s path holds {_count(~ok[i], 'value')} that are not "
-                   f"finite positive vols ({_count(~ok, 'value')} in its chunk)")
+        n = int(np.count_nonzero(~ok[i]))
+        lc.problem(f"{where(rows[i])}'s path holds {_count(~ok[i], 'value')} that "
+                   f"{'is not a finite positive vol' if n == 1 else 'are not finite positive vols'}"
+                   f" ({_count(~ok, 'value')} in its chunk)")
     if ok.any():
         lo = float(np.min(paths, where=ok, initial=np.inf))
         hi = float(np.max(paths, where=ok, initial=-np.inf))
@@ -134,7 +142,7 @@ def _check_level(store: ScenarioStore, level: int, config: Config, days: np.ndar
     for chunk in np.flatnonzero(done):
         start, stop = store.chunk_range(level, int(chunk))
         try:
-            block = store.read_level(level, start, stop)
+            block = store.read_level(level, start, stop, checked=False)
         except StoreError as err:
             cause = err.__context__ or err  # zarr's own error, under the store's one line
             lc.problem(f"chunk {int(chunk)} (rows {start:,}..{stop - 1:,}) cannot be read "
@@ -172,30 +180,21 @@ def _check_marginals(store: ScenarioStore, days: np.ndarray) -> tuple[dict, list
     problems: list[str] = []
     finished = store.levels_complete >= store.meta.depth
     try:
-        m = store.read_marginals()
+        m = store.read_marginals(checked=False)
     except StoreError as err:
         damaged = _DAMAGED in first_line(err)  # not merely unfinished: a problem either way
         return ({"present": False},
                 [f"marginals: {_without_fix(err)}"] if finished or damaged else [])
-    q, mean, std = m["quantiles"], m["mean"], m["std"]
     if not np.array_equal(m["days"], days):
         problems.append(f"marginals: {len(m['days'])} days, the run covers {len(days)}")
-    written = np.isfinite(q).all(axis=(1, 2, 3)) & np.isfinite(mean).all(axis=(1, 2)) \
-        & np.isfinite(std).all(axis=(1, 2))
+    written, value_problems = marginal_problems(m)
     if finished and not written.all():
         i = _first(~written)
         problems.append(f"marginals: day {m['days'][i]} ({_count(~written, 'day')}) is not "
                         "written although the run is finished")
-    qw, mw, sw = q[written], mean[written], std[written]
-    checks = (("quantiles are not positive", ~(qw > 0).all(axis=(1, 2, 3))),
-              ("quantiles fall as the level rises", (np.diff(qw, axis=1) < 0).any(axis=(1, 2, 3))),
-              ("mean is not positive", ~(mw > 0).all(axis=(1, 2))),
-              ("std is negative", (sw < 0).any(axis=(1, 2))))
-    dates = m["days"][written]
-    for text, bad in checks:
-        if bad.any():
-            problems.append(f"marginals: on {dates[_first(bad)]} the {text} "
-                            f"({_count(bad, 'day')})")
+    for text, bad in value_problems:
+        problems.append(f"marginals: on {m['days'][_first(bad)]} the {text} "
+                        f"({_count(bad, 'day')})")
     return {"present": True, "days": len(m["days"]), "days_written": int(written.sum())}, problems
 
 

@@ -566,6 +566,22 @@ def _open_finished_levels(store: Path):
     return scenario
 
 
+def _export_file(out: Path, allowed: tuple[str, ...], store: Path, flag: str = "--out") -> None:
+    """A file a reader of ``store`` writes: of an ``allowed`` suffix, and not inside the
+    store's folder, which holds the store alone (`run --overwrite` deletes the folder)."""
+    import os
+
+    from engine.errors import ConfigError
+
+    _out_suffix(out, allowed, flag)
+    folder = Path(os.path.realpath(Path(store).expanduser()))
+    target = Path(os.path.realpath(out.expanduser()))
+    if folder.is_dir() and (target == folder or folder in target.parents):
+        raise ConfigError(f"{flag} {out} lies inside the store {store}, whose folder holds the "
+                          "store alone (a run with --overwrite deletes it); write it beside the "
+                          "store")
+
+
 def _out_suffix(out: Path, allowed: tuple[str, ...], flag: str = "--out") -> str:
     suffix = out.suffix.lower()
     if suffix not in allowed:
@@ -584,7 +600,7 @@ def marginals(store: StoreOpt,
     """Export the marginal quantiles: date, moneyness, maturity_days, quantile, iv."""
     from engine.store import marginals_frame
 
-    _out_suffix(out, (".parquet", ".csv"))
+    _export_file(out, (".parquet", ".csv"), store)
     frame = marginals_frame(_open_finished_levels(store))
     _write_frame(frame, out)
     _console().print(f"wrote {len(frame)} rows to {out}", markup=False)
@@ -600,7 +616,7 @@ def paths(store: StoreOpt, out: Annotated[Path, _path_option("--out", help="F.np
 
     from engine.store import export_paths
 
-    _out_suffix(out, (".npz", ".parquet"))
+    _export_file(out, (".npz", ".parquet"), store)
     scenario = _open_finished_levels(store)
     console = _console()
     with Progress(TextColumn("[bold]export"), BarColumn(), MofNCompleteColumn(), console=console,
@@ -642,9 +658,9 @@ def var(store: StoreOpt,
 
     alphas = list(dict.fromkeys(_csv(levels, float, "--levels")))  # one column per level
     if plot_out is not None:
-        _out_suffix(plot_out, (".png", ".pdf", ".svg"), "--plot")
+        _export_file(plot_out, (".png", ".pdf", ".svg"), store, "--plot")
     if tail is not None:
-        _out_suffix(tail, (".csv", ".parquet"), "--tail")
+        _export_file(tail, (".csv", ".parquet"), store, "--tail")
         _not_an_input(tail, "--tail", {"--position": position, "--realised": realised})
     scenario = _open_store(store)
     vega = None if position is None else driver.read_position(position, scenario.meta.grid)
@@ -837,7 +853,7 @@ def plot(store: StoreOpt, out: Annotated[Path, _path_option("--out", help="fan.p
                           "number, e.g. 0.9 (the nearest grid moneyness is plotted)")
     if not 0 <= paths <= MAX_PLOT_PATHS:
         raise ConfigError(f"--paths {paths}: draw 0 to {MAX_PLOT_PATHS} scenario paths")
-    _out_suffix(out, (".png", ".pdf", ".svg"))
+    _export_file(out, (".png", ".pdf", ".svg"), store)
     scenario = _open_finished_levels(store)
     m = scenario.read_marginals()
     grid = scenario.meta.grid

@@ -550,6 +550,9 @@ def open_store(path: str | Path, *, kind: str, config: Config, fingerprint: str,
                              "with the store's start date and settings, or pass a new path or "
                              "--overwrite")
         store.check_intact()
+        store.check_marginals_cover(
+            store.meta.depth * stride_days(config.tree.stride, config.data.horizon),
+            QUANTILE_LEVELS)
         remove_temporary_files(store.path)  # a killed write's; this run is the one writer now
         return store
     store = ScenarioStore.create(path, config=config.to_dict(), seed=config.seed, grid=grid,

@@ -1179,8 +1179,11 @@ class ScenarioStore:
                              f"check --store {shlex.quote(str(self.path))}`; {_DAMAGED}")
         return w
 
-    def read_level(self, level: int, start: int = 0, stop: int | None = None) -> dict:
-        """Rows [start, stop) of a level as numpy: paths, parent, branch, weight."""
+    def read_level(self, level: int, start: int = 0, stop: int | None = None,
+                   checked: bool = True) -> dict:
+        """Rows [start, stop) of a level as numpy: paths, parent, branch, weight; StoreError
+        where a path value is not a finite positive vol (as every one was when written),
+        unless not ``checked`` (``backfill check``, which names each problem itself)."""
         lv = self._level(level)
         stop = lv.n_nodes if stop is None else stop
         if not 0 <= start < stop <= lv.n_nodes:
@@ -1189,8 +1192,18 @@ class ScenarioStore:
         self._check_done(level, start, stop)
         rows = slice(start, stop)
         with self._reading(_level_name(level), level):
-            return {"paths": lv.paths[rows], "parent": lv.parent[rows],
-                    "branch": lv.branch[rows], "weight": lv.weight[rows]}
+            out = {"paths": lv.paths[rows], "parent": lv.parent[rows],
+                   "branch": lv.branch[rows], "weight": lv.weight[rows]}
+        p = out["paths"]
+        if checked and not (p.min() > 0 and p.max() < np.inf):  # False for a NaN too; checked as written
+            bad = int(np.count_nonzero(~(np.isfinite(p) & (p > 0))))
+            first = start + int(np.flatnonzero(~(np.isfinite(p) & (p > 0)).reshape(len(p), -1)
+                                               .all(axis=1))[0])
+            raise StoreError(f"{self.path} level {level} row {first}'s path holds values that "
+                             f"are not finite positive vols ({bad} in rows [{start}, {stop})), "
+                             "so a chunk changed after the run; run `backfill check --store "
+                             f"{shlex.quote(str(self.path))}`; {_DAMAGED}")
+        return out
 
     def iter_chunks(self, level: int) -> Iterator[tuple[int, int, dict]]:
         """``(start, stop, read_level(level, start, stop))`` for each chunk, in order."""
@@ -1265,6 +1278,24 @@ class ScenarioStore:
         self._make_or_restart(MARGINALS, lambda: self._make_marginals(days, q),
                               final=self.levels_complete > 0)
 
+    def check_marginals_cover(self, n_days: int, quantile_levels) -> None:
+        """StoreError, before a resume fits anything, where the marginals already written
+        hold another number of days or quantile levels than the run's ``n_days`` and
+        ``quantile_levels`` (the store's depth or config edited by hand): ``create_marginals``
+        would refuse them only after the fit."""
+        if MARGINALS not in self._root:
+            return  # the run makes them
+        group = self._marginals_group()
+        with self._reading(MARGINALS):
+            shape = group["quantiles"].shape if "quantiles" in group else None
+        want = (n_days, len(quantile_levels))
+        if shape is None or tuple(shape[:2]) != want:
+            found = "no quantiles" if shape is None else \
+                f"{shape[0]} days x {shape[1]} quantile levels"
+            raise StoreError(f"{self.path}/{MARGINALS} holds {found}, but its run of depth "
+                             f"{self.meta.depth} covers {n_days} days x {want[1]}: the store was "
+                             f"edited after the run; {_DAMAGED}")
+
     def _make_marginals(self, days: np.ndarray, q: np.ndarray) -> None:
         n_m, n_tau = self.meta.grid_shape
         D, Q = days.size, q.size
@@ -1330,8 +1361,10 @@ class ScenarioStore:
             raise StoreError(f"{self.path} has no marginals; {fix}")
         return group
 
-    def read_marginals(self) -> dict:
-        """``days`` (datetime64[D]), ``quantile`` levels, ``quantiles``, ``mean``, ``std``."""
+    def read_marginals(self, checked: bool = True) -> dict:
+        """``days`` (datetime64[D]), ``quantile`` levels, ``quantiles``, ``mean``, ``std``;
+        StoreError where a day's values are not what the run writes (``marginal_problems``)
+        unless not ``checked`` (``backfill check``, which lists each problem itself)."""
         group = self._marginals_group()
         with self._reading(MARGINALS):
             days, levels = self._days_of(group), group["quantile"][:]
@@ -1349,8 +1382,41 @@ class ScenarioStore:
             raise StoreError(f"{self.path}/{MARGINALS}/quantile holds {levels.tolist()}, not "
                              f"increasing quantile levels in (0, 1); {_DAMAGED}")
         with self._reading(MARGINALS):
-            return {"days": days, "quantile": levels, "quantiles": group["quantiles"][:],
-                    "mean": group["mean"][:], "std": group["std"][:]}
+            m = {"days": days, "quantile": levels, "quantiles": group["quantiles"][:],
+                 "mean": group["mean"][:], "std": group["std"][:]}
+        problems = marginal_problems(m)[1] if checked else []
+        if problems:
+            text, bad = problems[0]
+            raise StoreError(f"{self.path}/{MARGINALS}: on {days[int(np.argmax(bad))]} the "
+                             f"{text} ({int(bad.sum())} day{'' if bad.sum() == 1 else 's'}), so "
+                             "a file changed after the run; run `backfill check --store "
+                             f"{shlex.quote(str(self.path))}`; {_DAMAGED}")
+        return m
+
+
+def marginal_problems(m: dict) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    """The days of marginals ``m`` (``read_marginals``) that are written, and each problem
+    of their values as (text, mask over days). A day not written yet is NaN throughout;
+    a written one holds positive quantiles that do not fall as the level rises, a positive
+    mean and a std >= 0."""
+    q, mean, std = m["quantiles"], m["mean"], m["std"]
+    finite = np.concatenate([np.isfinite(a).reshape(len(a), -1) for a in (q, mean, std)], axis=1)
+    unwritten = np.concatenate([np.isnan(a).reshape(len(a), -1) for a in (q, mean, std)], axis=1)
+    written = finite.all(axis=1)
+    partial = ~written & ~unwritten.all(axis=1)
+    qw, mw, sw = q[written], mean[written], std[written]
+    on_written = (("quantiles are not positive", ~(qw > 0).all(axis=(1, 2, 3))),
+                  ("quantiles fall as the level rises",
+                   (np.diff(qw, axis=1) < 0).any(axis=(1, 2, 3))),
+                  ("mean is not positive", ~(mw > 0).all(axis=(1, 2))),
+                  ("std is negative", (sw < 0).any(axis=(1, 2))))
+    problems = [("values are partly written (some NaN or inf)", partial)] if partial.any() else []
+    for text, bad in on_written:
+        if bad.any():
+            mask = np.zeros(len(written), bool)
+            mask[np.flatnonzero(written)[bad]] = True
+            problems.append((text, mask))
+    return written, problems
 
 
 # ----------------------------------------------------------------------------- exports

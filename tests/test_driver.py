@@ -302,6 +302,27 @@ def test_resume_with_another_sampler_is_refused(reference, tmp_path):
     assert_same_bytes(reference, path)
 
 
+def test_a_depth_edited_by_hand_is_refused_before_the_resume_fits(reference, tmp_path):
+    """The store's depth and its config's raised by hand to resume into a deeper tree: the
+    marginals written for the old depth no longer fit, found as the store opens (a run
+    opens it before the minutes of fitting), not after."""
+    path = tmp_path / "deeper.zarr"
+    shutil.copytree(reference, path)
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["depth"] = DEPTH + 1
+    meta["attributes"]["config"]["tree"]["depth"] = DEPTH + 1
+    (path / "zarr.json").write_text(json.dumps(meta))
+    before = store_arrays(path)
+    s = len(ScenarioStore.open(reference).level_days(1))
+    with pytest.raises(StoreError, match=f"marginals holds {DEPTH * s} days x 7 quantile "
+                       f"levels, but its run of depth {DEPTH + 1} covers {(DEPTH + 1) * s} days"):
+        make_run(path, run_config(**{"tree.depth": DEPTH + 1}), resume=True,
+                 sampler="not fitted: refused before it is used")
+    after = store_arrays(path)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
+
+
 def test_check_passes_an_unfinished_store_on_its_written_chunks(tmp_path):
     path = tmp_path / "crash.zarr"
 
@@ -396,7 +417,7 @@ def _root_attribute(**attrs):
     (_corrupt_parent, ["level 3", "row 7 has parent"]),
     (_corrupt_branch, ["level 1", "row 1 has branch 2"]),
     (_corrupt_weight, ["level 3", "children of frontier node 3"]),
-    (_corrupt_path, ["level 2", "row 5", "not finite positive"]),
+    (_corrupt_path, ["level 2", "row 5", "not a finite positive vol"]),
     (_corrupt_marginals, ["marginals", "quantiles fall"]),
     (_garble, ["level 3", "chunk 5", "cannot be read"]),
     (_garble_days, ["level_01/day cannot be read"]),
@@ -432,6 +453,56 @@ def test_a_start_context_edited_by_hand_is_refused_by_every_reader(reference, tm
                     ["marginals", "--out", tmp_path / "m.csv"],
                     ["plot", "--out", tmp_path / "f.png"]):
         _one_line_error([*command, "--store", path], "start context is not", "positive vols")
+
+
+def test_a_path_value_made_nan_is_refused_by_every_reader(reference, tmp_path):
+    """A chunk rewritten with a NaN after the run decodes fine: each reader of the paths
+    refuses it (a VaR of NaN, or an export holding it, would pass the damage on)."""
+    path = tmp_path / "bad.zarr"
+    shutil.copytree(reference, path)
+    arr = zarr.open_array(path / "level_02" / "paths", mode="r+")
+    arr[5, -1, 0, 0] = np.nan
+    for command in (["var"], ["var", "--json"], ["var", "--tail", tmp_path / "t.csv"],
+                    ["paths", "--out", tmp_path / "p.npz"],
+                    ["plot", "--out", tmp_path / "f.png", "--paths", "5"]):
+        _one_line_error([*command, "--store", path], "level 2 row 5", "not finite positive",
+                        "backfill check", "damaged")
+    assert not (tmp_path / "p.npz").exists() and not (tmp_path / "t.csv").exists()
+
+
+@pytest.mark.parametrize("corrupt, words", [
+    (_corrupt_marginals, ["quantiles fall as the level rises"]),
+    (lambda root: zarr.open_array(root / "marginals" / "std", mode="r+").__setitem__(
+        (3, 0, 0), np.nan), ["partly written"]),
+])
+def test_marginals_edited_after_the_run_are_refused_by_their_readers(reference, tmp_path,
+                                                                      corrupt, words):
+    path = tmp_path / "bad.zarr"
+    shutil.copytree(reference, path)
+    corrupt(path)
+    for command in (["marginals", "--out", tmp_path / "m.csv"],
+                    ["plot", "--out", tmp_path / "f.png"]):
+        _one_line_error([*command, "--store", path], "marginals: on", *words, "backfill check",
+                        "damaged")
+    assert not (tmp_path / "m.csv").exists() and not (tmp_path / "f.png").exists()
+    assert any(all(w in p for w in words) for p in check_store(ScenarioStore.open(path))["problems"])
+
+
+def test_no_reader_writes_inside_the_store(reference, tmp_path):
+    """A store's folder holds the store alone: an export written into it would be deleted
+    by a later run with --overwrite, so each reader refuses one there (through a link too)."""
+    path = tmp_path / "run.zarr"
+    shutil.copytree(reference, path)
+    (tmp_path / "link").symlink_to(path)
+    before = sorted(p.relative_to(path) for p in path.rglob("*"))
+    for flag, command, name in (("--out", ["marginals"], "m.csv"),
+                                ("--out", ["paths"], "level_01/p.npz"),
+                                ("--out", ["plot"], "f.png"),
+                                ("--plot", ["var"], "v.png"),
+                                ("--tail", ["var"], "t.csv")):
+        _one_line_error([*command, flag, tmp_path / "link" / name, "--store", path],
+                        f"{flag} ", "lies inside the store", "beside the store")
+    assert sorted(p.relative_to(path) for p in path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("group", ["level_02", "marginals"])
