@@ -187,7 +187,7 @@ def _check_marginals(store: ScenarioStore, days: np.ndarray) -> tuple[dict, list
                 [f"marginals: {_without_fix(err)}"] if finished or damaged else [])
     if not np.array_equal(m["days"], days):
         problems.append(f"marginals: {len(m['days'])} days, the run covers {len(days)}")
-    written, value_problems = marginal_problems(m)
+    written, value_problems = marginal_problems(m, store.final_marginal_days(len(m["days"])))
     if finished and not written.all():
         i = _first(~written)
         problems.append(f"marginals: day {m['days'][i]} ({_count(~written, 'day')}) is not "

@@ -1278,6 +1278,17 @@ class ScenarioStore:
         self._make_or_restart(MARGINALS, lambda: self._make_marginals(days, q),
                               final=self.levels_complete > 0)
 
+    def final_marginal_days(self, n_days: int) -> int:
+        """How many of the ``n_days`` days of the marginals the complete levels have written
+        (each level's days are an equal share). A tree with ``tree.lookahead`` writes the
+        next level's days as it completes a level (``driver.level_plan``)."""
+        depth, done = max(1, self.meta.depth), self.levels_complete
+        tree = self.meta.config.get("tree", {})
+        lookahead = self.meta.kind == "tree" and isinstance(tree, dict) and \
+            isinstance(tree.get("lookahead"), int) and tree["lookahead"] > 0
+        covered = min(depth, done + (1 if lookahead and done >= 1 else 0))
+        return n_days * covered // depth
+
     def check_marginals_cover(self, n_days: int, quantile_levels) -> None:
         """StoreError, before a resume fits anything, where the marginals already written
         hold another number of days or quantile levels than the run's ``n_days`` and
@@ -1364,7 +1375,9 @@ class ScenarioStore:
     def read_marginals(self, checked: bool = True) -> dict:
         """``days`` (datetime64[D]), ``quantile`` levels, ``quantiles``, ``mean``, ``std``;
         StoreError where a day's values are not what the run writes (``marginal_problems``)
-        unless not ``checked`` (``backfill check``, which lists each problem itself)."""
+        unless not ``checked`` (``backfill check``, which lists each problem itself). Checked,
+        a day written in part reads as not written (NaN): after the complete levels' days,
+        an interrupted run's level in progress may hold part of one."""
         group = self._marginals_group()
         with self._reading(MARGINALS):
             days, levels = self._days_of(group), group["quantile"][:]
@@ -1384,7 +1397,11 @@ class ScenarioStore:
         with self._reading(MARGINALS):
             m = {"days": days, "quantile": levels, "quantiles": group["quantiles"][:],
                  "mean": group["mean"][:], "std": group["std"][:]}
-        problems = marginal_problems(m)[1] if checked else []
+        if not checked:
+            return m
+        written, problems = marginal_problems(m, self.final_marginal_days(len(days)))
+        for a in ("quantiles", "mean", "std"):
+            m[a][~written] = np.nan
         if problems:
             text, bad = problems[0]
             raise StoreError(f"{self.path}/{MARGINALS}: on {days[int(np.argmax(bad))]} the "
@@ -1394,16 +1411,17 @@ class ScenarioStore:
         return m
 
 
-def marginal_problems(m: dict) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+def marginal_problems(m: dict, final: int) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
     """The days of marginals ``m`` (``read_marginals``) that are written, and each problem
-    of their values as (text, mask over days). A day not written yet is NaN throughout;
-    a written one holds positive quantiles that do not fall as the level rises, a positive
-    mean and a std >= 0."""
+    of their values as (text, mask over days). A day not written yet is NaN throughout
+    (among the ``final`` days of the complete levels; a later day, of the level in
+    progress, may be partly written); a written one holds positive quantiles that do not
+    fall as the level rises, a positive mean and a std >= 0."""
     q, mean, std = m["quantiles"], m["mean"], m["std"]
     finite = np.concatenate([np.isfinite(a).reshape(len(a), -1) for a in (q, mean, std)], axis=1)
     unwritten = np.concatenate([np.isnan(a).reshape(len(a), -1) for a in (q, mean, std)], axis=1)
     written = finite.all(axis=1)
-    partial = ~written & ~unwritten.all(axis=1)
+    partial = ~written & ~unwritten.all(axis=1) & (np.arange(len(written)) < final)
     qw, mw, sw = q[written], mean[written], std[written]
     on_written = (("quantiles are not positive", ~(qw > 0).all(axis=(1, 2, 3))),
                   ("quantiles fall as the level rises",

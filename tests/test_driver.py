@@ -344,6 +344,34 @@ def test_check_passes_an_unfinished_store_on_its_written_chunks(tmp_path):
             f"{meta.depth} --seed {meta.seed}`") in " ".join(result.stderr.split())
 
 
+@pytest.mark.parametrize("lookahead", [None, 0])
+def test_a_level_in_progress_half_written_to_the_marginals_is_not_damage(reference, tmp_path,
+                                                                         lookahead):
+    """A crash between the marginals' arrays of a level's days (quantiles written, mean
+    and std not) is an unfinished run, not a damaged one: check passes it and the readers
+    give the days the complete levels wrote (with the lookahead, the next level's too)."""
+    cfg = run_config() if lookahead is None else run_config(**{"tree.lookahead": lookahead})
+    path = tmp_path / "crash.zarr"
+    crashed_run(path, cfg, after=1)
+    store = ScenarioStore.open(path)
+    assert store.levels_complete == 1
+    s = len(store.level_days(1))
+    quantiles = zarr.open_array(path / "marginals" / "quantiles", mode="r+")
+    written = int(np.isfinite(quantiles[:]).all(axis=(1, 2, 3)).sum())
+    assert written == (2 * s if cfg.tree.lookahead else s)
+    assert store.final_marginal_days(DEPTH * s) == written
+    full = quantiles[:]
+    quantiles[written: written + 2] = full[written - 2: written]  # a next day, quantiles alone
+    report = check_store(ScenarioStore.open(path))
+    assert report["ok"], report["problems"]
+    m = ScenarioStore.open(path).read_marginals()
+    assert np.isnan(m["quantiles"][written:]).all()
+    np.testing.assert_array_equal(m["quantiles"][:written], full[:written])
+    result = _invoke(["marginals", "--store", path, "--out", tmp_path / "m.csv"])
+    assert result.exit_code == 0, result.stderr
+    assert pd.read_csv(tmp_path / "m.csv")["date"].nunique() == written
+
+
 def _corrupt_parent(root: Path) -> None:
     arr = zarr.open_array(root / "level_03" / "parent", mode="r+")
     p = arr[:]
