@@ -1195,10 +1195,10 @@ class ScenarioStore:
             out = {"paths": lv.paths[rows], "parent": lv.parent[rows],
                    "branch": lv.branch[rows], "weight": lv.weight[rows]}
         p = out["paths"]
-        if checked and not (p.min() > 0 and p.max() < np.inf):  # False for a NaN too; checked as written
-            bad = int(np.count_nonzero(~(np.isfinite(p) & (p > 0))))
-            first = start + int(np.flatnonzero(~(np.isfinite(p) & (p > 0)).reshape(len(p), -1)
-                                               .all(axis=1))[0])
+        if checked and not (p.min() > 0 and p.max() < np.inf):  # False for a NaN too
+            ok = (np.isfinite(p) & (p > 0)).reshape(len(p), -1)
+            bad = int(np.count_nonzero(~ok))
+            first = start + int(np.flatnonzero(~ok.all(axis=1))[0])
             raise StoreError(f"{self.path} level {level} row {first}'s path holds values that "
                              f"are not finite positive vols ({bad} in rows [{start}, {stop})), "
                              "so a chunk changed after the run; run `backfill check --store "
