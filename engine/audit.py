@@ -187,11 +187,8 @@ def _check_marginals(store: ScenarioStore, days: np.ndarray) -> tuple[dict, list
                 [f"marginals: {_without_fix(err)}"] if finished or damaged else [])
     if not np.array_equal(m["days"], days):
         problems.append(f"marginals: {len(m['days'])} days, the run covers {len(days)}")
+    # a finished run's final days are all of them: each must be written
     written, value_problems = marginal_problems(m, store.final_marginal_days(len(m["days"])))
-    if finished and not written.all():
-        i = _first(~written)
-        problems.append(f"marginals: day {m['days'][i]} ({_count(~written, 'day')}) is not "
-                        "written although the run is finished")
     for text, bad in value_problems:
         problems.append(f"marginals: on {m['days'][_first(bad)]} the {text} "
                         f"({_count(bad, 'day')})")
@@ -257,6 +254,9 @@ def check_store(store: ScenarioStore, progress=None) -> dict:
     problems = first + [p for lc in levels for p in lc.problems] + last
     n_problems = len(first) + sum(lc.n_problems for lc in levels) + len(last)
     return {"store": str(store.path), "kind": meta.kind, "depth": meta.depth,
+            "start_date": meta.start_date,
+            "grid": {"moneyness": [float(v) for v in meta.grid["moneyness"]],
+                     "maturity_days": [float(v) for v in meta.grid["maturity_days"]]},
             "levels_complete": store.levels_complete,
             "finished": store.levels_complete >= meta.depth,
             "levels": [asdict(lc) for lc in levels], "marginals": marginals,

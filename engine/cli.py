@@ -336,10 +336,10 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
     console = _console()
     prep = prepare(cfg, console=console, run=True)
     if saved is None or start is not None:
-        inputs = driver.run_inputs(prep, start)
+        inputs = driver.run_inputs(prep, start, fitted=saved is not None)
     else:  # the run starts where the file's fit ended
         try:
-            inputs = driver.run_inputs(prep, saved.start_date)
+            inputs = driver.run_inputs(prep, saved.start_date, fitted=True)
         except BackfillError as err:
             raise ConfigError(f"--sampler {sampler_file} was fitted on the history up to "
                               f"{saved.start_date}, which this data cannot start from "
@@ -457,6 +457,7 @@ def _beyond_history_note(scenario, history: np.ndarray) -> str | None:
     import numpy as np
 
     from engine import driver
+    from engine.data.io import IV_MAX
 
     lo, hi = history.min(axis=0), history.max(axis=0)  # (n_m, n_tau)
     with _reading_chunks(scenario, "paths against the history") as tick:
@@ -468,18 +469,24 @@ def _beyond_history_note(scenario, history: np.ndarray) -> str | None:
         return f"moneyness {grid['moneyness'][i]:g}, {grid['maturity_days'][j]:g} days"
 
     parts = []
-    for verb, edge, farthest, side in (("rise above", "highest", "the largest excess is", hi),
-                                       ("fall below", "lowest", "the lowest is", lo)):
+    for verb, edge, farthest, side in (
+            ("rise above", "highest", "the farthest above it (by ratio) is", hi),
+            ("fall below", "lowest", "the farthest below it (by ratio) is", lo)):
         up = side is hi
         mass = [b.above if up else b.below for b in levels]
         if not any(m > 0 for m in mass):
             continue
         drawn = (np.max if up else np.min)([b.top if up else b.bottom for b in levels], axis=0)
         i, j = np.unravel_index(int((np.argmax if up else np.argmin)(drawn / side)), side.shape)
+        absurd = ""
+        if up and drawn.max() > IV_MAX:
+            absurd = (f" (vols above {IV_MAX:g}, {100 * IV_MAX:g} vol points, at "
+                      f"{int((drawn > IV_MAX).sum())} grid point(s): more than the data reader "
+                      "takes as input)")
         parts.append(f"nodes whose days {verb} the {edge} vol of the history at some grid "
                      f"point hold {', '.join(_percent(m) for m in mass)} of the probability of "
                      f"{which}; {farthest} {drawn[i, j]:.4g} at {at(i, j)}, where the "
-                     f"history's {edge} is {side[i, j]:.4g}")
+                     f"history's {edge} is {side[i, j]:.4g}{absurd}")
     if not parts:
         return None
     return ("note: " + "; ".join(parts) + ". There the sampler extrapolates beyond what it has "
@@ -657,6 +664,13 @@ def var(store: StoreOpt,
     from engine import driver
 
     alphas = list(dict.fromkeys(_csv(levels, float, "--levels")))  # one column per level
+    low = [a for a in alphas if 0 < a < 0.5]
+    if low:
+        from engine.errors import ConfigError
+
+        raise ConfigError(f"--levels {levels}: {low[0]:g} is below 0.5; --levels takes "
+                          f"confidence levels, not tail probabilities: pass {1 - low[0]:g} for "
+                          f"the worst {100 * low[0]:g}%")
     if plot_out is not None:
         _export_file(plot_out, (".png", ".pdf", ".svg"), store, "--plot")
     if tail is not None:
@@ -724,18 +738,26 @@ def var(store: StoreOpt,
             cells += [f"{r[f'var_{label}']:.4f}{breach}{coarse}", f"{r[f'es_{label}']:.4f}{coarse}"]
         if surfaces is not None:
             cells += ([r["realised_date"], f"{r['realised_pnl']:+.4f}",
-                       f"{r['realised_rank']:.3f}"] if "realised_pnl" in r else ["-", "-", "-"])
+                       f"{r['realised_rank']:.3f}"] if r.get("realised_pnl") is not None
+                      else ["-", "-", "-"])
         table.add_row(*cells)
     _table_console().print(table)
     if any(r[f"tail_losses_{driver.level_label(a)}"] == 1 for r in rows for a in alphas):
+        method = scenario.meta.config.get("sampler", {}).get("method", "")
+        if scenario.meta.kind == "tree":
+            fix = "read a deeper level, or `backfill mc` paths of the same sampler"
+        elif method in ("knn", "knn-conformal"):
+            fix = ("one context's law holds only its kNN neighbours' residual paths, which "
+                   "more --n-paths repeat: read a deeper level, where the steps' draws combine")
+        else:
+            fix = "read a deeper level, or draw more --n-paths"
         _console().print("† that tail lies on one loss (one node, or paths that repeat one "
                          "drawn path): its ES is that loss, and the law's tail beyond it is not "
-                         "resolved; read a deeper level, or more `backfill mc` paths",
-                         markup=False)
+                         f"resolved; {fix}", markup=False)
     if surfaces is not None:
         _console().print("* the realised loss exceeded that VaR; '-': the data end before that "
                          "level's last day", markup=False)
-        moved = [r for r in rows if r.get("realised_date", r["date"]) != r["date"]]
+        moved = [r for r in rows if r.get("realised_date") not in (None, r["date"])]
         if moved:
             r = moved[0]
             _console().print(
@@ -857,9 +879,19 @@ def plot(store: StoreOpt, out: Annotated[Path, _path_option("--out", help="fan.p
     scenario = _open_finished_levels(store)
     m = scenario.read_marginals()
     grid = scenario.meta.grid
+    if moneyness is not None and moneyness > max(5.0, max(grid["moneyness"])):
+        raise ConfigError(f"--moneyness {moneyness:g} lies beyond the store's grid (up to "
+                          f"{max(grid['moneyness']):.10g}) and reads as percent of the spot; "
+                          f"pass strike / spot, e.g. {moneyness / 100:g}")
     i = int(np.argmin(np.abs(np.asarray(grid["moneyness"]) - (moneyness or 1.0))))
     mats = np.asarray(grid["maturity_days"])
     j = int(np.argmin(mats)) if maturity is None else int(np.argmin(np.abs(mats - maturity)))
+    for flag, asked, axis, k in (("--moneyness", moneyness, grid["moneyness"], i),
+                                 ("--maturity", maturity, grid["maturity_days"], j)):
+        if asked is not None and not np.isclose(asked, axis[k], rtol=driver.GRID_RTOL, atol=0):
+            _console().print(f"note: {flag} {asked:g} is not on the store's grid ("
+                             f"{', '.join(f'{a:.10g}' for a in axis)}): plotting the "
+                             f"nearest, {axis[k]:.10g}", markup=False)
     q = {lv: int(np.argmin(np.abs(m["quantile"] - lv))) for lv in (0.05, 0.5, 0.95)}
     band = m["quantiles"][:, :, i, j]  # (D, Q)
     ok = np.isfinite(band[:, q[0.5]])
@@ -1040,8 +1072,12 @@ def _check_table(report: dict):
                       f"{lv['weight_sum']:.12f}", "" if err is None else f"{err:.1e}",
                       iv, str(lv["n_problems"]) if lv["n_problems"] else "ok")
     m = report["marginals"]
-    table.caption = (f"marginals: {m['days_written']} of {m['days']} days written"
-                     if m.get("present") else "marginals: none")
+    grid = report["grid"]
+    table.caption = ((f"marginals: {m['days_written']} of {m['days']} days written"
+                      if m.get("present") else "marginals: none")
+                     + f"\nfrom {report['start_date']}; grid: moneyness "
+                     + ", ".join(f"{v:.10g}" for v in grid["moneyness"]) + "; maturity_days "
+                     + ", ".join(f"{v:.10g}" for v in grid["maturity_days"]))
     return table
 
 

@@ -1259,10 +1259,12 @@ def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
 # ============================================================================ CLI glue
 
 
-def start_index(panel, start: str | None, context: int, horizon: int) -> int:
+def start_index(panel, start: str | None, context: int, horizon: int,
+                least: tuple[int, str] | None = None) -> int:
     """The panel day a run starts from: the last day (default) or the last on or before
     ``start``; it needs ``context`` + ``horizon`` days up to it (a context to start from,
-    and the least history a sampler fits on)."""
+    and the least history a sampler fits on); where it has fewer, the refusal names the
+    sampler's ``least`` = (days, what needs them) if given."""
     if start is None:
         i = panel.n_days - 1
     else:
@@ -1271,12 +1273,28 @@ def start_index(panel, start: str | None, context: int, horizon: int) -> int:
         if i < 0:
             raise DataError(f"--start {start} is before the first day of the data "
                             f"({panel.dates[0]}); pick a date inside the data")
-    need = context + horizon
-    if i < need - 1:
+    # from a window's days up to ``least`` the sampler's fit refuses it, saying why
+    if i < context + horizon - 1:
+        need, what = least or (context + horizon,
+                               "a run's sampler fits on at least context + horizon =")
+        later = (f"pick a --start on or after {panel.dates[need - 1]}" if need <= panel.n_days else
+                 f"the data hold {panel.n_days} days: give a longer history")
         raise DataError(f"the start day {panel.dates[i]} has only {i + 1} days of history up "
-                        f"to it, but a run's sampler fits on at least context + horizon = "
-                        f"{need}; pick a later --start")
+                        f"to it, but {what} {need}; {later}")
     return i
+
+
+def least_history(config) -> tuple[int, str] | None:
+    """The fewest days of history up to the start that the run's sampler fits on, where
+    it needs more than a context and a horizon (the kNN samplers' cross-fitted bank), and
+    what needs them; else None."""
+    from engine.samplers import make_sampler
+    from engine.samplers.knn import KnnResidualSampler, min_history
+
+    if not isinstance(make_sampler(config.sampler.method, config), KnnResidualSampler):
+        return None
+    return (min_history(config, config.sampler.point),
+            f"the {config.sampler.method} sampler's cross-fitted residual bank needs at least")
 
 
 @dataclass
@@ -1291,9 +1309,12 @@ class RunInputs:
     start_note: str | None = None  # where --start is not a day of the data
 
 
-def run_inputs(prep, start: str | None) -> RunInputs:
+def run_inputs(prep, start: str | None, fitted: bool = False) -> RunInputs:
+    """``fitted``: the sampler comes fitted (a --sampler file), so the history up to the
+    start needs only a context and a horizon."""
     c = prep.config.data.context
-    i = start_index(prep.panel, start, c, prep.config.data.horizon)
+    i = start_index(prep.panel, start, c, prep.config.data.horizon,
+                    None if fitted else least_history(prep.config))
     panel = prep.panel
     note = None
     if start is not None and (asked := parse_start_date(start)) != panel.dates[i]:
@@ -1552,7 +1573,9 @@ def _tails(pnl: np.ndarray, weights: np.ndarray, levels
         share = ws[j:].copy()
         share[0] = _atom(ws, j, a)
         es = (ws[j + 1:] @ ls[j + 1:] + share[0] * ls[j]) / (1 - a)
-        out.append((float(ls[j]), float(es), order[j:][::-1], share[::-1] / (1 - a)))
+        # a mean of losses at or beyond VaR: never below it (the shares' rounding could)
+        es = max(float(es), float(ls[j]))
+        out.append((float(ls[j]), es, order[j:][::-1], share[::-1] / (1 - a)))
     return out
 
 
@@ -1658,7 +1681,11 @@ def read_position(path: str | Path, grid: dict, whose: str = "store") -> np.ndar
                 v, unit = scaled[col]
                 nearest = axis[np.argmin(np.abs(axis - v))]
                 hint = ""
-                if np.isclose(v, nearest, rtol=0.02, atol=0):
+                other = "maturity_days" if col == "moneyness" else "moneyness"
+                if np.isclose(value[col], axes[other], rtol=GRID_RTOL, atol=0).any():
+                    hint = (f" ({value[col]:.10g} is one of the grid's {other}: the header's "
+                            "column names may not match the values' order)")
+                elif np.isclose(v, nearest, rtol=0.02, atol=0):
                     on = "" if np.isclose(v, nearest, rtol=GRID_RTOL, atol=0) else "near "
                     hint = f" (it reads as {v:.10g}, {on}the grid's {nearest:.10g}, if it is {unit})"
                 raise DataError(f"{p}: {col} {value[col]!r} on line {line} is not on the "
@@ -1693,9 +1720,9 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
     a step a row; for each level they reach, the row gets ``realised_pnl``,
     ``realised_rank`` (the level's probability of a P&L at most that) and ``breach_<a>``
     (the realised loss exceeded VaR a), and ``realised_date`` (that row's date, from
-    ``realised_dates`` (steps,), else the level's). ``on_level(level, pnl, weight)`` is shown each
-    level's node P&Ls and weights (for a plot); ``on_chunk()`` is called after each chunk
-    read (a progress bar's tick).
+    ``realised_dates`` (steps,), else the level's); for a level beyond them, None each.
+    ``on_level(level, pnl, weight)`` is shown each level's node P&Ls and weights (for a
+    plot); ``on_chunk()`` is called after each chunk read (a progress bar's tick).
     """
     levels = list(dict.fromkeys(levels))  # a level given twice is one column
     if not levels:
@@ -1730,7 +1757,10 @@ def vega_risk(store: ScenarioStore, levels=(0.95, 0.99), vega: np.ndarray | None
             # node, or paths that repeat one drawn residual path), and the ES is that loss,
             # which says little of the law's tail beyond it
             row[f"tail_losses_{level_label(a)}"] = int(np.unique(pnl[nodes[share > 0]]).size)
-        if realised is not None and row["days_ahead"] <= len(realised):
+        if realised is not None and row["days_ahead"] > len(realised):  # the data end first
+            row.update({"realised_date": None, "realised_pnl": None, "realised_rank": None},
+                       **{f"breach_{level_label(a)}": None for a in levels})
+        elif realised is not None:
             real = float(((realised[row["days_ahead"] - 1] - start) * vega).sum())
             row["realised_date"] = (row["date"] if realised_dates is None
                                     else str(realised_dates[row["days_ahead"] - 1]))

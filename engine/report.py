@@ -592,7 +592,7 @@ def plot_pnl(levels: list[tuple[int, np.ndarray, np.ndarray]], rows: list[dict],
             label = repr(float(a))
             ax.axvline(-row[f"var_{label}"], color=colors[(k + 1) % len(colors)], ls="--",
                        lw=1.2, label=f"-VaR {label}")
-        if "realised_pnl" in row:
+        if row.get("realised_pnl") is not None:
             ax.axvline(row["realised_pnl"], color="black", lw=2, label="realised")
         ax.set_title(f"level {level}: {row['days_ahead']} days ({row['date']})", fontsize=9)
         ax.set_xlabel("P&L")

@@ -1199,10 +1199,10 @@ class ScenarioStore:
             ok = (np.isfinite(p) & (p > 0)).reshape(len(p), -1)
             bad = int(np.count_nonzero(~ok))
             first = start + int(np.flatnonzero(~ok.all(axis=1))[0])
-            raise StoreError(f"{self.path} level {level} row {first}'s path holds values that "
-                             f"are not finite positive vols ({bad} in rows [{start}, {stop})), "
-                             "so a chunk changed after the run; run `backfill check --store "
-                             f"{shlex.quote(str(self.path))}`; {_DAMAGED}")
+            raise StoreError(f"{self.path} level {level} row {first}'s path holds a value "
+                             f"that is not a finite positive vol ({bad} in rows [{start}, "
+                             f"{stop})), so the store changed after the run; run `backfill "
+                             f"check --store {shlex.quote(str(self.path))}`; {_DAMAGED}")
         return out
 
     def iter_chunks(self, level: int) -> Iterator[tuple[int, int, dict]]:
@@ -1280,22 +1280,21 @@ class ScenarioStore:
 
     def final_marginal_days(self, n_days: int) -> int:
         """How many of the ``n_days`` days of the marginals the complete levels have written
-        (each level's days are an equal share). A tree with ``tree.lookahead`` writes the
-        next level's days as it completes a level (``driver.level_plan``)."""
-        depth, done = max(1, self.meta.depth), self.levels_complete
+        (each level's days are an equal share: ``levels_with_marginals``)."""
+        depth = max(1, self.meta.depth)
         tree = self.meta.config.get("tree", {})
-        lookahead = self.meta.kind == "tree" and isinstance(tree, dict) and \
-            isinstance(tree.get("lookahead"), int) and tree["lookahead"] > 0
-        covered = min(depth, done + (1 if lookahead and done >= 1 else 0))
-        return n_days * covered // depth
+        lookahead = tree.get("lookahead", 0) if isinstance(tree, dict) else 0
+        lookahead = lookahead if isinstance(lookahead, int) else 0
+        return n_days * levels_with_marginals(self.meta.kind, depth, lookahead,
+                                              self.levels_complete) // depth
 
     def check_marginals_cover(self, n_days: int, quantile_levels) -> None:
         """StoreError, before a resume fits anything, where the marginals already written
         hold another number of days or quantile levels than the run's ``n_days`` and
         ``quantile_levels`` (the store's depth or config edited by hand): ``create_marginals``
         would refuse them only after the fit."""
-        if MARGINALS not in self._root:
-            return  # the run makes them
+        if self.levels_complete == 0 or MARGINALS not in self._root:
+            return  # the run makes them (over, if a crash left them half made)
         group = self._marginals_group()
         with self._reading(MARGINALS):
             shape = group["quantiles"].shape if "quantiles" in group else None
@@ -1304,8 +1303,8 @@ class ScenarioStore:
             found = "no quantiles" if shape is None else \
                 f"{shape[0]} days x {shape[1]} quantile levels"
             raise StoreError(f"{self.path}/{MARGINALS} holds {found}, but its run of depth "
-                             f"{self.meta.depth} covers {n_days} days x {want[1]}: the store was "
-                             f"edited after the run; {_DAMAGED}")
+                             f"{self.meta.depth} covers {n_days} days x {want[1]} quantile "
+                             f"levels: the store changed after the run; {_DAMAGED}")
 
     def _make_marginals(self, days: np.ndarray, q: np.ndarray) -> None:
         n_m, n_tau = self.meta.grid_shape
@@ -1406,29 +1405,41 @@ class ScenarioStore:
             text, bad = problems[0]
             raise StoreError(f"{self.path}/{MARGINALS}: on {days[int(np.argmax(bad))]} the "
                              f"{text} ({int(bad.sum())} day{'' if bad.sum() == 1 else 's'}), so "
-                             "a file changed after the run; run `backfill check --store "
+                             "the store changed after the run; run `backfill check --store "
                              f"{shlex.quote(str(self.path))}`; {_DAMAGED}")
         return m
 
 
+def levels_with_marginals(kind: str, depth: int, lookahead: int, levels_complete: int) -> int:
+    """How many levels' days of marginals a run has written once ``levels_complete`` levels
+    are: as many, but for a tree with a lookahead, whose level k writes level k + 1's days
+    (and level 1 its own too; ``driver.level_plan``)."""
+    ahead = kind == "tree" and lookahead > 0 and levels_complete >= 1
+    return min(depth, levels_complete + int(ahead))
+
+
 def marginal_problems(m: dict, final: int) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
     """The days of marginals ``m`` (``read_marginals``) that are written, and each problem
-    of their values as (text, mask over days). A day not written yet is NaN throughout
-    (among the ``final`` days of the complete levels; a later day, of the level in
-    progress, may be partly written); a written one holds positive quantiles that do not
-    fall as the level rises, a positive mean and a std >= 0."""
+    of their values as (text, mask over days). The first ``final`` days (the complete
+    levels') are written; a later day is NaN throughout, or, of an interrupted level, in
+    part. A written day holds positive quantiles that do not fall as the level rises, a
+    positive mean and a std >= 0."""
     q, mean, std = m["quantiles"], m["mean"], m["std"]
     finite = np.concatenate([np.isfinite(a).reshape(len(a), -1) for a in (q, mean, std)], axis=1)
     unwritten = np.concatenate([np.isnan(a).reshape(len(a), -1) for a in (q, mean, std)], axis=1)
     written = finite.all(axis=1)
-    partial = ~written & ~unwritten.all(axis=1) & (np.arange(len(written)) < final)
+    blank = unwritten.all(axis=1)
+    within = np.arange(len(written)) < final
+    partial = ~written & ~blank & within
     qw, mw, sw = q[written], mean[written], std[written]
     on_written = (("quantiles are not positive", ~(qw > 0).all(axis=(1, 2, 3))),
                   ("quantiles fall as the level rises",
                    (np.diff(qw, axis=1) < 0).any(axis=(1, 2, 3))),
                   ("mean is not positive", ~(mw > 0).all(axis=(1, 2))),
                   ("std is negative", (sw < 0).any(axis=(1, 2))))
-    problems = [("values are partly written (some NaN or inf)", partial)] if partial.any() else []
+    problems = [(text, bad) for text, bad in (
+        ("values are not written although their level is complete", blank & within),
+        ("values are partly written (some NaN or inf)", partial)) if bad.any()]
     for text, bad in on_written:
         if bad.any():
             mask = np.zeros(len(written), bool)

@@ -22,6 +22,7 @@ from engine.config import (
     parse_config,
 )
 from engine.errors import ConfigError
+from engine.samplers.knn import min_history
 from engine.samplers.knn_conformal import KnnConformalSampler
 from tests.conftest import cli_toml
 from tests.test_cli import assert_one_line_error, invoke
@@ -377,9 +378,19 @@ def test_a_start_with_too_little_history_asks_for_a_later_one(tmp_path):
     start = str(np.busday_offset(first, 14, roll="forward"))  # a context (12), not a horizon
     proc = invoke(["run", "--config", str(cfg), "--store", str(tmp_path / "s.zarr"),
                    "--start", start])
-    assert_one_line_error(proc, ["has only 15 days of history", "context + horizon = 18",
-                                 "pick a later --start"])
+    config = load_config(cfg)
+    need = min_history(config, config.sampler.point)  # the bank's, more than a window's 18
+    day = np.busday_offset(first, need - 1, roll="forward")
+    assert_one_line_error(proc, ["has only 15 days of history", "cross-fitted residual bank",
+                                 f"needs at least {need}", f"pick a --start on or after {day}"])
     assert not (tmp_path / "s.zarr").exists()
+    # a sampler that needs a window alone (no bank) asks for context + horizon days
+    cfg.write_text(cli_toml(depth=1).replace("[sampler]\n",
+                                             '[sampler]\nmethod = "hist-bootstrap"\n'))
+    proc = invoke(["run", "--config", str(cfg), "--store", str(tmp_path / "s.zarr"),
+                   "--start", start])
+    assert_one_line_error(proc, ["has only 15 days of history", "context + horizon = 18",
+                                 "pick a --start on or after"])
 
 
 _FILE_SUFFIXES = {"pt", "pkl", "zarr", "json", "md", "png", "toml", "csv", "npz", "parquet"}
