@@ -322,6 +322,7 @@ def _expand(kind: str, store: Path, config, data, model, depth, backend, address
     cfg = _config(config, **{"data.source": data, "seed": seed, "tree.depth": depth,
                              "engine.backend": backend, "engine.address": address})
     _check_address(cfg, config, address, backend)
+    driver.check_private_ray(cfg.engine)
     stride_days(cfg.tree.stride, cfg.data.horizon)  # before a fit, and before --overwrite
     if cfg.sampler.method == "oracle" and cfg.tree.depth > 1:  # not after level 1's writes
         raise ConfigError(f"sampler.method = 'oracle' draws only from windows of the synthetic "

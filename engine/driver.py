@@ -699,7 +699,18 @@ class _Inline:
         self._running = []
 
 
+def check_private_ray(engine: EngineConfig) -> None:
+    """A run that starts a Ray of its own (backend ray, no address) cannot while RAY_ADDRESS
+    names a cluster: ray.init would join that one and refuse the CPU count. Said before
+    anything trains."""
+    if engine.backend == "ray" and engine.address is None and os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(f"RAY_ADDRESS is set ({os.environ['RAY_ADDRESS']}), but no --address "
+                          "was given, so this run would start a Ray of its own; pass --address "
+                          "auto to run on that cluster, or unset RAY_ADDRESS")
+
+
 def _start_local_ray(engine: EngineConfig):
+    check_private_ray(engine)
     # Bind a local Ray to the loopback only. Ray reads this variable when it is imported (in
     # ray_constants), so set it first; patch the constant if Ray was imported already.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -723,6 +734,9 @@ def _check_reachable(address: str) -> None:
     and other forms are left to Ray.)"""
     import socket
 
+    named = os.environ.get("RAY_ADDRESS", "").strip()
+    if address == "auto" and named and named != "auto":  # what ray.init("auto") will join
+        address = named
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if address.startswith("ray://") and not (sep and host and port.isdigit()):
         # the Ray client would wait half a minute on it, its gRPC printing lines
@@ -733,8 +747,9 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_SECONDS).close()
     except (OSError, ValueError, OverflowError) as err:
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r} (nothing answers on "
-                          f"{host}:{port} within {_CONNECT_SECONDS:g} s: {first_line(err)}); "
+        via = " (RAY_ADDRESS, which --address auto joins)" if address == named else ""
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r}{via} (nothing answers "
+                          f"on {host}:{port} within {_CONNECT_SECONDS:g} s: {first_line(err)}); "
                           "start it (cluster/local.sh up N, or ray start --head), fix "
                           "--address, or leave it out for a local Ray") from None
 
@@ -746,11 +761,17 @@ def connect_ray(engine: EngineConfig) -> None:
     if ray.is_initialized():
         return
     _check_reachable(engine.address)
+    auth = getattr(ray.exceptions, "AuthenticationError", ())  # a Ray with token auth
     try:
         with warnings.catch_warnings():  # a failed join warns as well as raising
             warnings.simplefilter("ignore")
             ray.init(address=engine.address, log_to_driver=False,
                      logging_level=logging.ERROR)
+    except auth as err:
+        raise ConfigError(f"cannot join the Ray cluster at {engine.address!r}: its token "
+                          f"authentication failed ({first_line(err).split('. ')[0]}); run this "
+                          "with the cluster's RAY_AUTH_MODE=token and its token "
+                          "(~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN)") from None
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
         raise ConfigError(f"cannot join the Ray cluster at {engine.address!r} "
                           f"({first_line(err)}); start it, fix "

@@ -1798,13 +1798,23 @@ def test_cli_plot_draws_scenario_paths(cli_stores, tmp_path):
     assert f"{drawn} scenario paths of the 100 asked" in " ".join(result.stderr.split())
 
 
-def test_cli_an_unreachable_cluster_address_fails_at_once(cli_stores, tmp_path):
+def test_cli_an_unreachable_cluster_address_fails_at_once(cli_stores, tmp_path, monkeypatch):
     """ray.init retries an address nobody answers on for minutes; nothing listens on port 1."""
     cfg, _, _ = cli_stores
     for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):
         _one_line_error(["run", "--config", cfg, "--store", tmp_path / "x.zarr", "--backend",
                          "ray", "--address", address], "cannot reach the Ray cluster",
                         "127.0.0.1:1")
+    # --address auto joins RAY_ADDRESS: a stopped cluster's is refused at once too, and a
+    # run that would start its own Ray while RAY_ADDRESS is set is refused before its fit
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    _one_line_error(["run", "--config", cfg, "--store", tmp_path / "x.zarr", "--backend",
+                     "ray", "--address", "auto"], "cannot reach the Ray cluster at '127.0.0.1:1'",
+                    "(RAY_ADDRESS, which --address auto joins)")
+    result = _invoke(["run", "--config", cfg, "--store", tmp_path / "x.zarr", "--backend", "ray"])
+    assert result.exit_code == 2 and "RAY_ADDRESS is set (127.0.0.1:1)" in result.stderr
+    assert "pass --address auto" in result.stderr and "training" not in result.output
+    monkeypatch.delenv("RAY_ADDRESS")
     for address in ("ray://", "ray://127.0.0.1:notaport"):  # refused, not waited on
         _one_line_error(["run", "--config", cfg, "--store", tmp_path / "x.zarr", "--backend",
                          "ray", "--address", address], "is not ray://HOST:PORT")
