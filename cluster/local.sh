@@ -54,6 +54,7 @@ MARK="BACKFILL_RAY_CLUSTER=${ROOT}"
 ENV_FILE="${ROOT}/driver.env"
 
 die() { echo "local.sh: error: $*" >&2; exit 1; }
+usage() { echo "local.sh: error: usage: $*" >&2; exit 2; }  # a wrong command line
 log() { echo "local.sh: $*" >&2; }
 
 need_ray() {
@@ -194,7 +195,8 @@ start_or_fail() {  # name, log file, command...
 
 cmd_up() {
   local n="${1:-}"
-  [[ "$n" =~ ^[0-9]+$ ]] || die "usage: local.sh up N   (N = number of worker nodes, an integer >= 0)"
+  [[ "$n" =~ ^[0-9]+$ && $# -eq 1 ]] ||
+    usage "local.sh up N   (N = number of worker nodes, an integer >= 0)"
   need_ray
   check_knobs
   ensure_token
@@ -293,5 +295,5 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   env) driver_env ;;
-  *) die "usage: local.sh up N | down | status | env" ;;
+  *) usage "local.sh up N | down | status | env" ;;
 esac

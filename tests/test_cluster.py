@@ -173,11 +173,12 @@ def test_local_sh_is_executable_and_parses():
         assert r.returncode == 0, r.stdout
 
 
-@pytest.mark.parametrize("args", [[], ["bogus"], ["up"], ["up", "two"]])
+@pytest.mark.parametrize("args", [[], ["bogus"], ["up"], ["up", "two"], ["up", "-1"],
+                                  ["up", "2", "3"]])
 def test_local_sh_usage_errors(args):
     r = subprocess.run(["bash", str(LOCAL_SH), *args], check=False, capture_output=True,
                        text=True, timeout=30)
-    assert r.returncode != 0 and "usage" in r.stderr
+    assert r.returncode == 2 and "usage" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 @pytest.mark.ray
