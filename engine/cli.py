@@ -744,10 +744,12 @@ def var(store: StoreOpt,
         table.add_row(*cells)
     _table_console().print(table)
     if any(r[f"tail_losses_{driver.level_label(a)}"] == 1 for r in rows for a in alphas):
+        from engine.samplers import is_knn
+
         method = scenario.meta.config.get("sampler", {}).get("method", "")
         if scenario.meta.kind == "tree":
             fix = "read a deeper level, or `backfill mc` paths of the same sampler"
-        elif method in ("knn", "knn-conformal"):
+        elif is_knn(str(method)):
             fix = ("one context's law holds only its kNN neighbours' residual paths, which "
                    "more --n-paths repeat: read a deeper level, where the steps' draws combine")
         else:

@@ -1281,11 +1281,11 @@ def run_store(store: ScenarioStore, sampler, config: Config, *, console=None,
 
 
 def start_index(panel, start: str | None, context: int, horizon: int,
-                least: tuple[int, str] | None = None) -> int:
+                least: Callable[[], tuple[int, str] | None] | None = None) -> int:
     """The panel day a run starts from: the last day (default) or the last on or before
     ``start``; it needs ``context`` + ``horizon`` days up to it (a context to start from,
     and the least history a sampler fits on); where it has fewer, the refusal names the
-    sampler's ``least`` = (days, what needs them) if given."""
+    sampler's ``least()`` = (days, what needs them) if it gives one."""
     if start is None:
         i = panel.n_days - 1
     else:
@@ -1296,8 +1296,8 @@ def start_index(panel, start: str | None, context: int, horizon: int,
                             f"({panel.dates[0]}); pick a date inside the data")
     # from a window's days up to ``least`` the sampler's fit refuses it, saying why
     if i < context + horizon - 1:
-        need, what = least or (context + horizon,
-                               "a run's sampler fits on at least context + horizon =")
+        need, what = (least and least()) or (
+            context + horizon, "a run's sampler fits on at least context + horizon =")
         later = (f"pick a --start on or after {panel.dates[need - 1]}" if need <= panel.n_days else
                  f"the data hold {panel.n_days} days: give a longer history")
         raise DataError(f"the start day {panel.dates[i]} has only {i + 1} days of history up "
@@ -1309,10 +1309,10 @@ def least_history(config) -> tuple[int, str] | None:
     """The fewest days of history up to the start that the run's sampler fits on, where
     it needs more than a context and a horizon (the kNN samplers' cross-fitted bank), and
     what needs them; else None."""
-    from engine.samplers import make_sampler
-    from engine.samplers.knn import KnnResidualSampler, min_history
+    from engine.samplers import is_knn
+    from engine.samplers.knn import min_history
 
-    if not isinstance(make_sampler(config.sampler.method, config), KnnResidualSampler):
+    if not is_knn(config.sampler.method):
         return None
     return (min_history(config, config.sampler.point),
             f"the {config.sampler.method} sampler's cross-fitted residual bank needs at least")
@@ -1335,7 +1335,7 @@ def run_inputs(prep, start: str | None, fitted: bool = False) -> RunInputs:
     start needs only a context and a horizon."""
     c = prep.config.data.context
     i = start_index(prep.panel, start, c, prep.config.data.horizon,
-                    None if fitted else least_history(prep.config))
+                    None if fitted else lambda: least_history(prep.config))
     panel = prep.panel
     note = None
     if start is not None and (asked := parse_start_date(start)) != panel.dates[i]:

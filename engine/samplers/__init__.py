@@ -41,3 +41,14 @@ def make_sampler(name: str, config):
         raise ConfigError(f"unknown sampler '{name}'; choose one of {', '.join(REGISTRY)}")
     module, cls = REGISTRY[name]
     return getattr(importlib.import_module(module), cls)(config)
+
+
+def is_knn(name: str) -> bool:
+    """Whether the sampler ``name`` draws its neighbours' residual paths (the kNN samplers:
+    a cross-fitted bank to fit, and a law of few distinct paths per context)."""
+    if name not in REGISTRY:
+        return False
+    from engine.samplers.knn import KnnResidualSampler
+
+    module, cls = REGISTRY[name]
+    return issubclass(getattr(importlib.import_module(module), cls), KnnResidualSampler)
